@@ -1,0 +1,90 @@
+"""Data that crosses the engine's boundary: what callers give it and what it returns.
+
+Array order everywhere is the one SimpleITK's ``GetArrayFromImage`` and Slicer's
+``slicer.util.arrayFromVolume`` use: ``(K, J, I)`` for a scalar volume (slice, row, column of
+the image grid) and ``(K, J, I, C)`` for a colour one. Geometry follows ITK (LPS), as SimpleITK
+reports it; the Slicer Logic converts from RAS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+ProgressCallback = Callable[[str, float], None]
+"""Called as ``progress(stage, fraction)`` with fraction in [0, 1] for the stage."""
+
+CancelCheck = Callable[[], bool]
+"""Returns True once the caller wants the run stopped; the engine then raises ``Cancelled``."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Physical placement of the voxel grid (ITK convention: LPS, direction row-major 3x3)."""
+
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=float).reshape(3, 3)
+
+
+@dataclass
+class SupportItem:
+    """One 2D example: an image already mapped to [0, 1] intensities and a binary mask.
+
+    ``image`` is ``(H, W)`` or ``(H, W, 3)`` float; ``mask`` is ``(H, W)`` bool. An empty mask is
+    allowed and teaches "absent here". ``source`` says where it came from (for reports).
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    source: str = ""
+
+
+@dataclass
+class SegmentOptions:
+    """Everything about how a run is done that is not the data itself."""
+
+    axis: int = 0
+    """Array axis to slice along: 0 = K (axial for an axial scan), 1 = J, 2 = I."""
+    top_k: int = 4
+    """Support items used per query slice (the K most similar)."""
+    memory_size: int | None = None
+    """3D memory bank size; None = the support size (top_k), as the paper does."""
+    memory_policy: str = "least_similar"
+    """'least_similar' (paper) or 'fifo' (SAM2's rule)."""
+    use_pmg: bool = True
+    use_pma: bool = True
+    use_3d_memory: bool = True
+    bidirectional: bool = True
+    intensity: str = "auto"
+    """'auto', 'percentile', 'none', or a CT preset: 'ct_abdomen', 'ct_lung', 'ct_bone',
+    'ct_brain', 'ct_soft_tissue'."""
+    threshold: float = 0.5
+    encode_batch_size: int = 4
+    keep_pseudo_masks: bool = True
+
+
+@dataclass
+class SegmentationResult:
+    """What a run produces, in the input's ``(K, J, I)`` array order and geometry."""
+
+    labels: np.ndarray
+    """Integer label map: each voxel holds the value of the structure it belongs to, or 0."""
+    probabilities: dict[int, np.ndarray]
+    """Per structure value: foreground probability, float32 ``(K, J, I)``."""
+    pseudo_masks: dict[int, np.ndarray]
+    """Per structure value: PMG pseudo-mask probability, float32 ``(K, J, I)`` (empty if not kept)."""
+    slice_scores: dict[int, np.ndarray]
+    """Per structure value: structured array with one row per slice along ``axis`` (fields:
+    slice, confidence, predicted_iou, object_score, pseudo_final_dice, area_px, source)."""
+    structures: dict[int, str]
+    axis: int
+    labeled_slices: list[int]
+    geometry: Geometry | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, int] = field(default_factory=dict)
