@@ -521,34 +521,50 @@ class Segmenter:
         sweeps = [(False, list(range(fwd_start, n))), (True, list(range(bwd_start, -1, -1)))]
         total = sum(len(s) for _, s in sweeps)
         done = 0
-        with torch.inference_mode(), self._autocast():
-            for reverse, order in sweeps:
-                bank: list[Memory] = []
-                ptr_history: dict[int, torch.Tensor] = {}
-                for j in order:
-                    if stop():
-                        raise Cancelled("Cancelled during propagation; nothing was written.")
-                    done += 1
-                    if j in masks:
-                        continue
-                    if seed is not None and j == seed[0]:
-                        out = seed[1]
-                    else:
-                        support = self._select_support(feats, j, support_pool, opts.top_k)
-                        if opts.use_3d_memory:
-                            bank = self._evict(bank, feats, j, reverse, opts)
-                        out = self.step(feats, j, image_of(j), support,
-                                        bank if opts.use_3d_memory else [], ptr_history,
-                                        reverse, n, opts, encode_memory=opts.use_3d_memory)
-                    if opts.use_3d_memory and out.memory is not None:
-                        bank.append(out.memory)
-                        ptr_history[j] = out.memory.obj_ptr
-                    weight = _fusion_weight(j, anchors, reverse, n, opts.bidirectional)
-                    self._accumulate(acc, j, out, transform, weight,
-                                     "seed" if seed and j == seed[0] else
-                                     ("backward" if reverse else "forward"))
-                    report(done / total)
+        for reverse, order in sweeps:
+            for j, out in self.run_sweep(feats, order, reverse, masks, support_pool, opts,
+                                         image_of, stop, seed):
+                done += 1
+                if out is None:
+                    continue
+                weight = _fusion_weight(j, anchors, reverse, n, opts.bidirectional)
+                source = "seed" if seed and j == seed[0] else ("backward" if reverse else "forward")
+                self._accumulate(acc, j, out, transform, weight, source)
+                report(done / total)
         return acc
+
+    def run_sweep(self, feats: EncodedSlices, order: list[int], reverse: bool,
+                  labeled: dict[int, Any] | set[int], support_pool: list[Memory],
+                  opts: SegmentOptions, image_of: Any = None, stop: CancelCheck | None = None,
+                  seed: tuple[int, StepOutput] | None = None):
+        """One directional pass over ``order``; yields ``(slice, StepOutput | None)``.
+
+        Labeled slices yield None (they are support, not predicted). The 3D memory bank and the
+        object-pointer history live for this sweep only.
+        """
+        n = len(feats)
+        bank: list[Memory] = []
+        ptr_history: dict[int, torch.Tensor] = {}
+        with torch.inference_mode(), self._autocast():
+            for j in order:
+                if stop is not None and stop():
+                    raise Cancelled("Cancelled during propagation; nothing was written.")
+                if j in labeled:
+                    yield j, None
+                    continue
+                if seed is not None and j == seed[0]:
+                    out = seed[1]
+                else:
+                    support = self._select_support(feats, j, support_pool, opts.top_k)
+                    if opts.use_3d_memory:
+                        bank = self._evict(bank, feats, j, reverse, opts)
+                    out = self.step(feats, j, image_of(j) if image_of else None, support,
+                                    bank if opts.use_3d_memory else [], ptr_history,
+                                    reverse, n, opts, encode_memory=opts.use_3d_memory)
+                if opts.use_3d_memory and out.memory is not None:
+                    bank.append(out.memory)
+                    ptr_history[j] = out.memory.obj_ptr
+                yield j, out
 
     def _choose_seed(self, feats: EncodedSlices, support: list[Memory], image_of: Any,
                      opts: SegmentOptions, stop: CancelCheck) -> tuple[int, StepOutput]:
