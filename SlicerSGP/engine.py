@@ -131,7 +131,7 @@ class Segmenter:
     another structure) reuses the cached slice embeddings.
     """
 
-    def __init__(self, model: str | SGPModel = "tiny", *, weights: str | None = "random",
+    def __init__(self, model: str | SGPModel = "tiny", *, weights: str | None = None,
                  device: str | torch.device = "auto", image_size: int | None = None,
                  seed: int = 0, dtype: str = "auto"):
         from SlicerSGP.model import build_model, load_sgp_checkpoint
@@ -140,8 +140,8 @@ class Segmenter:
         if isinstance(model, SGPModel):
             net = model
         elif str(model).endswith(".safetensors"):
-            net = load_sgp_checkpoint(model, image_size=image_size,
-                                      weights=None if weights == "random" else weights)
+            # weights None: the base SAM2 weights the checkpoint names in its metadata.
+            net = load_sgp_checkpoint(model, image_size=image_size, weights=weights)
         else:
             net = build_model(str(model), weights=weights, image_size=image_size or 1024,
                               seed=seed)
@@ -669,7 +669,7 @@ class Segmenter:
                 table[j]["source"] = "fused" if len(src) > 1 else (next(iter(src)) if src else "")
             scores[value] = table
 
-        label_map = _label_map(probabilities, opts.threshold, shape)
+        label_map = label_map_from_probabilities(probabilities, opts.threshold, shape)
         for k in labeled:
             if lab is not None:
                 # User-drawn slices come back exactly as drawn (requested structures only).
@@ -724,7 +724,7 @@ def _fusion_weight(j: int, anchors: list[int], reverse: bool, n: int, bidirectio
     return 1.0 / max(d, 1)
 
 
-def _label_map(probabilities: dict[int, np.ndarray], threshold: float,
+def label_map_from_probabilities(probabilities: dict[int, np.ndarray], threshold: float,
                shape: tuple[int, int, int]) -> np.ndarray:
     values = list(probabilities)
     dtype = np.uint8 if max(values, default=0) < 256 else np.uint16
@@ -826,4 +826,4 @@ def _autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cuda" else None
 
 
-__all__ = ["EncodedSlices", "Memory", "Segmenter", "resolve_device"]
+__all__ = ["EncodedSlices", "Memory", "Segmenter", "label_map_from_probabilities", "resolve_device"]
