@@ -26,6 +26,7 @@ import math
 import os
 import threading
 import time
+import uuid
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,7 @@ INTENSITY_MODES = (
     "ct_soft_tissue",
 )
 
+UNDO_TOKEN_ATTRIBUTE = "SGPSegment.undoToken"
 PSEUDO_MASKS_REFERENCE_ROLE = "SGPPseudoMasks"
 SCORES_TABLE_REFERENCE_ROLE = "SGPSliceScores"
 SCORES_CHART_REFERENCE_ROLE = "SGPSliceScoresChart"
@@ -233,7 +235,7 @@ class SGPSegmentCoreLogic:
         self._segmenter = None
         self._segmenterKey: tuple | None = None
         self._segmenterLock = threading.Lock()
-        self._histories: dict[str, Any] = {}
+        self._histories: dict[str, tuple[str, Any]] = {}
         self.lastResult: SegmentationResult | None = None
         self.lastRequest: RunRequest | None = None
 
@@ -333,9 +335,60 @@ class SGPSegmentCoreLogic:
         )
 
     @staticmethod
-    def _segmentArray(segmentationNode, segmentId: str, volumeNode) -> np.ndarray:
-        array = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
-        return np.asarray(array) > 0
+    def _referenceImage(volumeNode):
+        """An empty oriented image with the volume's voxel grid (extent and IJK-to-RAS)."""
+        reference = slicer.vtkOrientedImageData()
+        reference.SetExtent(volumeNode.GetImageData().GetExtent())
+        ijkToRAS = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRAS)
+        reference.SetImageToWorldMatrix(ijkToRAS)
+        return reference
+
+    @classmethod
+    def _segmentArray(cls, segmentationNode, segmentId: str, volumeNode) -> np.ndarray:
+        """A segment as a bool ``(K, J, I)`` array on the volume's grid.
+
+        Done with the segmentation logic's own functions instead of
+        ``slicer.util.arrayFromSegmentBinaryLabelmap``, which goes through a temporary labelmap
+        node and leaves a display node behind in the scene on every call.
+        """
+        from vtk.util.numpy_support import numpy_to_vtk, vtk_to_numpy
+
+        shape = tuple(reversed(volumeNode.GetImageData().GetDimensions()))
+        segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+        layer = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentId)
+        if segment is None or layer is None or layer.GetPointData().GetScalars() is None:
+            return np.zeros(shape, dtype=bool)
+        extent = layer.GetExtent()
+        if extent[0] > extent[1] or extent[2] > extent[3] or extent[4] > extent[5]:
+            return np.zeros(shape, dtype=bool)
+        # Segments may share one labelmap layer, each with its own label value.
+        values = vtk_to_numpy(layer.GetPointData().GetScalars())
+        labelmap = slicer.vtkOrientedImageData()
+        labelmap.ShallowCopy(layer)
+        labelmap.CopyDirections(layer)
+        mask = numpy_to_vtk((values == segment.GetLabelValue()).astype(np.uint8), deep=True)
+        labelmap.GetPointData().SetScalars(mask)
+        resampled = slicer.vtkOrientedImageData()
+        if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+            labelmap, cls._referenceImage(volumeNode), resampled, False, True
+        ):
+            raise SGPError(f"Could not resample segment '{segmentId}' onto '{volumeNode.GetName()}'.")
+        array = vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(shape)
+        return array > 0
+
+    @classmethod
+    def _writeSegmentArray(cls, mask: np.ndarray, segmentationNode, segmentId: str, volumeNode) -> None:
+        """Replace a segment's content with ``mask`` (``(K, J, I)`` on the volume's grid)."""
+        from vtk.util.numpy_support import numpy_to_vtk
+
+        labelmap = cls._referenceImage(volumeNode)
+        scalars = numpy_to_vtk(np.ascontiguousarray(mask, dtype=np.uint8).reshape(-1), deep=True)
+        labelmap.GetPointData().SetScalars(scalars)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+            labelmap, segmentationNode, segmentId, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
+        ):
+            raise SGPError(f"Could not write segment '{segmentId}' of '{segmentationNode.GetName()}'.")
 
     # ----------------------------------------------------------------------- labeled slices
 
@@ -653,24 +706,32 @@ class SGPSegmentCoreLogic:
 
     # -------------------------------------------------------------------------- apply (main)
 
-    def _undoHistory(self, segmentationNode):
-        history = self._histories.get(segmentationNode.GetID())
-        if history is None or history.GetSegmentation() is not segmentationNode.GetSegmentation():
-            history = slicer.vtkSegmentationHistory()
-            history.SetMaximumNumberOfStates(5)
-            history.SetSegmentation(segmentationNode.GetSegmentation())
-            self._histories[segmentationNode.GetID()] = history
+    def _undoHistory(self, segmentationNode, create: bool = True):
+        """Undo states of one segmentation node (a token attribute ties them to that node)."""
+        token = segmentationNode.GetAttribute(UNDO_TOKEN_ATTRIBUTE)
+        entry = self._histories.get(segmentationNode.GetID())
+        if entry is not None and token and entry[0] == token:
+            return entry[1]
+        if not create:
+            return None
+        token = uuid.uuid4().hex
+        segmentationNode.SetAttribute(UNDO_TOKEN_ATTRIBUTE, token)
+        history = slicer.vtkSegmentationHistory()
+        history.SetMaximumNumberOfStates(5)
+        history.SetSegmentation(segmentationNode.GetSegmentation())
+        self._histories[segmentationNode.GetID()] = (token, history)
         return history
 
     def canUndo(self, segmentationNode) -> bool:
-        history = self._histories.get(segmentationNode.GetID()) if segmentationNode else None
+        """True if :meth:`undoLastRun` can restore the state before the last written result."""
+        history = self._undoHistory(segmentationNode, create=False) if segmentationNode else None
         return bool(history is not None and history.IsRestorePreviousStateAvailable())
 
     def undoLastRun(self, segmentationNode) -> bool:
         """Restore the segmentation as it was before the last result was written."""
         if not self.canUndo(segmentationNode):
             return False
-        history = self._histories[segmentationNode.GetID()]
+        history = self._undoHistory(segmentationNode, create=False)
         ok = bool(history.RestorePreviousState())
         # One level: after undo the state saved for redo is not offered again.
         history.RemoveAllStates()
@@ -728,9 +789,7 @@ class SGPSegmentCoreLogic:
         wasModifying = segmentationNode.StartModify()
         try:
             for value, segmentId in request.segmentIds.items():
-                slicer.util.updateSegmentBinaryLabelmapFromArray(
-                    newMasks[value], segmentationNode, segmentId, volumeNode
-                )
+                self._writeSegmentArray(newMasks[value], segmentationNode, segmentId, volumeNode)
                 _writeRunTags(segmentation.GetSegment(segmentId), axis, labeled, newMasks[value])
         except Exception:
             history.RestorePreviousState()
@@ -792,7 +851,7 @@ class SGPSegmentCoreLogic:
             if not segmentId:
                 segmentId = target.AddEmptySegment("", name, source.GetSegment(request.segmentIds[value]).GetColor())
             mask = (np.asarray(pseudo) >= request.options.threshold).astype(np.uint8)
-            slicer.util.updateSegmentBinaryLabelmapFromArray(mask, node, segmentId, volumeNode)
+            self._writeSegmentArray(mask, node, segmentId, volumeNode)
         return node
 
     def writeSliceScores(self, request: RunRequest, result: SegmentationResult, segmentationNode):
