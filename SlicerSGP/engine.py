@@ -249,14 +249,19 @@ class Segmenter:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def _mode(self, grad: bool):
+        """Inference mode for segmentation; autograd on for training (LoRA, PMA)."""
+        return torch.enable_grad() if grad else torch.inference_mode()
+
     def encode_images(self, images: torch.Tensor, batch_size: int = 4,
-                      progress: Any = None, cancel: CancelCheck | None = None) -> EncodedSlices:
+                      progress: Any = None, cancel: CancelCheck | None = None,
+                      grad: bool = False) -> EncodedSlices:
         """Run the image encoder over model-ready images (N, 3, S, S), in batches."""
         sam = self.model.sam
         parts: dict[str, list[torch.Tensor]] = {"s0": [], "s1": [], "top": []}
         pos = None
         n = images.shape[0]
-        with torch.inference_mode(), self._autocast():
+        with self._mode(grad), self._autocast():
             for start in range(0, n, batch_size):
                 if cancel is not None and cancel():
                     raise Cancelled("Cancelled while encoding slices; nothing was written.")
@@ -297,7 +302,7 @@ class Segmenter:
     # ------------------------------------------------------------------ support memories
 
     def support_memory(self, feats: EncodedSlices, i: int, mask_model: torch.Tensor,
-                       slice_index: int | None) -> Memory:
+                       slice_index: int | None, grad: bool = False) -> Memory:
         """Encode support item ``i`` of ``feats`` with its mask (1, 1, S, S) into a memory.
 
         The mask goes in as SAM2 takes a mask prompt on a conditioning frame: directly as the
@@ -305,7 +310,7 @@ class Segmenter:
         """
         sam = self.model.sam
         g = feats.top.shape[-1]
-        with torch.inference_mode(), self._autocast():
+        with self._mode(grad), self._autocast():
             out = sam._use_mask_as_output(feats.top[i:i + 1], feats.high_res(i),
                                           mask_model.to(self.device))
             low_res, obj_ptr, obj_score = out[3], out[5], out[6]
@@ -536,7 +541,7 @@ class Segmenter:
     def run_sweep(self, feats: EncodedSlices, order: list[int], reverse: bool,
                   labeled: dict[int, Any] | set[int], support_pool: list[Memory],
                   opts: SegmentOptions, image_of: Any = None, stop: CancelCheck | None = None,
-                  seed: tuple[int, StepOutput] | None = None):
+                  seed: tuple[int, StepOutput] | None = None, grad: bool = False):
         """One directional pass over ``order``; yields ``(slice, StepOutput | None)``.
 
         Labeled slices yield None (they are support, not predicted). The 3D memory bank and the
@@ -545,7 +550,7 @@ class Segmenter:
         n = len(feats)
         bank: list[Memory] = []
         ptr_history: dict[int, torch.Tensor] = {}
-        with torch.inference_mode(), self._autocast():
+        with self._mode(grad), self._autocast():
             for j in order:
                 if stop is not None and stop():
                     raise Cancelled("Cancelled during propagation; nothing was written.")
