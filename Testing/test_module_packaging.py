@@ -1,0 +1,293 @@
+"""Packaging of the SGPSegment module: CMake lists, the .ui (compiled with a real uic), metadata.
+
+* Every Python file the module uses (its own and the engine's, found by following imports,
+  lazy ones inside functions included) and every resource it loads is listed in
+  ``SGPSegment/CMakeLists.txt``, and every listed file exists.
+* ``SGPSegment.ui`` compiles with Qt's uic (``pyside6-uic``); every ``self.ui.<name>`` the
+  Widget uses exists in it; every parameter-node binding names a real parameter and sits on a
+  widget type the parameter node wrapper can connect to that parameter's type.
+* The extension's CMake metadata and the Extensions-catalog entry agree.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_DIR = ROOT / "SGPSegment"
+MODULE_FILE = MODULE_DIR / "SGPSegment.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "SGPSegment.ui"
+LOCAL_PACKAGES = {"SGPSegmentLib": MODULE_DIR, "SlicerSGP": ROOT}
+"""Top-level import names that are this repository's code -> folder holding the package."""
+
+
+# ---------------------------------------------------------------------------------- CMake
+
+
+def cmakeSets(path: Path) -> dict[str, list[str]]:
+    """``set(NAME value ...)`` blocks of a CMake file, with ``${VAR}`` expanded."""
+    text = re.sub(r'("[^"]*")|#[^\n]*', lambda m: m.group(1) or "", path.read_text())
+    values: dict[str, list[str]] = {}
+    token = r'"[^"]*"|[^\s")]+'
+    for name, body in re.findall(rf"\bset\(\s*(\w+)((?:\s+(?:{token}))*)\s*\)", text):
+        items = re.findall(token, body)
+        expanded = []
+        for item in items:
+            item = item.strip('"')
+            item = re.sub(r"\$\{(\w+)\}", lambda m: " ".join(values.get(m.group(1), [m.group(0)])), item)
+            expanded.append(item)
+        values[name] = expanded
+    return values
+
+
+@pytest.fixture(scope="module")
+def lists():
+    sets = cmakeSets(MODULE_DIR / "CMakeLists.txt")
+    return {
+        "scripts": sets["MODULE_PYTHON_SCRIPTS"],
+        "resources": sets["MODULE_PYTHON_RESOURCES"],
+        "engine": sets["ENGINE_PYTHON_SCRIPTS"],
+    }
+
+
+def listedFiles(lists) -> set[Path]:
+    files = {(MODULE_DIR / p).resolve() for p in lists["scripts"] + lists["resources"]}
+    files |= {(ROOT / p).resolve() for p in lists["engine"]}
+    return files
+
+
+def test_every_listed_file_exists(lists):
+    missing = [str(p) for p in sorted(listedFiles(lists)) if not p.is_file()]
+    assert not missing, f"Listed in SGPSegment/CMakeLists.txt but not found: {missing}"
+    cmake = (MODULE_DIR / "CMakeLists.txt").read_text()
+    assert "SOURCE_DIR ${ENGINE_SOURCE_DIR}" in cmake and "ENGINE_SOURCE_DIR ${CMAKE_CURRENT_SOURCE_DIR}/.." in cmake
+
+
+def _moduleFile(dotted: str) -> Path | None:
+    top = dotted.split(".")[0]
+    base = LOCAL_PACKAGES.get(top)
+    if base is None:
+        return None
+    path = base.joinpath(*dotted.split("."))
+    if (path / "__init__.py").is_file():
+        return path / "__init__.py"
+    if path.with_suffix(".py").is_file():
+        return path.with_suffix(".py")
+    raise AssertionError(f"import of {dotted!r} does not resolve to a file in this repository")
+
+
+def _importsOf(path: Path) -> set[str]:
+    """Every module a file imports (anywhere in it), as dotted names; relative ones resolved."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = None
+    for top, base in LOCAL_PACKAGES.items():
+        try:
+            rel = path.relative_to(base / top)
+            package = ".".join([top, *rel.parent.parts])
+        except ValueError:
+            continue
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join([*parts, module] if module else parts)
+            names.add(module)
+            for alias in node.names:  # "from pkg import submodule"
+                names.add(f"{module}.{alias.name}")
+    return names
+
+
+def importClosure(start: Path) -> set[Path]:
+    seen: set[Path] = set()
+    todo = [start]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in _importsOf(path):
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):  # packages on the way are imported too
+                try:
+                    found = _moduleFile(".".join(parts[:i]))
+                except AssertionError:
+                    if i == len(parts) and i > 1:
+                        continue  # "from pkg import name" where name is not a module
+                    raise
+                if found is not None:
+                    todo.append(found.resolve())
+    return seen
+
+
+def test_every_python_file_the_module_uses_is_listed(lists):
+    listed = listedFiles(lists)
+    used = importClosure(MODULE_FILE.resolve())
+    assert (ROOT / "SlicerSGP" / "engine.py").resolve() in used  # the lazy engine import is followed
+    missing = sorted(str(p.relative_to(ROOT)) for p in used - listed)
+    assert not missing, f"Python files the module imports but SGPSegment/CMakeLists.txt does not list: {missing}"
+
+
+def test_all_module_python_files_are_listed(lists):
+    listed = listedFiles(lists)
+    present = {p.resolve() for p in MODULE_DIR.rglob("*.py") if "__pycache__" not in p.parts}
+    missing = sorted(str(p.relative_to(ROOT)) for p in present - listed)
+    assert not missing, f"Python files not installed by SGPSegment/CMakeLists.txt: {missing}"
+
+
+def test_every_resource_is_listed(lists):
+    listed = {str(Path(p)) for p in lists["resources"]}
+    present = {
+        str(p.relative_to(MODULE_DIR))
+        for p in (MODULE_DIR / "Resources").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+    assert present <= listed, f"Resources not listed: {sorted(present - listed)}"
+    source = MODULE_FILE.read_text()
+    used = {f"Resources/{name}" for name in re.findall(r'resourcePath\(\s*"([^"]+)"', source)}
+    used.add("Resources/Icons/SGPSegment.png")  # ScriptedLoadableModule loads the icon by name
+    assert used <= listed, f"Resources the module loads but does not list: {sorted(used - listed)}"
+
+
+def test_heavy_dependencies_are_not_imported_at_module_import():
+    heavy = ("torch", "sam2", "SlicerSGP.engine", "SlicerSGP.model", "SlicerSGP.preprocess", "SlicerSGP.weights", "SlicerSGP.io", "SimpleITK")
+    for path in (MODULE_FILE, MODULE_DIR / "SGPSegmentLib" / "logic.py", MODULE_DIR / "SGPSegmentLib" / "__init__.py"):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            for name in names:
+                assert not name.startswith(heavy), f"{path.name} imports {name} at import time"
+
+
+def test_module_follows_the_scripted_module_template():
+    tree = ast.parse(MODULE_FILE.read_text())
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    for name in ("SGPSegment", "SGPSegmentWidget", "SGPSegmentLogic", "SGPSegmentTest", "SGPSegmentParameterNode"):
+        assert name in classes, name
+    bases = {n: [ast.unparse(b) for b in c.bases] for n, c in classes.items()}
+    assert "ScriptedLoadableModule" in bases["SGPSegment"]
+    assert "ScriptedLoadableModuleWidget" in bases["SGPSegmentWidget"]
+    assert bases["SGPSegmentLogic"][:2] == ["ScriptedLoadableModuleLogic", "SGPSegmentCoreLogic"]
+    assert "ScriptedLoadableModuleTest" in bases["SGPSegmentTest"]
+    assert [ast.unparse(d) for d in classes["SGPSegmentParameterNode"].decorator_list] == ["parameterNodeWrapper"]
+    source = MODULE_FILE.read_text()
+    assert 'self.parent.categories = ["Segmentation"]' in source
+    # Thin widget: no MRML node creation or numpy work in it.
+    widget = ast.unparse(classes["SGPSegmentWidget"])
+    for forbidden in ("AddNewNodeByClass", "numpy", "arrayFrom", "updateSegment"):
+        assert forbidden not in widget, forbidden
+
+
+# ------------------------------------------------------------------------------------ .ui
+
+
+def _uic() -> str:
+    exe = shutil.which("pyside6-uic") or str(Path(sys.executable).with_name("pyside6-uic"))
+    if not Path(exe).exists():
+        pytest.fail("pyside6-uic (Qt's uic, from pyside6-essentials) is needed: pip install pyside6-essentials")
+    return exe
+
+
+@pytest.fixture(scope="module")
+def compiledUi(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("uic") / "ui_SGPSegment.py"
+    proc = subprocess.run([_uic(), str(UI_FILE), "-o", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, f"uic failed on {UI_FILE}:\n{proc.stderr}"
+    return out.read_text()
+
+
+def _uiObjects(compiled: str) -> dict[str, str]:
+    """objectName -> class, from uic's generated code."""
+    objects = {}
+    for var, cls in re.findall(r"self\.(\w+) = (\w+)\(", compiled):
+        objects[var] = cls
+    names = set(re.findall(r'setObjectName\(u"(\w+)"\)', compiled))
+    return {n: objects.get(n, "?") for n in names}
+
+
+def test_ui_compiles_and_has_every_widget_the_widget_code_uses(compiledUi):
+    objects = _uiObjects(compiledUi)
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
+    assert used, "the Widget uses no ui widgets?"
+    missing = sorted(used - set(objects))
+    assert not missing, f"SGPSegment.py uses widgets that SGPSegment.ui does not have: {missing}"
+
+
+def _parameterFields() -> dict[str, str]:
+    tree = ast.parse(MODULE_FILE.read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SGPSegmentParameterNode")
+    return {n.target.id: ast.unparse(n.annotation) for n in cls.body if isinstance(n, ast.AnnAssign)}
+
+
+def test_ui_parameter_bindings_match_the_parameter_node(compiledUi):
+    fields = _parameterFields()
+    objects = _uiObjects(compiledUi)
+    bindings = dict(
+        (obj, param)
+        for obj, param in re.findall(
+            r'self\.(\w+)\.setProperty\(u"SlicerParameterName", u"(\w+)"\)', compiledUi
+        )
+    )
+    assert bindings, "no SlicerParameterName bindings found in the .ui"
+    for obj, param in bindings.items():
+        assert param in fields, f"{obj} is bound to unknown parameter {param!r}"
+        annotation, cls = fields[param], objects[obj]
+        if annotation.startswith("vtkMRML"):
+            expected = {"qMRMLNodeComboBox"}
+        elif "Choice(" in annotation:
+            expected = {"QComboBox"}
+        elif annotation == "bool":
+            expected = {"QCheckBox", "QPushButton"}
+        elif annotation.startswith("Annotated[int") or annotation == "int":
+            expected = {"QSpinBox", "QSlider"}
+        elif "Path" in annotation:
+            expected = {"ctkPathLineEdit", "ctkDirectoryButton"}
+        else:
+            expected = {"QLineEdit", "QTextEdit"}
+        assert cls in expected, f"{obj} ({cls}) cannot be connected to {param}: {annotation}"
+    # Every parameter with a widget connector type is bound (the others are synced by hand).
+    unbound = {"segmentIds", "referenceSegmentationIds", "device"}
+    assert set(fields) - set(bindings.values()) == unbound
+
+
+# ------------------------------------------------------------------------------- metadata
+
+
+def test_extension_metadata_and_catalog_entry_agree():
+    top = cmakeSets(ROOT / "CMakeLists.txt")
+    text = (ROOT / "CMakeLists.txt").read_text()
+    assert "add_subdirectory(SGPSegment)" in text
+    depends = [d for d in top["EXTENSION_DEPENDS"] if d != "NA"]
+    assert "PyTorch" in depends
+    assert top["EXTENSION_CATEGORY"] == ["Segmentation"]
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL"):
+        assert top.get(key), key
+
+    entry = json.loads((ROOT / "SlicerSGP.json").read_text())
+    allowed = {"$schema", "build_dependencies", "build_subdirectory", "category", "enabled", "scm_revision", "scm_type", "scm_url", "tier"}
+    assert set(entry) <= allowed, set(entry) - allowed
+    assert {"$schema", "category", "scm_url"} <= set(entry)
+    assert sorted(entry["build_dependencies"]) == sorted(depends)
+    assert entry["category"] == "Segmentation"
+    assert entry["build_subdirectory"] == top["EXTENSION_BUILD_SUBDIRECTORY"][0]
+
+    iconPath = top["EXTENSION_ICONURL"][0].split("/main/", 1)[1]
+    icon = ROOT / iconPath
+    assert icon.is_file() and icon.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    license_ = (ROOT / "LICENSE.txt").read_text()
+    assert "Apache License" in license_ and "Version 2.0, January 2004" in license_
