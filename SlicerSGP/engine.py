@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,11 +86,24 @@ class EncodedSlices:
     pos: torch.Tensor         # (1, C, S/16, S/16): identical for every slice
     pooled: torch.Tensor      # (N, C) unit vectors, for similarity
 
+    compute_dtype: torch.dtype = torch.float32
+    """Features may be stored compactly (bf16); they are handed out in this dtype."""
+
     def __len__(self) -> int:
         return int(self.top.shape[0])
 
+    @property
+    def grid(self) -> int:
+        return int(self.top.shape[-1])
+
+    def top_of(self, i: int) -> torch.Tensor:
+        return self.top[i:i + 1].to(self.compute_dtype)
+
     def high_res(self, i: int) -> list[torch.Tensor]:
-        return [self.s0[i:i + 1], self.s1[i:i + 1]]
+        return [self.s0[i:i + 1].to(self.compute_dtype), self.s1[i:i + 1].to(self.compute_dtype)]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.s0, self.s1, self.top))
 
 
 @dataclass
@@ -133,7 +146,7 @@ class Segmenter:
 
     def __init__(self, model: str | SGPModel = "tiny", *, weights: str | None = None,
                  device: str | torch.device = "auto", image_size: int | None = None,
-                 seed: int = 0, dtype: str = "auto"):
+                 seed: int = 0, dtype: str = "auto", feature_dtype: str = "auto"):
         from SlicerSGP.model import build_model, load_sgp_checkpoint
 
         self.device = resolve_device(device)
@@ -147,6 +160,10 @@ class Segmenter:
                               seed=seed)
         self.model = net.to(self.device).eval()
         self.autocast_dtype = _autocast_dtype(self.device, dtype)
+        self.feature_dtype = _feature_dtype(feature_dtype)
+        self.stage_times: dict[str, float] = {}
+        self.sync_timers = False
+        """Synchronise the device around each timed stage (benchmarks only)."""
         self._cache_key: str | None = None
         self._cache: EncodedSlices | None = None
         self.encode_count = 0
@@ -179,6 +196,7 @@ class Segmenter:
         stop = cancel or (lambda: False)
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
+        self.stage_times = {}
 
         preprocess.validate_volume(volume, axis=opts.axis, min_size=16)
         spatial = volume.shape[:3]
@@ -236,6 +254,7 @@ class Segmenter:
         report("write", 1.0)
         timings["assemble"] = time.perf_counter() - tw
         timings["total"] = time.perf_counter() - t0
+        timings.update({f"stage:{k}": v for k, v in self.stage_times.items()})
         result.geometry = geometry
         result.timings = timings
         result.stats = {"slices": n, "slices_encoded": self.encode_count,
@@ -253,32 +272,55 @@ class Segmenter:
         """Inference mode for segmentation; autograd on for training (LoRA, PMA)."""
         return torch.enable_grad() if grad else torch.inference_mode()
 
-    def encode_images(self, images: torch.Tensor, batch_size: int = 4,
+    def encode_images(self, images: torch.Tensor | Any, batch_size: int = 4,
                       progress: Any = None, cancel: CancelCheck | None = None,
-                      grad: bool = False) -> EncodedSlices:
-        """Run the image encoder over model-ready images (N, 3, S, S), in batches."""
+                      grad: bool = False, count: int | None = None) -> EncodedSlices:
+        """Run the image encoder over model-ready images (N, 3, S, S), in batches.
+
+        ``images`` may also be a function ``(start, stop) -> tensor`` with ``count`` slices, so
+        a whole volume's model input never has to exist at once.
+        """
         sam = self.model.sam
         parts: dict[str, list[torch.Tensor]] = {"s0": [], "s1": [], "top": []}
+        pooled: list[torch.Tensor] = []
         pos = None
-        n = images.shape[0]
+        n = images.shape[0] if count is None else count
+        store = self.feature_dtype or (self.autocast_dtype or torch.float32)
         with self._mode(grad), self._autocast():
             for start in range(0, n, batch_size):
                 if cancel is not None and cancel():
                     raise Cancelled("Cancelled while encoding slices; nothing was written.")
-                batch = images[start:start + batch_size].to(self.device, non_blocking=True)
-                out = sam.forward_image(batch.float())
-                fpn = out["backbone_fpn"][-sam.num_feature_levels:]
-                parts["s0"].append(fpn[0])
-                parts["s1"].append(fpn[1])
-                parts["top"].append(fpn[2])
+                stop = min(n, start + batch_size)
+                batch = images[start:stop] if count is None else images(start, stop)
+                with self._timed("encode"):
+                    out = sam.forward_image(batch.to(self.device, non_blocking=True).float())
+                    fpn = out["backbone_fpn"][-sam.num_feature_levels:]
+                    keep = (lambda t: t) if grad else (lambda t: t.to(store))
+                    parts["s0"].append(keep(fpn[0]))
+                    parts["s1"].append(keep(fpn[1]))
+                    parts["top"].append(keep(fpn[2]))
+                    pooled.append(F.normalize(fpn[2].float().mean(dim=(2, 3)), dim=1))
                 if pos is None:
                     pos = out["vision_pos_enc"][-1][:1]
-                self.encode_count += batch.shape[0]
+                self.encode_count += stop - start
                 if progress is not None:
-                    progress(min(1.0, (start + batch.shape[0]) / n))
-        top = torch.cat(parts["top"])
-        pooled = F.normalize(top.float().mean(dim=(2, 3)), dim=1)
-        return EncodedSlices(torch.cat(parts["s0"]), torch.cat(parts["s1"]), top, pos, pooled)
+                    progress(stop / n)
+        compute = self.autocast_dtype if self.autocast_dtype is not None else torch.float32
+        return EncodedSlices(torch.cat(parts["s0"]), torch.cat(parts["s1"]),
+                             torch.cat(parts["top"]), pos, torch.cat(pooled),
+                             compute_dtype=torch.float32 if grad else compute)
+
+    @contextmanager
+    def _timed(self, stage: str):
+        if self.sync_timers and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync_timers and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.stage_times[stage] = self.stage_times.get(stage, 0.0) + time.perf_counter() - t
 
     def _encode_volume(self, slices01: np.ndarray, transform: Any, opts: SegmentOptions,
                        report: ProgressCallback, stop: CancelCheck) -> EncodedSlices:
@@ -290,9 +332,9 @@ class Segmenter:
             return self._cache
         # Drop the old volume's features before encoding the new one (device memory).
         self._cache_key, self._cache = None, None
-        images = preprocess.to_model_input(slices01, transform)
-        feats = self.encode_images(images, opts.encode_batch_size,
-                                   lambda f: report("encode", f), stop)
+        feats = self.encode_images(
+            lambda a, b: preprocess.to_model_input(slices01[a:b], transform),
+            opts.encode_batch_size, lambda f: report("encode", f), stop, count=len(slices01))
         self._cache_key, self._cache = key, feats
         return feats
 
@@ -309,15 +351,15 @@ class Segmenter:
         output (logits +-10), then binarised for the memory encoder.
         """
         sam = self.model.sam
-        g = feats.top.shape[-1]
+        g = feats.grid
         with self._mode(grad), self._autocast():
-            out = sam._use_mask_as_output(feats.top[i:i + 1], feats.high_res(i),
+            out = sam._use_mask_as_output(feats.top_of(i), feats.high_res(i),
                                           mask_model.to(self.device))
             low_res, obj_ptr, obj_score = out[3], out[5], out[6]
             high_res = F.interpolate(low_res, size=(self.image_size, self.image_size),
                                      mode="bilinear", align_corners=False)
             mem, _ = sam._encode_new_memory(
-                current_vision_feats=[_flat(feats.top[i:i + 1])], feat_sizes=[(g, g)],
+                current_vision_feats=[_flat(feats.top_of(i))], feat_sizes=[(g, g)],
                 pred_masks_high_res=high_res, object_score_logits=obj_score,
                 is_mask_from_pts=True,
             )
@@ -352,7 +394,7 @@ class Segmenter:
                    num_frames: int, use_pmg: bool) -> torch.Tensor:
         """Memory-conditioned features of slice ``j`` (SAM2's memory attention)."""
         sam = self.model.sam
-        top = feats.top[j:j + 1]
+        top = feats.top_of(j)
         b, c, g, _ = top.shape
         if not use_pmg or (not support and not bank):
             # SAM2's own "no memory" path.
@@ -412,9 +454,10 @@ class Segmenter:
         dtype = top.dtype if self.autocast_dtype is None else torch.float32
         memory = torch.cat([m.to(dtype) for m in memories], dim=0)
         memory_pos = torch.cat([p.to(dtype) for p in memory_pos], dim=0)
-        out = sam.memory_attention(curr=[_flat(top)], curr_pos=[_flat(feats.pos)],
-                                   memory=memory, memory_pos=memory_pos,
-                                   num_obj_ptr_tokens=num_ptr_tokens)
+        with self._timed("memory_attention"):
+            out = sam.memory_attention(curr=[_flat(top)], curr_pos=[_flat(feats.pos)],
+                                       memory=memory, memory_pos=memory_pos,
+                                       num_obj_ptr_tokens=num_ptr_tokens)
         return out.permute(1, 2, 0).view(b, c, g, g)
 
     def _memory_pos(self, g: int) -> torch.Tensor:
@@ -429,29 +472,32 @@ class Segmenter:
              encode_memory: bool = True) -> StepOutput:
         """Predict slice ``j``: PMG (pseudo-mask), PMA (final mask), then its 3D memory."""
         sam = self.model.sam
-        g = feats.top.shape[-1]
+        g = feats.grid
         pix = self._condition(feats, j, support, bank, ptr_history, reverse, num_frames,
                               opts.use_pmg)
         hr = feats.high_res(j)
-        pmg = sam._forward_sam_heads(
-            backbone_features=pix, point_inputs=None, mask_inputs=None, high_res_features=hr,
-            multimask_output=sam._use_multimask(False, None),
-        )
+        with self._timed("decode"):
+            pmg = sam._forward_sam_heads(
+                backbone_features=pix, point_inputs=None, mask_inputs=None,
+                high_res_features=hr, multimask_output=sam._use_multimask(False, None),
+            )
         _, _, ious, pseudo_low, pseudo_high, obj_ptr, obj_score = pmg
         if not opts.use_pmg:
             pseudo_low = torch.full_like(pseudo_low, -20.0)
             pseudo_high = torch.full_like(pseudo_high, -20.0)
         final_high, final_iou, final_obj = pseudo_high, ious.max(dim=-1).values, obj_score
         if opts.use_pma:
-            final_high, final_iou, final_obj = self._pma(pix, hr, pseudo_low, pseudo_high,
-                                                         image, opts)
+            with self._timed("decode"):
+                final_high, final_iou, final_obj = self._pma(pix, hr, pseudo_low, pseudo_high,
+                                                             image, opts)
         memory = None
         if encode_memory:
-            mem, _ = sam._encode_new_memory(
-                current_vision_feats=[_flat(feats.top[j:j + 1])], feat_sizes=[(g, g)],
-                pred_masks_high_res=final_high.to(pix.dtype), object_score_logits=final_obj,
-                is_mask_from_pts=False,
-            )
+            with self._timed("memory_encode"):
+                mem, _ = sam._encode_new_memory(
+                    current_vision_feats=[_flat(feats.top_of(j))], feat_sizes=[(g, g)],
+                    pred_masks_high_res=final_high.to(pix.dtype), object_score_logits=final_obj,
+                    is_mask_from_pts=False,
+                )
             memory = Memory(mem.to(MEMORY_DTYPE), obj_ptr, feats.pooled[j], j)
         return StepOutput(pseudo_low, final_high.float(), memory,
                           float(final_iou.float().reshape(-1)[0]),
@@ -534,7 +580,8 @@ class Segmenter:
                     continue
                 weight = _fusion_weight(j, anchors, reverse, n, opts.bidirectional)
                 source = "seed" if seed and j == seed[0] else ("backward" if reverse else "forward")
-                self._accumulate(acc, j, out, transform, weight, source)
+                with self._timed("write_back"):
+                    self._accumulate(acc, j, out, transform, weight, source)
                 report(done / total)
         return acc
 
@@ -819,6 +866,17 @@ def _volume_key(slices01: np.ndarray, image_size: int, model: SGPModel,
     h = hashlib.sha1(np.ascontiguousarray(slices01).view(np.uint8))
     h.update(f"{slices01.shape}|{image_size}|{id(model)}|{dtype}".encode())
     return h.hexdigest()
+
+
+def _feature_dtype(name: str) -> torch.dtype | None:
+    """Storage dtype of cached slice features. 'auto' stores bf16 (half the memory of float32;
+    SAM2 itself runs its features in bf16 on GPUs); 'float32' keeps them exact, which the
+    equality with SAM2's video predictor is proven at."""
+    if name in ("auto", "bfloat16", "bf16"):
+        return torch.bfloat16
+    if name in ("float32", "fp32"):
+        return torch.float32
+    raise SGPInputError(f"Unknown feature dtype {name!r}: use auto, float32 or bfloat16.")
 
 
 def _autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:

@@ -41,7 +41,9 @@ def make_objects_visible(sam: torch.nn.Module) -> None:
 @pytest.fixture(scope="module")
 def segmenter():
     torch.manual_seed(0)
-    seg = Segmenter("tiny", weights="random", device="cpu", image_size=IMAGE_SIZE, seed=0)
+    # Exact float32 feature storage: the equality with SAM2 is proven at full precision.
+    seg = Segmenter("tiny", weights="random", device="cpu", image_size=IMAGE_SIZE, seed=0,
+                    feature_dtype="float32")
     make_objects_visible(seg.model.sam)
     return seg
 
