@@ -22,6 +22,7 @@ AXIS_NAMES = {"k": 0, "axial": 0, "j": 1, "coronal": 1, "i": 2, "sagittal": 2,
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from SlicerSGP.bench import add_bench_subparser
     from SlicerSGP.weights import add_weights_subparser
 
     parser = argparse.ArgumentParser(
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_segment_parser(sub)
     add_weights_subparser(sub)
+    add_bench_subparser(sub)
     return parser
 
 
@@ -81,7 +83,8 @@ def _add_segment_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto, percentile, none, ct_abdomen, ct_lung, ct_bone, ct_brain, "
                         "ct_soft_tissue")
     m.add_argument("--threshold", type=float, default=0.5)
-    m.add_argument("--batch-size", type=int, default=4, help="slices per encoder batch")
+    m.add_argument("--batch-size", type=int, default=None,
+                   help="slices per encoder batch (default 1 on CPU, 8 on CUDA)")
     o = p.add_argument_group("extra outputs")
     o.add_argument("--pseudo-masks", type=Path, help="write the PMG pseudo-masks (.seg.nrrd)")
     o.add_argument("--probabilities", type=Path,

@@ -334,9 +334,14 @@ class Segmenter:
         self._cache_key, self._cache = None, None
         feats = self.encode_images(
             lambda a, b: preprocess.to_model_input(slices01[a:b], transform),
-            opts.encode_batch_size, lambda f: report("encode", f), stop, count=len(slices01))
+            self._batch_size(opts), lambda f: report("encode", f), stop, count=len(slices01))
         self._cache_key, self._cache = key, feats
         return feats
+
+    def _batch_size(self, opts: SegmentOptions) -> int:
+        if opts.encode_batch_size:
+            return int(opts.encode_batch_size)
+        return 8 if self.device.type == "cuda" else 1
 
     def clear_cache(self) -> None:
         self._cache_key, self._cache = None, None

@@ -65,7 +65,9 @@ class SegmentOptions:
     """'auto', 'percentile', 'none', or a CT preset: 'ct_abdomen', 'ct_lung', 'ct_bone',
     'ct_brain', 'ct_soft_tissue'."""
     threshold: float = 0.5
-    encode_batch_size: int = 4
+    encode_batch_size: int | None = None
+    """Slices per encoder batch; None = 1 on CPU (batching buys no speed there, only memory)
+    and 8 on CUDA."""
     keep_pseudo_masks: bool = True
 
 

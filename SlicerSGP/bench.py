@@ -1,0 +1,354 @@
+"""`sgp bench`: our engine against SAM2's own video predictor on the same volume and weights.
+
+(a) ``SAM2VideoPredictor`` (the sam2 package, unchanged): the labeled slices as mask prompts,
+    propagated forward from the first and backward from the last, as training-free SAM2 tools do.
+(b) ``Segmenter`` (training-free, bidirectional, PMA on), model already loaded, cache empty.
+
+Both run in one process, one after the other, on the same model input; stage times come from
+forward hooks on the same SAM2 modules on both sides, so they are measured the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+STAGES = ("encode", "memory_attention", "decode", "memory_encode", "write_back")
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a thread; peak above the starting level."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def __enter__(self) -> PeakRSS:
+        self.base = self.rss()
+        self.peak = self.base
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+    @property
+    def above_base(self) -> int:
+        return self.peak - self.base
+
+
+@dataclass
+class Measurement:
+    name: str
+    wall: float = 0.0
+    peak_host: int = 0
+    peak_device: int = 0
+    stages: dict[str, float] = field(default_factory=dict)
+    encodes: int = 0
+
+
+class StageHooks:
+    """Forward pre/post hooks timing SAM2 modules (sync on CUDA so the times are real)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        self.calls: dict[str, int] = dict.fromkeys(STAGES, 0)
+        self.handles: list = []
+        self._start: dict[int, float] = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def attach(self, module: torch.nn.Module, stage: str) -> None:
+        def pre(mod, args, kwargs=None):
+            self._sync()
+            self._start[id(mod)] = time.perf_counter()
+
+        def post(mod, args, output, kwargs=None):
+            self._sync()
+            self.times[stage] += time.perf_counter() - self._start.pop(id(mod))
+            self.calls[stage] += 1
+
+        self.handles.append(module.register_forward_pre_hook(pre))
+        self.handles.append(module.register_forward_hook(post))
+
+    def attach_sam(self, sam: torch.nn.Module) -> None:
+        self.attach(sam.image_encoder, "encode")
+        self.attach(sam.memory_attention, "memory_attention")
+        self.attach(sam.sam_mask_decoder, "decode")
+        self.attach(sam.memory_encoder, "memory_encode")
+
+    @contextmanager
+    def timed(self, stage: str):
+        self._sync()
+        t = time.perf_counter()
+        yield
+        self._sync()
+        self.times[stage] += time.perf_counter() - t
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def synthetic_ct(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A CT-like volume (HU) with an ellipsoidal structure through most slices."""
+    rng = np.random.default_rng(seed)
+    vol = rng.normal(40.0, 25.0, (n, size, size)).astype(np.float32)
+    yy, xx = np.mgrid[:size, :size] / size
+    body = ((yy - 0.5) / 0.45) ** 2 + ((xx - 0.5) / 0.4) ** 2 > 1
+    vol[:, body] = -1000.0
+    lab = np.zeros((n, size, size), np.uint8)
+    for k in range(n):
+        z = (k - n / 2) / (n * 0.45)
+        r = max(0.0, 1 - z * z)
+        if r <= 0:
+            continue
+        organ = ((yy - 0.45 - 0.05 * z) / (0.15 * r)) ** 2 + ((xx - 0.55) / (0.12 * r)) ** 2 < 1
+        vol[k][organ] += 80.0
+        lab[k][organ] = 1
+    return vol, lab
+
+
+def clinical_support_slices(lab: np.ndarray) -> list[int]:
+    """Near both ends of the structure and in its middle: what a clinician draws."""
+    present = np.flatnonzero(lab.reshape(lab.shape[0], -1).any(axis=1))
+    lo, hi = int(present[0]), int(present[-1])
+    return sorted({lo + 1, (lo + hi) // 2, hi - 1})
+
+
+def run_video_predictor(seg, images: torch.Tensor, masks: dict[int, torch.Tensor],
+                        compile_encoder: bool) -> Measurement:
+    import sam2.sam2_video_predictor as vp
+    from sam2.build_sam import build_sam2_video_predictor
+
+    from SlicerSGP.weights import resolve_model_name
+
+    cfg = seg.model.config
+    grid = cfg.image_size // 16
+    predictor = build_sam2_video_predictor(
+        resolve_model_name(cfg.size).config, ckpt_path=None, device=str(seg.device),
+        hydra_overrides_extra=[
+            f"++model.image_size={cfg.image_size}",
+            f"++model.memory_attention.layer.self_attention.feat_sizes=[{grid},{grid}]",
+            f"++model.memory_attention.layer.cross_attention.feat_sizes=[{grid},{grid}]",
+        ] + list(cfg.sam2_overrides),
+    )
+    predictor.load_state_dict(seg.model.sam.state_dict())
+    if compile_encoder:
+        predictor.image_encoder.forward = torch.compile(predictor.image_encoder.forward)
+    hooks = StageHooks(seg.device)
+    hooks.attach_sam(predictor)
+    original_loader = vp.load_video_frames
+    original_resize = predictor._get_orig_video_res_output
+
+    def resize_timed(*a, **k):
+        with hooks.timed("write_back"):
+            return original_resize(*a, **k)
+
+    predictor._get_orig_video_res_output = resize_timed
+    vp.load_video_frames = lambda **kw: (images.to(kw["compute_device"]), images.shape[-2],
+                                         images.shape[-1])
+    m = Measurement("(a) SAM2 video predictor")
+    try:
+        _reset_device_peak(seg.device)
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if seg.device.type == "cuda"
+                    else torch.autocast("cpu", enabled=False))
+        with PeakRSS() as rss, autocast:
+            t = time.perf_counter()
+            state = predictor.init_state(video_path="(in memory)")
+            for k in sorted(masks):
+                predictor.add_new_mask(state, frame_idx=k, obj_id=1, mask=masks[k][0, 0] > 0.5)
+            for _ in predictor.propagate_in_video(state, start_frame_idx=min(masks)):
+                pass
+            for _ in predictor.propagate_in_video(state, start_frame_idx=max(masks), reverse=True):
+                pass
+            _sync(seg.device)
+            m.wall = time.perf_counter() - t
+        m.peak_host = rss.above_base
+        m.peak_device = _device_peak(seg.device)
+    finally:
+        vp.load_video_frames = original_loader
+        hooks.remove()
+    m.stages = dict(hooks.times)
+    m.encodes = hooks.calls["encode"]
+    return m
+
+
+def run_engine(seg, vol: np.ndarray, lab: np.ndarray, support: list[int]) -> Measurement:
+    from SlicerSGP.types import SegmentOptions
+
+    drawn = np.zeros_like(lab)
+    drawn[support] = lab[support]
+    hooks = StageHooks(seg.device)
+    hooks.attach_sam(seg.model.sam)
+    seg.clear_cache()
+    before = seg.encode_count
+    m = Measurement("(b) SlicerSGP engine")
+    try:
+        _reset_device_peak(seg.device)
+        with PeakRSS() as rss:
+            t = time.perf_counter()
+            result = seg.segment(vol, drawn, {1: "structure"},
+                                 SegmentOptions(intensity="percentile", keep_pseudo_masks=False))
+            _sync(seg.device)
+            m.wall = time.perf_counter() - t
+        m.peak_host = rss.above_base
+        m.peak_device = _device_peak(seg.device)
+    finally:
+        hooks.remove()
+    m.stages = dict(hooks.times)
+    m.stages["write_back"] = result.timings.get("stage:write_back", 0.0) + \
+        result.timings.get("assemble", 0.0)
+    m.encodes = seg.encode_count - before
+    return m
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_device_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _device_peak(device: torch.device) -> int:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:8.1f}"
+
+
+def report(ms: list[Measurement], n: int, device: torch.device, note: str) -> str:
+    lines = [note, ""]
+    head = f"{'':28}{'wall s':>9}{'slices/s':>10}{'s/slice':>9}{'encodes':>9}" \
+           f"{'host MiB':>10}{'dev MiB':>10}  " + "  ".join(f"{s:>16}" for s in STAGES)
+    lines.append(head)
+    for m in ms:
+        lines.append(
+            f"{m.name:28}{m.wall:9.2f}{n / m.wall:10.2f}{m.wall / n:9.3f}{m.encodes:9d}"
+            f"{_mib(m.peak_host):>10}{_mib(m.peak_device):>10}  "
+            + "  ".join(f"{m.stages.get(s, 0.0):16.2f}" for s in STAGES)
+        )
+    a, b = ms
+    lines.append("")
+    lines.append(f"ratio (b)/(a): wall {b.wall / a.wall:.3f}, peak host memory "
+                 f"{b.peak_host / max(a.peak_host, 1):.3f}"
+                 + (f", peak device memory {b.peak_device / max(a.peak_device, 1):.3f}"
+                    if device.type == "cuda" else ""))
+    return "\n".join(lines)
+
+
+def encoder_flops_per_slice(seg) -> float:
+    """Multiply-adds x2 of one image-encoder pass, counted by torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 3, seg.image_size, seg.image_size, device=seg.device)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        seg.model.sam.forward_image(x)
+    return float(counter.get_total_flops())
+
+
+def add_bench_subparser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="compare with SAM2's video predictor (time, memory)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--weights", default="random")
+    p.add_argument("--image-size", type=int, default=512)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA), float32, bfloat16")
+    p.add_argument("--feature-dtype", default="auto", help="feature cache: auto (bf16) or float32")
+    p.add_argument("--slices", type=int, default=30)
+    p.add_argument("--size", type=int, default=512, help="in-plane size of the volume")
+    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
+    p.add_argument("--skip-sam2", action="store_true", help="run (b) only")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak bf16 TFLOP/s, to print the fraction of the compute bound")
+    p.set_defaults(func=cmd_bench)
+    return p
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from SlicerSGP import preprocess
+    from SlicerSGP.engine import Segmenter
+
+    seg = Segmenter(args.model, weights=args.weights, device=args.device,
+                    image_size=args.image_size, dtype=args.dtype, feature_dtype=args.feature_dtype)
+    # Random weights score "no object" on most slices; a real model would not. Lift the object
+    # score head so both sides produce masks and do their full work.
+    with torch.no_grad():
+        head = seg.model.sam.sam_mask_decoder.pred_obj_score_head
+        (head.layers[-1] if hasattr(head, "layers") else head).bias.fill_(8.0)
+    if args.compile:
+        seg.model.sam.image_encoder.forward = torch.compile(seg.model.sam.image_encoder.forward)
+
+    vol, lab = synthetic_ct(args.slices, args.size)
+    support = clinical_support_slices(lab)
+    n = vol.shape[0]
+    slices01 = preprocess.normalize_intensity(vol, *preprocess.intensity_range(vol, "percentile"))
+    tf = preprocess.LetterboxTransform(args.size, args.size, seg.image_size)
+
+    # Warm-up on both paths (first-call allocations, compilation), not measured.
+    seg.segment(vol[:3], lab[:3], {1: "s"}, None, support_slices=[1])
+    seg.clear_cache()
+
+    ms = []
+    if not args.skip_sam2:
+        images = preprocess.to_model_input(slices01, tf)
+        masks = {k: tf.mask_to_model(torch.from_numpy(lab[k][None, None].astype(np.float32)))
+                 for k in support}
+        ms.append(run_video_predictor(seg, images, masks, args.compile))
+        del images
+    ms.append(run_engine(seg, vol, lab, support))
+
+    dev = str(seg.device)
+    if seg.device.type == "cuda":
+        dev += f" ({torch.cuda.get_device_name(seg.device)})"
+    note = (f"volume {args.size}x{args.size}x{n}, support slices {support}, SAM2.1 {args.model} "
+            f"@ {seg.image_size}px, device {dev}, torch {torch.__version__}, "
+            f"threads {torch.get_num_threads()}, autocast {seg.autocast_dtype}, "
+            f"feature cache {seg.feature_dtype}, compile {args.compile}")
+    if len(ms) == 2:
+        print(report(ms, n, seg.device, note))
+    else:
+        m = ms[0]
+        print(note)
+        print(f"{m.name}: {m.wall:.3f} s, {n / m.wall:.1f} slices/s, peak host "
+              f"{_mib(m.peak_host)} MiB, device {_mib(m.peak_device)} MiB, stages "
+              + ", ".join(f"{k} {v:.3f}" for k, v in m.stages.items()))
+    if args.peak_tflops:
+        flops = encoder_flops_per_slice(seg)
+        b = ms[-1]
+        achieved = flops * b.encodes / max(b.stages["encode"], 1e-9) / 1e12
+        print(f"encoder: {flops / 1e9:.1f} GFLOP/slice; {achieved:.1f} TFLOP/s in the encode "
+              f"stage = {achieved / args.peak_tflops:.1%} of {args.peak_tflops} TFLOP/s; "
+              f"whole run: {flops * n / b.wall / 1e12:.1f} TFLOP/s = "
+              f"{flops * n / b.wall / 1e12 / args.peak_tflops:.1%}")
+    return 0
