@@ -123,6 +123,8 @@ class StepOutput:
     memory: Memory | None
     predicted_iou: float
     object_score: float
+    pmg_object_logits: torch.Tensor | None = None  # (1, 1) PMG object score (training)
+    final_object_logits: torch.Tensor | None = None  # (1, 1) PMA object score (training)
 
 
 @dataclass
@@ -505,8 +507,9 @@ class Segmenter:
                 )
             memory = Memory(mem.to(MEMORY_DTYPE), obj_ptr, feats.pooled[j], j)
         return StepOutput(pseudo_low, final_high.float(), memory,
-                          float(final_iou.float().reshape(-1)[0]),
-                          float(torch.sigmoid(final_obj.float()).reshape(-1)[0]))
+                          float(final_iou.detach().float().reshape(-1)[0]),
+                          float(torch.sigmoid(final_obj.detach().float()).reshape(-1)[0]),
+                          obj_score, final_obj)
 
     def _pma(self, pix: torch.Tensor, hr: list[torch.Tensor], pseudo_low: torch.Tensor,
              pseudo_high: torch.Tensor, image: torch.Tensor | None, opts: SegmentOptions):

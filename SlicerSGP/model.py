@@ -152,7 +152,8 @@ class HierarchicalDecoder(nn.Module):
             nn.Conv2d(1 + s0 + s1, hidden, 3, padding=1), nn.GroupNorm(4, hidden), nn.GELU(),
             nn.Conv2d(hidden, hidden, 3, padding=1), nn.GELU(),
         )
-        self.half = nn.Sequential(
+        # not ``half``: that name is nn.Module.half(), which would shadow the layer
+        self.up_half = nn.Sequential(
             nn.ConvTranspose2d(hidden, hidden // 2, 2, stride=2), nn.GELU(),
             nn.Conv2d(hidden // 2, hidden // 2, 3, padding=1), nn.GELU(),
         )
@@ -174,7 +175,7 @@ class HierarchicalDecoder(nn.Module):
             feats.append(f if f.shape[-2:] == quarter_size else
                          F.interpolate(f, size=quarter_size, mode="bilinear", align_corners=False))
         x = self.quarter(torch.cat(feats, dim=1).to(self.quarter[0].weight.dtype))
-        x = self.full(self.half(x))
+        x = self.full(self.up_half(x))
         x = torch.cat([x, self.image_stem(image.to(x.dtype))], dim=1)
         base = F.interpolate(low_res_logits.float(), size=image.shape[-2:], mode="bilinear",
                              align_corners=False)
