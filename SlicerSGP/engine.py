@@ -169,6 +169,7 @@ class Segmenter:
         self._cache_key: str | None = None
         self._cache: EncodedSlices | None = None
         self.encode_count = 0
+        self._support_size = 1
 
     @property
     def image_size(self) -> int:
@@ -553,6 +554,8 @@ class Segmenter:
             feats, k, transform.mask_to_model(torch.from_numpy(masks[k][None, None].astype(
                 np.float32))), k) for k in labeled}
         support_pool = [own[k] for k in labeled] + external
+        # The paper sizes the 3D bank like the support set: the items each slice attends to.
+        self._support_size = max(1, min(opts.top_k, len(support_pool)))
         acc = _Accumulator(
             prob=np.zeros((n, h, w), np.float32), weight=np.zeros(n, np.float32),
             pseudo=np.zeros((n, h, w), np.float32) if opts.keep_pseudo_masks else None,
@@ -662,7 +665,7 @@ class Segmenter:
     def _evict(self, bank: list[Memory], feats: EncodedSlices, j: int, reverse: bool,
                opts: SegmentOptions) -> list[Memory]:
         """Keep the bank within its size before slice ``j`` uses it."""
-        size = opts.memory_size or opts.top_k
+        size = opts.memory_size or self._support_size
         if opts.memory_policy == "fifo":
             # SAM2's rule: the slices 1..size positions behind, in sweep direction.
             return [m for m in bank if 1 <= (m.slice_index - j) * (1 if reverse else -1) <= size]
@@ -700,18 +703,20 @@ class Segmenter:
         n = shape[0]
         probabilities, pseudo_masks, scores = {}, {}, {}
         for value, acc in per_structure.items():
-            wsum = np.maximum(acc.weight, 1e-12)[:, None, None]
-            prob = acc.prob / wsum
-            pseudo = acc.pseudo / np.maximum(acc.pseudo_weight, 1e-12)[:, None, None] \
-                if acc.pseudo is not None else None
+            # In place: the accumulators become the results (a volume-sized copy saved each).
+            prob = acc.prob
+            prob /= np.maximum(acc.weight, 1e-12)[:, None, None]
+            pseudo = acc.pseudo
+            if pseudo is not None:
+                pseudo /= np.maximum(acc.pseudo_weight, 1e-12)[:, None, None]
             for k in labeled:
                 user = (lab[k] == value) if lab is not None else np.zeros(shape[1:], bool)
                 prob[k] = user
                 if pseudo is not None:
                     pseudo[k] = user
-            probabilities[value] = prob.astype(np.float32)
+            probabilities[value] = prob
             if pseudo is not None:
-                pseudo_masks[value] = pseudo.astype(np.float32)
+                pseudo_masks[value] = pseudo
             table = np.zeros(n, SCORE_DTYPE)
             table["slice"] = np.arange(n)
             for j in range(n):
@@ -785,15 +790,20 @@ def _fusion_weight(j: int, anchors: list[int], reverse: bool, n: int, bidirectio
 
 
 def label_map_from_probabilities(probabilities: dict[int, np.ndarray], threshold: float,
-               shape: tuple[int, int, int]) -> np.ndarray:
+                                 shape: tuple[int, ...]) -> np.ndarray:
+    """Each voxel gets the most probable structure if that probability reaches ``threshold``."""
     values = list(probabilities)
     dtype = np.uint8 if max(values, default=0) < 256 else np.uint16
-    if not values:
-        return np.zeros(shape, dtype)
-    stack = np.stack([probabilities[v] for v in values])
-    best = stack.argmax(axis=0)
-    fg = stack.max(axis=0) >= threshold
-    return np.where(fg, np.asarray(values, dtype)[best], 0).astype(dtype)
+    out = np.zeros(shape, dtype)
+    if len(values) == 1:
+        out[probabilities[values[0]] >= threshold] = values[0]
+        return out
+    lut = np.asarray(values, dtype)
+    for k in range(shape[0]):  # slice by slice: no volume-sized stack or int64 argmax
+        stack = np.stack([probabilities[v][k] for v in values])
+        best = stack.argmax(axis=0)
+        out[k] = np.where(stack.max(axis=0) >= threshold, lut[best], 0)
+    return out
 
 
 def _validate_options(opts: SegmentOptions, model: SGPModel) -> None:

@@ -1,0 +1,143 @@
+"""Engine behaviour beyond the oracles: support banks, seeds, cancel, structures, modes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from synthetic import make_objects_visible, synthetic_volume
+
+from SlicerSGP import Cancelled, SGPInputError, SupportItem
+from SlicerSGP.engine import Segmenter
+from SlicerSGP.model import ModelConfig, build_model, load_sgp_checkpoint, save_sgp_checkpoint
+from SlicerSGP.types import SegmentOptions
+
+SIZE = 256
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    seg = Segmenter("tiny", weights="random", device="cpu", image_size=SIZE, seed=0)
+    make_objects_visible(seg.model.sam)
+    return seg
+
+
+def test_external_support_only_starts_at_the_most_confident_slice(segmenter):
+    vol, lab = synthetic_volume(n=6)
+    other, other_lab = synthetic_volume(n=4, seed=5)
+    lo, hi = float(other.min()), float(other.max())
+    bank = {1: [SupportItem((other[k] - lo) / (hi - lo), other_lab[k] == 1, f"case2/{k}")
+                for k in range(4)]}
+    res = segmenter.segment(vol, None, {1: "blob"}, SegmentOptions(), support_bank=bank)
+    table = res.slice_scores[1]
+    sources = table["source"].tolist()
+    assert sources.count("seed") == 1
+    seed = sources.index("seed")
+    assert all(s == "backward" for s in sources[:seed])
+    assert all(s == "forward" for s in sources[seed + 1:])
+    assert res.labeled_slices == []
+
+
+def test_several_structures_share_one_encoding(segmenter):
+    vol, lab = synthetic_volume(n=6)
+    drawn = np.zeros_like(lab)
+    drawn[1] = lab[1]
+    drawn[1, :4, :4] = 2
+    drawn[4] = lab[4]
+    segmenter.clear_cache()
+    before = segmenter.encode_count
+    res = segmenter.segment(vol, drawn, {1: "blob", 2: "corner"}, SegmentOptions())
+    assert segmenter.encode_count - before == vol.shape[0]
+    assert set(res.probabilities) == {1, 2}
+    assert np.array_equal(res.labels[1], drawn[1]) and np.array_equal(res.labels[4], drawn[4])
+    # Slice 4 is labeled but holds no "corner": it teaches absence and stays empty.
+    assert not (res.labels[4] == 2).any()
+
+
+def test_cancel_changes_nothing_and_raises(segmenter):
+    vol, lab = synthetic_volume(n=6)
+    drawn = np.zeros_like(lab)
+    drawn[2] = lab[2]
+    original = drawn.copy()
+    calls = {"n": 0}
+
+    def cancel() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    segmenter.clear_cache()
+    with pytest.raises(Cancelled):
+        segmenter.segment(vol, drawn, {1: "blob"}, SegmentOptions(), cancel=cancel)
+    assert np.array_equal(drawn, original)
+
+
+def test_progress_reports_each_stage_in_order(segmenter):
+    vol, lab = synthetic_volume(n=5)
+    drawn = np.zeros_like(lab)
+    drawn[2] = lab[2]
+    seen: list[tuple[str, float]] = []
+    segmenter.clear_cache()
+    segmenter.segment(vol, drawn, {1: "blob"}, SegmentOptions(),
+                      progress=lambda stage, f: seen.append((stage, f)))
+    stages = [s.split()[0] for s, _ in seen]
+    assert stages.index("encode") < stages.index("propagate") < stages.index("write")
+    assert all(0.0 <= f <= 1.0 for _, f in seen)
+    assert max(f for s, f in seen if s.startswith("propagate")) == pytest.approx(1.0)
+
+
+def test_bad_options_are_named(segmenter):
+    vol, lab = synthetic_volume(n=4)
+    with pytest.raises(SGPInputError, match="memory_size"):
+        segmenter.segment(vol, lab, None, SegmentOptions(memory_size=50))
+    with pytest.raises(SGPInputError, match="memory policy"):
+        segmenter.segment(vol, lab, None, SegmentOptions(memory_policy="lru"))
+    with pytest.raises(SGPInputError, match="outside the volume"):
+        segmenter.segment(vol, lab, None, SegmentOptions(), support_slices=[9])
+    with pytest.raises(SGPInputError, match="shape"):
+        segmenter.segment(vol, lab[:, :10], None, SegmentOptions())
+
+
+def test_ablation_switches_change_the_result(segmenter):
+    vol, lab = synthetic_volume(n=6)
+    drawn = np.zeros_like(lab)
+    drawn[1] = lab[1]
+    full = segmenter.segment(vol, drawn, {1: "b"}, SegmentOptions()).probabilities[1]
+    for switch in ("use_pma", "use_3d_memory", "use_pmg"):
+        other = segmenter.segment(vol, drawn, {1: "b"},
+                                  SegmentOptions(**{switch: False})).probabilities[1]
+        assert np.abs(other - full).max() > 1e-4, f"{switch}=False changed nothing"
+
+
+def test_trained_mode_runs_and_its_checkpoint_reloads_identically(tmp_path):
+    model = build_model("tiny", weights="random", image_size=SIZE, seed=1, mode="trained",
+                        lora_rank=4)
+    assert model.pma is not None
+    with torch.no_grad():  # make the adapters and PMA non-trivial, as training would
+        for name, p in model.named_parameters():
+            if "lora_B" in name or name.startswith("pma.decoder.head"):
+                p.add_(0.01 * torch.randn_like(p))
+    path = save_sgp_checkpoint(model, tmp_path / "adapters", base={"weights": "random", "seed": 1})
+    assert path.suffix == ".safetensors" and path.with_suffix(".json").is_file()
+
+    vol, lab = synthetic_volume(n=4)
+    drawn = np.zeros_like(lab)
+    drawn[1] = lab[1]
+    a = Segmenter(model, device="cpu").segment(vol, drawn, {1: "b"}, SegmentOptions())
+    reloaded = load_sgp_checkpoint(path)
+    assert isinstance(reloaded.config, ModelConfig) and reloaded.config.lora_rank == 4
+    b = Segmenter(reloaded, device="cpu").segment(vol, drawn, {1: "b"}, SegmentOptions())
+    assert np.allclose(a.probabilities[1], b.probabilities[1], atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_matches_cpu_closely():
+    vol, lab = synthetic_volume(n=5)
+    drawn = np.zeros_like(lab)
+    drawn[2] = lab[2]
+    results = []
+    for device in ("cpu", "cuda"):
+        seg = Segmenter("tiny", weights="random", device=device, image_size=SIZE, seed=0)
+        make_objects_visible(seg.model.sam)
+        results.append(seg.segment(vol, drawn, {1: "b"}, SegmentOptions()).probabilities[1])
+    assert np.mean(np.abs(results[0] - results[1])) < 0.05
