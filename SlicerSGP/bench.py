@@ -294,6 +294,10 @@ def add_bench_subparser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument("--size", type=int, default=512, help="in-plane size of the volume")
     p.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
     p.add_argument("--skip-sam2", action="store_true", help="run (b) only")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="alternate (a) and (b) this many times and keep each side's fastest run "
+                        "(noisy machines)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak bf16 TFLOP/s, to print the fraction of the compute bound")
     p.set_defaults(func=cmd_bench)
@@ -304,6 +308,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from SlicerSGP import preprocess
     from SlicerSGP.engine import Segmenter
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     seg = Segmenter(args.model, weights=args.weights, device=args.device,
                     image_size=args.image_size, dtype=args.dtype, feature_dtype=args.feature_dtype)
     # Random weights score "no object" on most slices; a real model would not. Lift the object
@@ -323,18 +329,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     seg.segment(vol[:3], lab[:3], {1: "s"}, None, support_slices=[1])
     seg.clear_cache()
 
-    ms = []
-    if not args.skip_sam2:
-        masks = {k: tf.mask_to_model(torch.from_numpy(lab[k][None, None].astype(np.float32)))
-                 for k in support}
+    masks = {k: tf.mask_to_model(torch.from_numpy(lab[k][None, None].astype(np.float32)))
+             for k in support}
 
-        def load_frames() -> torch.Tensor:
-            vol01 = preprocess.normalize_intensity(
-                vol, *preprocess.intensity_range(vol, "percentile"))
-            return preprocess.to_model_input(vol01, tf)
+    def load_frames() -> torch.Tensor:
+        vol01 = preprocess.normalize_intensity(vol, *preprocess.intensity_range(vol, "percentile"))
+        return preprocess.to_model_input(vol01, tf)
 
-        ms.append(run_video_predictor(seg, load_frames, masks, args.compile))
-    ms.append(run_engine(seg, vol, lab, support))
+    best: dict[str, Measurement] = {}
+    for _ in range(max(1, args.repeat)):
+        runs = [] if args.skip_sam2 else [run_video_predictor(seg, load_frames, masks,
+                                                               args.compile)]
+        runs.append(run_engine(seg, vol, lab, support))
+        for m in runs:
+            if m.name not in best or m.wall < best[m.name].wall:
+                best[m.name] = m
+    ms = list(best.values())
 
     dev = str(seg.device)
     if seg.device.type == "cuda":
