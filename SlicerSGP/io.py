@@ -22,7 +22,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from SlicerSGP.errors import SGPInputError
-from SlicerSGP.preprocess import intensity_range, normalize_intensity, validate_volume
+from SlicerSGP.preprocess import (
+    evenly_spaced,
+    intensity_range,
+    normalize_intensity,
+    validate_volume,
+)
 from SlicerSGP.types import Geometry, SupportItem
 
 IMAGE_EXTENSIONS = (
@@ -554,15 +559,6 @@ def _case_files(folder: Path) -> tuple[Path, Path] | None:
     return (image, labels) if image and labels else None
 
 
-def _evenly_spaced(indices: list[int], count: int) -> list[int]:
-    if count >= len(indices):
-        return list(indices)
-    if count <= 0:
-        return []
-    picks = np.linspace(0, len(indices) - 1, count).round().astype(int)
-    return [indices[i] for i in sorted(set(picks.tolist()))]
-
-
 def _resolve_structures(structures, names: dict[int, str]) -> list[int] | None:
     if structures is None:
         return None
@@ -697,7 +693,7 @@ def load_support_sets(
         for v in values:
             pos = with_s.get(v, [])
             neg = without_s.get(v, [])
-            keep = set(_evenly_spaced(list(range(len(neg))), len(pos)))
+            keep = set(evenly_spaced(list(range(len(neg))), len(pos)))
             found[v] = pos + [item for i, item in enumerate(neg) if i in keep]
         return _collect(found, wanted, names, folder)
 
@@ -730,7 +726,7 @@ def load_support_sets(
             per_slice = (lab == v).reshape(lab.shape[0], -1).any(axis=1)
             present = [int(k) for k in np.flatnonzero(per_slice)]
             absent = [int(k) for k in np.flatnonzero(~per_slice)]
-            chosen = sorted(present + _evenly_spaced(absent, len(present)))
+            chosen = sorted(present + evenly_spaced(absent, len(present)))
             items = found.setdefault(v, [])
             for k in chosen:
                 items.append(SupportItem(

@@ -364,3 +364,14 @@ def to_model_input(
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     x = (x - mean) / std
     return transform.image_to_model(x.contiguous())
+
+
+def evenly_spaced(indices: list[int], count: int) -> list[int]:
+    """``count`` items of ``indices`` spread evenly from first to last (all if ``count`` is
+    large enough), e.g. to pick empty slices that teach "absent here"."""
+    if count >= len(indices):
+        return list(indices)
+    if count <= 0:
+        return []
+    picks = np.linspace(0, len(indices) - 1, count).round().astype(int)
+    return [indices[i] for i in sorted(set(picks.tolist()))]

@@ -572,7 +572,7 @@ class SGPSegmentCoreLogic:
         teach "absent here"), at most :data:`MAX_REFERENCE_SLICES_PER_STRUCTURE` in all. Each
         volume gets one intensity mapping, as the engine does for the query volume.
         """
-        from SlicerSGP.preprocess import intensity_range, normalize_intensity
+        from SlicerSGP.preprocess import evenly_spaced, intensity_range, normalize_intensity
 
         bank: dict[int, list[SupportItem]] = {v: [] for v in structures}
         for pair in referenceCases:
@@ -604,8 +604,8 @@ class SGPSegmentCoreLogic:
                 perSlice = mask.reshape(mask.shape[0], -1).any(axis=1)
                 present = [int(k) for k in np.flatnonzero(perSlice)]
                 absent = [int(k) for k in np.flatnonzero(~perSlice)]
-                chosen = present + _evenlySpaced(absent, len(present))
-                chosen = sorted(_evenlySpaced(sorted(chosen), MAX_REFERENCE_SLICES_PER_STRUCTURE))
+                chosen = present + evenly_spaced(absent, len(present))
+                chosen = sorted(evenly_spaced(sorted(chosen), MAX_REFERENCE_SLICES_PER_STRUCTURE))
                 for k in chosen:
                     bank[value].append(
                         SupportItem(
@@ -1110,15 +1110,6 @@ class SGPSegmentCoreLogic:
 # ------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------
-
-
-def _evenlySpaced(indices: list[int], count: int) -> list[int]:
-    if count >= len(indices):
-        return list(indices)
-    if count <= 0:
-        return []
-    picks = np.linspace(0, len(indices) - 1, count).round().astype(int)
-    return [indices[i] for i in sorted(set(picks.tolist()))]
 
 
 RUN_TAG = "SGPSegment.run"
