@@ -23,6 +23,8 @@ AXIS_NAMES = {"k": 0, "axial": 0, "j": 1, "coronal": 1, "i": 2, "sagittal": 2,
 
 def build_parser() -> argparse.ArgumentParser:
     from SlicerSGP.bench import add_bench_subparser
+    from SlicerSGP.evaluate import add_eval_subparser
+    from SlicerSGP.train import add_train_subparser
     from SlicerSGP.weights import add_weights_subparser
 
     parser = argparse.ArgumentParser(
@@ -34,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segment_parser(sub)
     add_weights_subparser(sub)
     add_bench_subparser(sub)
+    add_train_subparser(sub)
+    add_eval_subparser(sub)
     return parser
 
 

@@ -49,6 +49,8 @@ class Case:
     axis: int = 0
     names: dict[int, str] = field(default_factory=dict)
     ref: CaseRef | None = None
+    image: np.ndarray | None = None
+    """The raw intensities, same slice order (what ``sgp segment`` would read), if kept."""
 
     @property
     def num_slices(self) -> int:
@@ -118,7 +120,8 @@ def find_cases(folder: str | os.PathLike) -> list[CaseRef]:
     return refs
 
 
-def load_case(ref: CaseRef, axis: int = 0, intensity: str = "auto") -> Case:
+def load_case(ref: CaseRef, axis: int = 0, intensity: str = "auto", *,
+              keep_raw: bool = False) -> Case:
     """Read one case, map its intensities once, and put the slicing axis first."""
     image, geometry = io.read_image(ref.image)
     if image.shape[0] == 1:
@@ -129,16 +132,17 @@ def load_case(ref: CaseRef, axis: int = 0, intensity: str = "auto") -> Case:
     slices01 = np.ascontiguousarray(preprocess.reorient(
         preprocess.normalize_intensity(image, lo, hi), axis))
     lab = np.ascontiguousarray(preprocess.reorient(labels, axis)).astype(np.int32)
-    return Case(ref.name, slices01, lab, geometry, axis, names, ref)
+    raw = np.ascontiguousarray(preprocess.reorient(image, axis)) if keep_raw else None
+    return Case(ref.name, slices01, lab, geometry, axis, names, ref, raw)
 
 
 def load_dataset(folder: str | os.PathLike, *, axis: int = 0, intensity: str = "auto",
-                 limit: int | None = None) -> list[Case]:
+                 limit: int | None = None, keep_raw: bool = False) -> list[Case]:
     refs = find_cases(folder)
     if limit is not None:
         refs = refs[: max(0, int(limit))]
     names = io.read_label_names(folder)
-    cases = [load_case(r, axis, intensity) for r in refs]
+    cases = [load_case(r, axis, intensity, keep_raw=keep_raw) for r in refs]
     for c in cases:
         for v, n in names.items():
             c.names.setdefault(v, n)
