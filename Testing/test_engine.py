@@ -141,3 +141,29 @@ def test_cuda_bf16_matches_cpu_closely():
         make_objects_visible(seg.model.sam)
         results.append(seg.segment(vol, drawn, {1: "b"}, SegmentOptions()).probabilities[1])
     assert np.mean(np.abs(results[0] - results[1])) < 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", ["small", "base_plus", "large"])
+def test_every_sam2_size_segments(size):
+    vol, lab = synthetic_volume(n=3, h=48, w=48)
+    drawn = np.zeros_like(lab)
+    drawn[1] = lab[1]
+    seg = Segmenter(size, weights="random", device="cpu", image_size=SIZE)
+    res = seg.segment(vol, drawn, {1: "b"}, SegmentOptions())
+    assert res.labels.shape == vol.shape and res.stats["slices_encoded"] == 3
+    assert np.array_equal(res.labels[1], drawn[1])
+
+
+def test_a_sam2_checkpoint_file_loads_and_gives_the_same_model(tmp_path):
+    """The pretrained path: a .pt file in SAM2's format ({"model": state_dict}) is loaded
+    strictly (weights_only) into a freshly built model."""
+    source = build_model("tiny", weights="random", image_size=SIZE, seed=11)
+    ckpt = tmp_path / "my_sam2.pt"
+    torch.save({"model": source.sam.state_dict()}, ckpt)
+    loaded = build_model("tiny", weights=str(ckpt), image_size=SIZE, seed=99)
+    for (name, a), (_, b) in zip(source.sam.state_dict().items(),
+                                 loaded.sam.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    other = build_model("tiny", weights="random", image_size=SIZE, seed=99)
+    assert not torch.equal(other.sam.no_mem_embed, loaded.sam.no_mem_embed)
