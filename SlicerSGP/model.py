@@ -146,6 +146,11 @@ class HierarchicalDecoder(nn.Module):
     def __init__(self, sam_mask_decoder: nn.Module, hidden: int = 32):
         super().__init__()
         self.stage1 = copy.deepcopy(sam_mask_decoder)
+        # Stage 1 is trained through its single-mask output. SAM2's tracking rule of swapping in
+        # one of the multimask outputs when that one looks unstable (eval mode only) would hand
+        # out heads that training never touched, so a trained PMA always uses the single mask.
+        if hasattr(self.stage1, "dynamic_multimask_via_stability"):
+            self.stage1.dynamic_multimask_via_stability = False
         s0 = self.stage1.conv_s0.out_channels if hasattr(self.stage1, "conv_s0") else 0
         s1 = self.stage1.conv_s1.out_channels if hasattr(self.stage1, "conv_s1") else 0
         self.quarter = nn.Sequential(

@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--train", type=int, default=40, help="first N images train")
-    ap.add_argument("--test", type=int, default=30, help="the next M images are held out")
-    ap.add_argument("--steps", type=int, default=700)
+    ap.add_argument("--test", type=int, default=60, help="the next M images are held out")
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                                       for c in train_cases])) for r in OTSU_RULES}
     rule = max(train_scores, key=train_scores.get)
     otsu_test = [dice(otsu_mask(c.slices01[0], rule), gt(c)) for c in test_cases]
+    otsu_hd = [hd95(otsu_mask(c.slices01[0], rule), gt(c)) for c in test_cases]
     train_vecs = np.stack([small_pixels(c.slices01[0]) for c in train_cases])
     nn_test = []
     for c in test_cases:
@@ -213,9 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, vals in rows:
         m, med, sd = stats(vals)
         print(f"{name:<50} {m:6.3f} {med:7.3f} {sd:6.3f}")
-    finite = [h for h in model_hd if np.isfinite(h)]
-    print(f"model HD95 (pixels): mean {np.mean(finite):.1f} over {len(finite)} images"
-          f"{f', {len(model_hd) - len(finite)} empty predictions' if len(finite) < len(model_hd) else ''}")
+    for name, hs in (("model", model_hd), ("Otsu", otsu_hd)):
+        finite = [h for h in hs if np.isfinite(h)]
+        print(f"{name} HD95 (pixels): mean {np.mean(finite):.1f}, median {np.median(finite):.1f}"
+              f" over {len(finite)} images" + (f", {len(hs) - len(finite)} empty predictions"
+                                               if len(finite) < len(hs) else ""))
     print("Otsu rules on train (mean Dice): "
           + ", ".join(f"{r} {s:.3f}" for r, s in train_scores.items()))
     print(f"time: train {t_train:.0f} s ({t_train / max(1, args.steps):.2f} s/step), held-out "
@@ -227,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_images": [c.name for c in train_cases], "test_images": [c.name for c in test_cases],
         "steps": args.steps, "lr": args.lr, "seed": args.seed,
         "dice": {name.strip(): stats(vals)[0] for name, vals in rows},
+        "hd95_median": {"model": float(np.median(model_hd)), "otsu": float(np.median(otsu_hd))},
         "per_image": {"model": model_dice, "pseudo": pseudo_dice, "otsu": otsu_test,
                       "nn_pixels": nn_test, "nn_embedding": nn_emb},
         "otsu_rule": rule, "otsu_train_scores": train_scores,
