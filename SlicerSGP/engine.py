@@ -656,7 +656,8 @@ class Segmenter:
         if len(pool) <= k:
             return pool
         query = feats.pooled[j]
-        sims = torch.stack([torch.dot(query, m.pooled) for m in pool]).float().cpu().numpy()
+        sims = torch.stack([torch.dot(query, m.pooled) for m in pool]).detach()
+        sims = sims.float().cpu().numpy()
         dist = [abs(j - m.slice_index) if m.slice_index is not None else 10**9 for m in pool]
         order = sorted(range(len(pool)), key=lambda i: (-round(float(sims[i]), 6), dist[i], i))
         chosen = sorted(order[:k])  # keep pool order: labeled slices first, by index

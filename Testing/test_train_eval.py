@@ -145,7 +145,7 @@ def tiny_2d(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_3d(tmp_path_factory) -> Path:
-    """Two small labeled volumes (NRRD) with a drifting blob."""
+    """Two small labeled volumes with a drifting blob: NRRD labels, and a Slicer .seg.nrrd."""
     root = tmp_path_factory.mktemp("tiny3d")
     rng = np.random.default_rng(1)
     yy, xx = np.mgrid[:40, :48]
@@ -158,11 +158,29 @@ def tiny_3d(tmp_path_factory) -> Path:
             lab[k][blob] = 1
         case = root / f"case{c}"
         case.mkdir()
-        for name, arr in (("image.nrrd", vol), ("labels.nrrd", lab)):
-            img = sitk.GetImageFromArray(arr)
-            img.SetSpacing((0.8, 0.8, 2.5))
-            sitk.WriteImage(img, str(case / name))
+        img = sitk.GetImageFromArray(vol)
+        img.SetSpacing((0.8, 0.8, 2.5))
+        sitk.WriteImage(img, str(case / "image.nrrd"))
+        if c == 0:
+            lab_img = sitk.GetImageFromArray(lab)
+            lab_img.CopyInformation(img)
+            sitk.WriteImage(lab_img, str(case / "labels.nrrd"))
+        else:
+            io.write_segmentation(case / "labels.seg.nrrd", lab, io.geometry_from_sitk(img),
+                                  {1: "blob"})
     return root
+
+
+def test_datasets_read_volumes_seg_nrrd_and_2d_pairs(tiny_3d, tiny_2d):
+    from SlicerSGP.datasets import load_dataset
+
+    vols = load_dataset(tiny_3d)
+    assert [c.name for c in vols] == ["case0", "case1"]
+    assert vols[1].ref.labels.name == "labels.seg.nrrd"
+    assert vols[0].slices01.shape == (6, 40, 48) and vols[0].slices_with(1) == [1, 2, 3, 4]
+    pairs = load_dataset(tiny_2d)
+    assert len(pairs) == 6 and pairs[0].slices01.shape == (1, 64, 64, 3)
+    assert pairs[0].names == {1: "blob"}
 
 
 def _cfg(data: Path, out: Path, **kw) -> TrainConfig:
@@ -257,6 +275,11 @@ def test_volumes_train_as_slice_sequences_with_3d_memory(tiny_3d, tmp_path):
     assert [b for _, _, b in seen] == [0, 1, 2], "each slice sees the memories of those before"
     assert all(s == 2 for _, s, _ in seen)
     assert np.isfinite(rec["loss"]) and rec["kl"] >= 0
+    # a support pool larger than K: the engine picks K per slice, with autograd on
+    t._preselect = lambda query, pool: pool
+    seen.clear()
+    assert np.isfinite(t.train_step()["loss"])
+    assert len(seen) == 3 and all(s == 2 for _, s, _ in seen)
 
 
 @pytest.mark.parametrize("switch", ["use_pmg", "use_pma", "use_3d_memory"])
