@@ -16,6 +16,7 @@ the training images only:
 
     python benchmarks/learning_check.py                 # ~10 min on 2 CPU cores
     python benchmarks/learning_check.py --steps 60 --test 10   # a smoke run
+    python benchmarks/learning_check.py --no-pma               # paper Table 5 style ablation
 
 Times are wall-clock on whatever else the machine runs at the same time: treat them as rough.
 """
@@ -120,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=None, help="folder for checkpoint + results")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
+    ap.add_argument("--no-pmg", action="store_true", help="ablation (train and test)")
+    ap.add_argument("--no-pma", action="store_true", help="ablation (train and test)")
+    ap.add_argument("--no-3d-memory", action="store_true",
+                    help="ablation (no effect on 2D images; kept for symmetry)")
     args = ap.parse_args(argv)
 
     from SlicerSGP.datasets import load_dataset
@@ -164,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                       weights="random", image_size=256, lora_rank=4, steps=args.steps,
                       lr=args.lr, structures=[NUCLEUS], cases=f"0:{args.train}",
                       seed=args.seed, device=args.device, save_every=0,
-                      refresh_every=50)
+                      refresh_every=50, use_pmg=not args.no_pmg, use_pma=not args.no_pma,
+                      use_3d_memory=not args.no_3d_memory)
     tt = time.perf_counter()
     trainer = train(cfg, cases=train_cases, progress=True)
     t_train = time.perf_counter() - tt
@@ -174,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     te = time.perf_counter()
     seg = Segmenter(str(ckpt), device=args.device)
     bank = bank_from_cases(train_cases, [NUCLEUS])
-    opts = SegmentOptions(keep_pseudo_masks=True)
+    opts = SegmentOptions(keep_pseudo_masks=True, use_pmg=not args.no_pmg,
+                          use_pma=not args.no_pma, use_3d_memory=not args.no_3d_memory)
     model_dice, pseudo_dice, model_hd = [], [], []
     for c in test_cases:
         pred = predict_case(seg, c, [NUCLEUS], opts, bank=bank)
@@ -200,8 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     def stats(x):
         return float(np.mean(x)), float(np.median(x)), float(np.std(x))
 
+    ablation = ", ".join(n for n, off in (("no PMG", args.no_pmg), ("no PMA", args.no_pma),
+                                           ("no 3DM", args.no_3d_memory)) if off)
     rows = [
-        ("SAM2-SGP small, trained from random (final)", model_dice),
+        ("SAM2-SGP small, trained from random (final)" + (f" [{ablation}]" if ablation else ""),
+         model_dice),
         ("  its PMG pseudo-mask alone", pseudo_dice),
         (f"Otsu baseline ({rule}, chosen on train)", otsu_test),
         ("Nearest-support copy (raw-pixel cosine)", nn_test),
