@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from SlicerSGP.errors import SGPInputError
+from SlicerSGP.preprocess import evenly_spaced
 
 # --------------------------------------------------------------------------- small model
 
@@ -206,15 +207,6 @@ class BankItem:
     value: int
 
 
-def _evenly(indices: list[int], count: int) -> list[int]:
-    if count >= len(indices):
-        return list(indices)
-    if count <= 0:
-        return []
-    picks = np.linspace(0, len(indices) - 1, count).round().astype(int)
-    return [indices[i] for i in sorted(set(picks.tolist()))]
-
-
 def build_support_bank(cases: list, values: list[int]) -> dict[int, list[BankItem]]:
     """Per structure: every slice showing it, plus as many evenly spaced slices without it (of
     the same case) - the rule ``io.load_support_sets`` uses for a support bank. For 2D image
@@ -226,13 +218,13 @@ def build_support_bank(cases: list, values: list[int]) -> dict[int, list[BankIte
         if two_d:
             pos = [ci for ci, c in enumerate(cases) if (c.labels == v).any()]
             neg = [ci for ci, c in enumerate(cases) if not (c.labels == v).any()]
-            for ci in sorted(pos + _evenly(neg, len(pos))):
+            for ci in sorted(pos + evenly_spaced(neg, len(pos))):
                 items.append(BankItem(ci, 0, v))
         else:
             for ci, c in enumerate(cases):
                 present = c.slices_with(v)
                 absent = sorted(set(range(c.num_slices)) - set(present))
-                for k in sorted(present + _evenly(absent, len(present))):
+                for k in sorted(present + evenly_spaced(absent, len(present))):
                     items.append(BankItem(ci, k, v))
         bank[v] = items
     return bank

@@ -691,7 +691,8 @@ class SGPSegmentCoreLogic:
             hints.append(f"a smaller input size ({smaller[0]} instead of {size})")
         if request and request.model in MODEL_SIZES and request.model != "tiny":
             hints.append("a smaller model (tiny)")
-        if request and request.options.encode_batch_size > 1:
+        # None means the engine's default, which batches 8 slices on CUDA.
+        if request and (request.options.encode_batch_size or 8) > 1:
             hints.append("a smaller encoding batch")
         hints.append("the CPU device (slower, but not limited by GPU memory)")
         return SGPDeviceError(
