@@ -44,6 +44,8 @@ SCORE_DTYPE = np.dtype([
 MEMORY_POLICIES = ("least_similar", "fifo")
 # bf16 halves memory storage; SAM2's video predictor stores its memories the same way.
 MEMORY_DTYPE = torch.bfloat16
+SUPPORT_CACHE_SIZE = 256
+"""Encoded external support items kept between runs (about 0.5 MB each at 1024 px)."""
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -170,6 +172,7 @@ class Segmenter:
         self._cache: EncodedSlices | None = None
         self.encode_count = 0
         self._support_size = 1
+        self._support_cache: dict[str, Memory] = {}
 
     @property
     def image_size(self) -> int:
@@ -347,7 +350,9 @@ class Segmenter:
         return 8 if self.device.type == "cuda" else 1
 
     def clear_cache(self) -> None:
+        """Forget cached slice features and support memories (e.g. after changing weights)."""
         self._cache_key, self._cache = None, None
+        self._support_cache.clear()
 
     # ------------------------------------------------------------------ support memories
 
@@ -389,10 +394,18 @@ class Segmenter:
                     f"Support item {item.source or '?'}: mask shape {mask.shape} does not match "
                     f"its image {img.shape[:2]}. Give each support image its own mask."
                 )
-            tf = preprocess.LetterboxTransform(img.shape[0], img.shape[1], self.image_size)
-            feats = self.encode_images(preprocess.to_model_input(img[None], tf), 1)
-            m = tf.mask_to_model(torch.from_numpy(mask[None, None].astype(np.float32)))
-            memories.append(self.support_memory(feats, 0, m, None))
+            key = _support_key(img, mask)
+            memory = self._support_cache.pop(key, None)
+            if memory is None:
+                tf = preprocess.LetterboxTransform(img.shape[0], img.shape[1], self.image_size)
+                feats = self.encode_images(preprocess.to_model_input(img[None], tf), 1)
+                m = tf.mask_to_model(torch.from_numpy(mask[None, None].astype(np.float32)))
+                memory = self.support_memory(feats, 0, m, None)
+            # Most recently used last; a bank reused across queries is encoded once.
+            self._support_cache[key] = memory
+            while len(self._support_cache) > SUPPORT_CACHE_SIZE:
+                self._support_cache.pop(next(iter(self._support_cache)))
+            memories.append(memory)
         return memories
 
     # ------------------------------------------------------------------ one slice
@@ -878,6 +891,13 @@ def _labeled_slices(lab: np.ndarray | None, structures: dict[int, str],
         return []
     drawn = np.isin(lab, list(structures)).reshape(n, -1).any(axis=1)
     return [int(k) for k in np.flatnonzero(drawn)]
+
+
+def _support_key(image: np.ndarray, mask: np.ndarray) -> str:
+    h = hashlib.sha1(np.ascontiguousarray(image).view(np.uint8))
+    h.update(np.packbits(mask).tobytes())
+    h.update(f"{image.shape}|{mask.shape}".encode())
+    return h.hexdigest()
 
 
 def _volume_key(slices01: np.ndarray, image_size: int, model: SGPModel,

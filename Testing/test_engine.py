@@ -37,6 +37,11 @@ def test_external_support_only_starts_at_the_most_confident_slice(segmenter):
     assert all(s == "forward" for s in sources[seed + 1:])
     assert res.labeled_slices == []
 
+    # Another query with the same bank: only the new volume's slices are encoded.
+    before = segmenter.encode_count
+    segmenter.segment(vol[::-1].copy(), None, {1: "blob"}, SegmentOptions(), support_bank=bank)
+    assert segmenter.encode_count - before == vol.shape[0]
+
 
 def test_several_structures_share_one_encoding(segmenter):
     vol, lab = synthetic_volume(n=6)
