@@ -70,6 +70,8 @@ def _add_segment_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--image-size", type=int, default=None,
                    help="model input size, multiple of 64 in 256..1024 (default 1024)")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA), float32 or bfloat16")
+    g.add_argument("--feature-dtype", default="auto",
+                   help="cached slice features: auto (bf16, half the memory) or float32 (exact)")
     g.add_argument("--seed", type=int, default=0, help="seed for --weights random")
     m = p.add_argument_group("method")
     m.add_argument("--axis", default="k", help="slicing axis: k/axial, j/coronal, i/sagittal "
@@ -160,7 +162,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     )
     t0 = time.perf_counter()
     segmenter = Segmenter(args.model, weights=args.weights, device=args.device,
-                          image_size=args.image_size, seed=args.seed, dtype=args.dtype)
+                          image_size=args.image_size, seed=args.seed, dtype=args.dtype,
+                          feature_dtype=args.feature_dtype)
     load_s = time.perf_counter() - t0
 
     bars: dict[str, tqdm] = {}
