@@ -96,6 +96,9 @@ def _add_segment_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--probabilities", type=Path,
                    help="folder for per-structure probability maps (.nrrd)")
     o.add_argument("--scores", type=Path, help="per-slice confidence table (.csv)")
+    o.add_argument("--overlay", type=Path,
+                   help="PNG montage: labeled slices (green), least confident and evenly spaced "
+                        "slices with pseudo-mask (blue) and final (red) contours")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_segment)
 
@@ -131,6 +134,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         _check_output(args.pseudo_masks, ".seg.nrrd", "--pseudo-masks")
     if args.scores:
         _check_output(args.scores, ".csv", "--scores")
+    if args.overlay:
+        _check_output(args.overlay, ".png", "--overlay")
     if args.labels is None and args.support_bank is None:
         raise SGPInputError("Give the labeled slices with --labels LABELS (or other cases with "
                             "--support-bank DIR).")
@@ -158,7 +163,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         memory_policy=args.memory_policy, use_pmg=not args.no_pmg, use_pma=not args.no_pma,
         use_3d_memory=not args.no_3d_memory, bidirectional=not args.one_direction,
         intensity=args.intensity, threshold=args.threshold, encode_batch_size=args.batch_size,
-        keep_pseudo_masks=args.pseudo_masks is not None,
+        keep_pseudo_masks=args.pseudo_masks is not None or args.overlay is not None,
     )
     t0 = time.perf_counter()
     segmenter = Segmenter(args.model, weights=args.weights, device=args.device,
@@ -204,6 +209,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.scores:
         io.write_score_table(args.scores, result.slice_scores, result.structures)
         written.append(str(args.scores))
+    if args.overlay:
+        write_overlay(args.overlay, volume, labels, result, opts)
+        written.append(str(args.overlay))
 
     n = result.stats.get("slices", 0)
     total = result.timings.get("total", 0.0)
@@ -219,6 +227,39 @@ def cmd_segment(args: argparse.Namespace) -> int:
                   f"{float(predicted['confidence'].mean()):.3f}; least confident slices {worst}")
     print("wrote " + ", ".join(written))
     return 0
+
+
+def write_overlay(path: Path, volume, labels, result, opts, max_tiles: int = 12) -> Path:
+    """A montage per run: for each structure, its labeled slices (drawn mask in green), then the
+    least confident predicted slices and evenly spaced others with the pseudo-mask (blue) and
+    final mask (red) contours: where to look first."""
+    import numpy as np
+
+    from SlicerSGP import preprocess
+    from SlicerSGP.evaluate import montage_tile, write_montage
+
+    vol = preprocess.reorient(volume, opts.axis)
+    slices01 = preprocess.normalize_intensity(vol, *preprocess.intensity_range(vol, opts.intensity))
+    lab = preprocess.reorient(labels, opts.axis) if labels is not None else None
+    final = preprocess.reorient(result.labels, opts.axis)
+    tiles = []
+    per_structure = max(3, max_tiles // max(1, len(result.structures)))
+    for v in result.structures:
+        pseudo = result.pseudo_masks.get(v)
+        pseudo = preprocess.reorient(pseudo, opts.axis) if pseudo is not None else None
+        table = result.slice_scores[v]
+        predicted = table[table["source"] != "labeled"]
+        worst = predicted[np.argsort(predicted["confidence"])]["slice"].tolist()
+        chosen = list(result.labeled_slices[:2]) + worst[:per_structure // 2]
+        rest = [k for k in predicted["slice"].tolist() if k not in chosen]
+        chosen += preprocess.evenly_spaced(rest, per_structure - len(chosen))
+        for k in chosen[:per_structure]:
+            drawn = (lab[k] == v) if lab is not None and k in result.labeled_slices else None
+            tiles.append(montage_tile(
+                slices01[k], drawn,
+                pseudo[k] >= opts.threshold if pseudo is not None and drawn is None else None,
+                final[k] == v if drawn is None else None))
+    return write_montage(tiles, path, columns=min(6, len(tiles)))
 
 
 def _safe(name: str) -> str:

@@ -59,7 +59,7 @@ def test_segment_small_case_round_trips_geometry_and_names(small_case, tmp_path,
     scores = tmp_path / "out" / "scores.csv"
     rc = main(["segment", str(img), "--labels", str(lab_path), "--out", str(out),
                "--scores", str(scores), "--pseudo-masks", str(tmp_path / "out" / "p.seg.nrrd"),
-               *FAST])
+               "--overlay", str(tmp_path / "out" / "overlay.png"), *FAST])
     assert rc == 0, capsys.readouterr().err
     voxels, names, ijk_to_lps = read_back(out)
     assert names == {1: "organ", 2: "lesion"}
@@ -70,6 +70,8 @@ def test_segment_small_case_round_trips_geometry_and_names(small_case, tmp_path,
     rows = scores.read_text().strip().splitlines()
     assert len(rows) == 1 + 2 * vol.shape[0]
     assert "least confident slices" in capsys.readouterr().out
+    overlay = sitk.ReadImage(str(tmp_path / "out" / "overlay.png"))
+    assert overlay.GetNumberOfComponentsPerPixel() == 3 and overlay.GetSize()[0] > 192
 
 
 def test_segment_along_another_axis(small_case, tmp_path, capsys):
