@@ -20,4 +20,5 @@ pip_q "hydra-core>=1.3.2" "iopath>=0.1.10" setuptools wheel
 python -c "import sam2" 2>/dev/null ||
   SAM2_BUILD_CUDA=0 pip_q --no-build-isolation --no-deps "sam2==1.1.0"
 pip_q -e ".${extras}"
+echo "note: pip may say that sam2 requires torchvision; that is expected, nothing here uses it."
 python -c "import torch, sam2, SlicerSGP; print(f'SlicerSGP {SlicerSGP.__version__} ready: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}')"
