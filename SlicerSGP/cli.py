@@ -21,6 +21,14 @@ AXIS_NAMES = {"k": 0, "axial": 0, "j": 1, "coronal": 1, "i": 2, "sagittal": 2,
               "0": 0, "1": 1, "2": 2}
 
 
+def parse_axis(text: str | int) -> int:
+    """'k'/'axial', 'j'/'coronal', 'i'/'sagittal' (or 0/1/2) -> array axis of (K, J, I)."""
+    axis = AXIS_NAMES.get(str(text).lower())
+    if axis is None:
+        raise SGPInputError(f"Unknown --axis {text!r}: use k/axial, j/coronal or i/sagittal.")
+    return axis
+
+
 def build_parser() -> argparse.ArgumentParser:
     from SlicerSGP.bench import add_bench_subparser
     from SlicerSGP.evaluate import add_eval_subparser
@@ -126,9 +134,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from SlicerSGP.engine import Segmenter, label_map_from_probabilities
     from SlicerSGP.types import SegmentOptions
 
-    axis = AXIS_NAMES.get(str(args.axis).lower())
-    if axis is None:
-        raise SGPInputError(f"Unknown --axis {args.axis!r}: use k/axial, j/coronal or i/sagittal.")
+    axis = parse_axis(args.axis)
     _check_output(args.out, ".seg.nrrd", "--out")
     if args.pseudo_masks:
         _check_output(args.pseudo_masks, ".seg.nrrd", "--pseudo-masks")

@@ -401,13 +401,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from SlicerSGP import io
-    from SlicerSGP.cli import AXIS_NAMES
+    from SlicerSGP.cli import parse_axis
     from SlicerSGP.datasets import load_dataset, parse_split
     from SlicerSGP.types import SegmentOptions
 
-    axis = AXIS_NAMES.get(str(args.axis).lower())
-    if axis is None:
-        raise SGPInputError(f"Unknown --axis {args.axis!r}: use k/axial, j/coronal or i/sagittal.")
+    axis = parse_axis(args.axis)
     all_cases = load_dataset(args.data, axis=axis, intensity=args.intensity,
                              keep_raw=args.model is not None)
     idx, _ = parse_split(args.cases, len(all_cases))

@@ -75,8 +75,9 @@ def small_overrides(dim: int = 128, embed_dim: int = 32) -> list[str]:
     ]
 
 
-MODEL_PRESETS: dict[str, tuple[str, list[str]]] = {"small": ("tiny", small_overrides())}
-"""``--model small``: the SAM2.1 tiny config made smaller (see :func:`small_overrides`)."""
+MODEL_PRESETS: dict[str, tuple[str, list[str]]] = {"cpu-mini": ("tiny", small_overrides())}
+"""``--model cpu-mini``: the SAM2.1 tiny config made smaller (see :func:`small_overrides`);
+not SAM2.1 small, which keeps its name."""
 
 
 # --------------------------------------------------------------------------- configuration
@@ -86,7 +87,7 @@ class TrainConfig:
     data: str
     out: str
     model: str = "tiny"
-    """SAM2.1 size (tiny, small, base_plus, large) or 'small' (the CPU-sized preset)."""
+    """SAM2.1 size (tiny, small, base_plus, large) or 'cpu-mini' (the CPU-sized preset)."""
     weights: str | None = None
     """'random', a registry name, a .pt file; None = the cached pretrained checkpoint."""
     image_size: int = 1024
@@ -601,7 +602,7 @@ def add_train_subparser(sub: argparse._SubParsersAction) -> None:
                    help="label value to train on (repeatable; default every value)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny",
-                   help="SAM2.1 size (tiny, small, base_plus, large) or 'small' (a CPU-sized "
+                   help="SAM2.1 size (tiny, small, base_plus, large) or 'cpu-mini' (a CPU-sized "
                         "preset built on tiny; use with --image-size 256)")
     g.add_argument("--weights", default=None,
                    help="'random' (train from scratch), a registry name or a .pt file; default "
@@ -652,11 +653,9 @@ def add_train_subparser(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    from SlicerSGP.cli import AXIS_NAMES
+    from SlicerSGP.cli import parse_axis
 
-    axis = AXIS_NAMES.get(str(args.axis).lower())
-    if axis is None:
-        raise SGPInputError(f"Unknown --axis {args.axis!r}: use k/axial, j/coronal or i/sagittal.")
+    axis = parse_axis(args.axis)
     if args.steps < 1:
         raise SGPInputError("--steps must be at least 1.")
     random_start = str(args.weights).lower() == "random"

@@ -184,7 +184,7 @@ def test_datasets_read_volumes_seg_nrrd_and_2d_pairs(tiny_3d, tiny_2d):
 
 
 def _cfg(data: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(data=str(data), out=str(out), model="small", weights="random", image_size=256,
+    base = dict(data=str(data), out=str(out), model="cpu-mini", weights="random", image_size=256,
                 lora_rank=2, steps=4, lr=1e-3, warmup=2, seed=3, device="cpu", save_every=0,
                 refresh_every=2, top_k=2)
     base.update(kw)
@@ -310,14 +310,14 @@ def test_ablation_switches_act_in_training(tiny_3d, tmp_path, switch):
 
 def test_sgp_train_command(tiny_2d, tmp_path, capsys):
     out = tmp_path / "cmd.safetensors"
-    rc = cli.main(["train", str(tiny_2d), "--out", str(out), "--model", "small", "--weights",
+    rc = cli.main(["train", str(tiny_2d), "--out", str(out), "--model", "cpu-mini", "--weights",
                    "random", "--image-size", "256", "--lora-rank", "2", "--steps", "2",
                    "--top-k", "2", "--quiet", "--device", "cpu"])
     assert rc == 0, capsys.readouterr().err
     text = capsys.readouterr().out
     assert "step 2/2" in text and "all weights" in text
     assert out.is_file() and out.with_suffix(".json").is_file() and state_path(out).is_file()
-    rc = cli.main(["train", str(tiny_2d), "--out", str(out), "--model", "small", "--weights",
+    rc = cli.main(["train", str(tiny_2d), "--out", str(out), "--model", "cpu-mini", "--weights",
                    "random", "--image-size", "256", "--lora-rank", "2", "--steps", "3",
                    "--top-k", "2", "--quiet", "--device", "cpu", "--resume"])
     assert rc == 0
@@ -327,7 +327,7 @@ def test_sgp_train_command(tiny_2d, tmp_path, capsys):
 
 def test_train_rejects_absent_label(tiny_2d, tmp_path, capsys):
     rc = cli.main(["train", str(tiny_2d), "--out", str(tmp_path / "x.safetensors"), "--model",
-                   "small", "--weights", "random", "--image-size", "256", "--label", "7",
+                   "cpu-mini", "--weights", "random", "--image-size", "256", "--label", "7",
                    "--steps", "1", "--quiet"])
     assert rc == 2
     assert "appear in no training case" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Learning check (DESIGN.md oracle 5): does training from a random start learn anything?
 
-Trains the small SAM2-SGP (``--model small``, 256 px, every weight trainable, ``sgp train``'s
+Trains the small SAM2-SGP (``--model cpu-mini``, 256 px, every weight trainable, ``sgp train``'s
 code) from random weights on the first ``--train`` images of ``../shared/data/wbc``, then
 segments the held-out images with the engine's ``Segmenter`` loaded from the saved checkpoint
 (exactly what ``sgp segment --model CKPT --support-bank ...`` does), the support bank being the
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- train from random weights
     out = args.out or Path(tempfile.mkdtemp(prefix="sgp_learning_check_"))
     out.mkdir(parents=True, exist_ok=True)
-    cfg = TrainConfig(data=str(args.data), out=str(out / "wbc_small.safetensors"), model="small",
+    cfg = TrainConfig(data=str(args.data), out=str(out / "wbc_small.safetensors"), model="cpu-mini",
                       weights="random", image_size=256, lora_rank=4, steps=args.steps,
                       lr=args.lr, structures=[NUCLEUS], cases=f"0:{args.train}",
                       seed=args.seed, device=args.device, save_every=0,
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ablation = ", ".join(n for n, off in (("no PMG", args.no_pmg), ("no PMA", args.no_pma),
                                            ("no 3DM", args.no_3d_memory)) if off)
     rows = [
-        ("SAM2-SGP small, trained from random (final)" + (f" [{ablation}]" if ablation else ""),
+        ("SAM2-SGP cpu-mini, trained from random (final)" + (f" [{ablation}]" if ablation else ""),
          model_dice),
         ("  its PMG pseudo-mask alone", pseudo_dice),
         (f"Otsu baseline ({rule}, chosen on train)", otsu_test),
