@@ -180,8 +180,9 @@ def run_video_predictor(seg, load_frames, masks: dict[int, torch.Tensor],
     m = Measurement("(a) SAM2 video predictor")
     try:
         _reset_device_peak(seg.device)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if seg.device.type == "cuda"
-                    else torch.autocast("cpu", enabled=False))
+        # The same autocast as the engine runs under, so both sides compute alike.
+        autocast = torch.autocast(seg.device.type, dtype=seg.autocast_dtype or torch.float32,
+                                  enabled=seg.autocast_dtype is not None)
         with PeakRSS() as rss, autocast:
             t = time.perf_counter()
             state = predictor.init_state(video_path="(in memory)")
