@@ -251,12 +251,14 @@ class Segmenter:
         tw = time.perf_counter()
         report("write", 0.0)
         result = self._assemble(per_structure, structures, lab, labeled, opts, (n, h, w))
-        for arr_name in ("labels",):
-            setattr(result, arr_name, preprocess.restore_orientation(getattr(result, arr_name),
-                                                                     opts.axis))
+        # Back to the input's array order, contiguous (callers hand these to VTK and ITK).
+        def restore(arr: np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(preprocess.restore_orientation(arr, opts.axis))
+
+        result.labels = restore(result.labels)
         for d in (result.probabilities, result.pseudo_masks):
             for k in d:
-                d[k] = preprocess.restore_orientation(d[k], opts.axis)
+                d[k] = restore(d[k])
         report("write", 1.0)
         timings["assemble"] = time.perf_counter() - tw
         timings["total"] = time.perf_counter() - t0
