@@ -101,6 +101,8 @@ class TrainConfig:
     warmup: int = 50
     grad_clip: float = 1.0
     seq_len: int = 4
+    own_support: float = 0.5
+    """Fraction of volume episodes whose first slice is labeled support, as at inference."""
     top_k: int = 4
     memory_size: int | None = None
     memory_policy: str = "least_similar"
@@ -126,7 +128,7 @@ class TrainConfig:
 
     # the fields a resumed run must share with the run it continues
     RESUME_KEYS = ("data", "model", "weights", "image_size", "lora_rank",
-                   "train_all", "sam2_overrides", "lr", "weight_decay", "warmup", "seq_len",
+                   "train_all", "sam2_overrides", "lr", "weight_decay", "warmup", "seq_len", "own_support",
                    "top_k", "memory_size", "memory_policy", "use_pmg", "use_pma",
                    "use_3d_memory", "loss_dice", "loss_ce", "loss_kl", "loss_obj", "structures", "axis",
                    "intensity", "cases", "augment", "refresh_every", "seed")
@@ -439,12 +441,22 @@ class Trainer:
         order = list(range(len(window)))
         if reverse:
             order = order[::-1]
+        labeled: set[int] = set()
+        if len(order) > 1 and rng.random() < cfg.own_support:
+            # As at inference: a slice the user labeled in this volume starts the sweep and is
+            # support itself (the other episodes use other cases only).
+            a = order[0]
+            memories.insert(0, self.seg.support_memory(feats, a, q_masks[a:a + 1], a, grad=True))
+            labeled = {a}
         use_kl = cfg.use_pmg and cfg.use_pma and self.model.pma is not None
 
         losses = []
         terms = {"dice": 0.0, "bce": 0.0, "kl": 0.0, "obj": 0.0}
-        for j, out in self.seg.run_sweep(feats, order, reverse, set(), memories, self.opts,
+        predicted = len(order) - len(labeled)
+        for j, out in self.seg.run_sweep(feats, order, reverse, labeled, memories, self.opts,
                                          lambda j: q_images[j:j + 1], grad=True):
+            if out is None:
+                continue  # the labeled slice: support, not a prediction
             obj = []
             if cfg.use_pmg and out.pmg_object_logits is not None:
                 obj.append(out.pmg_object_logits)
@@ -454,7 +466,7 @@ class Trainer:
                              q_masks[j:j + 1], valid, self.weights, obj)
             losses.append(parts["loss"])
             for name in terms:
-                terms[name] += float(parts[name]) / len(window)
+                terms[name] += float(parts[name]) / predicted
         loss = torch.stack(losses).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -465,7 +477,8 @@ class Trainer:
         self.sched.step()
         self.step += 1
         rec = {"step": self.step, "loss": float(loss.detach()), **terms,
-               "lr": float(self.opt.param_groups[0]["lr"]), "case": ci, "value": v}
+               "lr": float(self.opt.param_groups[0]["lr"]), "case": ci, "value": v,
+               "own_support": bool(labeled)}
         self.history.append(rec)
         return rec
 
@@ -635,6 +648,9 @@ def add_train_subparser(sub: argparse._SubParsersAction) -> None:
                    help="weight of SAM2's object-score loss (auxiliary, not in eq. 9; 0 = off)")
     m = p.add_argument_group("method")
     m.add_argument("--seq-len", type=int, default=4, help="slices per volume episode")
+    m.add_argument("--own-support", type=float, default=0.5,
+                   help="fraction of volume episodes that start from one of the volume's own "
+                        "labeled slices as support, as at inference (default 0.5)")
     m.add_argument("--top-k", type=int, default=4)
     m.add_argument("--memory-size", type=int, default=None)
     m.add_argument("--memory-policy", choices=("least_similar", "fifo"), default="least_similar")
@@ -658,6 +674,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     axis = parse_axis(args.axis)
     if args.steps < 1:
         raise SGPInputError("--steps must be at least 1.")
+    if not 0.0 <= args.own_support <= 1.0:
+        raise SGPInputError("--own-support is a fraction: give a value between 0 and 1.")
     random_start = str(args.weights).lower() == "random"
     lr = args.lr if args.lr is not None else (5e-4 if random_start else 1e-4)
     return TrainConfig(
@@ -666,7 +684,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         train_all=args.train_all,
         sam2_overrides=list(args.sam2_overrides), steps=args.steps, lr=lr,
         weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip,
-        seq_len=args.seq_len, top_k=args.top_k, memory_size=args.memory_size,
+        seq_len=args.seq_len, own_support=args.own_support, top_k=args.top_k, memory_size=args.memory_size,
         memory_policy=args.memory_policy, use_pmg=not args.no_pmg, use_pma=not args.no_pma,
         use_3d_memory=not args.no_3d_memory, loss_dice=args.loss_dice, loss_ce=args.loss_ce,
         loss_kl=args.loss_kl, loss_obj=args.loss_obj, structures=args.structures, axis=axis, intensity=args.intensity,

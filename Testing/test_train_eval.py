@@ -260,26 +260,35 @@ def test_resume_refuses_other_settings(tiny_2d, tmp_path):
               resume=True)
 
 
-def test_volumes_train_as_slice_sequences_with_3d_memory(tiny_3d, tmp_path):
-    t = Trainer(_cfg(tiny_3d, tmp_path / "v.safetensors", seq_len=3, top_k=2, memory_size=3))
+@pytest.mark.parametrize("own_support", [0.0, 1.0], ids=["other-cases", "own-slice"])
+def test_volumes_train_as_slice_sequences_with_3d_memory(tiny_3d, tmp_path, own_support):
+    t = Trainer(_cfg(tiny_3d, tmp_path / "v.safetensors", seq_len=3, top_k=2, memory_size=3,
+                     own_support=own_support))
     seen = []
     real_step = t.seg.step
 
     def spy(feats, j, image, support, bank, *a, **kw):
-        seen.append((j, len(support), len(bank)))
+        seen.append((j, len(support), len(bank), [m.slice_index for m in support]))
         return real_step(feats, j, image, support, bank, *a, **kw)
 
     t.seg.step = spy
     rec = t.train_step()
-    assert len(seen) == 3, "three slices of one volume per episode"
-    assert [b for _, _, b in seen] == [0, 1, 2], "each slice sees the memories of those before"
-    assert all(s == 2 for _, s, _ in seen)
+    assert rec["own_support"] is bool(own_support)
     assert np.isfinite(rec["loss"]) and rec["kl"] >= 0
+    # Three slices of one volume per episode; with its own labeled slice, that slice starts
+    # the sweep as support (it has a slice index, other cases' items do not) and is not predicted.
+    assert len(seen) == (2 if own_support else 3)
+    assert [b for _, _, b, _ in seen] == list(range(len(seen))), \
+        "each slice sees the memories of those before"
+    assert all(s == 2 for _, s, _, _ in seen)
+    own_in_support = any(i is not None for _, _, _, idx in seen for i in idx)
+    assert own_in_support is bool(own_support)
     # a support pool larger than K: the engine picks K per slice, with autograd on
     t._preselect = lambda query, pool: pool
     seen.clear()
-    assert np.isfinite(t.train_step()["loss"])
-    assert len(seen) == 3 and all(s == 2 for _, s, _ in seen)
+    rec = t.train_step()
+    assert np.isfinite(rec["loss"])
+    assert len(seen) == (2 if own_support else 3) and all(s == 2 for _, s, _, _ in seen)
 
 
 @pytest.mark.parametrize("switch", ["use_pmg", "use_pma", "use_3d_memory"])
