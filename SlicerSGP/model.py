@@ -317,14 +317,14 @@ def read_sgp_metadata(path: str | Path) -> dict[str, Any]:
 
 def build_model(size: str = "tiny", *, weights: str | None = "random", image_size: int = 1024,
                 seed: int = 0, mode: str = "training_free", lora_rank: int = 0,
-                sam2_overrides: list[str] | None = None) -> SGPModel:
+                lora_alpha: float = 16.0, sam2_overrides: list[str] | None = None) -> SGPModel:
     """Build SAM2-SGP from a SAM2.1 size and weights ('random', a registry name, a .pt file)."""
     from SlicerSGP.weights import load_sam2_state_dict, resolve_weights
 
     resolved = resolve_weights(size, weights)
     state = load_sam2_state_dict(resolved.checkpoint) if resolved.checkpoint else None
     config = ModelConfig(size=size, image_size=image_size, mode=mode, lora_rank=lora_rank,
-                         sam2_overrides=list(sam2_overrides or []))
+                         lora_alpha=lora_alpha, sam2_overrides=list(sam2_overrides or []))
     return SGPModel(build_sam2_base(config, state, seed=seed), config)
 
 
@@ -343,7 +343,8 @@ def load_sgp_checkpoint(path: str | Path, *, weights: str | None = None,
         base_weights = "random"
     model = build_model(config.size, weights=base_weights, image_size=config.image_size,
                         seed=int(base.get("seed", 0)), mode=config.mode,
-                        lora_rank=config.lora_rank, sam2_overrides=config.sam2_overrides)
+                        lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+                        sam2_overrides=config.sam2_overrides)
     model.config = config
     state = load_file(str(path))
     own = model.state_dict()

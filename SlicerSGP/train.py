@@ -92,6 +92,7 @@ class TrainConfig:
     """'random', a registry name, a .pt file; None = the cached pretrained checkpoint."""
     image_size: int = 1024
     lora_rank: int = 8
+    lora_alpha: float = 16.0
     train_all: bool | None = None
     """Train every weight (None: yes for --weights random, else LoRA + PMA only)."""
     sam2_overrides: list[str] = field(default_factory=list)
@@ -127,7 +128,7 @@ class TrainConfig:
     threads: int | None = None
 
     # the fields a resumed run must share with the run it continues
-    RESUME_KEYS = ("data", "model", "weights", "image_size", "lora_rank",
+    RESUME_KEYS = ("data", "model", "weights", "image_size", "lora_rank", "lora_alpha",
                    "train_all", "sam2_overrides", "lr", "weight_decay", "warmup", "seq_len", "own_support",
                    "top_k", "memory_size", "memory_policy", "use_pmg", "use_pma",
                    "use_3d_memory", "loss_dice", "loss_ce", "loss_kl", "loss_obj", "structures", "axis",
@@ -305,7 +306,7 @@ class Trainer:
             torch.manual_seed(cfg.seed)
             model = build_model(size, weights=cfg.weights, image_size=cfg.image_size,
                                 seed=cfg.seed, mode="trained", lora_rank=cfg.lora_rank,
-                                sam2_overrides=overrides)
+                                lora_alpha=cfg.lora_alpha, sam2_overrides=overrides)
         self.model = model
         if cfg.trains_all():
             for p in model.parameters():
@@ -622,6 +623,8 @@ def add_train_subparser(sub: argparse._SubParsersAction) -> None:
                         "the cached pretrained checkpoint")
     g.add_argument("--image-size", type=int, default=1024)
     g.add_argument("--lora-rank", type=int, default=8)
+    g.add_argument("--lora-alpha", type=float, default=16.0,
+                   help="LoRA scaling numerator (scale = alpha / rank); stored in the checkpoint")
     ta = g.add_mutually_exclusive_group()
     ta.add_argument("--train-all", dest="train_all", action="store_true", default=None,
                     help="train every weight (default with --weights random)")
@@ -681,6 +684,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         data=str(args.data), out=str(checkpoint_path(args.out)), model=args.model,
         weights=args.weights, image_size=args.image_size, lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
         train_all=args.train_all,
         sam2_overrides=list(args.sam2_overrides), steps=args.steps, lr=lr,
         weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip,

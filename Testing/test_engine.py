@@ -114,8 +114,9 @@ def test_ablation_switches_change_the_result(segmenter):
 
 
 def test_trained_mode_runs_and_its_checkpoint_reloads_identically(tmp_path):
+    # alpha 4 (not the default 16): the reload must take it from the checkpoint's metadata.
     model = build_model("tiny", weights="random", image_size=SIZE, seed=1, mode="trained",
-                        lora_rank=4)
+                        lora_rank=4, lora_alpha=4.0)
     assert model.pma is not None
     with torch.no_grad():  # make the adapters and PMA non-trivial, as training would
         for name, p in model.named_parameters():
@@ -130,6 +131,7 @@ def test_trained_mode_runs_and_its_checkpoint_reloads_identically(tmp_path):
     a = Segmenter(model, device="cpu").segment(vol, drawn, {1: "b"}, SegmentOptions())
     reloaded = load_sgp_checkpoint(path)
     assert isinstance(reloaded.config, ModelConfig) and reloaded.config.lora_rank == 4
+    assert reloaded.config.lora_alpha == 4.0
     b = Segmenter(reloaded, device="cpu").segment(vol, drawn, {1: "b"}, SegmentOptions())
     assert np.allclose(a.probabilities[1], b.probabilities[1], atol=1e-5)
 
