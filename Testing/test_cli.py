@@ -12,8 +12,8 @@ import SimpleITK as sitk
 import slicerio
 import torch
 
-from SlicerSGP import io
 from SlicerSGP.cli import main
+from SlicerSGP.data import io
 from SlicerSGP.types import Geometry
 
 FAST = ["--weights", "random", "--image-size", "256", "--device", "cpu", "--quiet"]

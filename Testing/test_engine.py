@@ -8,8 +8,13 @@ import torch
 from synthetic import make_objects_visible, synthetic_volume
 
 from SlicerSGP import Cancelled, SGPInputError, SupportItem
-from SlicerSGP.engine import Segmenter
-from SlicerSGP.model import ModelConfig, build_model, load_sgp_checkpoint, save_sgp_checkpoint
+from SlicerSGP.method.model import (
+    ModelConfig,
+    build_model,
+    load_sgp_checkpoint,
+    save_sgp_checkpoint,
+)
+from SlicerSGP.method.segmenter import Segmenter
 from SlicerSGP.types import SegmentOptions
 
 SIZE = 256

@@ -134,7 +134,7 @@ def importClosure(start: Path) -> set[Path]:
 def test_every_python_file_the_module_uses_is_listed(lists):
     listed = listedFiles(lists)
     used = importClosure(MODULE_FILE.resolve())
-    assert (ROOT / "SlicerSGP" / "engine.py").resolve() in used  # the lazy engine import is followed
+    assert (ROOT / "SlicerSGP" / "method" / "segmenter.py").resolve() in used  # the lazy engine import is followed
     missing = sorted(str(p.relative_to(ROOT)) for p in used - listed)
     assert not missing, f"Python files the module imports but SGPSegment/CMakeLists.txt does not list: {missing}"
 
@@ -161,7 +161,7 @@ def test_every_resource_is_listed(lists):
 
 
 def test_heavy_dependencies_are_not_imported_at_module_import():
-    heavy = ("torch", "sam2", "SlicerSGP.engine", "SlicerSGP.model", "SlicerSGP.preprocess", "SlicerSGP.weights", "SlicerSGP.io", "SimpleITK")
+    heavy = ("torch", "sam2", "SlicerSGP.method.segmenter", "SlicerSGP.method.model", "SlicerSGP.data.preprocess", "SlicerSGP.weights", "SlicerSGP.data.io", "SimpleITK")
     for path in (MODULE_FILE, MODULE_DIR / "SGPSegmentLib" / "logic.py", MODULE_DIR / "SGPSegmentLib" / "__init__.py"):
         tree = ast.parse(path.read_text())
         for node in tree.body:

@@ -7,9 +7,9 @@ import pytest
 import torch
 from synthetic import make_objects_visible, synthetic_volume
 
-from SlicerSGP import preprocess
-from SlicerSGP.engine import Segmenter
-from SlicerSGP.model import MaskAttention, inject_lora
+from SlicerSGP.data import preprocess
+from SlicerSGP.method.model import MaskAttention, inject_lora
+from SlicerSGP.method.segmenter import Segmenter
 from SlicerSGP.types import SegmentOptions
 
 IMAGE_SIZE = 256
@@ -110,7 +110,7 @@ def test_fifo_equality_is_not_vacuous(segmenter, monkeypatch):
 
 
 def test_lora_at_initialisation_changes_nothing():
-    from SlicerSGP.model import build_model
+    from SlicerSGP.method.model import build_model
 
     base = build_model("tiny", weights="random", image_size=IMAGE_SIZE, seed=3)
     adapted = build_model("tiny", weights="random", image_size=IMAGE_SIZE, seed=3)

@@ -12,9 +12,8 @@ import slicerio
 import torch
 import torch.nn.functional as F
 
-from SlicerSGP import io as sgp_io
-from SlicerSGP.errors import SGPInputError
-from SlicerSGP.preprocess import (
+from SlicerSGP.data import io as sgp_io
+from SlicerSGP.data.preprocess import (
     CT_PRESETS,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -26,6 +25,7 @@ from SlicerSGP.preprocess import (
     to_model_input,
     validate_volume,
 )
+from SlicerSGP.errors import SGPInputError
 from SlicerSGP.types import Geometry, SupportItem
 
 

@@ -12,9 +12,17 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from SlicerSGP import cli, io
-from SlicerSGP.evaluate import dice, evaluate_labels, hd95, iou, montage_tile, write_montage
-from SlicerSGP.losses import (
+from SlicerSGP import cli
+from SlicerSGP.data import io
+from SlicerSGP.evaluation.evaluate import (
+    dice,
+    evaluate_labels,
+    hd95,
+    iou,
+    montage_tile,
+    write_montage,
+)
+from SlicerSGP.training.losses import (
     LossWeights,
     bce_loss,
     bernoulli_kl,
@@ -22,7 +30,7 @@ from SlicerSGP.losses import (
     object_loss,
     sgp_loss,
 )
-from SlicerSGP.train import TrainConfig, Trainer, state_path, train
+from SlicerSGP.training.train import TrainConfig, Trainer, state_path, train
 
 # --------------------------------------------------------------------------- loss terms
 
@@ -172,7 +180,7 @@ def tiny_3d(tmp_path_factory) -> Path:
 
 
 def test_datasets_read_volumes_seg_nrrd_and_2d_pairs(tiny_3d, tiny_2d):
-    from SlicerSGP.datasets import load_dataset
+    from SlicerSGP.data.datasets import load_dataset
 
     vols = load_dataset(tiny_3d)
     assert [c.name for c in vols] == ["case0", "case1"]
@@ -197,7 +205,7 @@ def _cfg(data: Path, out: Path, **kw) -> TrainConfig:
 @pytest.mark.parametrize("lora_only", [False, True], ids=["full-state", "lora+pma"])
 def test_checkpoint_from_train_loads_in_sgp_segment_with_the_same_outputs(
         tiny_2d, tmp_path, capsys, lora_only):
-    from SlicerSGP.engine import Segmenter
+    from SlicerSGP.method.segmenter import Segmenter
     from SlicerSGP.types import SegmentOptions
 
     out = tmp_path / "ck.safetensors"

@@ -127,10 +127,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="ablation (no effect on 2D images; kept for symmetry)")
     args = ap.parse_args(argv)
 
-    from SlicerSGP.datasets import load_dataset
-    from SlicerSGP.engine import Segmenter
-    from SlicerSGP.evaluate import bank_from_cases, dice, hd95, predict_case
-    from SlicerSGP.train import TrainConfig, train
+    from SlicerSGP.data.datasets import load_dataset
+    from SlicerSGP.evaluation.evaluate import bank_from_cases, dice, hd95, predict_case
+    from SlicerSGP.method.segmenter import Segmenter
+    from SlicerSGP.training.train import TrainConfig, train
     from SlicerSGP.types import SegmentOptions
 
     if not args.data.is_dir():
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     t_eval = time.perf_counter() - te
 
     # nearest-support copy by the trained model's pooled embeddings (the engine's similarity)
-    from SlicerSGP import preprocess
+    from SlicerSGP.data import preprocess
 
     def pooled(c):
         tf = preprocess.LetterboxTransform(*c.slices01.shape[1:3], seg.image_size)

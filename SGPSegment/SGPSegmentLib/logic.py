@@ -572,7 +572,7 @@ class SGPSegmentCoreLogic:
         teach "absent here"), at most :data:`MAX_REFERENCE_SLICES_PER_STRUCTURE` in all. Each
         volume gets one intensity mapping, as the engine does for the query volume.
         """
-        from SlicerSGP.preprocess import evenly_spaced, intensity_range, normalize_intensity
+        from SlicerSGP.data.preprocess import evenly_spaced, intensity_range, normalize_intensity
 
         bank: dict[int, list[SupportItem]] = {v: [] for v in structures}
         for pair in referenceCases:
@@ -623,7 +623,7 @@ class SGPSegmentCoreLogic:
         key = (str(model), None if weights is None else str(weights), str(device), int(imageSize), int(seed))
         with self._segmenterLock:
             if self._segmenter is None or self._segmenterKey != key:
-                from SlicerSGP.engine import Segmenter
+                from SlicerSGP.method.segmenter import Segmenter
 
                 self._segmenter = None
                 self._segmenterKey = None

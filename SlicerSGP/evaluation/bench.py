@@ -307,8 +307,8 @@ def add_bench_subparser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from SlicerSGP import preprocess
-    from SlicerSGP.engine import Segmenter
+    from SlicerSGP.data import preprocess
+    from SlicerSGP.method.segmenter import Segmenter
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -30,9 +30,9 @@ def parse_axis(text: str | int) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from SlicerSGP.bench import add_bench_subparser
-    from SlicerSGP.evaluate import add_eval_subparser
-    from SlicerSGP.train import add_train_subparser
+    from SlicerSGP.evaluation.bench import add_bench_subparser
+    from SlicerSGP.evaluation.evaluate import add_eval_subparser
+    from SlicerSGP.training.train import add_train_subparser
     from SlicerSGP.weights import add_weights_subparser
 
     parser = argparse.ArgumentParser(
@@ -132,8 +132,8 @@ def _check_output(path: Path, suffix: str, what: str) -> None:
 def cmd_segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from SlicerSGP import io
-    from SlicerSGP.engine import Segmenter, label_map_from_probabilities
+    from SlicerSGP.data import io
+    from SlicerSGP.method.segmenter import Segmenter, label_map_from_probabilities
     from SlicerSGP.types import SegmentOptions
 
     axis = parse_axis(args.axis)
@@ -243,8 +243,8 @@ def write_overlay(path: Path, volume, labels, result, opts, max_tiles: int = 12)
     final mask (red) contours: where to look first."""
     import numpy as np
 
-    from SlicerSGP import preprocess
-    from SlicerSGP.evaluate import montage_tile, write_montage
+    from SlicerSGP.data import preprocess
+    from SlicerSGP.evaluation.evaluate import montage_tile, write_montage
 
     vol = preprocess.reorient(volume, opts.axis)
     slices01 = preprocess.normalize_intensity(vol, *preprocess.intensity_range(vol, opts.intensity))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from SlicerSGP import io, preprocess
+from SlicerSGP.data import io, preprocess
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.types import Geometry
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from SlicerSGP.errors import Cancelled, SGPDeviceError, SGPInputError
-from SlicerSGP.model import SGPModel, pseudo_mask_box
+from SlicerSGP.method.model import SGPModel, pseudo_mask_box
 from SlicerSGP.types import (
     CancelCheck,
     Geometry,
@@ -151,7 +151,7 @@ class Segmenter:
     def __init__(self, model: str | SGPModel = "tiny", *, weights: str | None = None,
                  device: str | torch.device = "auto", image_size: int | None = None,
                  seed: int = 0, dtype: str = "auto", feature_dtype: str = "auto"):
-        from SlicerSGP.model import build_model, load_sgp_checkpoint
+        from SlicerSGP.method.model import build_model, load_sgp_checkpoint
 
         self.device = resolve_device(device)
         if isinstance(model, SGPModel):
@@ -194,7 +194,7 @@ class Segmenter:
         cancel: CancelCheck | None = None,
     ) -> SegmentationResult:
         """Segment ``structures`` through ``volume``; see the module docstring for the method."""
-        from SlicerSGP import preprocess
+        from SlicerSGP.data import preprocess
 
         opts = options or SegmentOptions()
         _validate_options(opts, self.model)
@@ -332,7 +332,7 @@ class Segmenter:
 
     def _encode_volume(self, slices01: np.ndarray, transform: Any, opts: SegmentOptions,
                        report: ProgressCallback, stop: CancelCheck) -> EncodedSlices:
-        from SlicerSGP import preprocess
+        from SlicerSGP.data import preprocess
 
         key = _volume_key(slices01, self.image_size, self.model, self.autocast_dtype)
         if key == self._cache_key and self._cache is not None:
@@ -383,7 +383,7 @@ class Segmenter:
     def _external_support(self, items: list[SupportItem], opts: SegmentOptions,
                           stop: CancelCheck) -> list[Memory]:
         """Encode support items from other cases (each image at its own size) into memories."""
-        from SlicerSGP import preprocess
+        from SlicerSGP.data import preprocess
 
         memories = []
         for item in items:
@@ -560,7 +560,7 @@ class Segmenter:
     def _propagate(self, feats: EncodedSlices, slices01: np.ndarray, transform: Any,
                    masks: dict[int, np.ndarray], external: list[Memory],
                    opts: SegmentOptions, report: Any, stop: CancelCheck) -> _Accumulator:
-        from SlicerSGP import preprocess
+        from SlicerSGP.data import preprocess
 
         n = len(feats)
         h, w = slices01.shape[1:3]

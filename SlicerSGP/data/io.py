@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from SlicerSGP.errors import SGPInputError
-from SlicerSGP.preprocess import (
+from SlicerSGP.data.preprocess import (
     evenly_spaced,
     intensity_range,
     normalize_intensity,
     validate_volume,
 )
+from SlicerSGP.errors import SGPInputError
 from SlicerSGP.types import Geometry, SupportItem
 
 IMAGE_EXTENSIONS = (
@@ -632,7 +632,7 @@ def load_support_sets(
 
     (a) labeled cases: sub-folders each with ``image.*`` + ``labels.*`` (+ ``labels.json``), or a
         single such case. Each volume gets one intensity mapping (``intensity``, see
-        :func:`~SlicerSGP.preprocess.intensity_range`); every slice along ``axis`` that contains
+        :func:`~SlicerSGP.data.preprocess.intensity_range`); every slice along ``axis`` that contains
         the structure is taken, plus empty slices of the same case, evenly spaced, at most as
         many as the non-empty ones; or
     (b) 2D pairs ``images/NAME.*`` + ``masks/NAME.*`` (+ ``labels.json`` in the folder); each image

@@ -15,7 +15,7 @@ One training step is one *episode*, built the way ``sgp segment`` runs:
 3. ``Segmenter.run_sweep(grad=True)`` runs PMG -> PMA slice by slice with the 3D memory, exactly
    the inference code path, so the ablation switches (``--no-pmg``, ``--no-pma``,
    ``--no-3d-memory``) act in training as they do in ``sgp segment``;
-4. the loss is paper eq. (9) (``SlicerSGP.losses``) per predicted slice, averaged over the run.
+4. the loss is paper eq. (9) (``SlicerSGP.training.losses``) per predicted slice, averaged over the run.
 
 From pretrained SAM2 weights only the LoRA adapters and the PMA are trained (the base is
 frozen, the checkpoint stores only those tensors). From a random start (``--weights random``)
@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from SlicerSGP.data.preprocess import evenly_spaced
 from SlicerSGP.errors import SGPInputError
-from SlicerSGP.preprocess import evenly_spaced
 
 # --------------------------------------------------------------------------- small model
 
@@ -247,7 +247,7 @@ def _augment(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator):
 
 def _to_model(slices01: np.ndarray, masks: np.ndarray | None, size: int):
     """(N, H, W[, 3]) slices + (N, H, W) bool masks -> model-space images, masks, valid area."""
-    from SlicerSGP import preprocess
+    from SlicerSGP.data import preprocess
 
     tf = preprocess.LetterboxTransform(slices01.shape[1], slices01.shape[2], size)
     images = preprocess.to_model_input(slices01, tf)
@@ -267,10 +267,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, cases: list | None = None, model=None,
                  dist: Dist | None = None, log=print):
-        from SlicerSGP.datasets import load_dataset, parse_split
-        from SlicerSGP.engine import Segmenter
-        from SlicerSGP.losses import LossWeights
-        from SlicerSGP.model import build_model
+        from SlicerSGP.data.datasets import load_dataset, parse_split
+        from SlicerSGP.method.model import build_model
+        from SlicerSGP.method.segmenter import Segmenter
+        from SlicerSGP.training.losses import LossWeights
         from SlicerSGP.types import SegmentOptions
 
         self.cfg = cfg
@@ -410,8 +410,8 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def train_step(self) -> dict[str, float]:
-        from SlicerSGP.engine import EncodedSlices
-        from SlicerSGP.losses import sgp_loss
+        from SlicerSGP.method.segmenter import EncodedSlices
+        from SlicerSGP.training.losses import sgp_loss
 
         cfg = self.cfg
         if not self.pool_cache or (cfg.refresh_every and self.step % cfg.refresh_every == 0):
@@ -518,7 +518,7 @@ class Trainer:
 
     def save(self, final: bool = False) -> Path | None:
         """Write the SGP checkpoint and the resume state (rank 0 only)."""
-        from SlicerSGP.model import save_sgp_checkpoint
+        from SlicerSGP.method.model import save_sgp_checkpoint
 
         if not self.dist.main:
             return None
@@ -699,7 +699,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from SlicerSGP.model import describe
+    from SlicerSGP.method.model import describe
 
     cfg = config_from_args(args)
     out = checkpoint_path(cfg.out)

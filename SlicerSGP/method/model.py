@@ -3,7 +3,7 @@
 - FE: SAM2's image encoder (Hiera + FPN) with LoRA adapters (peft) on the Hiera attention
   projections; base weights frozen.
 - PMG: SAM2's memory encoder, memory attention and mask decoder, used as SAM2 uses them (the
-  engine assembles the memories; see ``SlicerSGP.engine``).
+  engine assembles the memories; see ``SlicerSGP.method.segmenter``).
 - PMA: mask attention, paper eq. (7), and a hierarchical decoder that starts from the pretrained
   SAM2 mask decoder and refines its quarter-resolution output to full input resolution.
 

@@ -276,7 +276,7 @@ def array_spacing(geometry, axis: int = 0) -> tuple[float, float, float]:
 def bank_from_cases(cases: list, values: list[int]) -> dict:
     """A support bank (``{value: [SupportItem]}``) from labeled cases, with the rule
     ``io.load_support_sets`` uses: slices with the structure + as many without, evenly spaced."""
-    from SlicerSGP.train import build_support_bank
+    from SlicerSGP.training.train import build_support_bank
     from SlicerSGP.types import SupportItem
 
     bank = build_support_bank(cases, values)
@@ -334,7 +334,7 @@ def _middle_slice(gt: np.ndarray, exclude: list[int]) -> int:
 def find_prediction(folder: Path, case_name: str) -> Path:
     """``folder/<case>.seg.nrrd`` (or any label-map ending), or ``folder/<case>/`` with a
     ``labels.*`` / ``segmentation.*`` / ``*.seg.nrrd`` file in it."""
-    from SlicerSGP.datasets import _kind
+    from SlicerSGP.data.datasets import _kind
 
     hits = [p for p in sorted(folder.iterdir())
             if p.is_file() and _kind(p) and p.name[: -len(_kind(p))] == case_name]
@@ -400,9 +400,9 @@ def add_eval_subparser(sub: argparse._SubParsersAction) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from SlicerSGP import io
     from SlicerSGP.cli import parse_axis
-    from SlicerSGP.datasets import load_dataset, parse_split
+    from SlicerSGP.data import io
+    from SlicerSGP.data.datasets import load_dataset, parse_split
     from SlicerSGP.types import SegmentOptions
 
     axis = parse_axis(args.axis)
@@ -422,7 +422,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     segmenter = bank = None
     opts = None
     if args.model is not None:
-        from SlicerSGP.engine import Segmenter
+        from SlicerSGP.method.segmenter import Segmenter
 
         if args.bank is not None:
             bank = io.load_support_sets(args.bank, structures=values, axis=axis,
@@ -454,7 +454,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             labels, pseudo, exclude, seconds = pred.labels, pred.pseudo, pred.support_slices, \
                 pred.seconds
             if args.write_pred:
-                from SlicerSGP import preprocess
+                from SlicerSGP.data import preprocess
 
                 io.write_segmentation(args.write_pred / f"{case.name}.seg.nrrd",
                                       preprocess.restore_orientation(labels, case.axis),
@@ -462,7 +462,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                       {v: case.names.get(v, f"label_{v}") for v in values})
         else:
             path = find_prediction(args.pred, case.name)
-            from SlicerSGP import preprocess
+            from SlicerSGP.data import preprocess
 
             raw, _, _ = io.read_labels(path)
             if raw.shape[0] == 1 and case.num_slices == 1:
