@@ -4,7 +4,14 @@ The engine knows nothing about Slicer: numpy volumes and geometry in, label maps
 probabilities, pseudo-masks and per-slice scores out.
 """
 
-from SlicerSGP.errors import Cancelled, SGPDeviceError, SGPError, SGPInputError, SGPWeightsError
+from SlicerSGP.errors import (
+    Cancelled,
+    SGPDeviceError,
+    SGPError,
+    SGPInputError,
+    SGPServiceError,
+    SGPWeightsError,
+)
 from SlicerSGP.types import Geometry, SegmentationResult, SegmentOptions, SupportItem
 
 __version__ = "0.1.0"
@@ -15,6 +22,7 @@ __all__ = [
     "SGPDeviceError",
     "SGPError",
     "SGPInputError",
+    "SGPServiceError",
     "SGPWeightsError",
     "SegmentOptions",
     "SegmentationResult",

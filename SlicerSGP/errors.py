@@ -21,3 +21,8 @@ class SGPDeviceError(SGPError):
 
 class Cancelled(SGPError):
     """The caller's cancel check returned True; nothing was written."""
+
+
+class SGPServiceError(SGPError):
+    """The engine service cannot be used: unreachable, wrong token, version or model mismatch,
+    or the server process died."""

@@ -19,6 +19,15 @@ ProgressCallback = Callable[[str, float], None]
 CancelCheck = Callable[[], bool]
 """Returns True once the caller wants the run stopped; the engine then raises ``Cancelled``."""
 
+AXIS_LABELS = {0: "k (axial)", 1: "j (coronal)", 2: "i (sagittal)"}
+"""How messages name the slicing axis: the command line's --axis names, with the view an
+axially acquired scan gives along it."""
+
+
+def axis_label(axis: int) -> str:
+    """Name of array axis 0/1/2 of ``(K, J, I)`` as users give it (``--axis k``)."""
+    return AXIS_LABELS.get(int(axis), str(axis))
+
 
 @dataclass(frozen=True)
 class Geometry:
