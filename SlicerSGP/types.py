@@ -99,3 +99,5 @@ class SegmentationResult:
     geometry: Geometry | None = None
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """Things the caller should tell the user (e.g. every slice was labeled, nothing predicted)."""

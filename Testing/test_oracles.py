@@ -18,9 +18,10 @@ IMAGE_SIZE = 256
 @pytest.fixture(scope="module")
 def segmenter():
     torch.manual_seed(0)
-    # Exact float32 feature storage: the equality with SAM2 is proven at full precision.
+    # Exact float32 compute and feature storage: the equality with SAM2 is proven at full
+    # precision ('auto' picks bf16 on CPUs with native bf16).
     seg = Segmenter("tiny", weights="random", device="cpu", image_size=IMAGE_SIZE, seed=0,
-                    feature_dtype="float32")
+                    dtype="float32", feature_dtype="float32")
     make_objects_visible(seg.model.sam)
     return seg
 

@@ -1,0 +1,108 @@
+"""Result assembly: fused probabilities -> label map, per-slice score tables, drawn slices kept."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from SlicerSGP.errors import SGPInputError
+from SlicerSGP.method.propagation import Accumulator
+from SlicerSGP.types import SegmentationResult, SegmentOptions
+
+SCORE_DTYPE = np.dtype([
+    ("slice", "i4"), ("confidence", "f4"), ("predicted_iou", "f4"), ("object_score", "f4"),
+    ("pseudo_final_dice", "f4"), ("area_px", "i8"), ("source", "U8"),
+])
+SCORE_FIELDS = ("predicted_iou", "object_score", "pseudo_final_dice")
+
+
+def label_dtype(values: list[int]) -> np.dtype:
+    """The smallest integer type that holds every label value (and 0)."""
+    lo, hi = min(values, default=0), max(values, default=0)
+    for dtype in (np.uint8, np.uint16, np.uint32, np.int64):
+        info = np.iinfo(dtype)
+        if info.min <= min(lo, 0) and hi <= info.max:
+            return np.dtype(dtype)
+    raise SGPInputError(f"Label values {lo}..{hi} do not fit a 64-bit integer label map: "
+                        "renumber the structures.")
+
+
+def label_map_from_probabilities(probabilities: dict[int, np.ndarray], threshold: float,
+                                 shape: tuple[int, ...]) -> np.ndarray:
+    """Each voxel gets the most probable structure if that probability reaches ``threshold``."""
+    values = list(probabilities)
+    dtype = label_dtype(values)
+    out = np.zeros(shape, dtype)
+    if len(values) == 1:
+        out[probabilities[values[0]] >= threshold] = values[0]
+        return out
+    lut = np.asarray(values, dtype)
+    for k in range(shape[0]):  # slice by slice: no volume-sized stack or int64 argmax
+        stack = np.stack([probabilities[v][k] for v in values])
+        best = stack.argmax(axis=0)
+        out[k] = np.where(stack.max(axis=0) >= threshold, lut[best], 0)
+    return out
+
+
+def score_table(acc: Accumulator | None, n: int, labeled: list[int]) -> np.ndarray:
+    """One row per slice: SAM2's predicted IoU x object score, pseudo/final agreement, source."""
+    table = np.zeros(n, SCORE_DTYPE)
+    table["slice"] = np.arange(n)
+    drawn = set(labeled)
+    for j in range(n):
+        if j in drawn:
+            for name in ("confidence", *SCORE_FIELDS):
+                table[j][name] = 1.0
+            table[j]["source"] = "labeled"
+            continue
+        entries = acc.scores.get(j, []) if acc is not None else []
+        tw = sum(w for w, _ in entries) or 1.0
+        for name in SCORE_FIELDS:
+            table[j][name] = sum(w * e[name] for w, e in entries) / tw
+        table[j]["confidence"] = table[j]["predicted_iou"] * table[j]["object_score"]
+        src = acc.sources.get(j, set()) if acc is not None else set()
+        table[j]["source"] = "fused" if len(src) > 1 else (next(iter(src)) if src else "")
+    return table
+
+
+def assemble(per_structure: dict[int, Accumulator | None], structures: dict[int, str],
+             lab: np.ndarray | None, labeled: list[int], opts: SegmentOptions,
+             shape: tuple[int, int, int]) -> SegmentationResult:
+    """Normalise the accumulated sums in place (no volume-sized copies) and build the result.
+
+    An accumulator of None means nothing was predicted (every slice is labeled).
+    """
+    n = shape[0]
+    probabilities, pseudo_masks, scores = {}, {}, {}
+    for value, acc in per_structure.items():
+        if acc is None:
+            prob = np.zeros(shape, np.float32)
+            pseudo = np.zeros(shape, np.float32) if opts.keep_pseudo_masks else None
+        else:
+            prob = acc.prob
+            prob /= np.maximum(acc.weight, 1e-12)[:, None, None]
+            pseudo = acc.pseudo
+            if pseudo is not None:
+                pseudo /= np.maximum(acc.pseudo_weight, 1e-12)[:, None, None]
+        for k in labeled:
+            user = (lab[k] == value) if lab is not None else np.zeros(shape[1:], bool)
+            prob[k] = user
+            if pseudo is not None:
+                pseudo[k] = user
+        probabilities[value] = prob
+        if pseudo is not None:
+            pseudo_masks[value] = pseudo
+        scores[value] = score_table(acc, n, labeled)
+
+    label_map = label_map_from_probabilities(probabilities, opts.threshold, shape)
+    for k in labeled:
+        if lab is not None:
+            # User-drawn slices come back exactly as drawn (requested structures only).
+            keep = np.isin(lab[k], list(structures))
+            label_map[k] = np.where(keep, lab[k], 0)
+    for value, table in scores.items():
+        table["area_px"] = (label_map == value).reshape(n, -1).sum(axis=1)
+    return SegmentationResult(
+        labels=label_map, probabilities=probabilities, pseudo_masks=pseudo_masks,
+        slice_scores=scores, structures=dict(structures), axis=opts.axis,
+        labeled_slices=list(labeled),
+    )

@@ -1,0 +1,158 @@
+"""One slice: PMG (pseudo-mask) -> PMA (final mask) -> its 3D memory; and click refinement.
+
+PMG is SAM2's mask decoder with no prompt on memory-conditioned features. PMA takes the
+pseudo-mask's box (none when it is empty) and, training-free, the pseudo-mask as SAM2's dense
+prompt; trained, the mask attention of eq. (7) and the hierarchical decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from SlicerSGP.data.preprocess import LetterboxTransform
+from SlicerSGP.method.encoding import EncodedSlices
+from SlicerSGP.method.memory import MemoryAttention
+from SlicerSGP.method.model import pseudo_mask_box
+from SlicerSGP.method.runtime import Runtime, flat
+from SlicerSGP.method.support import MEMORY_DTYPE, Memory
+from SlicerSGP.types import SegmentOptions
+
+MASK_PROMPT_LOGIT = 10.0
+"""A boolean mask given as a dense prompt becomes logits of +-this (SAM2's mask-prompt scale)."""
+
+
+@dataclass
+class StepOutput:
+    pseudo_low: torch.Tensor      # (1, 1, S/4, S/4) PMG logits
+    final_high: torch.Tensor      # (1, 1, S, S) final logits
+    memory: Memory | None
+    predicted_iou: float
+    object_score: float
+    pmg_object_logits: torch.Tensor | None = None  # (1, 1) PMG object score (training)
+    final_object_logits: torch.Tensor | None = None  # (1, 1) PMA object score (training)
+
+
+class SlicePredictor:
+    """PMG + PMA for one slice, given its support memories and 3D bank."""
+
+    def __init__(self, runtime: Runtime):
+        self.rt = runtime
+        self.attention = MemoryAttention(runtime)
+
+    def step(self, feats: EncodedSlices, j: int, image: torch.Tensor | None,
+             support: list[Memory], bank: list[Memory], ptr_history: dict[int, torch.Tensor],
+             reverse: bool, num_frames: int, opts: SegmentOptions,
+             encode_memory: bool = True) -> StepOutput:
+        """Predict slice ``j``: PMG (pseudo-mask), PMA (final mask), then its 3D memory."""
+        rt = self.rt
+        sam = rt.sam
+        g = feats.grid
+        pix = self.attention.condition(feats, j, support, bank, ptr_history, reverse,
+                                       num_frames, opts.use_pmg)
+        hr = feats.high_res(j)
+        with rt.timed("decode"):
+            pmg = sam._forward_sam_heads(
+                backbone_features=pix, point_inputs=None, mask_inputs=None,
+                high_res_features=hr, multimask_output=sam._use_multimask(False, None),
+            )
+        _, _, ious, pseudo_low, pseudo_high, obj_ptr, obj_score = pmg
+        if not opts.use_pmg:
+            pseudo_low = torch.full_like(pseudo_low, -20.0)
+            pseudo_high = torch.full_like(pseudo_high, -20.0)
+        final_high, final_iou, final_obj = pseudo_high, ious.max(dim=-1).values, obj_score
+        if opts.use_pma:
+            with rt.timed("decode"):
+                final_high, final_iou, final_obj = self._pma(pix, hr, pseudo_low, pseudo_high,
+                                                             image, opts)
+        memory = None
+        if encode_memory:
+            with rt.timed("memory_encode"):
+                mem, _ = sam._encode_new_memory(
+                    current_vision_feats=[flat(feats.top_of(j))], feat_sizes=[(g, g)],
+                    pred_masks_high_res=final_high.to(pix.dtype), object_score_logits=final_obj,
+                    is_mask_from_pts=False,
+                )
+            memory = Memory(mem.to(MEMORY_DTYPE), obj_ptr, feats.pooled[j], j)
+        return StepOutput(pseudo_low, final_high.float(), memory,
+                          float(final_iou.detach().float().reshape(-1)[0]),
+                          float(torch.sigmoid(final_obj.detach().float()).reshape(-1)[0]),
+                          obj_score, final_obj)
+
+    def _pma(self, pix: torch.Tensor, hr: list[torch.Tensor], pseudo_low: torch.Tensor,
+             pseudo_high: torch.Tensor, image: torch.Tensor | None, opts: SegmentOptions):
+        """Pseudo-mask attention: box prompt + (trained) mask attention + decoder."""
+        sam = self.rt.sam
+        prob_high = torch.sigmoid(pseudo_high.float())
+        box = pseudo_mask_box(prob_high, opts.threshold)
+        if box is not None:
+            # SAM2 takes a box as two points labeled 2 and 3.
+            points = {"point_coords": box.view(-1, 2, 2).to(pix.device),
+                      "point_labels": torch.tensor([[2, 3]], dtype=torch.int32,
+                                                   device=pix.device)}
+        else:
+            points = None
+        pma = self.rt.model.pma
+        if pma is None:
+            # Training-free: the pretrained decoder with the box and the pseudo-mask as prompts.
+            out = sam._forward_sam_heads(backbone_features=pix, point_inputs=points,
+                                         mask_inputs=pseudo_low, high_res_features=hr,
+                                         multimask_output=False)
+            return out[4], out[2].max(dim=-1).values, out[6]
+        feats = pma.mask_attention(pix, torch.sigmoid(pseudo_low.float()))
+        low_res, ious, obj_score = decode_with(sam, pma.decoder.stage1, feats, points, hr)
+        if image is None:
+            raise ValueError("the trained PMA decoder needs the model-space image")
+        final = pma.decoder.refine(low_res, hr, image.to(pix.device))
+        return final, ious.max(dim=-1).values, obj_score
+
+    def refine(self, feats: EncodedSlices, j: int, transform: LetterboxTransform,
+               points: list[tuple[float, float]], point_labels: list[int],
+               mask: np.ndarray | None) -> tuple[np.ndarray, float]:
+        """Click refinement of slice ``j``: SAM2's point prompts, the current mask as the dense
+        prompt, on the slice's own features (no memory: the user's clicks decide)."""
+        rt = self.rt
+        sam = rt.sam
+        scale_y = transform.resized_h / transform.height
+        scale_x = transform.resized_w / transform.width
+        # Pixel centres, (row, col) -> SAM2's (x, y) in model pixels.
+        coords = torch.tensor([[((c + 0.5) * scale_x, (r + 0.5) * scale_y) for r, c in points]],
+                              dtype=torch.float32, device=rt.device)
+        labels = torch.tensor([list(point_labels)], dtype=torch.int32, device=rt.device)
+        mask_inputs = None
+        if mask is not None:
+            m = transform.mask_to_model(torch.from_numpy(mask[None, None].astype(np.float32)))
+            mask_inputs = ((m * 2 - 1) * MASK_PROMPT_LOGIT).to(rt.device)
+        top = feats.top_of(j)
+        b, c, g, _ = top.shape
+        with rt.mode(False), rt.autocast():
+            pix = (flat(top) + sam.no_mem_embed).permute(1, 2, 0).view(b, c, g, g)
+            out = sam._forward_sam_heads(
+                backbone_features=pix, point_inputs={"point_coords": coords,
+                                                     "point_labels": labels},
+                mask_inputs=mask_inputs, high_res_features=feats.high_res(j),
+                multimask_output=False)
+        high = out[4].float()
+        prob = torch.sigmoid(transform.logits_to_image(high))[0, 0].cpu().numpy()
+        return prob >= 0.5, float(out[2].max(dim=-1).values.float().reshape(-1)[0])
+
+
+def decode_with(sam: Any, decoder: Any, feats: torch.Tensor, points: dict | None,
+                hr: list[torch.Tensor]):
+    """Run a SAM2-style mask decoder (prompt = box points or nothing) on ``feats``."""
+    b = feats.shape[0]
+    if points is None:
+        coords = torch.zeros(b, 1, 2, device=feats.device)
+        labels = -torch.ones(b, 1, dtype=torch.int32, device=feats.device)
+    else:
+        coords, labels = points["point_coords"], points["point_labels"]
+    sparse, dense = sam.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+    low_res, ious, _, obj_score = decoder(
+        image_embeddings=feats, image_pe=sam.sam_prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+        multimask_output=False, repeat_image=False, high_res_features=hr,
+    )
+    return low_res.float(), ious, obj_score
