@@ -114,6 +114,7 @@ class SliceEncoder:
         cached = self._volumes.pop(key, None)
         if cached is not None:
             self._volumes[key] = cached  # most recently used last
+            self._trim()
             report("encode", 1.0)
             return cached
         feats = self.encode_images(
@@ -124,6 +125,9 @@ class SliceEncoder:
 
     def _remember(self, key: str, feats: EncodedSlices) -> None:
         self._volumes[key] = feats
+        self._trim()
+
+    def _trim(self) -> None:
         # Drop the least recently used volumes beyond the budget; the newest is always kept.
         while len(self._volumes) > 1 and self.cached_bytes() > self.cache_bytes:
             self._volumes.popitem(last=False)
