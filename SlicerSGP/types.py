@@ -61,9 +61,9 @@ class SegmentOptions:
     axis: int = 0
     """Array axis to slice along: 0 = K (axial for an axial scan), 1 = J, 2 = I."""
     top_k: int = 4
-    """Support items used per query slice (the K most similar)."""
+    """Support items used per query slice (the K most similar); 1..16."""
     memory_size: int | None = None
-    """3D memory bank size; None = the support size (top_k), as the paper does."""
+    """3D memory bank size; None = K (top_k), as the paper sizes it, in training and inference."""
     memory_policy: str = "least_similar"
     """'least_similar' (paper) or 'fifo' (SAM2's rule)."""
     use_pmg: bool = True
@@ -78,6 +78,19 @@ class SegmentOptions:
     """Slices per encoder batch; None = 1 on CPU (batching buys no speed there, only memory)
     and 8 on CUDA."""
     keep_pseudo_masks: bool = True
+    complete_slices: list[int] | None = None
+    """Slices (along ``axis``) on which every structure present is drawn: there an undrawn
+    structure is taken as absent. Elsewhere a slice is support only for the structures drawn on
+    it. Explicit ``support_slices`` given to ``segment`` count as complete."""
+    stop_after_absent: int = 3
+    """Past the outermost labeled slice, a sweep stops after this many consecutive slices on
+    which the structure is confidently absent (0: sweep to the volume's edge)."""
+    absent_below: float = 0.2
+    """Presence (combined PMG x PMA object probability) under which a slice counts as absent;
+    a slice over 0.5 resets the count (hysteresis)."""
+    slice_limits: dict[int, list[int]] | None = None
+    """Per structure value: [first, last] slice (inclusive, along ``axis``) it may occupy;
+    outside, it is empty."""
 
 
 @dataclass
@@ -96,8 +109,10 @@ class SegmentationResult:
     structures: dict[int, str]
     axis: int
     labeled_slices: list[int]
+    """Slices labeled for at least one structure (union); per structure below."""
     geometry: Geometry | None = None
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)
+    labeled_by_structure: dict[int, list[int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     """Things the caller should tell the user (e.g. every slice was labeled, nothing predicted)."""

@@ -60,7 +60,13 @@ def test_several_structures_share_one_encoding(segmenter):
     assert segmenter.encode_count - before == vol.shape[0]
     assert set(res.probabilities) == {1, 2}
     assert np.array_equal(res.labels[1], drawn[1]) and np.array_equal(res.labels[4], drawn[4])
-    # Slice 4 is labeled but holds no "corner": it teaches absence and stays empty.
+    # Slice 4 is drawn for "blob" only: it says nothing about "corner" (support semantics)...
+    assert res.labeled_by_structure == {1: [1, 4], 2: [1]}
+    assert res.slice_scores[2]["source"][4] != "labeled"
+    # ...unless marked complete: then it teaches absence and stays empty.
+    res = segmenter.segment(vol, drawn, {1: "blob", 2: "corner"},
+                            SegmentOptions(complete_slices=[1, 4]))
+    assert res.labeled_by_structure == {1: [1, 4], 2: [1, 4]}
     assert not (res.labels[4] == 2).any()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from SlicerSGP.data import preprocess
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.method.propagation import Accumulator
 from SlicerSGP.types import SegmentationResult, SegmentOptions
@@ -44,7 +45,9 @@ def label_map_from_probabilities(probabilities: dict[int, np.ndarray], threshold
 
 
 def score_table(acc: Accumulator | None, n: int, labeled: list[int]) -> np.ndarray:
-    """One row per slice: SAM2's predicted IoU x object score, pseudo/final agreement, source."""
+    """One row per slice: SAM2's predicted IoU x presence, pseudo/final agreement, source
+    ("labeled", "forward", "backward", "fused", "seed", or "absent" where no sweep reached the
+    slice: past the structure's end or outside its slice limits)."""
     table = np.zeros(n, SCORE_DTYPE)
     table["slice"] = np.arange(n)
     drawn = set(labeled)
@@ -60,15 +63,16 @@ def score_table(acc: Accumulator | None, n: int, labeled: list[int]) -> np.ndarr
             table[j][name] = sum(w * e[name] for w, e in entries) / tw
         table[j]["confidence"] = table[j]["predicted_iou"] * table[j]["object_score"]
         src = acc.sources.get(j, set()) if acc is not None else set()
-        table[j]["source"] = "fused" if len(src) > 1 else (next(iter(src)) if src else "")
+        table[j]["source"] = "fused" if len(src) > 1 else (next(iter(src)) if src else "absent")
     return table
 
 
 def assemble(per_structure: dict[int, Accumulator | None], structures: dict[int, str],
-             lab: np.ndarray | None, labeled: list[int], opts: SegmentOptions,
+             lab: np.ndarray | None, labeled: dict[int, list[int]], opts: SegmentOptions,
              shape: tuple[int, int, int]) -> SegmentationResult:
     """Normalise the accumulated sums in place (no volume-sized copies) and build the result.
 
+    ``labeled`` gives each structure's support slices; there its drawn voxels come back exactly.
     An accumulator of None means nothing was predicted (every slice is labeled).
     """
     n = shape[0]
@@ -83,7 +87,7 @@ def assemble(per_structure: dict[int, Accumulator | None], structures: dict[int,
             pseudo = acc.pseudo
             if pseudo is not None:
                 pseudo /= np.maximum(acc.pseudo_weight, 1e-12)[:, None, None]
-        for k in labeled:
+        for k in labeled[value]:
             user = (lab[k] == value) if lab is not None else np.zeros(shape[1:], bool)
             prob[k] = user
             if pseudo is not None:
@@ -91,18 +95,30 @@ def assemble(per_structure: dict[int, Accumulator | None], structures: dict[int,
         probabilities[value] = prob
         if pseudo is not None:
             pseudo_masks[value] = pseudo
-        scores[value] = score_table(acc, n, labeled)
+        scores[value] = score_table(acc, n, labeled[value])
 
     label_map = label_map_from_probabilities(probabilities, opts.threshold, shape)
-    for k in labeled:
-        if lab is not None:
-            # User-drawn slices come back exactly as drawn (requested structures only).
-            keep = np.isin(lab[k], list(structures))
-            label_map[k] = np.where(keep, lab[k], 0)
+    if lab is not None:
+        for value in structures:
+            for k in labeled[value]:
+                # The user's strokes of this structure come back exactly as drawn.
+                label_map[k][lab[k] == value] = value
     for value, table in scores.items():
         table["area_px"] = (label_map == value).reshape(n, -1).sum(axis=1)
+    union = sorted({k for ks in labeled.values() for k in ks})
     return SegmentationResult(
         labels=label_map, probabilities=probabilities, pseudo_masks=pseudo_masks,
         slice_scores=scores, structures=dict(structures), axis=opts.axis,
-        labeled_slices=list(labeled),
+        labeled_slices=union, labeled_by_structure={v: list(ks) for v, ks in labeled.items()},
     )
+
+
+def restore_order(result: SegmentationResult, axis: int) -> None:
+    """Back to the input's array order, contiguous (callers hand these to VTK and ITK)."""
+    def restore(arr: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(preprocess.restore_orientation(arr, axis))
+
+    result.labels = restore(result.labels)
+    for d in (result.probabilities, result.pseudo_masks):
+        for k in d:
+            d[k] = restore(d[k])

@@ -14,9 +14,15 @@ def validate_options(opts: SegmentOptions, model: SGPModel) -> None:
     if opts.axis not in (0, 1, 2):
         raise SGPInputError(f"The slicing axis must be k, j or i (array axis 0, 1 or 2), got "
                             f"{opts.axis!r}.")
-    if opts.top_k < 1:
-        raise SGPInputError(f"top_k must be at least 1, got {opts.top_k}.")
     check_bank_options(opts, model)
+    if opts.stop_after_absent < 0 or not 0.0 <= opts.absent_below < 0.5:
+        raise SGPInputError("stop_after_absent must be >= 0 (0 = no stop) and absent_below in "
+                            f"[0, 0.5); got {opts.stop_after_absent} and "
+                            f"{float(opts.absent_below):g}.")
+    for value, limits in (opts.slice_limits or {}).items():
+        if len(limits) != 2 or int(limits[0]) > int(limits[1]):
+            raise SGPInputError(f"Slice limits of structure {value} must be [first, last] with "
+                                f"first <= last; got {list(limits)}.")
     if not 0.0 < opts.threshold < 1.0:
         raise SGPInputError(f"threshold must lie in (0, 1), got {float(opts.threshold):g}.")
 
@@ -58,22 +64,61 @@ def resolve_structures(structures: dict[int, str] | None, labels: np.ndarray | N
     return {int(v): str(n) for v, n in structures.items()}
 
 
-def labeled_slices(lab: np.ndarray | None, structures: dict[int, str],
-                   support_slices: list[int] | None, n: int, axis: int) -> list[int]:
-    """Slices counted as labeled: those given, or those where any requested structure is drawn.
+def _slice_list(slices: list[int] | None, n: int, axis: int, what: str) -> list[int]:
+    if slices is None:
+        return []
+    bad = [int(k) for k in slices if not 0 <= int(k) < n]
+    if bad:
+        raise SGPInputError(f"{what} {bad} are outside the volume: along axis "
+                            f"{axis_label(axis)} it has slices 0..{n - 1}.")
+    return sorted({int(k) for k in slices})
 
-    A labeled slice is taken as fully annotated for every requested structure (an empty mask
-    there means "absent here").
+
+def labeled_by_structure(lab: np.ndarray | None, structures: dict[int, str],
+                         support_slices: list[int] | None, complete_slices: list[int] | None,
+                         n: int, axis: int) -> dict[int, list[int]]:
+    """Per structure, the slices that are its support (see DESIGN "Support semantics").
+
+    A slice is support for a structure where that structure is drawn; a complete slice (marked
+    so, or listed in ``support_slices``) is support for every structure, an empty mask there
+    teaching "absent here". ``support_slices`` also limits which slices are read at all.
     """
+    given = _slice_list(support_slices, n, axis, "Support slice(s)")
+    complete = set(_slice_list(complete_slices, n, axis, "Complete slice(s)"))
     if support_slices is not None:
-        bad = [int(k) for k in support_slices if not 0 <= int(k) < n]
-        if bad:
-            raise SGPInputError(f"Support slice(s) {bad} are outside the volume: along axis "
-                                f"{axis_label(axis)} it has slices 0..{n - 1}.")
         if lab is None:
             raise SGPInputError("Support slices were given but no label map to read them from.")
-        return sorted({int(k) for k in support_slices})
+        complete |= set(given)
     if lab is None:
-        return []
-    drawn = np.isin(lab, list(structures)).reshape(n, -1).any(axis=1)
-    return [int(k) for k in np.flatnonzero(drawn)]
+        return {v: [] for v in structures}
+    flat = lab.reshape(n, -1)
+    out = {}
+    for v in structures:
+        drawn = {int(k) for k in np.flatnonzero((flat == v).any(axis=1))}
+        if support_slices is not None:
+            drawn &= set(given)
+        out[v] = sorted(drawn | complete)
+    return out
+
+
+def slice_limits(opts: SegmentOptions, value: int) -> tuple[int, int] | None:
+    """Structure ``value``'s [first, last] slice limits, if any (keys may arrive as strings
+    from JSON)."""
+    limits = opts.slice_limits or {}
+    pair = limits.get(value, limits.get(str(value)))  # type: ignore[call-overload]
+    return None if pair is None else (int(pair[0]), int(pair[1]))
+
+
+def check_clicks(slice_index: int, points: list[tuple[float, float]], point_labels: list[int],
+                 mask: np.ndarray | None, shape: tuple[int, int, int]) -> None:
+    n, h, w = shape
+    if not 0 <= int(slice_index) < n:
+        raise SGPInputError(f"Slice {slice_index} is outside the volume (0..{n - 1}).")
+    if not points or len(points) != len(point_labels):
+        raise SGPInputError("Give at least one click, with one label (1 = include, "
+                            "0 = exclude) per click.")
+    if any(not (0 <= r < h and 0 <= c < w) for r, c in points):
+        raise SGPInputError(f"A click lies outside the {h} x {w} slice.")
+    if mask is not None and np.asarray(mask).shape != (h, w):
+        raise SGPInputError(f"The current mask is {tuple(np.asarray(mask).shape)}, the slice "
+                            f"{(h, w)}: give the mask of that slice.")

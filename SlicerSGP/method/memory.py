@@ -22,20 +22,27 @@ from SlicerSGP.types import SegmentOptions
 MEMORY_POLICIES = ("least_similar", "fifo")
 
 
-def bank_size(opts: SegmentOptions, support_count: int) -> int:
-    """The 3D bank's size for a run: as given, else the support set actually used (the paper)."""
-    return opts.memory_size or max(1, min(opts.top_k, support_count))
+MAX_SUPPORT = 16
+"""Largest K (and bank) accepted: the paper ablates K up to 16."""
+
+
+def bank_size(opts: SegmentOptions) -> int:
+    """The 3D bank's size: as given, else K, the support-set size (the paper's rule), the same
+    in training and inference and whatever the number of labeled slices."""
+    return int(opts.memory_size or opts.top_k)
 
 
 def check_bank_options(opts: SegmentOptions, model: SGPModel) -> None:
     if opts.memory_policy not in MEMORY_POLICIES:
         raise SGPInputError(f"Unknown memory policy {opts.memory_policy!r}: use one of "
                             f"{', '.join(MEMORY_POLICIES)}.")
-    size = opts.memory_size or opts.top_k
-    limit = model.sam.num_maskmem - 1
-    if not 1 <= size <= limit:
-        raise SGPInputError(f"memory_size {size} is out of range: SAM2 has temporal encodings "
-                            f"for 1..{limit} slice memories.")
+    if not 1 <= opts.top_k <= MAX_SUPPORT:
+        raise SGPInputError(f"top_k {opts.top_k} is out of range: use 1..{MAX_SUPPORT}.")
+    size = bank_size(opts)
+    if not 1 <= size <= MAX_SUPPORT:
+        raise SGPInputError(f"memory_size {size} is out of range: use 1..{MAX_SUPPORT} slice "
+                            "memories (SAM2 encodes distances 1..6; farther memories share the "
+                            "last encoding).")
 
 
 def evict(bank: list[Memory], feats: EncodedSlices, j: int, reverse: bool, size: int,

@@ -66,6 +66,23 @@ class Accumulator:
         self.sources.setdefault(j, set()).add(source)
 
 
+PRESENT_ABOVE = 0.5
+"""Presence over which a slice resets the run of absent slices (the upper hysteresis level)."""
+
+
+def presence_run(run: int, presence: float, absent_below: float) -> int:
+    """Length of the current run of confidently absent slices after one more slice.
+
+    Hysteresis: under ``absent_below`` extends the run, over ``PRESENT_ABOVE`` resets it, and
+    in between leaves it as it is, so a flickering score neither ends nor revives a structure.
+    """
+    if presence < absent_below:
+        return run + 1
+    if presence > PRESENT_ABOVE:
+        return 0
+    return run
+
+
 def fusion_weight(j: int, anchors: list[int], reverse: bool, n: int) -> float:
     """Weight of this sweep's prediction at slice ``j``: inverse distance to its anchor.
 
@@ -91,10 +108,14 @@ class Propagator:
     def propagate(self, feats: EncodedSlices, slices01: np.ndarray,
                   transform: preprocess.LetterboxTransform, labeled: list[int],
                   support_pool: list[Memory], opts: SegmentOptions,
-                  report: Callable[[float], None], stop: CancelCheck) -> Accumulator:
+                  report: Callable[[float], None], stop: CancelCheck,
+                  limits: tuple[int, int] | None = None) -> Accumulator:
         """Both sweeps for one structure; ``support_pool`` holds the labeled slices' memories
-        (in slice order) followed by external ones."""
+        (in slice order) followed by external ones. ``limits`` (first, last) bounds the slices
+        the structure may occupy."""
         n = len(feats)
+        first, last = limits if limits is not None else (0, n - 1)
+        first, last = max(0, int(first)), min(n - 1, int(last))
         acc = Accumulator.empty((n, *slices01.shape[1:3]), opts.keep_pseudo_masks)
         need_image = self.rt.model.pma is not None and opts.use_pma
 
@@ -108,17 +129,21 @@ class Propagator:
             anchors = labeled
             fwd_start, bwd_start = labeled[0], labeled[-1]
         else:
-            seed = self.choose_seed(feats, support_pool, image_of, opts, stop)
+            seed = self.choose_seed(feats, support_pool, image_of, opts, stop, (first, last))
             anchors = [seed[0]]
             fwd_start = bwd_start = seed[0]
         if not opts.bidirectional:
             # One pass like SAM2's tracker: forward from the first anchor, back to the start.
             bwd_start = anchors[0]
 
-        sweeps = [(False, list(range(fwd_start, n))), (True, list(range(bwd_start, -1, -1)))]
+        sweeps = [(False, [j for j in range(fwd_start, n) if first <= j <= last or j in anchors]),
+                  (True, [j for j in range(bwd_start, -1, -1) if first <= j <= last
+                          or j in anchors])]
         total = sum(len(s) for _, s in sweeps)
         done = 0
         for reverse, order in sweeps:
+            outermost = min(anchors) if reverse else max(anchors)
+            absent_run = 0
             for j, out in self.run_sweep(feats, order, reverse, set(labeled), support_pool, opts,
                                          image_of, stop, seed):
                 done += 1
@@ -129,6 +154,12 @@ class Propagator:
                 with self.rt.timed("write_back"):
                     acc.add(j, out, transform, weight, source)
                 report(done / total)
+                beyond = j < outermost if reverse else j > outermost
+                if beyond and opts.stop_after_absent:
+                    absent_run = presence_run(absent_run, out.object_score, opts.absent_below)
+                    if absent_run >= opts.stop_after_absent:
+                        break  # the structure has ended in this direction
+        report(1.0)
         return acc
 
     def run_sweep(self, feats: EncodedSlices, order: list[int], reverse: bool,
@@ -139,12 +170,12 @@ class Propagator:
         """One directional pass over ``order``; yields ``(slice, StepOutput | None)``.
 
         Labeled slices yield None (they are support, not predicted). The 3D memory bank and the
-        object-pointer history live for this sweep only; the bank is sized from this sweep's
-        support (the same rule in training and inference).
+        object-pointer history live for this sweep only; the bank holds K memories (the same
+        rule in training and inference).
         """
         rt = self.rt
         n = len(feats)
-        size = bank_size(opts, len(support_pool))
+        size = bank_size(opts)
         bank: list[Memory] = []
         ptr_history: dict[int, torch.Tensor] = {}
         with rt.mode(grad), rt.autocast():
@@ -170,13 +201,15 @@ class Propagator:
                 yield j, out
 
     def choose_seed(self, feats: EncodedSlices, support: list[Memory], image_of: ImageOf,
-                    opts: SegmentOptions, stop: CancelCheck) -> tuple[int, StepOutput]:
+                    opts: SegmentOptions, stop: CancelCheck,
+                    limits: tuple[int, int] | None = None) -> tuple[int, StepOutput]:
         """With only external support: the slice whose pseudo-mask is most confident."""
         best: tuple[float, int] | None = None
         pmg_only = SegmentOptions(**{**opts.__dict__, "use_pma": False})
         step = self.predictor.step
+        first, last = limits if limits is not None else (0, len(feats) - 1)
         with torch.inference_mode(), self.rt.autocast():
-            for j in range(len(feats)):
+            for j in range(first, last + 1):
                 if stop():
                     raise Cancelled("Cancelled while choosing the start slice; nothing was written.")
                 sel = select_top_k(feats, j, support, opts.top_k)

@@ -26,12 +26,14 @@ import torch
 
 from SlicerSGP.data import preprocess
 from SlicerSGP.errors import SGPInputError
-from SlicerSGP.method.assembly import assemble, label_map_from_probabilities
+from SlicerSGP.method.assembly import assemble, label_map_from_probabilities, restore_order
 from SlicerSGP.method.encoding import EncodedSlices, SliceEncoder
 from SlicerSGP.method.inputs import (
+    check_clicks,
     check_labels,
-    labeled_slices,
+    labeled_by_structure,
     resolve_structures,
+    slice_limits,
     validate_options,
 )
 from SlicerSGP.method.model import SGPModel, build_model, load_sgp_checkpoint
@@ -186,33 +188,35 @@ class Segmenter:
         vol = preprocess.reorient(volume, opts.axis)
         lab = preprocess.reorient(labels, opts.axis) if labels is not None else None
         n, h, w = vol.shape[:3]
-        labeled = labeled_slices(lab, structures, support_slices, n, opts.axis)
-        if not labeled and not any(bank.get(v) for v in structures):
+        labeled = labeled_by_structure(lab, structures, support_slices, opts.complete_slices,
+                                       n, opts.axis)
+        if not any(labeled.values()) and not any(bank.get(v) for v in structures):
             raise SGPInputError(
                 "No labeled slice: draw the structure on at least one slice (or pass "
                 "--support-slices / a support bank of other labeled cases) and run again."
             )
         for v, name in structures.items():
-            if not labeled and not bank.get(v):
-                raise SGPInputError(f"Structure {name!r} (label {v}) has no support: the "
-                                    "support bank holds no example of it.")
+            if not labeled[v] and not bank.get(v):
+                raise SGPInputError(f"Structure {name!r} (label {v}) has no support: it is drawn "
+                                    "on no slice and the support bank holds no example of it. "
+                                    "Draw it on a slice, or leave it out.")
 
         timings: dict[str, float] = {}
         notes: list[str] = []
-        per_structure: dict[int, Accumulator | None]
-        if len(labeled) == n:
-            # Nothing to predict: no encoding, no propagation.
+        per_structure: dict[int, Accumulator | None] = {}
+        todo = {v: name for v, name in structures.items() if len(labeled[v]) < n}
+        if not todo:
             notes.append(f"Every one of the {n} slices is labeled: the labels are returned "
                          "as drawn, nothing was predicted.")
-            per_structure = dict.fromkeys(structures)
         else:
-            per_structure = self._propagate_all(vol, lab, labeled, structures, bank, opts,
-                                                report, stop, timings)
+            per_structure = self._propagate_all(vol, lab, labeled, todo, bank, opts, report,
+                                                stop, timings)
+        per_structure = {v: per_structure.get(v) for v in structures}
 
         tw = time.perf_counter()
         report("write", 0.0)
         result = assemble(per_structure, structures, lab, labeled, opts, (n, h, w))
-        self._restore_order(result, opts.axis)
+        restore_order(result, opts.axis)
         report("write", 1.0)
         timings["assemble"] = time.perf_counter() - tw
         timings["total"] = time.perf_counter() - t0
@@ -222,12 +226,13 @@ class Segmenter:
         result.notes = notes
         result.stats = {"slices": n, "slices_encoded": self.encode_count,
                         "slices_encoded_this_run": self.encode_count - encoded_before,
-                        "support_slices": len(labeled)}
+                        "support_slices": len(result.labeled_slices)}
         return result
 
-    def _propagate_all(self, vol: np.ndarray, lab: np.ndarray | None, labeled: list[int],
-                       structures: dict[int, str], bank: dict[int, list[SupportItem]],
-                       opts: SegmentOptions, report: ProgressCallback, stop: CancelCheck,
+    def _propagate_all(self, vol: np.ndarray, lab: np.ndarray | None,
+                       labeled: dict[int, list[int]], structures: dict[int, str],
+                       bank: dict[int, list[SupportItem]], opts: SegmentOptions,
+                       report: ProgressCallback, stop: CancelCheck,
                        timings: dict[str, float]) -> dict[int, Accumulator]:
         """Encode the volume once, then run both sweeps per structure on those features."""
         n, h, w = vol.shape[:3]
@@ -244,7 +249,7 @@ class Segmenter:
         tp = time.perf_counter()
         for si, (value, name) in enumerate(structures.items()):
             masks = {k: (lab[k] == value) if lab is not None else np.zeros((h, w), bool)
-                     for k in labeled}
+                     for k in labeled[value]}
             own = self.support.from_slices(feats, transform, masks)
             ext = self.support.external(bank.get(value, []), stop)
 
@@ -252,7 +257,8 @@ class Segmenter:
                 report(f"propagate {_name}", (_si + frac) / len(structures))
 
             per_structure[value] = self.propagator.propagate(
-                feats, slices01, transform, labeled, own + ext, opts, stage_progress, stop)
+                feats, slices01, transform, labeled[value], own + ext, opts, stage_progress,
+                stop, slice_limits(opts, value))
         timings["propagate"] = time.perf_counter() - tp
         return per_structure
 
@@ -268,16 +274,7 @@ class Segmenter:
         preprocess.validate_volume(volume, axis=opts.axis, min_size=16)
         vol = preprocess.reorient(volume, opts.axis)
         n, h, w = vol.shape[:3]
-        if not 0 <= int(slice_index) < n:
-            raise SGPInputError(f"Slice {slice_index} is outside the volume (0..{n - 1}).")
-        if not points or len(points) != len(point_labels):
-            raise SGPInputError("Give at least one click, with one label (1 = include, "
-                                "0 = exclude) per click.")
-        if any(not (0 <= r < h and 0 <= c < w) for r, c in points):
-            raise SGPInputError(f"A click lies outside the {h} x {w} slice.")
-        if mask is not None and np.asarray(mask).shape != (h, w):
-            raise SGPInputError(f"The current mask is {np.asarray(mask).shape}, the slice "
-                                f"{(h, w)}: give the mask of that slice.")
+        check_clicks(slice_index, points, point_labels, mask, (n, h, w))
         slices01 = preprocess.normalize_intensity(vol, *preprocess.intensity_range(
             vol, opts.intensity))
         transform = preprocess.LetterboxTransform(h, w, self.image_size)
@@ -293,17 +290,6 @@ class Segmenter:
         if opts.encode_batch_size:
             return int(opts.encode_batch_size)
         return 8 if self.device.type == "cuda" else 1
-
-    @staticmethod
-    def _restore_order(result: SegmentationResult, axis: int) -> None:
-        """Back to the input's array order, contiguous (callers hand these to VTK and ITK)."""
-        def restore(arr: np.ndarray) -> np.ndarray:
-            return np.ascontiguousarray(preprocess.restore_orientation(arr, axis))
-
-        result.labels = restore(result.labels)
-        for d in (result.probabilities, result.pseudo_masks):
-            for k in d:
-                d[k] = restore(d[k])
 
 
 __all__ = ["EncodedSlices", "Memory", "Segmenter", "label_map_from_probabilities",

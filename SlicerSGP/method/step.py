@@ -23,6 +23,29 @@ from SlicerSGP.types import SegmentOptions
 
 MASK_PROMPT_LOGIT = 10.0
 """A boolean mask given as a dense prompt becomes logits of +-this (SAM2's mask-prompt scale)."""
+MASK_PROMPT_CLAMP = 32.0
+"""SAM2's video predictor clamps mask logits used as a dense prompt to +-32."""
+NO_OBJECT_LOGIT = -1024.0
+"""SAM2's NO_OBJ_SCORE: the logit of every pixel of a slice where the structure is absent."""
+
+
+def gate(sam, mask_logits: torch.Tensor, obj_ptr: torch.Tensor, pmg_score: torch.Tensor,
+         presence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply the combined presence to the final mask and the object pointer, as SAM2 gates its
+    own mask and pointer with one object score, so the bank never holds a mask and a pointer
+    that disagree. ``obj_ptr`` arrives gated by PMG's score alone."""
+    if not sam.pred_obj_scores:
+        return mask_logits, obj_ptr
+    present = presence > 0
+    mask_logits = torch.where(present[:, :, None, None] if present.dim() == 2 else present,
+                              mask_logits, torch.full_like(mask_logits, NO_OBJECT_LOGIT))
+    # Where PMG saw the object but the combined score does not, swap in SAM2's no-object pointer
+    # exactly as _forward_sam_heads would have with that score.
+    newly_absent = ((pmg_score > 0) & ~present).to(obj_ptr.dtype)
+    if bool(newly_absent.any()):
+        kept = obj_ptr * (1 - newly_absent) if sam.fixed_no_obj_ptr else obj_ptr
+        obj_ptr = kept + newly_absent * sam.no_obj_ptr
+    return mask_logits, obj_ptr
 
 
 @dataclass
@@ -64,22 +87,27 @@ class SlicePredictor:
             pseudo_low = torch.full_like(pseudo_low, -20.0)
             pseudo_high = torch.full_like(pseudo_high, -20.0)
         final_high, final_iou, final_obj = pseudo_high, ious.max(dim=-1).values, obj_score
+        presence = obj_score
         if opts.use_pma:
             with rt.timed("decode"):
                 final_high, final_iou, final_obj = self._pma(pix, hr, pseudo_low, pseudo_high,
                                                              image, opts)
+            # Present only where PMG and PMA both say so: PMA's box and mask prompts must not
+            # resurrect a structure PMG found absent (and without PMG, PMA decides alone).
+            presence = torch.minimum(obj_score, final_obj) if opts.use_pmg else final_obj
+            final_high, obj_ptr = gate(sam, final_high, obj_ptr, obj_score, presence)
         memory = None
         if encode_memory:
             with rt.timed("memory_encode"):
                 mem, _ = sam._encode_new_memory(
                     current_vision_feats=[flat(feats.top_of(j))], feat_sizes=[(g, g)],
-                    pred_masks_high_res=final_high.to(pix.dtype), object_score_logits=final_obj,
+                    pred_masks_high_res=final_high.to(pix.dtype), object_score_logits=presence,
                     is_mask_from_pts=False,
                 )
             memory = Memory(mem.to(MEMORY_DTYPE), obj_ptr, feats.pooled[j], j)
         return StepOutput(pseudo_low, final_high.float(), memory,
                           float(final_iou.detach().float().reshape(-1)[0]),
-                          float(torch.sigmoid(final_obj.detach().float()).reshape(-1)[0]),
+                          float(torch.sigmoid(presence.detach().float()).reshape(-1)[0]),
                           obj_score, final_obj)
 
     def _pma(self, pix: torch.Tensor, hr: list[torch.Tensor], pseudo_low: torch.Tensor,
@@ -98,9 +126,12 @@ class SlicePredictor:
         pma = self.rt.model.pma
         if pma is None:
             # Training-free: the pretrained decoder with the box and the pseudo-mask as prompts.
+            # SAM2 clamps a mask used as a dense prompt to +-32 (an absent pseudo-mask is
+            # -1024, which would swamp the prompt encoder).
             out = sam._forward_sam_heads(backbone_features=pix, point_inputs=points,
-                                         mask_inputs=pseudo_low, high_res_features=hr,
-                                         multimask_output=False)
+                                         mask_inputs=pseudo_low.clamp(-MASK_PROMPT_CLAMP,
+                                                                      MASK_PROMPT_CLAMP),
+                                         high_res_features=hr, multimask_output=False)
             return out[4], out[2].max(dim=-1).values, out[6]
         feats = pma.mask_attention(pix, torch.sigmoid(pseudo_low.float()))
         low_res, ious, obj_score = decode_with(sam, pma.decoder.stage1, feats, points, hr)

@@ -43,6 +43,7 @@ class SupportMemories:
         self.rt = runtime
         self.encoder = encoder
         self._external: OrderedDict[str, Memory] = OrderedDict()
+        self._images: OrderedDict[str, EncodedSlices] = OrderedDict()
 
     def memory(self, feats: EncodedSlices, i: int, mask_model: torch.Tensor,
                slice_index: int | None, grad: bool = False) -> Memory:
@@ -82,11 +83,11 @@ class SupportMemories:
                     f"Support item {item.source or '?'}: mask shape {mask.shape} does not match "
                     f"its image {img.shape[:2]}. Give each support image its own mask."
                 )
-            key = content_key(img, np.packbits(mask), np.asarray(mask.shape))
+            image_key = content_key(img)
+            key = image_key + content_key(np.packbits(mask), np.asarray(mask.shape))
             memory = self._external.pop(key, None)
             if memory is None:
-                tf = preprocess.LetterboxTransform(img.shape[0], img.shape[1], self.rt.image_size)
-                feats = self.encoder.encode_images(preprocess.to_model_input(img[None], tf), 1)
+                feats, tf = self._image_features(image_key, img)
                 m = tf.mask_to_model(torch.from_numpy(mask[None, None].astype(np.float32)))
                 memory = self.memory(feats, 0, m, None)
             # Most recently used last; a bank reused across queries is encoded once.
@@ -96,8 +97,21 @@ class SupportMemories:
             memories.append(memory)
         return memories
 
+    def _image_features(self, key: str, img: np.ndarray
+                        ) -> tuple[EncodedSlices, preprocess.LetterboxTransform]:
+        """One support image's features, encoded once however many structures it shows."""
+        tf = preprocess.LetterboxTransform(img.shape[0], img.shape[1], self.rt.image_size)
+        feats = self._images.pop(key, None)
+        if feats is None:
+            feats = self.encoder.encode_images(preprocess.to_model_input(img[None], tf), 1)
+        self._images[key] = feats
+        while len(self._images) > SUPPORT_CACHE_SIZE:
+            self._images.popitem(last=False)
+        return feats, tf
+
     def clear(self) -> None:
         self._external.clear()
+        self._images.clear()
 
 
 def select_top_k(feats: EncodedSlices, j: int, pool: list[Memory], k: int) -> list[Memory]:
