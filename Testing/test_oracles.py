@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import oracles
 import pytest
 import torch
 from synthetic import make_objects_visible, synthetic_volume
 
-from SlicerSGP.data import preprocess
 from SlicerSGP.method.model import MaskAttention, inject_lora
 from SlicerSGP.method.segmenter import Segmenter
 from SlicerSGP.types import SegmentOptions
@@ -26,88 +26,48 @@ def segmenter():
     return seg
 
 
-def video_predictor_logits(seg: Segmenter, images: torch.Tensor, cond: dict[int, torch.Tensor],
-                           start: int, reverse: bool, monkeypatch) -> dict[int, torch.Tensor]:
-    """Run the sam2 package's own SAM2VideoPredictor on ``images`` with mask prompts ``cond``.
-
-    Its frame loader is replaced by one that returns our model-ready tensor, so both sides see
-    the same pixels; nothing else of the predictor is touched.
-    """
-    import sam2.sam2_video_predictor as vp
-    from sam2.build_sam import build_sam2_video_predictor
-
-    grid = IMAGE_SIZE // 16
-    predictor = build_sam2_video_predictor(
-        "configs/sam2.1/sam2.1_hiera_t.yaml", ckpt_path=None, device="cpu",
-        hydra_overrides_extra=[
-            f"++model.image_size={IMAGE_SIZE}",
-            f"++model.memory_attention.layer.self_attention.feat_sizes=[{grid},{grid}]",
-            f"++model.memory_attention.layer.cross_attention.feat_sizes=[{grid},{grid}]",
-        ],
-    )
-    predictor.load_state_dict(seg.model.sam.state_dict())
-    monkeypatch.setattr(vp, "load_video_frames",
-                        lambda **kw: (images.clone(), IMAGE_SIZE, IMAGE_SIZE))
-    state = predictor.init_state(video_path="(in memory)")
-    for k in sorted(cond):
-        predictor.add_new_mask(state, frame_idx=k, obj_id=1, mask=cond[k][0, 0] > 0.5)
-    for _ in predictor.propagate_in_video(state, start_frame_idx=start, reverse=reverse):
-        pass
-    outs = state["output_dict_per_obj"][0]["non_cond_frame_outputs"]
-    return {k: v["pred_masks"].float() for k, v in outs.items()}
+@pytest.fixture(scope="module")
+def scaled():
+    """The oracle model: temporal encodings scaled so a wrong temporal index shows."""
+    return oracles.oracle_segmenter()
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_pmg_with_fifo_memory_equals_sam2_video_predictor(segmenter, reverse, monkeypatch):
-    vol, lab = synthetic_volume()
-    labeled = [2, 6]
-    n, h, w = vol.shape
-    lo, hi = preprocess.intensity_range(vol, "percentile")
-    slices01 = preprocess.normalize_intensity(vol, lo, hi)
-    tf = preprocess.LetterboxTransform(h, w, IMAGE_SIZE)
-    images = preprocess.to_model_input(slices01, tf)
-    masks = {k: tf.mask_to_model(torch.from_numpy(lab[k][None, None].astype(np.float32)))
-             for k in labeled}
-
-    start = labeled[-1] if reverse else labeled[0]
-    expected = video_predictor_logits(segmenter, images, masks, start, reverse, monkeypatch)
-
-    feats = segmenter.encode_images(images, batch_size=4)
-    support = [segmenter.support_memory(feats, k, masks[k], k) for k in labeled]
-    opts = SegmentOptions(memory_policy="fifo", memory_size=segmenter.model.sam.num_maskmem - 1,
-                          use_pma=False, top_k=4)
-    order = list(range(start, -1, -1)) if reverse else list(range(start, n))
-    ours = {j: out.pseudo_low for j, out in
-            segmenter.run_sweep(feats, order, reverse, set(labeled), support, opts) if out is not None}
-
-    assert sorted(ours) == sorted(expected)
-    assert len(ours) >= 5
-    spread = max(float(v.std()) for v in expected.values())
-    assert spread > 1e-2, "the predictor's masks are constant: the comparison would be vacuous"
-    for j in ours:
-        diff = (ours[j] - expected[j]).abs().max().item()
-        assert diff < 1e-4, f"slice {j}: max |logit difference| {diff:.2e}"
+def test_pmg_with_fifo_memory_equals_sam2_video_predictor(scaled, reverse, monkeypatch):
+    assert oracles.check_video_predictor(scaled, reverse, monkeypatch, tol=1e-6) < 1e-6
 
 
-def test_fifo_equality_is_not_vacuous(segmenter, monkeypatch):
+def test_fifo_equality_is_not_vacuous(scaled, monkeypatch):
     """The same comparison fails when the memory differs (least-similar bank of size 1)."""
     vol, lab = synthetic_volume()
     labeled = [2, 6]
-    n, h, w = vol.shape
-    slices01 = preprocess.normalize_intensity(vol, *preprocess.intensity_range(vol, "percentile"))
-    tf = preprocess.LetterboxTransform(h, w, IMAGE_SIZE)
-    images = preprocess.to_model_input(slices01, tf)
-    masks = {k: tf.mask_to_model(torch.from_numpy(lab[k][None, None].astype(np.float32)))
-             for k in labeled}
-    expected = video_predictor_logits(segmenter, images, masks, 2, False, monkeypatch)
-    feats = segmenter.encode_images(images)
-    support = [segmenter.support_memory(feats, k, masks[k], k) for k in labeled]
+    images, masks, _ = oracles.model_inputs(vol, lab, labeled)
+    expected = oracles.video_predictor_logits(scaled, images, masks, 2, False, monkeypatch)
+    feats = scaled.encode_images(images)
+    support = [scaled.support_memory(feats, k, masks[k], k) for k in labeled]
     opts = SegmentOptions(memory_policy="least_similar", memory_size=1, use_pma=False)
     ours = {j: out.pseudo_low for j, out in
-            segmenter.run_sweep(feats, list(range(2, n)), False, set(labeled), support, opts)
+            scaled.run_sweep(feats, list(range(2, vol.shape[0])), False, set(labeled), support,
+                             opts)
             if out is not None}
     worst = max((ours[j] - expected[j]).abs().max().item() for j in ours)
     assert worst > 1e-3
+
+
+def test_top_k_selection(segmenter):
+    oracles.check_top_k(segmenter)
+
+
+def test_least_similar_eviction(segmenter, monkeypatch):
+    assert oracles.check_least_similar_eviction(segmenter, monkeypatch) > 0
+
+
+def test_fusion_weights(segmenter):
+    oracles.check_fusion_weights(segmenter)
+
+
+def test_object_score_gating_without_forced_visibility(monkeypatch):
+    assert oracles.check_gating(monkeypatch) > 0
 
 
 def test_lora_at_initialisation_changes_nothing():
