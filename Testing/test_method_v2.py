@@ -1,0 +1,160 @@
+"""Method v2: per-structure support, presence and extent (hysteresis stop, slice limits), the
+bank sized to K, on synthetic volumes with scripted presence and on real multi-structure CT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from synthetic import make_objects_visible, synthetic_volume
+
+from SlicerSGP import SGPInputError
+from SlicerSGP.data import io
+from SlicerSGP.method.propagation import presence_run
+from SlicerSGP.method.segmenter import Segmenter
+from SlicerSGP.types import SegmentOptions
+
+SIZE = 256
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    seg = Segmenter("tiny", weights="random", device="cpu", image_size=SIZE, seed=0,
+                    dtype="float32")
+    make_objects_visible(seg.model.sam)
+    return seg
+
+
+def scripted_presence(seg: Segmenter, monkeypatch, presence: dict[int, float]) -> list[int]:
+    """Run the real slice predictor but report the given presence per slice; returns the
+    slices predicted, in order."""
+    seen: list[int] = []
+    original = seg.predictor.step
+
+    def step(feats, j, *args, **kwargs):
+        out = original(feats, j, *args, **kwargs)
+        seen.append(j)
+        out.object_score = presence.get(j, 0.9)
+        return out
+
+    monkeypatch.setattr(seg.predictor, "step", step)
+    return seen
+
+
+def drawn_on(lab: np.ndarray, slices: list[int]) -> np.ndarray:
+    drawn = np.zeros_like(lab)
+    for k in slices:
+        drawn[k] = lab[k]
+    return drawn
+
+
+def test_hysteresis_levels():
+    assert presence_run(0, 0.1, 0.2) == 1
+    assert presence_run(2, 0.3, 0.2) == 2  # between the levels: unchanged
+    assert presence_run(2, 0.6, 0.2) == 0
+
+
+def test_sweep_stops_after_a_run_of_absent_slices(segmenter, monkeypatch):
+    vol, lab = synthetic_volume(n=16, h=64, w=64)
+    # Forward past slice 5: absent at 8 and 9, in between at 10 (no reset), absent at 11: the
+    # third absent slice ends the structure; 12..15 are never predicted.
+    seen = scripted_presence(segmenter, monkeypatch, {8: 0.1, 9: 0.1, 10: 0.3, 11: 0.1})
+    res = segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"}, SegmentOptions())
+    forward = [j for j in seen if j > 5]
+    assert forward == [6, 7, 8, 9, 10, 11]
+    sources = res.slice_scores[1]["source"]
+    assert all(s == "absent" for s in sources[12:])
+    assert not res.probabilities[1][12:].any() and not (res.labels[12:] == 1).any()
+    # A presence over 0.5 resets the count: with slice 10 present the sweep goes on.
+    seen = scripted_presence(segmenter, monkeypatch, {8: 0.1, 9: 0.1, 10: 0.9, 11: 0.1})
+    segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"}, SegmentOptions())
+    assert [j for j in seen if j > 5] == list(range(6, 16))
+    # 0 disables the stop: both sweeps reach the volume's edges.
+    seen = scripted_presence(segmenter, monkeypatch, dict.fromkeys(range(16), 0.0))
+    segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"}, SegmentOptions(stop_after_absent=0))
+    assert sorted(set(seen)) == [k for k in range(16) if k != 5]
+
+
+def test_no_stop_between_labeled_slices(segmenter, monkeypatch):
+    vol, lab = synthetic_volume(n=16, h=64, w=64)
+    seen = scripted_presence(segmenter, monkeypatch, dict.fromkeys(range(16), 0.0))
+    res = segmenter.segment(vol, drawn_on(lab, [2, 9]), {1: "blob"}, SegmentOptions())
+    between = set(range(3, 9))
+    assert between <= set(seen)  # every slice between the drawn ones, from both sides
+    assert all(s == "fused" for s in res.slice_scores[1]["source"][3:9])
+    # Past the outermost drawn slices a sweep stops after three absent slices (10, 11, 12).
+    assert set(seen) - between == {0, 1, 10, 11, 12}
+
+
+def test_slice_limits_bound_a_structure(segmenter, monkeypatch):
+    vol, lab = synthetic_volume(n=12, h=64, w=64)
+    seen = scripted_presence(segmenter, monkeypatch, {})
+    res = segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"},
+                            SegmentOptions(slice_limits={1: [3, 8]}, stop_after_absent=0))
+    assert sorted(set(seen)) == [3, 4, 6, 7, 8]
+    assert not res.probabilities[1][:3].any() and not res.probabilities[1][9:].any()
+    assert list(res.slice_scores[1]["source"][9:]) == ["absent"] * 3
+    # JSON-style string keys (the service) work too; bad limits are refused.
+    seen.clear()
+    segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"},
+                      SegmentOptions(slice_limits={"1": [4, 6]}, stop_after_absent=0))
+    assert sorted(set(seen)) == [4, 6]
+    with pytest.raises(SGPInputError, match="first <= last"):
+        segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"},
+                          SegmentOptions(slice_limits={1: [8, 3]}))
+
+
+def test_bank_holds_k_memories_even_with_one_labeled_slice(segmenter, monkeypatch):
+    vol, lab = synthetic_volume(n=8, h=64, w=64)
+    sizes: list[int] = []
+    original = segmenter.predictor.step
+
+    def step(feats, j, image, support, bank, *args, **kwargs):
+        sizes.append(len(bank))
+        return original(feats, j, image, support, bank, *args, **kwargs)
+
+    monkeypatch.setattr(segmenter.predictor, "step", step)
+    segmenter.segment(vol, drawn_on(lab, [0]), {1: "blob"},
+                      SegmentOptions(top_k=4, stop_after_absent=0))
+    assert sizes == [0, 1, 2, 3, 4, 4, 4]  # K = 4, not the single support item
+    sizes.clear()
+    segmenter.segment(vol, drawn_on(lab, [0]), {1: "blob"},
+                      SegmentOptions(top_k=16, stop_after_absent=0))
+    assert sizes == [0, 1, 2, 3, 4, 5, 6]  # K up to 16 is accepted with a bank to match
+    with pytest.raises(SGPInputError, match="top_k 17"):
+        segmenter.segment(vol, drawn_on(lab, [0]), {1: "blob"}, SegmentOptions(top_k=17))
+
+
+@pytest.mark.slow
+def test_structures_drawn_on_different_slices_are_not_erased(segmenter, sgp_data):
+    """Real CT with several organs, each drawn on its own three slices: no organ is forced
+    empty on a slice drawn only for another organ, unless that slice is marked complete."""
+    case = sgp_data / "ct_abdomen_small"
+    vol, geometry = io.read_image(case / "image.nii.gz")
+    labels, _, _ = io.read_labels(case / "labels.nii.gz", geometry,
+                                  reference_shape=vol.shape[:3])
+    organs = {5: "liver", 1: "spleen", 2: "kidney_right"}
+    drawn = np.zeros_like(labels)
+    drawn_slices = {}
+    for i, v in enumerate(organs):
+        present = np.flatnonzero((labels == v).reshape(labels.shape[0], -1).any(axis=1))
+        picks = [int(present[len(present) * q // 4]) + i for q in (1, 2, 3)]
+        picks = [k for k in picks if k in present]
+        drawn_slices[v] = picks
+        for k in picks:
+            drawn[k][labels[k] == v] = v
+    res = segmenter.segment(vol, drawn, organs, SegmentOptions(stop_after_absent=0))
+    erased = 0
+    for v in organs:
+        assert res.labeled_by_structure[v] == sorted(drawn_slices[v])
+        others = {k for u, ks in drawn_slices.items() if u != v for k in ks} - set(drawn_slices[v])
+        for k in others:
+            assert res.slice_scores[v]["source"][k] in ("forward", "backward", "fused")
+        erased += sum((labels[k] == v).any() for k in others)
+    assert erased > 0, "no organ is present on another organ's drawn slice: nothing was tested"
+    # Marked complete, those slices teach absence: organs not drawn there stay empty there.
+    union = sorted({k for ks in drawn_slices.values() for k in ks})
+    res = segmenter.segment(vol, drawn, organs,
+                            SegmentOptions(stop_after_absent=0, complete_slices=union))
+    for v in organs:
+        for k in union:
+            assert np.array_equal(res.labels[k] == v, drawn[k] == v)
