@@ -3,12 +3,22 @@ bank sized to K, on synthetic volumes with scripted presence and on real multi-s
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import torch
 from synthetic import make_objects_visible, synthetic_volume
 
-from SlicerSGP import SGPInputError
+from SlicerSGP import SGPInputError, SGPWeightsError
 from SlicerSGP.data import io
+from SlicerSGP.method.model import (
+    build_model,
+    load_sgp_checkpoint,
+    pseudo_mask_box,
+    read_sgp_metadata,
+    save_sgp_checkpoint,
+)
 from SlicerSGP.method.propagation import presence_run
 from SlicerSGP.method.segmenter import Segmenter
 from SlicerSGP.types import SegmentOptions
@@ -158,3 +168,42 @@ def test_structures_drawn_on_different_slices_are_not_erased(segmenter, sgp_data
     for v in organs:
         for k in union:
             assert np.array_equal(res.labels[k] == v, drawn[k] == v)
+
+
+def test_untrained_pma_starts_exactly_from_sam2():
+    """Zero values in the mask attention and a zero last layer in stage 2: a new trained-mode
+    model's PMA is SAM2's decoder (box prompt) upsampled, bit for bit."""
+    net = build_model("tiny", weights="random", image_size=SIZE, seed=0, mode="trained")
+    feats = torch.randn(1, 256, SIZE // 16, SIZE // 16, generator=torch.Generator().manual_seed(1))
+    pseudo = torch.zeros(1, 1, SIZE // 4, SIZE // 4)
+    pseudo[..., 10:30, 12:40] = 1.0
+    with torch.no_grad():
+        assert torch.equal(net.pma.mask_attention(feats, pseudo), feats)
+
+
+def test_box_comes_from_the_largest_component_with_a_margin():
+    prob = torch.zeros(1, 1, 100, 100)
+    prob[..., 20:60, 30:50] = 1.0  # the structure
+    prob[..., 90:92, 90:92] = 1.0  # a stray blob far away
+    box = pseudo_mask_box(prob).tolist()[0]
+    assert box == pytest.approx([29.0, 18.0, 51.0, 62.0])  # 5 % of 20 -> 1 px, of 40 -> 2 px
+    assert pseudo_mask_box(torch.zeros(1, 1, 8, 8)) is None
+    edge = torch.zeros(1, 1, 10, 10)
+    edge[..., 0:10, 0:3] = 1.0
+    assert pseudo_mask_box(edge).tolist()[0] == pytest.approx([0.0, 0.0, 4.0, 10.0])
+
+
+def test_checkpoint_missing_tensors_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    net = build_model("tiny", weights="random", image_size=SIZE, seed=0, mode="trained",
+                      lora_rank=2)
+    path = save_sgp_checkpoint(net, tmp_path / "full", base={"weights": "random", "seed": 0})
+    assert load_sgp_checkpoint(path).config.mode == "trained"
+    state = load_file(str(path))
+    header = {"sgp": json.dumps(read_sgp_metadata(path))}
+    dropped = next(k for k in state if k.startswith("pma.decoder"))
+    del state[dropped]
+    save_file(state, str(path), metadata=header)
+    with pytest.raises(SGPWeightsError, match="lacks 1 tensors"):
+        load_sgp_checkpoint(path)
