@@ -88,6 +88,12 @@ class SegmentOptions:
     absent_below: float = 0.2
     """Presence (combined PMG x PMA object probability) under which a slice counts as absent;
     a slice over 0.5 resets the count (hysteresis)."""
+    reverse_quality: bool = True
+    """Score each predicted slice by reverse propagation (RevSAM2): its mask predicts the
+    nearest drawn slice back, and the Dice with the drawing is the slice's quality."""
+    quality_fusion: bool = True
+    """Weight each side's prediction by its quality as well as by distance (needs
+    ``reverse_quality``)."""
     slice_limits: dict[int, list[int]] | None = None
     """Per structure value: [first, last] slice (inclusive, along ``axis``) it may occupy;
     outside, it is empty."""
@@ -105,7 +111,8 @@ class SegmentationResult:
     """Per structure value: PMG pseudo-mask probability, float32 ``(K, J, I)`` (empty if not kept)."""
     slice_scores: dict[int, np.ndarray]
     """Per structure value: structured array with one row per slice along ``axis`` (fields:
-    slice, confidence, predicted_iou, object_score, pseudo_final_dice, area_px, source)."""
+    slice, confidence, predicted_iou, object_score, pseudo_final_dice, quality, area_px,
+    source)."""
     structures: dict[int, str]
     axis: int
     labeled_slices: list[int]

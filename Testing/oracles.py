@@ -12,7 +12,7 @@ from synthetic import make_objects_visible, synthetic_volume
 
 from SlicerSGP.data import preprocess
 from SlicerSGP.method.model import build_model
-from SlicerSGP.method.propagation import fusion_weight
+from SlicerSGP.method.propagation import fusion_weight, quality_factor
 from SlicerSGP.method.segmenter import Segmenter
 from SlicerSGP.method.step import NO_OBJECT_LOGIT
 from SlicerSGP.method.support import select_top_k
@@ -141,7 +141,8 @@ def record_banks(seg: Segmenter, monkeypatch) -> list[tuple[int, list[int]]]:
     original = seg.predictor.step
 
     def spy(feats, j, image, support, bank, *args, **kwargs):
-        calls.append((j, [m.slice_index for m in bank]))
+        if kwargs.get("encode_memory", True):  # a slice being predicted (not a quality probe)
+            calls.append((j, [m.slice_index for m in bank]))
         return original(feats, j, image, support, bank, *args, **kwargs)
 
     monkeypatch.setattr(seg.predictor, "step", spy)
@@ -183,33 +184,40 @@ def check_least_similar_eviction(seg: Segmenter, monkeypatch, size: int = 2) -> 
 
 def check_fusion_weights(seg: Segmenter) -> None:
     """Between two labeled slices a and b the result is the two sweeps' probabilities weighted
-    1/(j-a) and 1/(b-j): linear interpolation between the two sides."""
+    1/(j-a) and 1/(b-j) (linear interpolation between the two sides), each times its
+    reverse-propagation quality factor when quality fusion is on."""
     vol, lab = synthetic_volume(n=9, seed=6)
     labeled = [1, 7]
     drawn = np.zeros_like(lab)
     for k in labeled:
         drawn[k] = lab[k]
-    opts = SegmentOptions(stop_after_absent=0)
-    res = seg.segment(vol, drawn, {1: "blob"}, opts)
     n, h, w = vol.shape
     slices01 = preprocess.normalize_intensity(vol, *preprocess.intensity_range(vol, "auto"))
     tf = preprocess.LetterboxTransform(h, w, IMAGE_SIZE)
-    feats = seg.encoder.encode_volume(slices01, tf, 1, lambda *a: None, lambda: False)
-    support = seg.support.from_slices(feats, tf, {k: drawn[k] == 1 for k in labeled})
-    per_side = {}
-    for reverse, order in ((False, list(range(1, n))), (True, list(range(7, -1, -1)))):
-        for j, out in seg.run_sweep(feats, order, reverse, set(labeled), support, opts):
-            if out is not None:
-                prob = torch.sigmoid(tf.logits_to_image(out.final_high))[0, 0].numpy()
-                per_side[(j, reverse)] = prob
-    for j in range(2, 7):
-        wf, wb = 1.0 / (j - 1), 1.0 / (7 - j)
-        expected = (wf * per_side[(j, False)] + wb * per_side[(j, True)]) / (wf + wb)
-        diff = float(np.abs(res.probabilities[1][j] - expected).max())
-        assert diff < 1e-5, f"slice {j}: fused probability off by {diff:.2e}"
-    assert np.allclose(res.probabilities[1][0], per_side[(0, True)], atol=1e-5)
-    assert np.allclose(res.probabilities[1][8], per_side[(8, False)], atol=1e-5)
-    # The weight rule itself, from both sides of every slice.
+    masks = {k: drawn[k] == 1 for k in labeled}
+    for quality_fusion in (False, True):
+        opts = SegmentOptions(stop_after_absent=0, quality_fusion=quality_fusion)
+        res = seg.segment(vol, drawn, {1: "blob"}, opts)
+        feats = seg.encoder.encode_volume(slices01, tf, 1, lambda *a: None, lambda: False)
+        support = seg.support.from_slices(feats, tf, masks)
+        per_side, factor = {}, {}
+        for reverse, order in ((False, list(range(1, n))), (True, list(range(7, -1, -1)))):
+            for j, out in seg.run_sweep(feats, order, reverse, set(labeled), support, opts):
+                if out is None:
+                    continue
+                per_side[(j, reverse)] = torch.sigmoid(tf.logits_to_image(out.final_high))[0, 0]
+                anchor = 1 if not reverse else 7
+                q = seg.propagator.reverse_dice(feats, j, out, anchor, masks[anchor], tf, opts)
+                factor[(j, reverse)] = quality_factor(q) if quality_fusion else 1.0
+        for j in range(2, 7):
+            wf = factor[(j, False)] / (j - 1)
+            wb = factor[(j, True)] / (7 - j)
+            expected = (wf * per_side[(j, False)] + wb * per_side[(j, True)]) / (wf + wb)
+            diff = float(np.abs(res.probabilities[1][j] - expected.numpy()).max())
+            assert diff < 1e-5, f"slice {j}: fused probability off by {diff:.2e}"
+        assert np.allclose(res.probabilities[1][0], per_side[(0, True)].numpy(), atol=1e-5)
+        assert np.allclose(res.probabilities[1][8], per_side[(8, False)].numpy(), atol=1e-5)
+    # The distance rule itself, from both sides of a slice.
     assert fusion_weight(3, labeled, False, n) == 0.5 and fusion_weight(3, labeled, True, n) == 0.25
 
 
@@ -245,7 +253,8 @@ def check_gating(monkeypatch) -> int:
 
         def spy(*args, _original=original, _outputs=outputs, **kwargs):
             out = _original(*args, **kwargs)
-            _outputs.append(out)
+            if kwargs.get("encode_memory", True):  # a slice being predicted
+                _outputs.append(out)
             return out
 
         monkeypatch.setattr(seg.predictor, "step", spy)

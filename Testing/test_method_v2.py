@@ -12,6 +12,7 @@ from synthetic import make_objects_visible, synthetic_volume
 
 from SlicerSGP import SGPInputError, SGPWeightsError
 from SlicerSGP.data import io
+from SlicerSGP.data.intensity import ct_window_for, intensity_range
 from SlicerSGP.method.model import (
     build_model,
     load_sgp_checkpoint,
@@ -42,8 +43,9 @@ def scripted_presence(seg: Segmenter, monkeypatch, presence: dict[int, float]) -
 
     def step(feats, j, *args, **kwargs):
         out = original(feats, j, *args, **kwargs)
-        seen.append(j)
-        out.object_score = presence.get(j, 0.9)
+        if kwargs.get("encode_memory", True):  # a slice being predicted (not a quality probe)
+            seen.append(j)
+            out.object_score = presence.get(j, 0.9)
         return out
 
     monkeypatch.setattr(seg.predictor, "step", step)
@@ -119,7 +121,8 @@ def test_bank_holds_k_memories_even_with_one_labeled_slice(segmenter, monkeypatc
     original = segmenter.predictor.step
 
     def step(feats, j, image, support, bank, *args, **kwargs):
-        sizes.append(len(bank))
+        if kwargs.get("encode_memory", True):
+            sizes.append(len(bank))
         return original(feats, j, image, support, bank, *args, **kwargs)
 
     monkeypatch.setattr(segmenter.predictor, "step", step)
@@ -207,3 +210,64 @@ def test_checkpoint_missing_tensors_is_refused(tmp_path):
     save_file(state, str(path), metadata=header)
     with pytest.raises(SGPWeightsError, match="lacks 1 tensors"):
         load_sgp_checkpoint(path)
+
+
+def test_reverse_propagation_quality_is_scored_and_fused(segmenter):
+    vol, lab = synthetic_volume(n=8, h=64, w=64)
+    res = segmenter.segment(vol, drawn_on(lab, [1, 6]), {1: "blob"},
+                            SegmentOptions(stop_after_absent=0))
+    table = res.slice_scores[1]
+    predicted = table[table["source"] != "labeled"]
+    scored = predicted[np.isfinite(predicted["quality"])]
+    assert len(scored) >= 4, "reverse propagation scored almost no slice"
+    assert ((scored["quality"] >= 0) & (scored["quality"] <= 1)).all()
+    expected = scored["predicted_iou"] * scored["object_score"] * scored["quality"]
+    assert np.allclose(scored["confidence"], expected, atol=1e-6)
+    assert (table[table["source"] == "labeled"]["quality"] == 1).all()
+    assert res.timings.get("stage:quality", 0) > 0  # its cost is measured
+    off = segmenter.segment(vol, drawn_on(lab, [1, 6]), {1: "blob"},
+                            SegmentOptions(stop_after_absent=0, reverse_quality=False))
+    assert np.isnan(off.slice_scores[1]["quality"][2:6]).all()
+    assert "stage:quality" not in off.timings
+
+
+def test_reverse_dice_compares_with_the_drawing(segmenter):
+    vol, lab = synthetic_volume(n=6, h=64, w=64)
+    from SlicerSGP.data import preprocess
+
+    n, h, w = vol.shape
+    slices01 = preprocess.normalize_intensity(vol, *preprocess.intensity_range(vol, "auto"))
+    tf = preprocess.LetterboxTransform(h, w, SIZE)
+    feats = segmenter.encoder.encode_volume(slices01, tf, 1, lambda *a: None, lambda: False)
+    masks = {1: lab[1] == 1}
+    support = segmenter.support.from_slices(feats, tf, masks)
+    opts = SegmentOptions()
+    outs = {j: out for j, out in segmenter.run_sweep(feats, [1, 2, 3], False, {1}, support, opts)
+            if out is not None}
+    out = outs[2]
+    assert bool((out.final_high > 0).any())
+    right = segmenter.propagator.reverse_dice(feats, 2, out, 1, masks[1], tf, opts)
+    wrong = segmenter.propagator.reverse_dice(feats, 2, out, 1, ~masks[1], tf, opts)
+    assert 0 <= right <= 1 and 0 <= wrong <= 1 and right != wrong
+    empty = type(out)(out.pseudo_low, torch.full_like(out.final_high, -1024.0), None, 0.0, 0.0)
+    assert np.isnan(segmenter.propagator.reverse_dice(feats, 2, empty, 1, masks[1], tf, opts))
+
+
+def test_ct_auto_window_follows_the_drawn_structure(sgp_data):
+    case = sgp_data / "ct_abdomen_small"
+    vol, geometry = io.read_image(case / "image.nii.gz")
+    labels, _, _ = io.read_labels(case / "labels.nii.gz", geometry, reference_shape=vol.shape[:3])
+    names = io.read_label_names(case / "labels.nii.gz")
+    value = {name: v for v, name in names.items()}
+    window = {name: ct_window_for(vol[labels == value[name]])
+              for name in ("liver", "vertebrae_L1", "lung_lower_lobe_right")}
+    assert window["vertebrae_L1"] == "ct_bone"
+    assert window["lung_lower_lobe_right"] == "ct_lung"
+    # Liver (unenhanced here, about 40-80 HU): the narrowest window that holds its range.
+    liver = vol[labels == value["liver"]]
+    lo, hi = intensity_range(vol, window["liver"])
+    p5, p95 = np.percentile(liver, (5, 95))
+    assert lo <= p5 and p95 <= hi and hi - lo < 400
+    assert ct_window_for(None) == "ct_abdomen"  # nothing drawn: the abdomen window
+    lo, hi = intensity_range(vol, "auto", drawn=vol[labels == value["vertebrae_L1"]])
+    assert (lo, hi) == (-500.0, 1300.0)

@@ -1,88 +1,38 @@
-"""SGPSegment's Logic against real MRML (slicer-core) and the real engine (random weights, CPU).
+"""SGPSegment's Logic against real MRML (slicer-core); runs go through a real local engine.
 
 The scene: a small volume with a rotated, anisotropic, off-origin voxel grid and a segmentation
-on that grid with two structures drawn on a few slices. No part of Slicer or the engine is
-replaced.
+on that grid with two structures drawn on a few slices (module_fixtures.makeScene). No part of
+Slicer or the engine is replaced; Testing/test_module_service.py covers the engine side
+(in-process equality, cancel, a killed server, tokens, versions, re-runs).
 """
 
 from __future__ import annotations
 
-import time
+import types
 
 import numpy as np
 import pytest
 import slicer
 import vtk
-from module_fixtures import mrml  # noqa: F401  (fixture)
+from module_fixtures import (  # noqa: F401  (mrml, engineLogic: fixtures)
+    LABELED,
+    RUN,
+    SHAPE,
+    allSegments,
+    engineLogic,
+    ijkToRASMatrix,
+    makeScene,
+    mrml,
+    segmentArray,
+    truth,
+)
 
-SHAPE = (6, 64, 64)  # (K, J, I)
-LABELED = (1, 4)  # slices (axis K) the user drew on
-RUN = dict(model="tiny", weights="random", device="cpu", imageSize=256, seed=0)
-
-
-def _ijkToRAS() -> vtk.vtkMatrix4x4:
-    """A non-identity direction: rotated 30 degrees about S and flipped in I, anisotropic."""
-    angle = np.deg2rad(30.0)
-    rotation = np.array(
-        [[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]]
-    )
-    directions = rotation @ np.diag([-1.0, 1.0, 1.0])
-    matrix = np.eye(4)
-    matrix[:3, :3] = directions @ np.diag([0.8, 0.9, 2.5])
-    matrix[:3, 3] = [12.5, -30.0, 7.0]
-    m = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, matrix[r, c])
-    return m
+from SlicerSGP.errors import SGPError, SGPInputError
 
 
-def _truth() -> dict[int, np.ndarray]:
-    """Two blobs that move a little from slice to slice."""
-    k, j, i = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij")
-    disk = ((j - 24 - k) ** 2 + (i - 22) ** 2) < 10**2
-    box = (abs(j - 44) < 6) & (abs(i - 46 + k) < 8)
-    return {1: disk, 2: box}
-
-
-def makeScene(mrml, *, labeled=LABELED, segments=("liver", "spleen"), noiseSeed=0):  # noqa: F811
-    rng = np.random.default_rng(noiseSeed)
-    truth = _truth()
-    image = rng.normal(100.0, 10.0, SHAPE)
-    image[truth[1]] += 200.0
-    image[truth[2]] += 120.0
-    volume = slicer.util.addVolumeFromArray(image.astype(np.float32), name="patient")
-    volume.SetIJKToRASMatrix(_ijkToRAS())
-    segmentation = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "patient segmentation")
-    segmentation.CreateDefaultDisplayNodes()
-    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    ids = []
-    for value, name in enumerate(segments, start=1):
-        segmentId = segmentation.GetSegmentation().AddEmptySegment("", name)
-        drawn = np.zeros(SHAPE, np.uint8)
-        for s in labeled:
-            drawn[s] = truth[value][s]
-        if drawn.any():
-            slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, segmentation, segmentId, volume)
-        ids.append(segmentId)
-    return volume, segmentation, ids
-
-
-def segmentArray(segmentation, segmentId, volume) -> np.ndarray:
-    return np.asarray(slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)) > 0
-
-
-def allSegments(segmentation, volume) -> dict[str, np.ndarray]:
-    ids = segmentation.GetSegmentation().GetSegmentIDs()
-    return {s: segmentArray(segmentation, s, volume) for s in ids}
-
-
-@pytest.fixture(scope="module")
-def logic():
-    """One Logic for the file: it keeps the model loaded between runs, as in Slicer."""
-    from SGPSegmentLib import SGPSegmentCoreLogic
-
-    return SGPSegmentCoreLogic()
+@pytest.fixture
+def logic(engineLogic):  # noqa: F811
+    return engineLogic
 
 
 # ------------------------------------------------------------------------ MRML <-> numpy
@@ -91,35 +41,38 @@ def logic():
 def test_labeled_slices_found_with_counts(mrml, logic):  # noqa: F811
     volume, segmentation, ids = makeScene(mrml)
     found = logic.labeledSlices(volume, segmentation, ids, axis=0)
-    truth = _truth()
+    blobs = truth()
     assert [f.name for f in found] == ["liver", "spleen"]
     for item, value in zip(found, (1, 2), strict=True):
         assert item.slices == list(LABELED)
-        assert item.voxelCounts == [int(truth[value][s].sum()) for s in LABELED]
-        assert "2 labeled slice(s)" in item.describe()
-    # Along J the same strokes cover many rows.
-    alongJ = logic.labeledSlices(volume, segmentation, ids[:1], axis="J")[0]
-    assert len(alongJ.slices) > 2 and sum(alongJ.voxelCounts) == found[0].totalVoxels
+        assert item.voxelCounts == [int(blobs[value][s].sum()) for s in LABELED]
+        assert "2 labeled slice(s) along Axial (K)" in item.describe("Axial (K)")
+    # Drawn on K slices: along J those strokes are partial rows, not labeled slices.
+    assert logic.labeledSlices(volume, segmentation, ids[:1], axis="J")[0].slices == []
 
 
-def test_geometry_is_lps_of_the_volume(mrml, logic):  # noqa: F811
+def test_geometry_is_lps_of_the_volume(mrml):  # noqa: F811
+    from SGPSegmentLib import mrml_io
+
     volume, _, _ = makeScene(mrml)
-    geometry = logic.volumeGeometry(volume)
-    m = _ijkToRAS()
+    geometry = mrml_io.volumeGeometry(volume)
+    m = ijkToRASMatrix()
     ras = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ras
     np.testing.assert_allclose(geometry.spacing, [0.8, 0.9, 2.5], atol=1e-9)
     np.testing.assert_allclose(geometry.origin, lps[:3, 3], atol=1e-9)
     direction = geometry.direction_matrix()
     np.testing.assert_allclose(direction @ np.diag(geometry.spacing), lps[:3, :3], atol=1e-9)
-    assert not np.allclose(direction, np.eye(3))
+    assert mrml_io.axisDescription(volume, 0) == "Axial (K)"
 
 
 def test_prepare_run_exports_on_the_volume_grid(mrml, logic):  # noqa: F811
+    from SGPSegmentLib.labeled_slices import checksum
+
     volume, segmentation, ids = makeScene(mrml)
-    request = logic.prepareRun(volume, segmentation, ids, axis=0, **RUN)
-    truth = _truth()
-    assert request.volume.shape == SHAPE
+    request = logic.prepareRun(volume, segmentation, ids, axis=0)
+    blobs = truth()
+    assert request.volume.shape == SHAPE and request.shape == SHAPE
     np.testing.assert_array_equal(request.volume, slicer.util.arrayFromVolume(volume))
     assert request.structures == {1: "liver", 2: "spleen"}
     assert request.supportSlices == list(LABELED)
@@ -127,39 +80,33 @@ def test_prepare_run_exports_on_the_volume_grid(mrml, logic):  # noqa: F811
     for value in (1, 2):
         expected = np.zeros(SHAPE, bool)
         for s in LABELED:
-            expected[s] = truth[value][s]
-        np.testing.assert_array_equal(request.before[value], expected)
+            expected[s] = blobs[value][s]
         np.testing.assert_array_equal(request.labels == value, expected)
+        assert request.beforeChecksums[value] == checksum(expected)
+    request.release()
+    assert request.volume is None and request.labels is None
 
 
 # ----------------------------------------------------------------------------- bad inputs
 
 
 def test_no_labeled_slice_is_a_clear_error(mrml, logic):  # noqa: F811
-    from SlicerSGP.errors import SGPInputError
-
     volume, segmentation, ids = makeScene(mrml, labeled=())
     before = allSegments(segmentation, volume)
-    with pytest.raises(SGPInputError, match="No labeled slice.*Draw each structure"):
+    with pytest.raises(SGPInputError, match="no slice drawn along k \\(axial\\).*Draw it on"):
         logic.run(volume, segmentation, ids, **RUN)
     after = allSegments(segmentation, volume)
     assert all(np.array_equal(before[s], after[s]) for s in before)
 
 
-def test_empty_segment_is_a_clear_error(mrml, logic):  # noqa: F811
-    from SlicerSGP.errors import SGPInputError
-
+def test_wrong_axis_is_a_clear_error_not_a_guess(mrml, logic):  # noqa: F811
     volume, segmentation, ids = makeScene(mrml)
-    emptyId = segmentation.GetSegmentation().AddEmptySegment("", "kidney")
-    with pytest.raises(SGPInputError, match="Segment 'kidney' is empty"):
-        logic.prepareRun(volume, segmentation, [ids[0], emptyId], **RUN)
+    with pytest.raises(SGPInputError, match="'liver' has no slice drawn along j \\(coronal\\)"):
+        logic.prepareRun(volume, segmentation, ids, axis="J")
 
 
 def test_segmentation_on_a_different_grid_is_a_clear_error(mrml, logic):  # noqa: F811
-    from SlicerSGP.errors import SGPInputError
-
     volume, _, _ = makeScene(mrml)
-    # A second volume with another spacing/orientation; the segmentation is drawn on it.
     other = slicer.util.addVolumeFromArray(np.zeros(SHAPE, np.float32), name="other scan")
     other.SetSpacing(1.3, 1.3, 3.0)
     segmentation = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "other segmentation")
@@ -169,175 +116,180 @@ def test_segmentation_on_a_different_grid_is_a_clear_error(mrml, logic):  # noqa
     drawn[2, 20:30, 20:30] = 1
     slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, segmentation, segmentId, other)
     with pytest.raises(SGPInputError, match="different voxel grid.*Specify geometry"):
-        logic.prepareRun(volume, segmentation, [segmentId], **RUN)
+        logic.prepareRun(volume, segmentation, [segmentId])
 
 
 def test_missing_selection_is_a_clear_error(mrml, logic):  # noqa: F811
-    from SlicerSGP.errors import SGPInputError
-
     volume, segmentation, _ = makeScene(mrml)
     with pytest.raises(SGPInputError, match="Select an input volume"):
-        logic.prepareRun(None, segmentation, None, **RUN)
+        logic.prepareRun(None, segmentation, None)
     with pytest.raises(SGPInputError, match="Select a segmentation"):
-        logic.prepareRun(volume, None, None, **RUN)
+        logic.prepareRun(volume, None, None)
     with pytest.raises(SGPInputError, match="no segment selected"):
-        logic.prepareRun(volume, segmentation, [], **RUN)
+        logic.prepareRun(volume, segmentation, [])
 
 
-# ------------------------------------------------------------------------- real engine runs
+def test_segment_outside_the_volume_is_cropped_with_a_note(mrml, logic):  # noqa: F811
+    from SGPSegmentLib import mrml_io
 
-
-def _voxelLinesUp(segmentation, segmentId, volume, mask) -> None:
-    """The segment's own labelmap, read in world coordinates, matches ``mask`` on the volume grid."""
-    labelmap = segmentation.GetBinaryLabelmapInternalRepresentation(segmentId)
-    worldToImage = vtk.vtkMatrix4x4()
-    labelmap.GetWorldToImageMatrix(worldToImage)
-    ijkToRAS = vtk.vtkMatrix4x4()
-    volume.GetIJKToRASMatrix(ijkToRAS)
-    extent = labelmap.GetExtent()
-    scalars = labelmap.GetPointData().GetScalars()
-    dims = labelmap.GetDimensions()
-    rng = np.random.default_rng(1)
-    inside = np.argwhere(mask)
-    outside = np.argwhere(~mask)
-    picks = [*inside[rng.choice(len(inside), 40)], *outside[rng.choice(len(outside), 40)]]
-    for k, j, i in picks:
-        ras = ijkToRAS.MultiplyPoint((float(i), float(j), float(k), 1.0))
-        ii, jj, kk = (round(v) for v in worldToImage.MultiplyPoint(ras)[:3])
-        inExtent = extent[0] <= ii <= extent[1] and extent[2] <= jj <= extent[3] and extent[4] <= kk <= extent[5]
-        value = 0
-        if inExtent:
-            index = (ii - extent[0]) + dims[0] * ((jj - extent[2]) + dims[1] * (kk - extent[4]))
-            value = scalars.GetTuple1(index)
-        assert (value != 0) == bool(mask[k, j, i]), (k, j, i)
-
-
-def test_run_writes_segments_on_the_input_geometry(mrml, logic):  # noqa: F811
     volume, segmentation, ids = makeScene(mrml)
-    # A third segment the user did not select must not change.
+    # The user painted past the volume's last I column: a labelmap wider than the volume.
+    wide = slicer.vtkOrientedImageData()
+    extent = list(volume.GetImageData().GetExtent())
+    extent[1] += 5
+    wide.SetExtent(extent)
+    wide.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    wide.SetImageToWorldMatrix(m)
+    values = np.zeros((SHAPE[0], SHAPE[1], SHAPE[2] + 5), np.uint8)
+    values[1] = np.pad(truth()[1][1], ((0, 0), (0, 5)))
+    values[1, 10:20, SHAPE[2] - 3 :] = 1  # 10 rows x 5 columns outside
+    from vtk.util.numpy_support import numpy_to_vtk
+
+    wide.GetPointData().SetScalars(numpy_to_vtk(values.reshape(-1), deep=True))
+    logicClass = slicer.vtkSlicerSegmentationsModuleLogic
+    assert logicClass.SetBinaryLabelmapToSegment(
+        wide, segmentation, ids[0], logicClass.MODE_REPLACE
+    )
+    assert mrml_io.voxelsOutsideVolume(segmentation, ids[0], volume) == 50
+    request = logic.prepareRun(volume, segmentation, ids)
+    assert (
+        len(request.notes) == 1
+        and "'liver' reaches outside volume 'patient' (50 voxels)" in request.notes[0]
+    )
+    inside = segmentArray(segmentation, ids[0], volume)
+    np.testing.assert_array_equal(request.labels[1] == 1, inside[1])
+
+
+# -------------------------------------------------------------------- labeled-slice records
+
+
+def test_drawn_slices_are_recorded_per_axis_not_rederived(mrml, logic):  # noqa: F811
+    volume, segmentation, ids = makeScene(mrml, segments=("liver",))
+    logic.drawingAxis = 0
+    logic.watchEdits(segmentation, volume)
+    try:
+        mask = segmentArray(segmentation, ids[0], volume).astype(np.uint8)
+        # A stroke on coronal (J) slice 30 is recorded for J only.
+        mask[:, 30, 10:14] = 1
+        slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, ids[0], volume)
+        assert logic.labeledSlices(volume, segmentation, ids, axis="J")[0].slices == [30]
+        assert logic.labeledSlices(volume, segmentation, ids, axis="K")[0].slices == list(LABELED)
+        # A 3D edit (grow by one voxel everywhere) labels nothing new along any axis.
+        grown = mask.copy()
+        grown[:, 1:, :] |= mask[:, :-1, :]
+        grown[:, :, 1:] |= mask[:, :, :-1]
+        grown[1:] |= mask[:-1]
+        slicer.util.updateSegmentBinaryLabelmapFromArray(grown, segmentation, ids[0], volume)
+        assert logic.labeledSlices(volume, segmentation, ids, axis="K")[0].slices == list(LABELED)
+        assert logic.labeledSlices(volume, segmentation, ids, axis="J")[0].slices == [30]
+    finally:
+        logic.stopWatching()
+
+
+def test_a_run_and_an_axis_change_do_not_make_predictions_labeled(mrml, logic):  # noqa: F811
+    volume, segmentation, ids = makeScene(mrml)
+    logic.run(volume, segmentation, ids, **RUN)
+    # The prediction covers many slices along every axis; only the drawn ones count.
+    assert [s.slices for s in logic.labeledSlices(volume, segmentation, ids, axis=0)] == [
+        list(LABELED)
+    ] * 2
+    assert [s.slices for s in logic.labeledSlices(volume, segmentation, ids, axis=2)] == [[], []]
+    # A correction on K slice 2 (seen later, without an observer) is a new labeled slice.
+    corrected = segmentArray(segmentation, ids[0], volume).astype(np.uint8)
+    corrected[2] = truth()[1][2]
+    slicer.util.updateSegmentBinaryLabelmapFromArray(corrected, segmentation, ids[0], volume)
+    found = logic.labeledSlices(volume, segmentation, ids, axis=0)
+    assert found[0].slices == [1, 2, 4] and found[1].slices == list(LABELED)
+
+
+def test_labeled_slice_records_are_saved_with_the_segmentation(mrml, logic, tmp_path):  # noqa: F811
+    volume, segmentation, ids = makeScene(mrml)
+    logic.run(volume, segmentation, ids, **RUN)
+    path = str(tmp_path / "seg.seg.nrrd")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(path)
+    assert storage.WriteData(segmentation)
+    reloaded = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reloaded")
+    reader = slicer.vtkMRMLSegmentationStorageNode()
+    reader.SetFileName(path)
+    assert reader.ReadData(reloaded)
+    newIds = [reloaded.GetSegmentation().GetSegmentIdBySegmentName(n) for n in ("liver", "spleen")]
+    found = logic.labeledSlices(volume, reloaded, newIds, axis=0)
+    assert [f.slices for f in found] == [list(LABELED)] * 2
+
+
+# ------------------------------------------------------------------------------ runs, undo
+
+
+def test_run_writes_segments_and_keeps_the_drawn_slices(mrml, logic):  # noqa: F811
+    volume, segmentation, ids = makeScene(mrml)
     otherId = segmentation.GetSegmentation().AddEmptySegment("", "bladder")
     other = np.zeros(SHAPE, np.uint8)
     other[:, 2:8, 2:8] = 1
     slicer.util.updateSegmentBinaryLabelmapFromArray(other, segmentation, otherId, volume)
     before = allSegments(segmentation, volume)
 
-    request = logic.prepareRun(volume, segmentation, ids, axis=0, **RUN)
-    result = logic.compute(request)
-    report = logic.applyResult(request, result)
-
-    assert result.labels.shape == SHAPE and result.geometry == logic.volumeGeometry(volume)
+    request = logic.prepareRun(volume, segmentation, ids, axis=0)
+    run = logic.startRun(request, logic.modelSettings(**RUN))
+    assert request.volume is None  # the volume copy is dropped once sent
+    logic.runs.wait(run, describeFailure=logic.engine.describeFailure)
+    assert run.state == "done", run.error
+    result, report = logic.lastResult, run.report
+    assert result.geometry is not None and result.probabilities == {}  # big arrays released
     assert report.labeledSlices == list(LABELED)
     after = allSegments(segmentation, volume)
     for value, segmentId in zip((1, 2), ids, strict=True):
         expected = np.asarray(result.labels) == value
-        for s in LABELED:  # user-drawn slices exactly as drawn
-            np.testing.assert_array_equal(after[segmentId][s], before[segmentId][s])
+        for s in LABELED:
             expected[s] = before[segmentId][s]
         np.testing.assert_array_equal(after[segmentId], expected)
         assert report.voxelCounts[segmentId] == int(expected.sum())
-        _voxelLinesUp(segmentation, segmentId, volume, expected)
     np.testing.assert_array_equal(after[otherId], before[otherId])
-    # Predictions were written outside the labeled slices (random weights still predict).
     assert any(after[s][[0, 2, 3, 5]].any() for s in ids)
 
 
-def test_undo_restores_the_segmentation(mrml, logic):  # noqa: F811
+def test_undo_restores_and_refuses_after_a_manual_edit(mrml, logic):  # noqa: F811
     volume, segmentation, ids = makeScene(mrml)
     before = allSegments(segmentation, volume)
     assert not logic.canUndo(segmentation)
     logic.run(volume, segmentation, ids, **RUN)
-    assert any(not np.array_equal(before[s], a) for s, a in allSegments(segmentation, volume).items())
-    assert logic.canUndo(segmentation)
-    assert logic.undoLastRun(segmentation)
-    after = allSegments(segmentation, volume)
-    assert after.keys() == before.keys()
-    assert all(np.array_equal(before[s], after[s]) for s in before)
-    assert not logic.canUndo(segmentation)
-
-
-def test_cancelled_run_leaves_the_segmentation_as_it_was(mrml, logic):  # noqa: F811
-    from SlicerSGP.errors import Cancelled
-
-    volume, segmentation, ids = makeScene(mrml)
-    before = allSegments(segmentation, volume)
-    outputClasses = ("vtkMRMLSegmentationNode", "vtkMRMLTableNode", "vtkMRMLPlotChartNode", "vtkMRMLPlotSeriesNode")
-
-    def outputNodes():
-        return [mrml.scene.GetNumberOfNodesByClass(c) for c in outputClasses]
-
-    nodesBefore = outputNodes()
-
-    # Synchronous: cancel once the engine has started propagating.
-    stages = []
-    with pytest.raises(Cancelled):
-        logic.run(
-            volume, segmentation, ids, keepPseudoMasks=True, **RUN,
-            progress=lambda stage, fraction: stages.append(stage),
-            cancel=lambda: any(s.startswith("propagate") for s in stages),
-        )  # fmt: skip
-    assert any(s.startswith("propagate") for s in stages)
-
-    # In the worker thread, cancelled from the main thread while it runs.
-    request = logic.prepareRun(volume, segmentation, ids, **RUN)
-    job = logic.startRun(request)
-    deadline = time.monotonic() + 60
-    while job.stage in ("waiting", "loading model") and not job.done() and time.monotonic() < deadline:
-        time.sleep(0.002)
-    job.cancel()
-    assert job.wait(60)
-    assert job.cancelled, job.error
-    assert job.result is None
-
+    written = allSegments(segmentation, volume)
+    # A manual edit after the run: Undo must not wipe it.
+    edited = written[ids[1]].astype(np.uint8)
+    edited[3, 0:4, 0:4] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(edited, segmentation, ids[1], volume)
+    with pytest.raises(
+        SGPInputError, match="'spleen' were edited after the SGP run.*nothing was changed"
+    ):
+        logic.undoLastRun(segmentation, volume)
+    np.testing.assert_array_equal(segmentArray(segmentation, ids[1], volume), edited > 0)
+    # Put it back as the run wrote it: now Undo restores the state before the run.
+    slicer.util.updateSegmentBinaryLabelmapFromArray(
+        written[ids[1]].astype(np.uint8), segmentation, ids[1], volume
+    )
+    logic.undoLastRun(segmentation, volume)
     after = allSegments(segmentation, volume)
     assert all(np.array_equal(before[s], after[s]) for s in before)
-    assert outputNodes() == nodesBefore  # no pseudo-mask segmentation, table, chart or series
     assert not logic.canUndo(segmentation)
+    with pytest.raises(SGPInputError, match="no SGP result to undo"):
+        logic.undoLastRun(segmentation, volume)
 
 
-def test_worker_thread_run_then_apply(mrml, logic):  # noqa: F811
+def test_edit_during_the_run_writes_nothing(mrml, logic):  # noqa: F811
     volume, segmentation, ids = makeScene(mrml)
-    request = logic.prepareRun(volume, segmentation, ids, **RUN)
-    job = logic.startRun(request)
-    seen = set()
-    while not job.done():
-        seen.add(job.stage)
-        time.sleep(0.001)
-    assert job.error is None, job.error
-    assert job.fraction >= 0.0 and "waiting" not in (job.stage,)
-    report = logic.applyResult(request, job.result)
-    assert set(report.segmentIds) == set(ids)
-
-
-def test_correction_is_used_as_support_and_embeddings_are_reused(mrml, logic):  # noqa: F811
-    volume, segmentation, ids = makeScene(mrml, noiseSeed=7)  # a volume not seen before
-    truth = _truth()
-    first = logic.prepareRun(volume, segmentation, ids, **RUN)
-    firstResult = logic.compute(first)
-    logic.applyResult(first, firstResult)
-
-    # Predicted slices are not taken for user labels on the next run...
-    assert [s.slices for s in logic.labeledSlices(volume, segmentation, ids)] == [list(LABELED)] * 2
-    # ...but a slice the user corrects is.
-    corrected = segmentArray(segmentation, ids[0], volume).astype(np.uint8)
-    corrected[2] = truth[1][2]
-    slicer.util.updateSegmentBinaryLabelmapFromArray(corrected, segmentation, ids[0], volume)
-    found = logic.labeledSlices(volume, segmentation, ids)
-    assert found[0].slices == [1, 2, 4] and found[1].slices == list(LABELED)
-
-    spleenBefore = segmentArray(segmentation, ids[1], volume)
-    encodedBefore = firstResult.stats["slices_encoded"]
-    second = logic.prepareRun(volume, segmentation, ids, **RUN)
-    assert second.supportSlices == [1, 2, 4]
-    secondResult = logic.compute(second)
-    assert secondResult.labeled_slices == [1, 2, 4]
-    assert secondResult.stats["slices_encoded"] == encodedBefore  # no slice encoded again
-    assert secondResult.timings["encode"] < 0.1 * firstResult.timings["encode"]
-    logic.applyResult(second, secondResult)
-    liver = segmentArray(segmentation, ids[0], volume)
-    np.testing.assert_array_equal(liver[2], truth[1][2])
-    # Slice 2 now counts as labeled for every structure: the spleen there stays as the user
-    # left it (the accepted prediction), like the other labeled slices.
-    np.testing.assert_array_equal(segmentArray(segmentation, ids[1], volume)[2], spleenBefore[2])
+    request = logic.prepareRun(volume, segmentation, ids)
+    run = logic.startRun(request, logic.modelSettings(**RUN))
+    drawn = segmentArray(segmentation, ids[0], volume).astype(np.uint8)
+    drawn[3, 5:9, 5:9] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, segmentation, ids[0], volume)
+    with pytest.raises(
+        SGPInputError, match="'liver' was edited while the run was going on; nothing was written"
+    ):
+        logic.runs.wait(run)
+    np.testing.assert_array_equal(segmentArray(segmentation, ids[0], volume), drawn > 0)
+    assert run.state == "failed"
 
 
 def test_pseudo_masks_scores_plot_and_least_confident_jump(mrml, logic):  # noqa: F811
@@ -350,12 +302,12 @@ def test_pseudo_masks_scores_plot_and_least_confident_jump(mrml, logic):  # noqa
     pseudo = mrml.scene.GetNodeByID(report.pseudoMaskNodeID)
     assert pseudo is not None and not pseudo.GetDisplayNode().GetVisibility()
     assert pseudo is segmentation.GetNodeReference("SGPPseudoMasks")
-    names = [pseudo.GetSegmentation().GetSegment(s).GetName() for s in pseudo.GetSegmentation().GetSegmentIDs()]
+    names = [
+        pseudo.GetSegmentation().GetSegment(s).GetName()
+        for s in pseudo.GetSegmentation().GetSegmentIDs()
+    ]
     assert names == ["liver", "spleen"]
     result = logic.lastResult
-    pseudoLiver = segmentArray(pseudo, pseudo.GetSegmentation().GetSegmentIdBySegmentName("liver"), volume)
-    np.testing.assert_array_equal(pseudoLiver, result.pseudo_masks[1] >= 0.5)
-
     table = mrml.scene.GetNodeByID(report.tableNodeID)
     assert table.GetNumberOfRows() == SHAPE[0]
     columns = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
@@ -364,12 +316,11 @@ def test_pseudo_masks_scores_plot_and_least_confident_jump(mrml, logic):  # noqa
     np.testing.assert_allclose(confidence, result.slice_scores[1]["confidence"], rtol=1e-6)
     chart = mrml.scene.GetNodeByID(report.chartNodeID)
     assert chart.GetNumberOfPlotSeriesNodes() == 2
-    assert chart.GetNthPlotSeriesNode(0).GetYColumnName() == "liver confidence"
 
     worst = logic.leastConfidentSlices(count=3)
     assert len(worst) == 3 and all(s not in LABELED for _, _, s, _ in worst)
     assert [c for *_, c in worst] == sorted(c for *_, c in worst)
-    value, name, sliceIndex, _ = worst[0]
+    _, _, sliceIndex, _ = worst[0]
     ras = logic.jumpToSlice(volume, 0, sliceIndex)
     ijkToRAS = vtk.vtkMatrix4x4()
     volume.GetIJKToRASMatrix(ijkToRAS)
@@ -381,40 +332,223 @@ def test_pseudo_masks_scores_plot_and_least_confident_jump(mrml, logic):  # noqa
 
 def test_reference_case_in_the_scene_is_support(mrml, logic):  # noqa: F811
     volume, segmentation, ids = makeScene(mrml, labeled=(), segments=("liver",))
-    refVolume, refSegmentation, refIds = makeScene(mrml, labeled=range(SHAPE[0]), segments=("Liver", "spleen"))
+    refVolume, refSegmentation, _ = makeScene(
+        mrml, labeled=range(SHAPE[0]), segments=("Liver", "spleen"), name="reference"
+    )
     request = logic.prepareRun(
-        volume, segmentation, ids, referenceCases=[(refVolume, refSegmentation)], **RUN
+        volume, segmentation, ids, referenceCases=logic.referenceCases([refSegmentation])
     )
     assert request.supportSlices == []
     items = request.supportBank[1]
     assert len(items) == SHAPE[0] and all(it.mask.any() for it in items)
-    assert 0.0 <= min(float(it.image.min()) for it in items) and max(float(it.image.max()) for it in items) <= 1.0
-    result = logic.compute(request)
-    logic.applyResult(request, result)
+    run = logic.startRun(request, logic.modelSettings(**RUN))
+    logic.runs.wait(run)
     written = segmentArray(segmentation, ids[0], volume)
-    np.testing.assert_array_equal(written, np.asarray(result.labels) == 1)
-    assert logic.referenceVolumeForSegmentation(refSegmentation) is refVolume
+    np.testing.assert_array_equal(written, np.asarray(logic.lastResult.labels) == 1)
 
 
-def test_out_of_memory_becomes_a_concrete_suggestion(mrml, logic):  # noqa: F811
-    import torch
+def test_reference_cases_use_the_engines_numpy_intensity_mapping():
+    """The module maps reference cases with the engine's own code, which imports no torch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    from SlicerSGP.errors import SGPDeviceError
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys, SGPSegmentLib.reference_cases, SlicerSGP.data.intensity; "
+            "print(sorted(m for m in ('torch', 'sam2', 'SimpleITK') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": f"{root / 'SGPSegment'}{os.pathsep}{root}"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True)
+    assert out.stdout.strip() == "[]"
 
+
+def test_reference_cases_are_node_references_on_the_parameter_node(mrml, logic, tmp_path):  # noqa: F811
+    _, first, _ = makeScene(mrml, name="case A")
+    _, second, _ = makeScene(mrml, name="case B")
+    parameterNode = mrml.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "SGPSegment")
+    logic.setReferenceCases(parameterNode, [first, second])
+    assert logic.referenceCaseNodes(parameterNode) == [first, second]
+    # Saved and loaded again (IDs may change on import): still the same two segmentations.
+    path = str(tmp_path / "scene.mrml")
+    mrml.scene.SetURL(path)
+    assert mrml.scene.Commit(path)
+    mrml.scene.Clear(0)
+    assert mrml.scene.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode") == 0
+    mrml.scene.SetURL(path)
+    assert mrml.scene.Connect()
+    reloaded = mrml.scene.GetFirstNodeByName("SGPSegment")
+    assert [n.GetName() for n in logic.referenceCaseNodes(reloaded)] == [
+        "case A segmentation",
+        "case B segmentation",
+    ]
+    logic.setReferenceCases(reloaded, [])
+    assert logic.referenceCaseNodes(reloaded) == []
+
+
+def test_scene_close_cancels_and_forgets(mrml, logic):  # noqa: F811
     volume, segmentation, ids = makeScene(mrml)
-    request = logic.prepareRun(volume, segmentation, ids, **{**RUN, "imageSize": 1024, "model": "large"})
-    error = logic.translateError(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), request)
-    assert isinstance(error, SGPDeviceError)
-    message = str(error)
-    assert "nothing was written" in message and "768 instead of 1024" in message
-    assert "tiny" in message and "CPU" in message
-    other = ValueError("something else")
-    assert logic.translateError(other, request) is other
+    logic.run(volume, segmentation, ids, **RUN)
+    assert logic.lastResult is not None and logic.canUndo(segmentation)
+    run = logic.startRun(logic.prepareRun(volume, segmentation, ids), logic.modelSettings(**RUN))
+    logic.sceneClosing(run)
+    assert run.state == "cancelled"
+    assert logic.lastResult is None and not logic.canUndo(segmentation)
+    assert logic.leastConfidentSlices() == []
 
 
-def test_devices_and_cpu_warning(logic):
-    devices = logic.availableDevices()
-    assert devices[0][0] == "auto" and devices[-1][0] == "cpu"
-    assert "CPU" in logic.deviceWarning("cpu")
-    assert logic.missingDependencies() == []
-    assert logic.ensureDependencies(confirm=lambda message: pytest.fail("nothing to install"))
+# --------------------------------------------------------------------- panel (parameter node)
+
+
+def test_panel_actions_from_the_parameter_node(mrml, logic, tmp_path):  # noqa: F811
+    volume, segmentation, ids = makeScene(mrml)
+    pn = types.SimpleNamespace(
+        inputVolume=volume,
+        segmentation=segmentation,
+        segmentIds=",".join(ids),
+        axis="K",
+        model="tiny",
+        checkpointPath=tmp_path / "none.safetensors",
+        device="cpu",
+        imageSize=256,
+        topK=4,
+        intensity="auto",
+        keepPseudoMasks=False,
+        parameterNode=mrml.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode"),
+    )
+    assert logic.canRun(pn) == (True, "")
+    assert logic.labeledSlicesSummary(pn)[0].startswith("liver: 2 labeled slice(s) along Axial (K)")
+    pn.axis = "I"
+    assert logic.labeledSlicesSummary(pn) == [
+        "liver: no slice drawn along Sagittal (I)",
+        "spleen: no slice drawn along Sagittal (I)",
+    ]
+    pn.model = "SGP checkpoint"
+    assert logic.canRun(pn) == (False, "Choose the trained SGP checkpoint (.safetensors) file.")
+    pn.segmentIds = ""
+    assert logic.canRun(pn)[0] is False
+    choices = logic.deviceChoices([{"device": "cuda:0", "name": "H100"}, {"device": "cpu"}])
+    assert [c[0] for c in choices] == ["auto", "cuda:0", "cpu"]
+
+
+# ----------------------------------------------------------------------------- dependencies
+
+
+def test_dependency_versions_are_checked_not_just_presence():
+    from SGPSegmentLib import dependencies
+
+    assert dependencies.problems(["numpy>=1.24"], {"numpy": "2.4.6"}) == []
+    assert dependencies.problems(["numpy>=1.24"], {"numpy": "1.21.0"}) == [
+        "numpy: 1.21.0 installed, needs >=1.24"
+    ]
+    assert dependencies.problems(["sam2==1.1.0"], {"sam2": None}) == [
+        "sam2: not installed (needs sam2==1.1.0)"
+    ]
+    assert "peft>=0.11" not in dependencies.requirements(sgpCheckpoint=False)
+    assert "peft>=0.11" in dependencies.requirements(sgpCheckpoint=True)
+    assert dependencies.missing(sgpCheckpoint=True) == []  # this test environment has them all
+
+
+def test_sam2_is_installed_only_after_its_sha256_matches(tmp_path):
+    from SGPSegmentLib import dependencies
+
+    calls = []
+
+    def fakePip(python, args, env=None):
+        calls.append((args[0], env.get("SAM2_BUILD_CUDA") if env else None, args))
+        if args[0] == "download":
+            target = args[args.index("-d") + 1]
+            (tmp_path / "sdist").write_bytes(b"not the pinned file")
+            import shutil
+
+            shutil.copy(tmp_path / "sdist", f"{target}/{dependencies.SAM2_SDIST}")
+        return ""
+
+    with pytest.raises(SGPError, match="sha256 .* not the pinned 7e0ea252.*not installed"):
+        dependencies.installSam2("python", pip=fakePip)
+    assert [c[0] for c in calls] == ["download"]  # never reached "install"
+    assert calls[0][1] == "0" and "--no-deps" in calls[0][2]
+
+    good = tmp_path / "good.tar.gz"
+    good.write_bytes(b"x")
+    import hashlib
+
+    assert dependencies.sha256(good) == hashlib.sha256(b"x").hexdigest()
+    dependencies.SAM2_SHA256, saved = (
+        dependencies.sha256(tmp_path / "sdist"),
+        dependencies.SAM2_SHA256,
+    )
+    try:
+        calls.clear()
+        dependencies.installSam2("python", pip=fakePip)
+    finally:
+        dependencies.SAM2_SHA256 = saved
+    assert [c[0] for c in calls] == ["download", "install"]
+    install = calls[1][2]
+    assert {"--no-build-isolation", "--no-deps"} <= set(install) and calls[1][1] == "0"
+
+
+def test_widget_calls_only_what_the_logic_has():
+    """The Widget cannot run here (no Slicer application); at least every Logic method and
+    attribute it uses must exist."""
+    import ast
+    from pathlib import Path
+
+    from SGPSegmentLib import SGPSegmentCoreLogic
+
+    source = (Path(__file__).resolve().parents[1] / "SGPSegment" / "SGPSegment.py").read_text()
+    tree = ast.parse(source)
+    logicClass = next(
+        n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SGPSegmentLogic"
+    )
+    ownMethods = {n.name for n in logicClass.body if isinstance(n, ast.FunctionDef)}
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute):
+            if (
+                node.value.attr == "logic"
+                and isinstance(node.value.value, ast.Name)
+                and node.value.value.id == "self"
+            ):
+                used.add(node.attr)
+    assert {"poll", "cancel", "startRunFromParameterNode", "undoLastRun", "sceneClosing"} <= used
+    logic = SGPSegmentCoreLogic()
+    missing = sorted(name for name in used if name not in ownMethods and not hasattr(logic, name))
+    assert not missing, f"SGPSegment.py uses Logic members that do not exist: {missing}"
+    engine = {
+        n.attr
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute)
+        and isinstance(n.value, ast.Attribute)
+        and n.value.attr == "engine"
+    }
+    assert engine and all(hasattr(logic.engine, name) for name in engine), engine
+
+
+def test_a_broken_torch_does_not_stop_the_panel(tmp_path):
+    """The panel's Logic builds and answers with a torch that fails to import (e.g. a CUDA
+    build that does not match the driver): it never imports torch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    broken = tmp_path / "torch"
+    broken.mkdir()
+    (broken / "__init__.py").write_text(
+        "raise OSError('libcudart.so: cannot open shared object file')\n"
+    )
+    here = Path(__file__).resolve().parent
+    script = (
+        "import sys, types\n"
+        f"sys.path[:0] = [{str(tmp_path)!r}, {str(here)!r}]\n"
+        "import module_fixtures\n"
+        "from SGPSegmentLib import SGPSegmentCoreLogic\n"
+        "logic = SGPSegmentCoreLogic()\n"
+        "pn = types.SimpleNamespace(model='tiny', checkpointPath='', inputVolume=None, segmentation=None, segmentIds='', axis='K')\n"
+        "print('STATUS', logic.weightsStatusText(pn), '|', logic.dependencyStatus(pn), '|', logic.canRun(pn))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "STATUS Weights:" in proc.stdout and "Select an input volume." in proc.stdout

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import re
 import shutil
@@ -42,7 +43,9 @@ def cmakeSets(path: Path) -> dict[str, list[str]]:
         expanded = []
         for item in items:
             item = item.strip('"')
-            item = re.sub(r"\$\{(\w+)\}", lambda m: " ".join(values.get(m.group(1), [m.group(0)])), item)
+            item = re.sub(
+                r"\$\{(\w+)\}", lambda m: " ".join(values.get(m.group(1), [m.group(0)])), item
+            )
             expanded.append(item)
         values[name] = expanded
     return values
@@ -68,7 +71,10 @@ def test_every_listed_file_exists(lists):
     missing = [str(p) for p in sorted(listedFiles(lists)) if not p.is_file()]
     assert not missing, f"Listed in SGPSegment/CMakeLists.txt but not found: {missing}"
     cmake = (MODULE_DIR / "CMakeLists.txt").read_text()
-    assert "SOURCE_DIR ${ENGINE_SOURCE_DIR}" in cmake and "ENGINE_SOURCE_DIR ${CMAKE_CURRENT_SOURCE_DIR}/.." in cmake
+    assert (
+        "SOURCE_DIR ${ENGINE_SOURCE_DIR}" in cmake
+        and "ENGINE_SOURCE_DIR ${CMAKE_CURRENT_SOURCE_DIR}/.." in cmake
+    )
 
 
 def _moduleFile(dotted: str) -> Path | None:
@@ -131,12 +137,22 @@ def importClosure(start: Path) -> set[Path]:
     return seen
 
 
+ENGINE_ENTRY = ROOT / "SlicerSGP" / "service" / "__main__.py"
+"""What the local engine runs (``python -m SlicerSGP.service``) from the installed package."""
+
+
 def test_every_python_file_the_module_uses_is_listed(lists):
     listed = listedFiles(lists)
-    used = importClosure(MODULE_FILE.resolve())
-    assert (ROOT / "SlicerSGP" / "method" / "segmenter.py").resolve() in used  # the lazy engine import is followed
-    missing = sorted(str(p.relative_to(ROOT)) for p in used - listed)
-    assert not missing, f"Python files the module imports but SGPSegment/CMakeLists.txt does not list: {missing}"
+    moduleUses = importClosure(MODULE_FILE.resolve())
+    for name in ("client.py", "launcher.py"):
+        assert (ROOT / "SlicerSGP" / "service" / name).resolve() in moduleUses, name
+    engineUses = importClosure(ENGINE_ENTRY.resolve())
+    assert (ROOT / "SlicerSGP" / "method" / "segmenter.py").resolve() in engineUses
+    missing = sorted(str(p.relative_to(ROOT)) for p in (moduleUses | engineUses) - listed)
+    assert not missing, (
+        "Python files the module or its local engine imports but SGPSegment/CMakeLists.txt "
+        f"does not list: {missing}"
+    )
 
 
 def test_all_module_python_files_are_listed(lists):
@@ -160,31 +176,114 @@ def test_every_resource_is_listed(lists):
     assert used <= listed, f"Resources the module loads but does not list: {sorted(used - listed)}"
 
 
-def test_heavy_dependencies_are_not_imported_at_module_import():
-    heavy = ("torch", "sam2", "SlicerSGP.method.segmenter", "SlicerSGP.method.model", "SlicerSGP.data.preprocess", "SlicerSGP.weights", "SlicerSGP.data.io", "SimpleITK")
-    for path in (MODULE_FILE, MODULE_DIR / "SGPSegmentLib" / "logic.py", MODULE_DIR / "SGPSegmentLib" / "__init__.py"):
-        tree = ast.parse(path.read_text())
-        for node in tree.body:
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                names = [node.module or ""]
-            for name in names:
-                assert not name.startswith(heavy), f"{path.name} imports {name} at import time"
+def _allImports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.add(node.module or "")
+    return names
+
+
+def test_module_never_imports_the_engine_or_torch():
+    """Slicer's process talks to the engine over HTTP: no torch, sam2 or engine internals, not
+    even lazily (Testing/test_module_service.py checks the running process too)."""
+    heavy = (
+        "torch",
+        "sam2",
+        "SimpleITK",
+        "SlicerSGP.method",
+        "SlicerSGP.data",
+        "SlicerSGP.training",
+        "SlicerSGP.evaluation",
+        "SlicerSGP.cli",
+        "SlicerSGP.service.server",
+        "SlicerSGP.service.jobs",
+        "qt",
+        "ctk",
+    )
+    numpy_only = ("SlicerSGP.data.intensity",)  # the engine's intensity mapping, no torch
+    for path in sorted((MODULE_DIR / "SGPSegmentLib").glob("*.py")):
+        for name in _allImports(path):
+            if name in numpy_only:
+                continue
+            assert not (name == "qt" or name.startswith(tuple(h for h in heavy if h != "qt"))), (
+                f"{path.name} imports {name}"
+            )
+    for name in _allImports(MODULE_FILE):
+        assert not name.startswith(heavy[:-2]), f"SGPSegment.py imports {name}"
+
+
+def test_module_file_loads_on_old_slicer_python_to_show_the_version_message():
+    """Slicer 5.8 (Python 3.9) must reach the 'needs Slicer 5.10' message: the module file and
+    what it imports before the version check parse as Python 3.9 and use nothing newer."""
+    for path in (MODULE_FILE, MODULE_DIR / "SGPSegmentLib" / "constants.py"):
+        source = path.read_text()
+        tree = ast.parse(source, feature_version=(3, 9))
+        assert not any(isinstance(n, ast.Match) for n in ast.walk(tree)), path.name
+        for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
+            assert not any(k.arg == "strict" for k in call.keywords), f"{path.name}: zip(strict=)"
+        for node in ast.walk(tree):  # X | Y in an annotation is evaluated at class/def time
+            annotation = getattr(node, "annotation", None) or getattr(node, "returns", None)
+            if annotation is not None:
+                assert not any(isinstance(n, ast.BinOp) for n in ast.walk(annotation)), (
+                    f"{path.name}: {ast.unparse(annotation)}"
+                )
+    tree = ast.parse(MODULE_FILE.read_text())
+    checkLine = next(
+        n.lineno
+        for n in tree.body
+        if isinstance(n, ast.Assign) and "VERSION_PROBLEM" in ast.unparse(n.targets[0])
+    )
+    for node in tree.body:
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.lineno < checkLine
+            and (node.module or "").startswith("SGPSegmentLib")
+        ):
+            assert node.module == "SGPSegmentLib.constants", (
+                f"{node.module} is imported before the version check"
+            )
+    spec = importlib.util.spec_from_file_location(
+        "sgp_constants", MODULE_DIR / "SGPSegmentLib" / "constants.py"
+    )
+    constants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(constants)
+    slicerVersionProblem = constants.slicerVersionProblem
+    assert "5.10" in slicerVersionProblem(5, 8) and "5.8" in slicerVersionProblem(5, 8)
+    assert slicerVersionProblem(5, 10) == "" and slicerVersionProblem(6, 0) == ""
+    source = MODULE_FILE.read_text()
+    assert "Needs 3D Slicer 5.10 or later" in source and "README_URL" in source
+    assert "getDefaultModuleDocumentationLink" not in source
 
 
 def test_module_follows_the_scripted_module_template():
     tree = ast.parse(MODULE_FILE.read_text())
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
-    for name in ("SGPSegment", "SGPSegmentWidget", "SGPSegmentLogic", "SGPSegmentTest", "SGPSegmentParameterNode"):
+    for name in (
+        "SGPSegment",
+        "SGPSegmentWidget",
+        "SGPSegmentLogic",
+        "SGPSegmentTest",
+        "SGPSegmentParameterNode",
+    ):
         assert name in classes, name
     bases = {n: [ast.unparse(b) for b in c.bases] for n, c in classes.items()}
     assert "ScriptedLoadableModule" in bases["SGPSegment"]
     assert "ScriptedLoadableModuleWidget" in bases["SGPSegmentWidget"]
     assert bases["SGPSegmentLogic"][:2] == ["ScriptedLoadableModuleLogic", "SGPSegmentCoreLogic"]
+    # Qt 5.15's .ui loader sets int properties given as <enum> to -1: set in code instead.
+    assert (
+        "self.ui.segmentsTableView.selectionMode = qt.QAbstractItemView.MultiSelection"
+        in ast.unparse(classes["SGPSegmentWidget"]).replace("'", '"')
+        or "selectionMode = qt.QAbstractItemView.MultiSelection" in MODULE_FILE.read_text()
+    )
+    assert "selectionMode" not in UI_FILE.read_text()
     assert "ScriptedLoadableModuleTest" in bases["SGPSegmentTest"]
-    assert [ast.unparse(d) for d in classes["SGPSegmentParameterNode"].decorator_list] == ["parameterNodeWrapper"]
+    assert [ast.unparse(d) for d in classes["SGPSegmentParameterNode"].decorator_list] == [
+        "parameterNodeWrapper"
+    ]
     source = MODULE_FILE.read_text()
     assert 'self.parent.categories = ["Segmentation"]' in source
     # Thin widget: no MRML node creation or numpy work in it.
@@ -199,7 +298,9 @@ def test_module_follows_the_scripted_module_template():
 def _uic() -> str:
     exe = shutil.which("pyside6-uic") or str(Path(sys.executable).with_name("pyside6-uic"))
     if not Path(exe).exists():
-        pytest.fail("pyside6-uic (Qt's uic, from pyside6-essentials) is needed: pip install pyside6-essentials")
+        pytest.fail(
+            "pyside6-uic (Qt's uic, from pyside6-essentials) is needed: pip install pyside6-essentials"
+        )
     return exe
 
 
@@ -230,8 +331,12 @@ def test_ui_compiles_and_has_every_widget_the_widget_code_uses(compiledUi):
 
 def _parameterFields() -> dict[str, str]:
     tree = ast.parse(MODULE_FILE.read_text())
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SGPSegmentParameterNode")
-    return {n.target.id: ast.unparse(n.annotation) for n in cls.body if isinstance(n, ast.AnnAssign)}
+    cls = next(
+        n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SGPSegmentParameterNode"
+    )
+    return {
+        n.target.id: ast.unparse(n.annotation) for n in cls.body if isinstance(n, ast.AnnAssign)
+    }
 
 
 def test_ui_parameter_bindings_match_the_parameter_node(compiledUi):
@@ -261,7 +366,7 @@ def test_ui_parameter_bindings_match_the_parameter_node(compiledUi):
             expected = {"QLineEdit", "QTextEdit"}
         assert cls in expected, f"{obj} ({cls}) cannot be connected to {param}: {annotation}"
     # Every parameter with a widget connector type is bound (the others are synced by hand).
-    unbound = {"segmentIds", "referenceSegmentationIds", "device"}
+    unbound = {"segmentIds", "axis", "device"}
     assert set(fields) - set(bindings.values()) == unbound
 
 
@@ -272,14 +377,38 @@ def test_extension_metadata_and_catalog_entry_agree():
     top = cmakeSets(ROOT / "CMakeLists.txt")
     text = (ROOT / "CMakeLists.txt").read_text()
     assert "add_subdirectory(SGPSegment)" in text
+    name = re.search(r"\bproject\((\w+)\)", text).group(1)
+    # The Extensions Index refuses new names starting with "Slicer".
+    assert name == "SGPSegmentation" and not name.lower().startswith("slicer")
     depends = [d for d in top["EXTENSION_DEPENDS"] if d != "NA"]
-    assert "PyTorch" in depends
     assert top["EXTENSION_CATEGORY"] == ["Segmentation"]
-    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL"):
+    for key in (
+        "EXTENSION_HOMEPAGE",
+        "EXTENSION_CONTRIBUTORS",
+        "EXTENSION_DESCRIPTION",
+        "EXTENSION_ICONURL",
+    ):
         assert top.get(key), key
+    assert "5.10" in " ".join(top["EXTENSION_DESCRIPTION"])
+    # A screenshot URL must point at a file that exists (the index checks it).
+    for url in top.get("EXTENSION_SCREENSHOTURLS", []):
+        assert (ROOT / url.split("/main/", 1)[1]).is_file(), url
 
-    entry = json.loads((ROOT / "SlicerSGP.json").read_text())
-    allowed = {"$schema", "build_dependencies", "build_subdirectory", "category", "enabled", "scm_revision", "scm_type", "scm_url", "tier"}
+    catalog = ROOT / f"{name}.json"
+    assert catalog.is_file(), f"the catalog entry must be named after the extension: {catalog.name}"
+    assert not (ROOT / "SlicerSGP.json").exists()
+    entry = json.loads(catalog.read_text())
+    allowed = {
+        "$schema",
+        "build_dependencies",
+        "build_subdirectory",
+        "category",
+        "enabled",
+        "scm_revision",
+        "scm_type",
+        "scm_url",
+        "tier",
+    }
     assert set(entry) <= allowed, set(entry) - allowed
     assert {"$schema", "category", "scm_url"} <= set(entry)
     assert sorted(entry["build_dependencies"]) == sorted(depends)

@@ -25,97 +25,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from SlicerSGP.data.intensity import (  # noqa: F401  (re-exported: one place to import from)
+    AUTO_CT_PRESET,
+    CT_PRESETS,
+    INTENSITY_MODES,
+    PERCENTILES,
+    evenly_spaced,
+    intensity_range,
+    is_rgb,
+    normalize_intensity,
+)
 from SlicerSGP.errors import SGPInputError
-
-CT_PRESETS: dict[str, tuple[float, float]] = {
-    "ct_abdomen": (40.0, 400.0),
-    "ct_lung": (-600.0, 1500.0),
-    "ct_bone": (400.0, 1800.0),
-    "ct_brain": (40.0, 80.0),
-    "ct_soft_tissue": (50.0, 350.0),
-}
-"""CT window presets: name -> (center, width) in Hounsfield units."""
-
-AUTO_CT_PRESET = "ct_abdomen"
-"""Preset 'auto' uses for data that looks like CT in Hounsfield units."""
-
-PERCENTILES = (0.5, 99.5)
-"""Percentile clipping used by 'percentile' (and by 'auto' for non-CT, non-8-bit data)."""
-
-INTENSITY_MODES: tuple[str, ...] = ("auto", "percentile", "none", *CT_PRESETS)
+from SlicerSGP.types import AXIS_LABELS, axis_label
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 MIN_SLICE_SIZE = 16
 """Smallest in-plane size (pixels, either axis) accepted by :func:`validate_volume`."""
-
-
-# --------------------------------------------------------------------------------------------
-# Intensity
-# --------------------------------------------------------------------------------------------
-
-
-def _is_rgb(volume: np.ndarray) -> bool:
-    return volume.ndim == 4 and volume.shape[-1] == 3
-
-
-def intensity_range(volume: np.ndarray, mode: str = "auto") -> tuple[float, float]:
-    """The ``(lo, hi)`` intensity window for a whole volume (one mapping per volume).
-
-    ``mode``:
-
-    * ``'auto'``: uint8 data or RGB -> ``(0, 255)`` (RGB float data already in [0, 1] ->
-      ``(0, 1)``); data that looks like CT in HU (min <= -500 and max > 300) -> the
-      ``'ct_abdomen'`` window; anything else -> ``'percentile'``.
-    * ``'percentile'``: the 0.5 and 99.5 percentiles over all voxels.
-    * ``'none'``: min..max of the volume.
-    * a CT preset (:data:`CT_PRESETS`): ``center -/+ width / 2``.
-
-    A window that would be empty (constant volume) is widened to ``(lo, lo + 1)``.
-    """
-    if mode not in INTENSITY_MODES:
-        raise SGPInputError(
-            f"Unknown intensity mode {mode!r}. Use one of: {', '.join(INTENSITY_MODES)}."
-        )
-    if mode in CT_PRESETS:
-        center, width = CT_PRESETS[mode]
-        return center - width / 2.0, center + width / 2.0
-
-    arr = np.asarray(volume)
-    if arr.size == 0:
-        raise SGPInputError("Cannot compute an intensity range of an empty volume.")
-    if mode == "auto":
-        if arr.dtype == np.uint8:
-            return 0.0, 255.0
-        vmin, vmax = float(arr.min()), float(arr.max())
-        if _is_rgb(arr):
-            if np.issubdtype(arr.dtype, np.floating) and vmin >= 0.0 and vmax <= 1.0:
-                return 0.0, 1.0
-            return 0.0, 255.0
-        if vmin <= -500.0 and vmax > 300.0:
-            return intensity_range(arr, AUTO_CT_PRESET)
-        mode = "percentile"
-
-    if mode == "percentile":
-        lo, hi = (float(v) for v in np.percentile(arr, PERCENTILES))
-    else:  # 'none'
-        lo, hi = float(arr.min()), float(arr.max())
-    if not hi > lo:
-        hi = lo + 1.0
-    return lo, hi
-
-
-def normalize_intensity(volume: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Map ``[lo, hi]`` linearly onto ``[0, 1]`` (clipped), as float32, same shape."""
-    lo, hi = float(lo), float(hi)
-    if not hi > lo:
-        raise SGPInputError(f"Intensity window is empty (lo={lo}, hi={hi}); hi must exceed lo.")
-    out = np.asarray(volume, dtype=np.float32).copy()
-    out -= np.float32(lo)
-    out *= np.float32(1.0 / (hi - lo))
-    np.clip(out, 0.0, 1.0, out=out)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,7 +56,9 @@ def _check_axis(axis: int) -> int:
         or not isinstance(axis, (int, np.integer))
         or int(axis) not in (0, 1, 2)
     ):
-        raise SGPInputError(f"Slicing axis must be 0, 1 or 2 (array axes K, J, I); got {axis!r}.")
+        choices = ", ".join(f"{a} = {label}" for a, label in AXIS_LABELS.items())
+        got = int(axis) if isinstance(axis, np.integer) else axis  # plain, not np.int64(...)
+        raise SGPInputError(f"Slicing axis must be one of {choices}; got {got!r}.")
     return int(axis)
 
 
@@ -142,7 +71,7 @@ def validate_volume(volume: np.ndarray, axis: int = 0, *, min_size: int = MIN_SL
     axis = _check_axis(axis)
     if not isinstance(volume, np.ndarray):
         volume = np.asarray(volume)
-    shape = tuple(volume.shape)
+    shape = tuple(int(s) for s in volume.shape)
     if volume.ndim < 3:
         raise SGPInputError(
             f"Volume must be 3D (K, J, I) or RGB (K, J, I, 3); got shape {shape}. "
@@ -182,9 +111,9 @@ def validate_volume(volume: np.ndarray, axis: int = 0, *, min_size: int = MIN_SL
     in_plane = [spatial[a] for a in range(3) if a != axis]
     if min(in_plane) < min_size:
         raise SGPInputError(
-            f"Slices along axis {axis} are {in_plane[0]} x {in_plane[1]} pixels (volume shape "
-            f"{shape}); at least {min_size} x {min_size} is needed. Choose another slicing axis "
-            "or resample the volume to a finer grid."
+            f"Slices along axis {axis_label(axis)} are {in_plane[0]} x {in_plane[1]} pixels "
+            f"(volume shape {shape}); at least {min_size} x {min_size} is needed. Choose another "
+            "slicing axis or resample the volume to a finer grid."
         )
 
 
@@ -232,7 +161,8 @@ class LetterboxTransform:
             value = getattr(self, name)
             if int(value) != value or value < 1:
                 raise SGPInputError(
-                    f"LetterboxTransform {name} must be a positive integer; got {value!r}."
+                    f"LetterboxTransform {name} must be a positive integer; got "
+                    f"{value.item() if isinstance(value, np.generic) else value!r}."
                 )
             object.__setattr__(self, name, int(value))
 
@@ -346,7 +276,8 @@ def to_model_input(
     """Slices in [0, 1] -> the SAM2 image encoder's input ``[N, 3, size, size]`` float32.
 
     ``slices01`` is ``(N, H, W)`` (grayscale, replicated to 3 channels) or ``(N, H, W, 3)``
-    (RGB). ImageNet mean/std normalisation as SAM2 does, then :meth:`LetterboxTransform.image_to_model`
+    (RGB). ImageNet mean/std normalisation as SAM2 does, then
+    :meth:`LetterboxTransform.image_to_model`
     (resize, zero = mean-colour padding).
     """
     arr = torch.as_tensor(np.asarray(slices01), dtype=torch.float32)
@@ -364,14 +295,3 @@ def to_model_input(
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     x = (x - mean) / std
     return transform.image_to_model(x.contiguous())
-
-
-def evenly_spaced(indices: list[int], count: int) -> list[int]:
-    """``count`` items of ``indices`` spread evenly from first to last (all if ``count`` is
-    large enough), e.g. to pick empty slices that teach "absent here"."""
-    if count >= len(indices):
-        return list(indices)
-    if count <= 0:
-        return []
-    picks = np.linspace(0, len(indices) - 1, count).round().astype(int)
-    return [indices[i] for i in sorted(set(picks.tolist()))]

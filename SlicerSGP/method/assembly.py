@@ -11,7 +11,7 @@ from SlicerSGP.types import SegmentationResult, SegmentOptions
 
 SCORE_DTYPE = np.dtype([
     ("slice", "i4"), ("confidence", "f4"), ("predicted_iou", "f4"), ("object_score", "f4"),
-    ("pseudo_final_dice", "f4"), ("area_px", "i8"), ("source", "U8"),
+    ("pseudo_final_dice", "f4"), ("quality", "f4"), ("area_px", "i8"), ("source", "U8"),
 ])
 SCORE_FIELDS = ("predicted_iou", "object_score", "pseudo_final_dice")
 
@@ -45,15 +45,16 @@ def label_map_from_probabilities(probabilities: dict[int, np.ndarray], threshold
 
 
 def score_table(acc: Accumulator | None, n: int, labeled: list[int]) -> np.ndarray:
-    """One row per slice: SAM2's predicted IoU x presence, pseudo/final agreement, source
-    ("labeled", "forward", "backward", "fused", "seed", or "absent" where no sweep reached the
-    slice: past the structure's end or outside its slice limits)."""
+    """One row per slice: confidence = SAM2's predicted IoU x presence x reverse-propagation
+    quality (where scored), pseudo/final agreement, source ("labeled", "forward", "backward",
+    "fused", "seed", or "absent" where no sweep reached the slice: past the structure's end or
+    outside its slice limits)."""
     table = np.zeros(n, SCORE_DTYPE)
     table["slice"] = np.arange(n)
     drawn = set(labeled)
     for j in range(n):
         if j in drawn:
-            for name in ("confidence", *SCORE_FIELDS):
+            for name in ("confidence", "quality", *SCORE_FIELDS):
                 table[j][name] = 1.0
             table[j]["source"] = "labeled"
             continue
@@ -61,7 +62,12 @@ def score_table(acc: Accumulator | None, n: int, labeled: list[int]) -> np.ndarr
         tw = sum(w for w, _ in entries) or 1.0
         for name in SCORE_FIELDS:
             table[j][name] = sum(w * e[name] for w, e in entries) / tw
-        table[j]["confidence"] = table[j]["predicted_iou"] * table[j]["object_score"]
+        scored = [(w, e["quality"]) for w, e in entries if np.isfinite(e["quality"])]
+        quality = (sum(w * q for w, q in scored) / sum(w for w, _ in scored)) if scored \
+            else float("nan")
+        table[j]["quality"] = quality
+        table[j]["confidence"] = table[j]["predicted_iou"] * table[j]["object_score"] * (
+            quality if np.isfinite(quality) else 1.0)
         src = acc.sources.get(j, set()) if acc is not None else set()
         table[j]["source"] = "fused" if len(src) > 1 else (next(iter(src)) if src else "absent")
     return table

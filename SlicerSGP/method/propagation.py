@@ -10,7 +10,7 @@ is most confident.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ class Accumulator:
                    pseudo_weight=np.zeros(n, np.float32))
 
     def add(self, j: int, out: StepOutput, transform: preprocess.LetterboxTransform,
-            weight: float, source: str) -> None:
+            weight: float, source: str, quality: float = float("nan")) -> None:
         final = transform.logits_to_image(out.final_high.float())
         prob = torch.sigmoid(final)[0, 0].cpu().numpy()
         pseudo_prob = torch.sigmoid(transform.logits_to_image(out.pseudo_low.float()))[0, 0]
@@ -61,7 +61,7 @@ class Accumulator:
         dice = 2 * inter / denom if denom > 0 else 1.0
         self.scores.setdefault(j, []).append((weight, {
             "predicted_iou": out.predicted_iou, "object_score": out.object_score,
-            "pseudo_final_dice": dice,
+            "pseudo_final_dice": dice, "quality": quality,
         }))
         self.sources.setdefault(j, set()).add(source)
 
@@ -83,6 +83,19 @@ def presence_run(run: int, presence: float, absent_below: float) -> int:
     return run
 
 
+NEUTRAL_QUALITY = 0.5
+"""Quality assumed for a slice reverse propagation cannot score (the structure absent there)."""
+MIN_QUALITY = 0.05
+"""Floor on the quality factor: a poor side is down-weighted, never silenced."""
+
+
+def quality_factor(quality: float) -> float:
+    """The factor a side's reverse-propagation quality contributes to its fusion weight."""
+    if not np.isfinite(quality):
+        return NEUTRAL_QUALITY
+    return max(MIN_QUALITY, float(quality))
+
+
 def fusion_weight(j: int, anchors: list[int], reverse: bool, n: int) -> float:
     """Weight of this sweep's prediction at slice ``j``: inverse distance to its anchor.
 
@@ -98,21 +111,33 @@ def fusion_weight(j: int, anchors: list[int], reverse: bool, n: int) -> float:
     return 1.0 / max(d, 1)
 
 
+def nearest_anchor(j: int, anchors: list[int], reverse: bool) -> int:
+    """The drawn slice this sweep started from for slice ``j`` (the one behind it)."""
+    behind = [a for a in anchors if (a >= j if reverse else a <= j)]
+    if behind:
+        return min(behind) if reverse else max(behind)
+    return min(anchors, key=lambda a: (abs(a - j), a))
+
+
 class Propagator:
     """Runs the sweeps of one structure over an encoded volume."""
 
-    def __init__(self, runtime: Runtime, predictor: SlicePredictor):
+    def __init__(self, runtime: Runtime, predictor: SlicePredictor,
+                 support_encoder: Callable[..., Memory]):
         self.rt = runtime
         self.predictor = predictor
+        self.support_encoder = support_encoder
+        """Turns (features, slice, mask, slice index) into a support memory."""
 
     def propagate(self, feats: EncodedSlices, slices01: np.ndarray,
-                  transform: preprocess.LetterboxTransform, labeled: list[int],
+                  transform: preprocess.LetterboxTransform, masks: dict[int, np.ndarray],
                   support_pool: list[Memory], opts: SegmentOptions,
                   report: Callable[[float], None], stop: CancelCheck,
                   limits: tuple[int, int] | None = None) -> Accumulator:
-        """Both sweeps for one structure; ``support_pool`` holds the labeled slices' memories
-        (in slice order) followed by external ones. ``limits`` (first, last) bounds the slices
-        the structure may occupy."""
+        """Both sweeps for one structure from its drawn slices ``masks`` (slice -> mask);
+        ``support_pool`` holds their memories (in slice order) followed by external ones.
+        ``limits`` (first, last) bounds the slices the structure may occupy."""
+        labeled = sorted(masks)
         n = len(feats)
         first, last = limits if limits is not None else (0, n - 1)
         first, last = max(0, int(first)), min(n - 1, int(last))
@@ -150,9 +175,16 @@ class Propagator:
                 if out is None:
                     continue
                 weight = fusion_weight(j, anchors, reverse, n)
+                quality = float("nan")
+                if opts.reverse_quality and labeled:
+                    anchor = nearest_anchor(j, labeled, reverse)
+                    quality = self.reverse_dice(feats, j, out, anchor, masks[anchor], transform,
+                                                opts)
+                    if opts.quality_fusion:
+                        weight *= quality_factor(quality)
                 source = "seed" if seed and j == seed[0] else ("backward" if reverse else "forward")
                 with self.rt.timed("write_back"):
-                    acc.add(j, out, transform, weight, source)
+                    acc.add(j, out, transform, weight, source, quality)
                 report(done / total)
                 beyond = j < outermost if reverse else j > outermost
                 if beyond and opts.stop_after_absent:
@@ -161,6 +193,26 @@ class Propagator:
                         break  # the structure has ended in this direction
         report(1.0)
         return acc
+
+    def reverse_dice(self, feats: EncodedSlices, j: int, out: StepOutput, anchor: int,
+                     drawn: np.ndarray, transform: preprocess.LetterboxTransform,
+                     opts: SegmentOptions) -> float:
+        """RevSAM2's quality of slice ``j``: its final mask, as the only support, re-predicts
+        the drawn slice ``anchor`` (PMG); the Dice with the drawing. NaN where ``j``'s mask is
+        empty (an absent structure has nothing to propagate back)."""
+        mask = (out.final_high > 0).float()
+        if not bool(mask.any()):
+            return float("nan")
+        rt = self.rt
+        with rt.timed("quality"), rt.mode(False), rt.autocast():
+            memory = self.support_encoder(feats, j, mask, j)
+            back = self.predictor.step(feats, anchor, None, [memory], [], {}, anchor > j,
+                                       len(feats), replace(opts, use_pma=False),
+                                       encode_memory=False)
+            pred = transform.logits_to_image(back.pseudo_low.float())[0, 0] > 0
+        pred = pred.cpu().numpy()
+        total = int(pred.sum()) + int(drawn.sum())
+        return 1.0 if total == 0 else 2.0 * float((pred & drawn).sum()) / total
 
     def run_sweep(self, feats: EncodedSlices, order: list[int], reverse: bool,
                   labeled: set[int] | dict[int, object], support_pool: list[Memory],

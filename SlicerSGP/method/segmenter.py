@@ -18,6 +18,7 @@ one responsibility:
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any
 
@@ -78,7 +79,9 @@ class Segmenter:
         self.encoder = SliceEncoder(self.runtime, cache_mb)
         self.support = SupportMemories(self.runtime, self.encoder)
         self.predictor = SlicePredictor(self.runtime)
-        self.propagator = Propagator(self.runtime, self.predictor)
+        self.propagator = Propagator(self.runtime, self.predictor, self.support.memory)
+        self._windows: dict[str, tuple[float, float]] = {}
+        """Intensity window last used per volume (it may depend on what was drawn)."""
 
     # ------------------------------------------------------------------ what callers read
 
@@ -236,7 +239,9 @@ class Segmenter:
                        timings: dict[str, float]) -> dict[int, Accumulator]:
         """Encode the volume once, then run both sweeps per structure on those features."""
         n, h, w = vol.shape[:3]
-        lo, hi = preprocess.intensity_range(vol, opts.intensity)
+        drawn = vol[np.isin(lab, list(structures))] if lab is not None else None
+        lo, hi = preprocess.intensity_range(vol, opts.intensity, drawn=drawn)
+        self._windows[_fingerprint(vol, opts.intensity)] = (lo, hi)
         slices01 = preprocess.normalize_intensity(vol, lo, hi)
         transform = preprocess.LetterboxTransform(h, w, self.image_size)
 
@@ -257,8 +262,8 @@ class Segmenter:
                 report(f"propagate {_name}", (_si + frac) / len(structures))
 
             per_structure[value] = self.propagator.propagate(
-                feats, slices01, transform, labeled[value], own + ext, opts, stage_progress,
-                stop, slice_limits(opts, value))
+                feats, slices01, transform, masks, own + ext, opts, stage_progress, stop,
+                slice_limits(opts, value))
         timings["propagate"] = time.perf_counter() - tp
         return per_structure
 
@@ -275,8 +280,10 @@ class Segmenter:
         vol = preprocess.reorient(volume, opts.axis)
         n, h, w = vol.shape[:3]
         check_clicks(slice_index, points, point_labels, mask, (n, h, w))
-        slices01 = preprocess.normalize_intensity(vol, *preprocess.intensity_range(
-            vol, opts.intensity))
+        # The window of the last run on this volume, so clicks refine the features it used.
+        window = self._windows.get(_fingerprint(vol, opts.intensity)) or \
+            preprocess.intensity_range(vol, opts.intensity)
+        slices01 = preprocess.normalize_intensity(vol, *window)
         transform = preprocess.LetterboxTransform(h, w, self.image_size)
         feats = self.encoder.encode_volume(slices01, transform, self._batch_size(opts),
                                            lambda s, f: None, lambda: False)
@@ -290,6 +297,12 @@ class Segmenter:
         if opts.encode_batch_size:
             return int(opts.encode_batch_size)
         return 8 if self.device.type == "cuda" else 1
+
+
+def _fingerprint(vol: np.ndarray, mode: str) -> str:
+    """A cheap identity of a volume: shape, type and a strided sample of its voxels."""
+    sample = np.ascontiguousarray(vol[::5, ::7, ::7])
+    return f"{mode}|{vol.shape}|{vol.dtype}|" + hashlib.sha1(sample.view(np.uint8)).hexdigest()
 
 
 __all__ = ["EncodedSlices", "Memory", "Segmenter", "label_map_from_probabilities",
