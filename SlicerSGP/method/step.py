@@ -95,13 +95,21 @@ class SlicePredictor:
             # Present only where PMG and PMA both say so: PMA's box and mask prompts must not
             # resurrect a structure PMG found absent (and without PMG, PMA decides alone).
             presence = torch.minimum(obj_score, final_obj) if opts.use_pmg else final_obj
-            final_high, obj_ptr = gate(sam, final_high, obj_ptr, obj_score, presence)
+            gated, obj_ptr = gate(sam, final_high, obj_ptr, obj_score, presence)
+            # Training keeps PMA's own logits for its loss (a gated mask is a constant without
+            # gradient; presence is learnt by the object-score loss); the bank gets the gated
+            # mask either way, so it never disagrees with its pointer.
+            memory_mask = gated
+            if not torch.is_grad_enabled():
+                final_high = gated
+        else:
+            memory_mask = final_high
         memory = None
         if encode_memory:
             with rt.timed("memory_encode"):
                 mem, _ = sam._encode_new_memory(
                     current_vision_feats=[flat(feats.top_of(j))], feat_sizes=[(g, g)],
-                    pred_masks_high_res=final_high.to(pix.dtype), object_score_logits=presence,
+                    pred_masks_high_res=memory_mask.to(pix.dtype), object_score_logits=presence,
                     is_mask_from_pts=False,
                 )
             memory = Memory(mem.to(MEMORY_DTYPE), obj_ptr, feats.pooled[j], j)
