@@ -94,6 +94,9 @@ class SegmentOptions:
     quality_fusion: bool = True
     """Weight each side's prediction by its quality as well as by distance (needs
     ``reverse_quality``)."""
+    multi_view: bool = False
+    """Also propagate along the other two axes (support from this axis's result) and average
+    the probabilities; about three times the cost."""
     slice_limits: dict[int, list[int]] | None = None
     """Per structure value: [first, last] slice (inclusive, along ``axis``) it may occupy;
     outside, it is empty."""

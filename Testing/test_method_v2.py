@@ -271,3 +271,18 @@ def test_ct_auto_window_follows_the_drawn_structure(sgp_data):
     assert ct_window_for(None) == "ct_abdomen"  # nothing drawn: the abdomen window
     lo, hi = intensity_range(vol, "auto", drawn=vol[labels == value["vertebrae_L1"]])
     assert (lo, hi) == (-500.0, 1300.0)
+
+
+def test_multi_view_fusion_averages_three_axes(segmenter):
+    vol, lab = synthetic_volume(n=20, h=48, w=48)
+    drawn = drawn_on(lab, [3, 10, 16])
+    single = segmenter.segment(vol, drawn, {1: "blob"}, SegmentOptions())
+    before = segmenter.encode_count
+    fused = segmenter.segment(vol, drawn, {1: "blob"}, SegmentOptions(multi_view=True))
+    # The other two views encode their own slices: 48 + 48 more (the K view is cached).
+    assert segmenter.encode_count - before == 48 + 48
+    assert fused.notes and "Multi-view" in fused.notes[-1] and fused.timings["multi_view"] > 0
+    assert not np.array_equal(fused.probabilities[1], single.probabilities[1])
+    for k in (3, 10, 16):  # drawn slices stay exactly as drawn
+        assert np.array_equal(fused.labels[k], drawn[k])
+    assert fused.probabilities[1].min() >= 0 and fused.probabilities[1].max() <= 1

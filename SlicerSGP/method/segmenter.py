@@ -38,6 +38,7 @@ from SlicerSGP.method.inputs import (
     validate_options,
 )
 from SlicerSGP.method.model import SGPModel, build_model, load_sgp_checkpoint
+from SlicerSGP.method.multiview import fuse_views
 from SlicerSGP.method.propagation import Accumulator, Propagator
 from SlicerSGP.method.runtime import Runtime, resolve_device
 from SlicerSGP.method.step import SlicePredictor, StepOutput
@@ -230,6 +231,10 @@ class Segmenter:
         result.stats = {"slices": n, "slices_encoded": self.encode_count,
                         "slices_encoded_this_run": self.encode_count - encoded_before,
                         "support_slices": len(result.labeled_slices)}
+        if opts.multi_view and per_structure and any(per_structure.values()):
+            tm = time.perf_counter()
+            result = fuse_views(self, volume, labels, result, opts)
+            timings["multi_view"] = time.perf_counter() - tm
         return result
 
     def _propagate_all(self, vol: np.ndarray, lab: np.ndarray | None,
