@@ -1,25 +1,32 @@
 """SGPSegment: few-shot segmentation of a volume from a few labeled slices (SAM2 + SGP).
 
 Module (description), parameter node, Widget (wiring only), Logic and Test, as in Slicer's
-scripted-module template. All behaviour lives in the Logic; its Qt-free part is
-``SGPSegmentLib.logic.SGPSegmentCoreLogic`` so that it runs (and is tested) with the
-``slicer-core`` wheel too. This file needs the Slicer application (Qt, CTK, the parameter node
-wrapper); heavy dependencies (torch, sam2, the engine) are imported only when a run needs them.
+scripted-module template. Behaviour lives in ``SGPSegmentLib`` (Qt-free, tested with the
+``slicer-core`` wheel). The model runs in a separate engine process (``sgp serve``) that this
+module starts on this computer or reaches on a remote server: Slicer's process never imports
+torch, and a crash or out-of-memory in the engine cannot take Slicer down.
+
+This file stays importable by an older Slicer's Python 3.9 (no ``X | Y`` annotations, no
+``match``, no ``zip(strict=)``), so that such a Slicer shows the "needs Slicer 5.10" message
+instead of a traceback. ``from __future__ import annotations`` is not used here: the parameter
+node wrapper reads the class annotations as real types. One file by Slicer's scripted-module
+convention (the self-test must live here for ``slicer_add_python_unittest``), hence over 400 lines.
 """
 
-import logging
 import pathlib
 from typing import Annotated
 
 import qt
 import slicer
 import vtk
-from SGPSegmentLib.logic import (
+from SGPSegmentLib.constants import (
+    AXIS_DISPLAY,
     AXIS_NAMES,
     IMAGE_SIZES,
     INTENSITY_MODES,
     MODEL_SIZES,
-    SGPSegmentCoreLogic,
+    README_URL,
+    slicerVersionProblem,
 )
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
@@ -31,9 +38,14 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-#
-# SGPSegment
-#
+VERSION_PROBLEM = slicerVersionProblem(slicer.app.majorVersion, slicer.app.minorVersion)
+if not VERSION_PROBLEM:
+    # Imported only on a supported Slicer: the Lib and the engine client need Python >= 3.10.
+    from SGPSegmentLib.logic import SGPSegmentCoreLogic
+else:
+    SGPSegmentCoreLogic = object
+
+POLL_INTERVAL_MS = 150
 
 
 class SGPSegment(ScriptedLoadableModule):
@@ -43,45 +55,41 @@ class SGPSegment(ScriptedLoadableModule):
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = ["Segmentations"]
         self.parent.contributors = ["SlicerSGP developers"]
-        self.parent.helpText = """
-Segment structures through a whole volume from a few slices you labeled, with SAM2 and
-support-set guided prompting (SAM2-SGP).
+        self.parent.helpText = (
+            (f"<p><b>{VERSION_PROBLEM}</b></p>" if VERSION_PROBLEM else "")
+            + """
+Segment structures through a whole volume from a few slices you drew, with SAM2 and
+support-set guided prompting (SAM2-SGP). Needs 3D Slicer 5.10 or later.
 <ol>
 <li>Select the volume and the segmentation; draw each structure on a few slices in the
-Segment Editor (a slice you draw on counts as fully labeled: structures not drawn there are
-taken as absent).</li>
-<li>Select the segments to segment. The labeled slices are listed; optionally add reference
-cases (other volumes with segmentations in the scene).</li>
-<li>Choose the slice axis, the model (SAM2.1 size or a trained SGP checkpoint), the device and
-the input size, and click Run. Correct any slice and Run again: corrected slices become support
-and the run is much faster (the image embeddings are cached).</li>
+Segment Editor, all in one orientation (a slice you draw on counts as fully labeled:
+structures not drawn there are taken as absent).</li>
+<li>Select the segments and the orientation you drew in (Axial (K), Coronal (J) or
+Sagittal (I)); optionally add reference cases (other segmented volumes in the scene).</li>
+<li>Choose the model and click Run. Correct any slice and Run again: corrected slices become
+support, and the engine reuses the image embeddings, so re-runs are fast.</li>
 </ol>
-Per-slice confidence is shown in a table and a plot; "Next least confident slice" jumps the
-views there. Results can be undone.
+The model runs in an engine process: on this computer (started by the module) or on a remote
+server (Engine section: URL and token). Per-slice confidence is shown in a table and a plot.
 """
-        self.parent.helpText += self.getDefaultModuleDocumentationLink()
+            + f'<p>Documentation: <a href="{README_URL}">README</a>.</p>'
+        )
         self.parent.acknowledgementText = """
 Implements support-set guided prompting for SAM2 (SAM2-SGP) on top of Meta's Segment Anything 2
 (Apache-2.0). Uses PyTorch through the PyTorch extension.
 """
 
 
-#
-# Parameter node
-#
-
-
 @parameterNodeWrapper
 class SGPSegmentParameterNode:
-    """What the user chose. Segment and reference-case selections and the device are kept as
-    strings because their widgets have no parameter-node connector."""
+    """What the user chose. Segment selection, axis and device are synced by hand (their
+    widgets have no connector for these); reference cases are node references
+    (role ``SGPReferenceCase``) on the parameter node itself."""
 
     inputVolume: vtkMRMLScalarVolumeNode
     segmentation: vtkMRMLSegmentationNode
     segmentIds: str = ""
     """Comma-separated IDs of the selected segments."""
-    referenceSegmentationIds: str = ""
-    """Comma-separated node IDs of reference segmentations (their reference volume is used)."""
     axis: Annotated[str, Choice(list(AXIS_NAMES))] = "K"
     model: Annotated[str, Choice([*MODEL_SIZES, "SGP checkpoint"])] = "tiny"
     checkpointPath: pathlib.Path = pathlib.Path()
@@ -92,13 +100,9 @@ class SGPSegmentParameterNode:
     keepPseudoMasks: bool = False
 
 
-#
-# SGPSegmentWidget
-#
-
-
 class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Wires the .ui to the Logic; no behaviour of its own."""
+    """Wires the .ui to the Logic; no behaviour of its own. (Over 250 lines: one short
+    handler per control.)"""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -106,30 +110,49 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None
+        self._run = None
         self._timer = None
         self._worstIndex = 0
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        if VERSION_PROBLEM:
+            label = qt.QLabel(VERSION_PROBLEM)
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/SGPSegment.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
+        # Qt 5.15's .ui loader turns an int property given as <enum> into -1: set it here.
+        self.ui.segmentsTableView.selectionMode = qt.QAbstractItemView.MultiSelection
+        for name in AXIS_NAMES:
+            self.ui.axisComboBox.addItem(AXIS_DISPLAY[name], name)
+        self.ui.engineComboBox.addItem("This computer", "local")
+        self.ui.engineComboBox.addItem("Remote server", "remote")
 
         self.logic = SGPSegmentLogic()
         self._timer = qt.QTimer()
-        self._timer.setInterval(100)
+        self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.onPollRun)
-
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        slicer.app.connect("aboutToQuit()", self.logic.shutdown)
 
         self.ui.segmentsTableView.setMRMLScene(slicer.mrmlScene)
         self.ui.segmentsTableView.selectionChanged.connect(self.onSegmentSelectionChanged)
-        self.ui.segmentationSelector.currentNodeChanged.connect(self.onSegmentationChanged)
+        self.ui.segmentationSelector.currentNodeChanged.connect(self.onInputsChanged)
+        self.ui.inputVolumeSelector.currentNodeChanged.connect(self.onInputsChanged)
         self.ui.referenceSegmentationsSelector.checkedNodesChanged.connect(self.onReferencesChanged)
+        self.ui.axisComboBox.currentIndexChanged.connect(self.onAxisChanged)
         self.ui.deviceComboBox.currentIndexChanged.connect(self.onDeviceChanged)
+        self.ui.engineComboBox.currentIndexChanged.connect(self.onEngineSettingsChanged)
+        self.ui.engineUrlLineEdit.editingFinished.connect(self.onEngineSettingsChanged)
+        self.ui.engineTokenLineEdit.editingFinished.connect(self.onEngineSettingsChanged)
+        self.ui.enginePythonLineEdit.currentPathChanged.connect(self.onEngineSettingsChanged)
+        self.ui.connectButton.clicked.connect(self.onConnect)
         self.ui.refreshLabeledSlicesButton.clicked.connect(self.updateLabeledSlices)
         self.ui.runButton.clicked.connect(self.onRunButton)
         self.ui.cancelButton.clicked.connect(self.onCancelButton)
@@ -139,28 +162,37 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.downloadWeightsButton.clicked.connect(self.onDownloadWeights)
         self.ui.importWeightsButton.clicked.connect(self.onImportWeights)
 
-        self.populateDevices()
+        self.loadEngineSettings()
+        self.populateDevices([])
         self.ui.progressBar.setVisible(False)
         self.ui.cancelButton.setEnabled(False)
         self.initializeParameterNode()
+        self.updateDependencyStatus()
 
     def cleanup(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
+        if self._run is not None and self.logic is not None:
+            self.logic.cancel(self._run)
         if self._timer is not None:
             self._timer.stop()
+        if self.logic is not None:
+            self.logic.stopWatching()
         self.removeObservers()
 
     def enter(self) -> None:
-        self.initializeParameterNode()
+        if not VERSION_PROBLEM:
+            self.initializeParameterNode()
 
     def exit(self) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+            self.removeObserver(
+                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode
+            )
 
     def onSceneStartClose(self, caller, event) -> None:
+        self.logic.sceneClosing(self._run)
+        self.endRun()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -177,18 +209,23 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+            self.removeObserver(
+                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode
+            )
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+            self.addObserver(
+                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode
+            )
             self.updateGUIFromParameterNode()
+            self.onInputsChanged()
 
-    # ---------------------------------------------------------------- parameter node <-> GUI
+    # ------------------------------------------------------------------ parameter node <-> GUI
 
-    def populateDevices(self) -> None:
+    def populateDevices(self, devices) -> None:
         self.ui.deviceComboBox.clear()
-        for device, label in self.logic.availableDevices():
+        for device, label in self.logic.deviceChoices(devices):
             self.ui.deviceComboBox.addItem(label, device)
 
     def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
@@ -199,34 +236,67 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         wanted = [s for s in pn.segmentIds.split(",") if s]
         if wanted != list(self.ui.segmentsTableView.selectedSegmentIDs()):
             self.ui.segmentsTableView.setSelectedSegmentIDs(wanted)
-        index = self.ui.deviceComboBox.findData(pn.device)
-        if index >= 0 and index != self.ui.deviceComboBox.currentIndex:
-            self.ui.deviceComboBox.currentIndex = index
+        for combo, value in ((self.ui.axisComboBox, pn.axis), (self.ui.deviceComboBox, pn.device)):
+            index = combo.findData(value)
+            if index >= 0 and index != combo.currentIndex:
+                combo.currentIndex = index
+        self.syncReferenceCases(self.logic.referenceCaseNodes(pn.parameterNode))
         self.ui.checkpointPathLineEdit.setEnabled(pn.model == "SGP checkpoint")
-        warning = self.logic.deviceWarning(pn.device)
-        self.ui.deviceWarningLabel.text = warning
-        self.ui.deviceWarningLabel.setVisible(bool(warning))
-        self.ui.dependenciesLabel.text = self.logic.dependencyStatus()
         self.ui.weightsStatusLabel.text = self.logic.weightsStatusText(pn)
-        running = self._job is not None
+        running = self._run is not None
         canRun, reason = self.logic.canRun(pn)
         self.ui.runButton.enabled = canRun and not running
         self.ui.runButton.toolTip = reason or "Segment the selected structures through the volume."
+        # Nothing that installs, downloads or changes the engine while a run is going on.
+        for widget in (
+            self.ui.installDependenciesButton,
+            self.ui.downloadWeightsButton,
+            self.ui.importWeightsButton,
+            self.ui.engineCollapsibleButton,
+        ):
+            widget.enabled = not running
         self.ui.undoButton.enabled = not running and self.logic.canUndo(pn.segmentation)
         self.ui.jumpLeastConfidentButton.enabled = bool(self.logic.leastConfidentSlices(count=1))
 
-    def onSegmentationChanged(self, node) -> None:
+    def syncReferenceCases(self, checked) -> None:
+        """Show the parameter node's reference cases checked (e.g. after a scene reload)."""
+        selector = self.ui.referenceSegmentationsSelector
+        wasBlocked = selector.blockSignals(True)  # partial states must not be written back
+        try:
+            shown = list(selector.checkedNodes())
+            for node in shown:
+                if node not in checked:
+                    selector.setCheckState(node, qt.Qt.Unchecked)
+            for node in checked:
+                if node not in shown:
+                    selector.setCheckState(node, qt.Qt.Checked)
+        finally:
+            selector.blockSignals(wasBlocked)
+
+    def onInputsChanged(self, *args) -> None:
+        # Read the selectors: the parameter node may not have their new value yet.
+        self.logic.watchEdits(
+            self.ui.segmentationSelector.currentNode(), self.ui.inputVolumeSelector.currentNode()
+        )
         self.updateLabeledSlices()
 
     def onSegmentSelectionChanged(self, *args) -> None:
         if self._parameterNode:
-            self._parameterNode.segmentIds = ",".join(self.ui.segmentsTableView.selectedSegmentIDs())
+            self._parameterNode.segmentIds = ",".join(
+                self.ui.segmentsTableView.selectedSegmentIDs()
+            )
         self.updateLabeledSlices()
 
     def onReferencesChanged(self) -> None:
         if self._parameterNode:
             nodes = self.ui.referenceSegmentationsSelector.checkedNodes()
-            self._parameterNode.referenceSegmentationIds = ",".join(n.GetID() for n in nodes)
+            self.logic.setReferenceCases(self._parameterNode.parameterNode, nodes)
+
+    def onAxisChanged(self, index) -> None:
+        if self._parameterNode and index >= 0:
+            self._parameterNode.axis = self.ui.axisComboBox.itemData(index)
+            self.logic.drawingAxis = AXIS_NAMES.index(self._parameterNode.axis)
+        self.updateLabeledSlices()
 
     def onDeviceChanged(self, index) -> None:
         if self._parameterNode and index >= 0:
@@ -238,19 +308,61 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for line in self.logic.labeledSlicesSummary(self._parameterNode):
                 self.ui.labeledSlicesList.addItem(line)
 
-    # ------------------------------------------------------------------------------- run
+    # --------------------------------------------------------------------------- engine
+
+    def loadEngineSettings(self) -> None:
+        settings = qt.QSettings()
+        index = self.ui.engineComboBox.findData(settings.value("SGPSegment/engine", "local"))
+        self.ui.engineComboBox.currentIndex = max(index, 0)
+        self.ui.engineUrlLineEdit.text = settings.value("SGPSegment/engineUrl", "")
+        self.ui.enginePythonLineEdit.currentPath = settings.value("SGPSegment/enginePython", "")
+        self.onEngineSettingsChanged()
+
+    def onEngineSettingsChanged(self, *args) -> None:
+        mode = self.ui.engineComboBox.currentData or "local"
+        remote = mode == "remote"
+        for widget in (self.ui.engineUrlLineEdit, self.ui.engineTokenLineEdit):
+            widget.enabled = remote
+        self.ui.enginePythonLineEdit.enabled = not remote
+        settings = qt.QSettings()  # the token is never saved: it stays in memory only
+        settings.setValue("SGPSegment/engine", mode)
+        settings.setValue("SGPSegment/engineUrl", self.ui.engineUrlLineEdit.text)
+        settings.setValue("SGPSegment/enginePython", self.ui.enginePythonLineEdit.currentPath)
+        self.logic.engine.configure(
+            mode,
+            self.ui.engineUrlLineEdit.text,
+            self.ui.engineTokenLineEdit.text,
+            self.ui.enginePythonLineEdit.currentPath,
+        )
+        self.updateDependencyStatus()
+
+    def onConnect(self) -> None:
+        self.ui.engineStatusLabel.text = "Connecting..."
+        slicer.app.processEvents()
+        try:
+            with slicer.util.tryWithErrorDisplay("Could not reach the engine.", waitCursor=True):
+                text, devices = self.logic.testConnection(self._parameterNode)
+                self.ui.engineStatusLabel.text = text
+                self.populateDevices(devices)
+                self.updateGUIFromParameterNode()
+        finally:
+            if self.ui.engineStatusLabel.text == "Connecting...":
+                self.ui.engineStatusLabel.text = "Not connected."
+
+    # ------------------------------------------------------------------------------ run
 
     def onRunButton(self) -> None:
         pn = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Could not start SGP segmentation.", waitCursor=True):
-            if not self.logic.ensureDependencies(confirm=slicer.util.confirmOkCancelDisplay):
+            if not self.logic.ensureReady(
+                pn, confirm=slicer.util.confirmOkCancelDisplay, progress=self.onProgress
+            ):
                 return
-            if not self.logic.ensureWeightsForRun(pn, confirm=slicer.util.confirmOkCancelDisplay, progress=self.onProgress):
-                return
-            self._job = self.logic.startRunFromParameterNode(pn)
-        if self._job is None:
+            self._run = self.logic.startRunFromParameterNode(pn)
+        if self._run is None:
             return
         self._worstIndex = 0
+        self.ui.notesLabel.text = "\n".join(self._run.request.notes)
         self.ui.progressBar.setVisible(True)
         self.ui.progressBar.value = 0
         self.ui.cancelButton.setEnabled(True)
@@ -264,49 +376,69 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.app.processEvents()
 
     def onPollRun(self) -> None:
-        job = self._job
-        if job is None:
+        run = self._run
+        if run is None:
             self._timer.stop()
             return
-        self.ui.progressBar.format = f"{job.stage}: %p%"
-        self.ui.progressBar.value = int(round(100 * job.fraction))
-        if not job.done():
+        try:
+            self.logic.poll(run)
+        except Exception as exc:  # shown to the user; the segmentation was not touched
+            self.endRun()
+            slicer.util.errorDisplay(f"SGP segmentation failed; nothing was written.\n\n{exc}")
             return
-        self._timer.stop()
-        self._job = None
+        self.ui.progressBar.format = f"{run.stage}: %p%"
+        self.ui.progressBar.value = int(round(100 * run.fraction))
+        if not run.done():
+            return
+        self.endRun()
+        slicer.util.showStatusMessage(self.logic.finishMessage(run), 5000)
+        if run.state == "done":
+            self.logic.showResultViews(run)
+            self.ui.scoresTableView.setMRMLTableNode(
+                self.logic.scoresTableNode(self._parameterNode.segmentation)
+            )
+        self.updateLabeledSlices()
+
+    def endRun(self) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+        self._run = None
         self.ui.cancelButton.setEnabled(False)
         self.ui.progressBar.setVisible(False)
-        with slicer.util.tryWithErrorDisplay("SGP segmentation failed; nothing was written.", waitCursor=True):
-            message = self.logic.finishRun(job)
-            if message:
-                slicer.util.showStatusMessage(message, 5000)
-                self.logic.showResultViews(job.request)
-        self.ui.scoresTableView.setMRMLTableNode(self.logic.scoresTableNode(self._parameterNode.segmentation))
-        self.updateLabeledSlices()
         self.updateGUIFromParameterNode()
 
     def onCancelButton(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
-            self.ui.progressBar.format = "cancelling..."
+        if self._run is not None:
+            self.logic.cancel(self._run)
+            slicer.util.showStatusMessage("SGP segmentation cancelled; nothing was written.", 5000)
+            self.endRun()
 
     def onUndoButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Undo failed.", waitCursor=True):
-            self.logic.undoLastRun(self._parameterNode.segmentation)
+        pn = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Undo was not done.", waitCursor=True):
+            self.logic.undoLastRun(pn.segmentation, pn.inputVolume)
         self.updateLabeledSlices()
         self.updateGUIFromParameterNode()
 
     def onJumpLeastConfident(self) -> None:
         with slicer.util.tryWithErrorDisplay("Could not jump to the slice."):
-            text = self.logic.jumpToLeastConfident(self._parameterNode, self._worstIndex)
-            self.ui.leastConfidentLabel.text = text
+            self.ui.leastConfidentLabel.text = self.logic.jumpToLeastConfident(
+                self._parameterNode, self._worstIndex
+            )
             self._worstIndex += 1
 
     # ---------------------------------------------------------------- dependencies, weights
 
+    def updateDependencyStatus(self) -> None:
+        if self._parameterNode is not None:
+            self.ui.dependenciesLabel.text = self.logic.dependencyStatus(self._parameterNode)
+
     def onInstallDependencies(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Installing dependencies failed.", waitCursor=True):
-            self.logic.ensureDependencies(confirm=slicer.util.confirmOkCancelDisplay)
+        with slicer.util.tryWithErrorDisplay("Installing Python packages failed.", waitCursor=True):
+            self.logic.ensureDependencies(
+                self._parameterNode, confirm=slicer.util.confirmOkCancelDisplay
+            )
+        self.updateDependencyStatus()
         self.updateGUIFromParameterNode()
 
     def onDownloadWeights(self) -> None:
@@ -327,11 +459,6 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUIFromParameterNode()
 
 
-#
-# SGPSegmentLogic
-#
-
-
 class SGPSegmentLogic(ScriptedLoadableModuleLogic, SGPSegmentCoreLogic):
     """The module's Logic: SGPSegmentCoreLogic's behaviour plus the parameter node.
 
@@ -348,130 +475,29 @@ class SGPSegmentLogic(ScriptedLoadableModuleLogic, SGPSegmentCoreLogic):
     def getParameterNode(self):
         return SGPSegmentParameterNode(super().getParameterNode())
 
-    # The parameter node as arguments of the core logic.
-
-    @staticmethod
-    def _ids(text: str) -> list[str]:
-        return [s for s in (text or "").split(",") if s]
-
-    def referenceCasesFromParameterNode(self, pn) -> list:
-        cases = []
-        for nodeId in self._ids(pn.referenceSegmentationIds):
-            segmentationNode = slicer.mrmlScene.GetNodeByID(nodeId)
-            if segmentationNode is None or segmentationNode is pn.segmentation:
-                continue
-            cases.append((self.referenceVolumeForSegmentation(segmentationNode), segmentationNode))
-        return cases
-
-    def modelArgument(self, pn) -> str:
-        if pn.model == "SGP checkpoint":
-            return str(pn.checkpointPath)
-        return pn.model
-
-    def canRun(self, pn) -> tuple[bool, str]:
-        if not pn.inputVolume:
-            return False, "Select an input volume."
-        if not pn.segmentation:
-            return False, "Select a segmentation."
-        if not self._ids(pn.segmentIds):
-            return False, "Select at least one segment."
-        if pn.model == "SGP checkpoint" and not pathlib.Path(pn.checkpointPath).is_file():
-            return False, "Choose the trained SGP checkpoint (.safetensors) file."
-        return True, ""
-
-    def labeledSlicesSummary(self, pn) -> list[str]:
-        if not (pn.inputVolume and pn.segmentation and self._ids(pn.segmentIds)):
-            return []
-        try:
-            found = self.labeledSlices(pn.inputVolume, pn.segmentation, self._ids(pn.segmentIds), pn.axis)
-        except Exception as exc:  # shown in the list, not raised, while the user is choosing
-            return [str(exc)]
-        return [item.describe() for item in found]
-
-    def dependencyStatus(self) -> str:
-        missing = self.missingDependencies()
-        return "All Python packages installed." if not missing else f"Missing: {', '.join(missing)}"
-
-    def weightsStatusText(self, pn) -> str:
-        if pn.model == "SGP checkpoint":
-            return "Trained SGP checkpoint (its base SAM2.1 weights must be in the cache)."
-        try:
-            status = self.weightsStatus(pn.model)
-        except ImportError:  # the engine's packages are not installed yet
-            return "Weights: unknown until the Python packages are installed."
-        return {"cached": "Weights: in the cache.", "missing": "Weights: not downloaded yet."}.get(status, status)
-
-    def scoresTableNode(self, segmentationNode):
-        return segmentationNode.GetNodeReference("SGPSliceScores") if segmentationNode else None
-
-    def ensureWeightsForRun(self, pn, confirm, progress=None) -> bool:
-        if pn.model == "SGP checkpoint" or self.weightsStatus(pn.model) == "cached":
-            return True
-        if not confirm(
-            f"The SAM2.1 '{pn.model}' weights are not downloaded yet. Download them now into "
-            "the cache (checksum verified)? On an offline machine use 'Use local file...' instead."
-        ):
-            return False
-        self.downloadWeights(pn.model, progress=progress)
-        return True
-
-    def startRunFromParameterNode(self, pn):
-        request = self.prepareRun(
-            pn.inputVolume,
-            pn.segmentation,
-            self._ids(pn.segmentIds),
-            axis=pn.axis,
-            referenceCases=self.referenceCasesFromParameterNode(pn),
-            model=self.modelArgument(pn),
-            weights=None,
-            device=pn.device,
-            imageSize=pn.imageSize,
-            keepPseudoMasks=pn.keepPseudoMasks,
-            top_k=pn.topK,
-            intensity=pn.intensity,
-        )
-        return self.startRun(request)
-
-    def finishRun(self, job) -> str:
-        """Apply a finished job's result (main thread); returns a status message."""
-        if job.cancelled:
-            return "SGP segmentation cancelled; nothing was written."
-        if job.error is not None:
-            raise job.error
-        report = self.applyResult(job.request, job.result)
-        seconds = report.timings.get("total", 0.0)
-        logging.info(f"SGPSegment: wrote {len(report.segmentIds)} segment(s) in {seconds:.1f} s")
-        return f"SGP segmentation done in {seconds:.1f} s."
-
-    def showResultViews(self, request) -> None:
+    def showResultViews(self, run) -> None:
         """Show the confidence plot (if any) in the layout."""
-        segmentationNode = slicer.mrmlScene.GetNodeByID(request.segmentationNodeID)
-        chart = segmentationNode.GetNodeReference("SGPSliceScoresChart") if segmentationNode else None
+        segmentationNode = slicer.mrmlScene.GetNodeByID(run.request.segmentationNodeID)
+        chart = (
+            segmentationNode.GetNodeReference("SGPSliceScoresChart") if segmentationNode else None
+        )
         if chart is not None and hasattr(slicer.modules, "plots"):
             slicer.modules.plots.logic().ShowChartInLayout(chart)
 
-    def jumpToLeastConfident(self, pn, index: int) -> str:
-        worst = self.leastConfidentSlices(count=index + 1)
-        if not worst:
-            return "No predicted slice to review."
-        value, name, sliceIndex, confidence = worst[min(index, len(worst) - 1)]
-        self.jumpToSlice(pn.inputVolume, pn.axis, sliceIndex)
-        return f"{name}: slice {sliceIndex} (confidence {confidence:.2f})"
-
-
-#
-# SGPSegmentTest
-#
-
 
 class SGPSegmentTest(ScriptedLoadableModuleTest):
-    """Self-test: a generated volume, two labeled slices, a run on CPU with small random weights."""
+    """Self-test: a generated volume, two labeled slices, a run through the local engine on CPU
+    with small random weights. Offline; never installs anything: without the engine's Python
+    packages it says so and skips the run."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
+        if VERSION_PROBLEM:
+            self.delayDisplay("Skipped: " + VERSION_PROBLEM)
+            return
         self.test_SGPSegment_random_weights_cpu()
 
     def test_SGPSegment_random_weights_cpu(self):
@@ -485,7 +511,9 @@ class SGPSegmentTest(ScriptedLoadableModuleTest):
         image = (rng.normal(100, 10, shape) + 150 * blob).astype(np.float32)
         volume = slicer.util.addVolumeFromArray(image, name="SGPSegmentTest volume")
         volume.SetSpacing(0.8, 0.8, 2.5)
-        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "SGPSegmentTest segmentation")
+        segmentation = slicer.mrmlScene.AddNewNodeByClass(
+            "vtkMRMLSegmentationNode", "SGPSegmentTest segmentation"
+        )
         segmentation.CreateDefaultDisplayNodes()
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
         segmentId = segmentation.GetSegmentation().AddEmptySegment("", "blob")
@@ -495,23 +523,37 @@ class SGPSegmentTest(ScriptedLoadableModuleTest):
 
         logic = SGPSegmentLogic()
         self.assertEqual(logic.labeledSlices(volume, segmentation, [segmentId])[0].slices, [1, 4])
-        if not logic.ensureDependencies(confirm=slicer.util.confirmOkCancelDisplay):
-            self.delayDisplay("Dependencies not installed; skipping the run")
+        problems = logic.dependencyProblems("tiny")
+        if problems:
+            self.delayDisplay(
+                "Skipped the run: the engine's Python packages are not installed ("
+                + "; ".join(problems)
+                + "). Install them from the module's Setup section."
+            )
             return
 
-        self.delayDisplay("Running on CPU with random weights")
-        report = logic.run(
-            volume, segmentation, [segmentId],
-            model="tiny", weights="random", device="cpu", imageSize=256, keepPseudoMasks=True,
-        )  # fmt: skip
-        result = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)
-        np.testing.assert_array_equal(result[[1, 4]], drawn[[1, 4]])
-        self.assertIsNotNone(slicer.mrmlScene.GetNodeByID(report.tableNodeID))
-        self.assertTrue(logic.canUndo(segmentation))
-        self.assertTrue(logic.undoLastRun(segmentation))
-        np.testing.assert_array_equal(
-            slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume), drawn
-        )
+        self.delayDisplay("Running the local engine on CPU with random weights")
+        try:
+            report = logic.run(
+                volume,
+                segmentation,
+                [segmentId],
+                model="tiny",
+                weights="random",
+                device="cpu",
+                imageSize=256,
+                keepPseudoMasks=True,
+            )
+            result = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)
+            np.testing.assert_array_equal(result[[1, 4]], drawn[[1, 4]])
+            self.assertIsNotNone(slicer.mrmlScene.GetNodeByID(report.tableNodeID))
+            self.assertTrue(logic.canUndo(segmentation))
+            logic.undoLastRun(segmentation, volume)
+            np.testing.assert_array_equal(
+                slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume), drawn
+            )
+        finally:
+            logic.shutdown()
         self.delayDisplay("Test passed")
 
 

@@ -1,17 +1,15 @@
-"""SAM2.1 checkpoints: the registry, the local cache, download, verification and loading.
+"""SAM2.1 checkpoints: download and import into the cache, ``--weights`` resolution, loading.
 
-Also the ``sgp weights list|fetch|verify`` subcommands (``add_weights_subparser``), so that the
-command line and the Slicer module share one implementation.
+Builds on ``SlicerSGP.weights_registry`` (the registry, the cache folder, file checks) and
+re-exports its public names, so ``from SlicerSGP import weights`` is the one entry point the
+command line (``sgp weights``) and the Slicer module share. Never imports argparse.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
-import json
 import os
-import sys
 import urllib.parse
 import urllib.request
 import zipfile
@@ -22,7 +20,29 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from tqdm import tqdm
 
-from SlicerSGP.errors import SGPError, SGPInputError, SGPWeightsError
+from SlicerSGP.errors import SGPError, SGPWeightsError
+from SlicerSGP.weights_registry import (
+    ALIASES,
+    HASH_CHUNK,
+    MODEL_NAMES,
+    REGISTRY,
+    URL_BASE,
+    CheckpointInfo,
+    cache_dir,
+    cache_status,
+    cached_checkpoint_path,
+    check_note,
+    file_sha256,
+    format_mb,
+    hash_message,
+    is_model_name,
+    is_valid_checkpoint,
+    registry_entry_by_size,
+    resolve_model_name,
+    size_message,
+    verify_checkpoint,
+    write_sidecar,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -35,219 +55,27 @@ __all__ = [
     "CheckpointInfo",
     "DownloadProgress",
     "ResolvedWeights",
-    "add_weights_subparser",
     "cache_dir",
+    "cache_status",
     "cached_checkpoint_path",
-    "cli_fetch",
-    "cli_list",
-    "cli_verify",
+    "check_note",
     "download_checkpoint",
+    "fetch_hint",
     "file_sha256",
     "import_checkpoint",
+    "is_model_name",
+    "is_valid_checkpoint",
     "load_sam2_state_dict",
     "resolve_model_name",
     "resolve_weights",
     "verify_checkpoint",
+    "verify_file",
 ]
 
-URL_BASE = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
-HASH_CHUNK = 1 << 20
-SIDECAR_SUFFIX = ".verified"
 PART_SUFFIX = ".part"
 
 DownloadProgress = Callable[[int, int], None]
 """Called as ``progress_callback(done_bytes, total_bytes)`` after each chunk."""
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """One official SAM2.1 checkpoint. ``sha256`` is None where none is published (size only)."""
-
-    name: str
-    config: str
-    url: str
-    size: int
-    sha256: str | None
-    filename: str
-
-
-def _entry(name: str, short: str, size: int, sha256: str | None) -> CheckpointInfo:
-    filename = f"sam2.1_hiera_{name}.pt"
-    return CheckpointInfo(
-        name=name,
-        config=f"configs/sam2.1/sam2.1_hiera_{short}.yaml",
-        url=URL_BASE + filename,
-        size=size,
-        sha256=sha256,
-        filename=filename,
-    )
-
-
-REGISTRY: dict[str, CheckpointInfo] = {
-    "tiny": _entry(
-        "tiny", "t", 156_008_466, "7402e0d864fa82708a20fbd15bc84245c2f26dff0eb43a4b5b93452deb34be69"
-    ),
-    "small": _entry(
-        "small",
-        "s",
-        184_416_285,
-        "6d1aa6f30de5c92224f8172114de081d104bbd23dd9dc5c58996f0cad5dc4d38",
-    ),
-    "base_plus": _entry("base_plus", "b+", 323_606_802, None),
-    "large": _entry("large", "l", 898_083_611, None),
-}
-MODEL_NAMES: tuple[str, ...] = tuple(REGISTRY)
-
-_SHORT = {"tiny": "t", "small": "s", "base_plus": "b+", "large": "l"}
-ALIASES: dict[str, str] = {}
-for _name, _short in _SHORT.items():
-    for _alias in (_name, _short, f"sam2.1_hiera_{_name}", f"sam2.1_hiera_{_short}"):
-        ALIASES[_alias] = _name
-ALIASES.update({"base+": "base_plus", "baseplus": "base_plus", "b_plus": "base_plus"})
-
-
-def _normalise_name(name: str) -> str:
-    key = name.strip().lower().replace("\\", "/").rsplit("/", 1)[-1].replace("-", "_")
-    for suffix in (".pt", ".yaml"):
-        key = key.removesuffix(suffix)
-    return key
-
-
-def resolve_model_name(name: str) -> CheckpointInfo:
-    """Registry entry for a model name or alias ("tiny", "t", "b+", "sam2.1_hiera_large", ...)."""
-    canonical = ALIASES.get(_normalise_name(str(name)))
-    if canonical is None:
-        aliases = ", ".join(a for a in ALIASES if a not in REGISTRY)
-        raise SGPInputError(
-            f"Unknown SAM2 model {name!r}. Valid names: {', '.join(MODEL_NAMES)} "
-            f"(aliases: {aliases})."
-        )
-    # Looked up at call time so that tests (and mirrors) can replace an entry.
-    return REGISTRY[canonical]
-
-
-def _is_model_name(name: str) -> bool:
-    return _normalise_name(name) in ALIASES
-
-
-# ---------------------------------------------------------------------------- cache folder
-
-
-def cache_dir() -> Path:
-    """``$SGP_CACHE_DIR``, else ``$XDG_CACHE_HOME/slicersgp``, else ``~/.cache/slicersgp``."""
-    env = os.environ.get("SGP_CACHE_DIR")
-    if env:
-        path = Path(env).expanduser()
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        # The XDG spec says relative values are invalid and must be ignored.
-        base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
-        path = base / "slicersgp"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SGPWeightsError(
-            f"Cannot create the weights cache folder {path} ({exc}). "
-            "Set SGP_CACHE_DIR to a writable folder."
-        ) from exc
-    return path
-
-
-def cached_checkpoint_path(model: str | CheckpointInfo) -> Path:
-    """Where the cache keeps a registry checkpoint (the file may not exist)."""
-    info = model if isinstance(model, CheckpointInfo) else resolve_model_name(model)
-    return cache_dir() / info.filename
-
-
-# ---------------------------------------------------------------------------- verification
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + SIDECAR_SUFFIX)
-
-
-def _write_sidecar(path: Path, digest: str) -> None:
-    st = path.stat()
-    record = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-    # A read-only folder only costs a re-hash next time, so failure to write is not an error.
-    with contextlib.suppress(OSError):
-        _sidecar(path).write_text(json.dumps(record))
-
-
-def _read_sidecar(path: Path) -> str | None:
-    try:
-        record = json.loads(_sidecar(path).read_text())
-        st = path.stat()
-        if record["size"] == st.st_size and record["mtime_ns"] == st.st_mtime_ns:
-            return str(record["sha256"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
-
-
-def file_sha256(path: str | os.PathLike[str], *, use_cache: bool = True) -> str:
-    """sha256 of a file, hashed in 1 MiB chunks; cached in ``<file>.verified`` by size+mtime."""
-    path = Path(path)
-    if use_cache:
-        cached = _read_sidecar(path)
-        if cached is not None:
-            return cached
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_CHUNK):
-            h.update(block)
-    digest = h.hexdigest()
-    if use_cache:
-        _write_sidecar(path, digest)
-    return digest
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
-
-
-def _size_message(path: Path | str, info: CheckpointInfo, actual: int) -> str:
-    msg = (
-        f"{path} has {actual:,} bytes, but the SAM2.1 {info.name} checkpoint ({info.filename}) "
-        f"has {info.size:,} bytes. "
-    )
-    if actual < info.size:
-        msg += "The file is truncated (an interrupted download?). "
-    else:
-        msg += "It is not the official file. "
-    return msg + (
-        f"Run `sgp weights fetch {info.name} --force` to download it again, "
-        "or choose the right file."
-    )
-
-
-def _hash_message(path: Path | str, info: CheckpointInfo, actual: str) -> str:
-    return (
-        f"{path} has sha256 {actual}, but the published sha256 of the SAM2.1 {info.name} "
-        f"checkpoint ({info.filename}) is {info.sha256}. The file is corrupt or is not the "
-        f"official checkpoint. Run `sgp weights fetch {info.name} --force` to download it "
-        "again, or choose the right file."
-    )
-
-
-def verify_checkpoint(path: str | os.PathLike[str], info: CheckpointInfo) -> None:
-    """Raise SGPWeightsError unless ``path`` has the size (and sha256, if published) of ``info``.
-
-    Entries without a published sha256 (base_plus, large) are checked by size only.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SGPWeightsError(
-            f"Checkpoint file {path} does not exist. Run `sgp weights fetch {info.name}`."
-        )
-    actual_size = path.stat().st_size
-    if actual_size != info.size:
-        raise SGPWeightsError(_size_message(path, info, actual_size))
-    if info.sha256 is None:
-        return
-    digest = file_sha256(path)
-    if digest != info.sha256:
-        raise SGPWeightsError(_hash_message(path, info, digest))
 
 
 # ---------------------------------------------------------------------------- download / import
@@ -257,7 +85,7 @@ def _offline_hint(info: CheckpointInfo, url: str) -> str:
     host = urllib.parse.urlparse(url).netloc or url
     return (
         f"This machine may be offline or unable to reach {host}. On a machine with internet "
-        f"access download {url} ({_mb(info.size)}), copy it here, and then either run "
+        f"access download {url} ({format_mb(info.size)}), copy it here, and then either run "
         f"`sgp weights fetch {info.name} --file /path/to/{info.filename}` (checks it and copies "
         f"it into {cache_dir()}) or pass it directly with `--weights /path/to/{info.filename}`."
     )
@@ -316,7 +144,7 @@ def _install(
             )
         digest = h.hexdigest()
         if info.sha256 is not None and digest != info.sha256:
-            raise SGPWeightsError(f"{_hash_message(source, info, digest)} {hint}".strip())
+            raise SGPWeightsError(f"{hash_message(source, info, digest)} {hint}".strip())
         os.replace(part, target)
     except SGPError:
         raise
@@ -327,16 +155,8 @@ def _install(
     finally:
         with contextlib.suppress(OSError):
             part.unlink(missing_ok=True)
-    _write_sidecar(target, digest)
+    write_sidecar(target, digest)
     return target
-
-
-def _existing_ok(target: Path, info: CheckpointInfo) -> bool:
-    try:
-        verify_checkpoint(target, info)
-    except SGPWeightsError:
-        return False
-    return True
 
 
 def download_checkpoint(
@@ -358,7 +178,7 @@ def download_checkpoint(
     target = (
         Path(dest_dir) / info.filename if dest_dir is not None else cached_checkpoint_path(info)
     )
-    if not force and target.exists() and _existing_ok(target, info):
+    if not force and target.exists() and is_valid_checkpoint(target, info):
         return target
     src = url or info.url
 
@@ -399,11 +219,11 @@ def import_checkpoint(
     if not src.is_file():
         raise SGPWeightsError(f"{src} does not exist or is not a file.")
     if src.stat().st_size != info.size:
-        raise SGPWeightsError(_size_message(src, info, src.stat().st_size))
+        raise SGPWeightsError(size_message(src, info, src.stat().st_size))
     if target.exists() and os.path.samefile(src, target):
         verify_checkpoint(target, info)
         return target
-    if not force and target.exists() and _existing_ok(target, info):
+    if not force and target.exists() and is_valid_checkpoint(target, info):
         return target
 
     def open_source() -> tuple[BinaryIO, int]:
@@ -435,13 +255,9 @@ class ResolvedWeights:
     model: str = ""
 
 
-def _registry_by_size(size: int) -> CheckpointInfo | None:
-    return next((i for i in REGISTRY.values() if i.size == size), None)
-
-
-def _fetch_hint(info: CheckpointInfo) -> str:
+def fetch_hint(info: CheckpointInfo) -> str:
     return (
-        f"Run `sgp weights fetch {info.name}` to download it ({_mb(info.size)} from {info.url}). "
+        f"Run `sgp weights fetch {info.name}` to download it ({format_mb(info.size)} from {info.url}). "
         f"Offline: download it elsewhere, then run `sgp weights fetch {info.name} --file "
         f"/path/to/{info.filename}` or pass `--weights /path/to/{info.filename}`; "
         "`--weights random` runs without pretrained weights."
@@ -464,7 +280,7 @@ def resolve_weights(model: str, weights: str | os.PathLike[str] | None) -> Resol
         )
 
     if key in (None, "", "auto", "pretrained") or (
-        _is_model_name(spec) and not Path(spec).expanduser().is_file()
+        is_model_name(spec) and not Path(spec).expanduser().is_file()
     ):
         if key not in (None, "", "auto", "pretrained"):
             named = resolve_model_name(spec)
@@ -477,11 +293,11 @@ def resolve_weights(model: str, weights: str | os.PathLike[str] | None) -> Resol
         if not path.is_file():
             raise SGPWeightsError(
                 f"The pretrained SAM2.1 {info.name} checkpoint is not in the cache "
-                f"({path}). {_fetch_hint(info)}"
+                f"({path}). {fetch_hint(info)}"
             )
         verify_checkpoint(path, info)
         return ResolvedWeights(
-            info.config, path, f"pretrained SAM2.1 {info.name} ({_check_note(info)})", info.name
+            info.config, path, f"pretrained SAM2.1 {info.name} ({check_note(info)})", info.name
         )
 
     path = Path(spec).expanduser()
@@ -492,7 +308,7 @@ def resolve_weights(model: str, weights: str | os.PathLike[str] | None) -> Resol
         )
     if not path.is_file():
         raise SGPWeightsError(f"{path} is not a file; --weights needs a .pt checkpoint file.")
-    official = _registry_by_size(path.stat().st_size)
+    official = registry_entry_by_size(path.stat().st_size)
     if official is not None:
         if official.name != info.name:
             raise SGPWeightsError(
@@ -501,7 +317,7 @@ def resolve_weights(model: str, weights: str | os.PathLike[str] | None) -> Resol
             )
         verify_checkpoint(path, info)
         return ResolvedWeights(
-            info.config, path, f"SAM2.1 {info.name} from {path} ({_check_note(info)})", info.name
+            info.config, path, f"SAM2.1 {info.name} from {path} ({check_note(info)})", info.name
         )
     # Not an official file (e.g. fine-tuned): at least make sure torch can read it; mmap keeps
     # this cheap, and the strict load in build_sam2 checks that it fits the config.
@@ -512,12 +328,6 @@ def resolve_weights(model: str, weights: str | os.PathLike[str] | None) -> Resol
         f"custom checkpoint {path} (not an official file; built as SAM2.1 {info.name})",
         info.name,
     )
-
-
-def _check_note(info: CheckpointInfo) -> str:
-    if info.sha256 is None:
-        return "size checked; no sha256 is published for it"
-    return "size and sha256 checked"
 
 
 def load_sam2_state_dict(
@@ -563,150 +373,18 @@ def load_sam2_state_dict(
     return dict(state)
 
 
-# ---------------------------------------------------------------------------- command line
-
-
-def add_weights_subparser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``weights list|fetch NAME [--file PATH] [--force]|verify [NAME|PATH]``.
-
-    Each leaf parser sets ``func`` to the ``cli_*`` function to call with the parsed args.
-    """
-    parser = subparsers.add_parser(
-        "weights",
-        help="list, download and verify the SAM2.1 checkpoints",
-        description="SAM2.1 checkpoints. Cache folder: $SGP_CACHE_DIR, "
-        "else $XDG_CACHE_HOME/slicersgp, else ~/.cache/slicersgp.",
-    )
-    sub = parser.add_subparsers(dest="weights_command", metavar="{list,fetch,verify}")
-    sub.required = True
-
-    p_list = sub.add_parser("list", help="show the known checkpoints and which are cached")
-    p_list.set_defaults(func=cli_list)
-
-    p_fetch = sub.add_parser(
-        "fetch", help="download a checkpoint into the cache (or copy a local file there)"
-    )
-    p_fetch.add_argument("name", help=f"model name: {', '.join(MODEL_NAMES)}")
-    p_fetch.add_argument(
-        "--file",
-        metavar="PATH",
-        help="a copy of the official file downloaded elsewhere: check it and copy it to the cache",
-    )
-    p_fetch.add_argument("--force", action="store_true", help="replace a valid cached file")
-    p_fetch.add_argument("--quiet", action="store_true", help="no progress bar")
-    p_fetch.set_defaults(func=cli_fetch)
-
-    p_verify = sub.add_parser(
-        "verify", help="check cached checkpoints, one model's, or a file, by size and sha256"
-    )
-    p_verify.add_argument(
-        "target", nargs="?", metavar="NAME|PATH", help="a model name or a checkpoint file"
-    )
-    p_verify.set_defaults(func=cli_verify)
-    return parser
-
-
-def _err(exc: Exception) -> int:
-    print(f"error: {exc}", file=sys.stderr)
-    return 1
-
-
-def _status(info: CheckpointInfo) -> str:
-    path = cache_dir() / info.filename
-    if not path.is_file():
-        return "not downloaded"
-    size = path.stat().st_size
-    if size != info.size:
-        return f"incomplete ({size:,} of {info.size:,} bytes)"
-    if info.sha256 is not None and _read_sidecar(path) == info.sha256:
-        return "cached, verified"
-    return "cached"
-
-
-def cli_list(args: argparse.Namespace) -> int:
-    """``sgp weights list``: the registry and what is in the cache."""
-    try:
-        folder = cache_dir()
-        print(f"SAM2.1 checkpoints (cache: {folder})")
-        print(f"  {'name':<10} {'config':<36} {'size':>9}  {'check':<11} status")
-        for info in REGISTRY.values():
-            check = "sha256" if info.sha256 else "size only"
-            print(
-                f"  {info.name:<10} {info.config:<36} {_mb(info.size):>9}  {check:<11} "
-                f"{_status(info)}"
-            )
-        unhashed = [i.name for i in REGISTRY.values() if i.sha256 is None]
-        if unhashed:
-            print(f"No sha256 is published for {', '.join(unhashed)}: only their size is checked.")
-        print("Download one with `sgp weights fetch NAME`.")
-    except SGPError as exc:
-        return _err(exc)
-    return 0
-
-
-def cli_fetch(args: argparse.Namespace) -> int:
-    """``sgp weights fetch NAME [--file PATH] [--force]``."""
-    try:
-        info = resolve_model_name(args.name)
-        show = not getattr(args, "quiet", False)
-        force = bool(getattr(args, "force", False))
-        file = getattr(args, "file", None)
-        if file:
-            path = import_checkpoint(file, info, force=force, progress=show)
-        else:
-            target = cached_checkpoint_path(info)
-            if not force and target.exists() and _existing_ok(target, info):
-                print(f"{target} is already there ({_check_note(info)}); --force downloads again.")
-                return 0
-            print(f"Downloading {info.url} ({_mb(info.size)}) to {target}", file=sys.stderr)
-            path = download_checkpoint(info, force=force, progress=show)
-        print(f"OK: {path} ({_check_note(info)})")
-    except SGPError as exc:
-        return _err(exc)
-    return 0
-
-
-def _verify_file(path: Path) -> str:
-    """Check one file; return a one-line verdict or raise SGPWeightsError."""
+def verify_file(path: Path) -> str:
+    """Check one file (an official checkpoint by name or size, else any readable state dict);
+    return a one-line verdict or raise SGPWeightsError."""
     if not path.is_file():
         raise SGPWeightsError(f"{path} does not exist or is not a file.")
     info = next((i for i in REGISTRY.values() if i.filename == path.name), None)
-    info = info or _registry_by_size(path.stat().st_size)
+    info = info or registry_entry_by_size(path.stat().st_size)
     if info is not None:
         verify_checkpoint(path, info)
-        return f"OK: {path} is the SAM2.1 {info.name} checkpoint ({_check_note(info)})"
+        return f"OK: {path} is the SAM2.1 {info.name} checkpoint ({check_note(info)})"
     state = load_sam2_state_dict(path, mmap=True)
     return (
         f"OK: {path} is a readable PyTorch checkpoint with {len(state)} tensors "
         "(not an official file, so there is nothing to compare it with)"
     )
-
-
-def cli_verify(args: argparse.Namespace) -> int:
-    """``sgp weights verify [NAME|PATH]``; no argument checks every cached checkpoint."""
-    target = getattr(args, "target", None)
-    try:
-        if target and not (_is_model_name(target) and not Path(target).expanduser().exists()):
-            print(_verify_file(Path(target).expanduser()))
-            return 0
-        infos = [resolve_model_name(target)] if target else list(REGISTRY.values())
-        failed = 0
-        found = 0
-        for info in infos:
-            path = cache_dir() / info.filename
-            if not path.is_file():
-                if target:
-                    raise SGPWeightsError(f"{path} is not there. {_fetch_hint(info)}")
-                continue
-            found += 1
-            try:
-                verify_checkpoint(path, info)
-                print(f"OK: {path} ({_check_note(info)})")
-            except SGPWeightsError as exc:
-                failed += 1
-                print(f"FAILED: {exc}", file=sys.stderr)
-        if not target and found == 0:
-            print(f"No checkpoints in {cache_dir()}. Download one with `sgp weights fetch NAME`.")
-        return 1 if failed else 0
-    except SGPError as exc:
-        return _err(exc)

@@ -13,7 +13,10 @@ rules are registered at start-up; here the :func:`mrml` fixture does that setup 
 * puts ``SGPSegment/`` (the module's own files) and the repository root (the engine) on
   ``sys.path``, the way Slicer's qt-scripted-modules folder holds them after installation.
 
-Test modules use it with ``from module_fixtures import mrml  # noqa: F401``.
+Test modules use it with ``from module_fixtures import mrml  # noqa: F401``. The scene
+builders below (:func:`makeScene`: a small volume with a rotated, anisotropic, off-origin grid
+and two structures drawn on a few slices) and :func:`engineLogic` (a Logic whose local engine is
+a real ``sgp serve``: tiny model, random weights, CPU, 256 px) are shared by the module tests.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import tempfile
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -111,3 +115,91 @@ def mrml():
         yield env
     finally:
         env.close()
+
+
+# ------------------------------------------------------------------------------ test scenes
+
+SHAPE = (6, 64, 64)  # (K, J, I)
+LABELED = (1, 4)  # slices (axis K) the user drew on
+RUN = dict(model="tiny", weights="random", device="cpu", imageSize=256, seed=0)
+"""The model every module test runs: what a local engine started by the Logic loads."""
+
+
+def ijkToRASMatrix():
+    """A non-identity direction: rotated 30 degrees about S and flipped in I, anisotropic."""
+    import vtk
+
+    angle = np.deg2rad(30.0)
+    rotation = np.array(
+        [[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]]
+    )
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation @ np.diag([-1.0, 1.0, 1.0]) @ np.diag([0.8, 0.9, 2.5])
+    matrix[:3, 3] = [12.5, -30.0, 7.0]
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, matrix[r, c])
+    return m
+
+
+def truth(shape=SHAPE) -> dict[int, np.ndarray]:
+    """Two blobs that move a little from slice to slice."""
+    k, j, i = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    disk = ((j - 24 - k % 8) ** 2 + (i - 22) ** 2) < 10**2
+    box = (abs(j - 44) < 6) & (abs(i - 46 + k % 8) < 8)
+    return {1: disk, 2: box}
+
+
+def makeScene(
+    env, *, labeled=LABELED, segments=("liver", "spleen"), noiseSeed=0, shape=SHAPE, name="patient"
+):
+    """A volume and a segmentation on its grid with ``segments`` drawn on ``labeled`` slices."""
+    import slicer
+
+    rng = np.random.default_rng(noiseSeed)
+    blobs = truth(shape)
+    image = rng.normal(100.0, 10.0, shape)
+    image[blobs[1]] += 200.0
+    image[blobs[2]] += 120.0
+    volume = slicer.util.addVolumeFromArray(image.astype(np.float32), name=name)
+    volume.SetIJKToRASMatrix(ijkToRASMatrix())
+    segmentation = env.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} segmentation")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    ids = []
+    for value, segmentName in enumerate(segments, start=1):
+        segmentId = segmentation.GetSegmentation().AddEmptySegment("", segmentName)
+        drawn = np.zeros(shape, np.uint8)
+        for s in labeled:
+            drawn[s] = blobs[value][s]
+        if drawn.any():
+            slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, segmentation, segmentId, volume)
+        ids.append(segmentId)
+    return volume, segmentation, ids
+
+
+def segmentArray(segmentation, segmentId, volume) -> np.ndarray:
+    import slicer
+
+    return (
+        np.asarray(slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)) > 0
+    )
+
+
+def allSegments(segmentation, volume) -> dict[str, np.ndarray]:
+    ids = segmentation.GetSegmentation().GetSegmentIDs()
+    return {s: segmentArray(segmentation, s, volume) for s in ids}
+
+
+@pytest.fixture(scope="module")
+def engineLogic():
+    """One Logic per test file with its local engine (a real `sgp serve` subprocess on
+    127.0.0.1) kept running between tests, as in a Slicer session; stopped at the end."""
+    from SGPSegmentLib import SGPSegmentCoreLogic
+
+    logic = SGPSegmentCoreLogic()
+    try:
+        yield logic
+    finally:
+        logic.shutdown()

@@ -3,6 +3,8 @@ contour interpolation) and nearest-slice copy, on the same drawn slices."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -62,3 +64,19 @@ def test_fill_between_slices_on_the_brain_tumour(sgp_data):
     copied = dice(run_baseline("nearest", lab, drawn) == 1, lab == 1)
     # Measured: 0.691 and 0.301; interpolation is the stronger baseline on this case.
     assert interpolated > 0.6 and interpolated > copied + 0.2
+
+
+@pytest.mark.slow
+def test_sgp_eval_baseline_scores_the_same_slices_as_the_model(sgp_data, tmp_path, capsys):
+    from SlicerSGP import cli
+
+    out = tmp_path / "interp.json"
+    rc = cli.main(["eval", str(sgp_data / "mri_brain_tumor"), "--baseline", "interpolation",
+                   "--support-slices", "3", "--json", str(out), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["source"] == "baseline interpolation"
+    assert 0.3 < report["cases"][0]["dice"] < 1.0  # drawn slices are left out of the score
+    rc = cli.main(["eval", str(sgp_data / "mri_brain_tumor"), "--baseline", "interpolation",
+                   "--quiet"])
+    assert rc == 2 and "--support-slices" in capsys.readouterr().err

@@ -59,7 +59,9 @@ def test_segment_small_case_round_trips_geometry_and_names(small_case, tmp_path,
     scores = tmp_path / "out" / "scores.csv"
     rc = main(["segment", str(img), "--labels", str(lab_path), "--out", str(out),
                "--scores", str(scores), "--pseudo-masks", str(tmp_path / "out" / "p.seg.nrrd"),
-               "--overlay", str(tmp_path / "out" / "overlay.png"), *FAST])
+               "--overlay", str(tmp_path / "out" / "overlay.png"),
+               # slices 2 and 7 hold every structure present there (support semantics)
+               "--complete-slices", "2,7", *FAST])
     assert rc == 0, capsys.readouterr().err
     voxels, names, ijk_to_lps = read_back(out)
     assert names == {1: "organ", 2: "lesion"}

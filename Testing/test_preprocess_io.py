@@ -248,7 +248,7 @@ def test_validate_volume_errors_say_the_problem():
     with pytest.raises(SGPInputError, match=r"12 x 32.*at least 16 x 16"):
         validate_volume(np.zeros((3, 12, 32)))
     # slicing along axis 1: in-plane is (K, I) = (3, 32)
-    with pytest.raises(SGPInputError, match="axis 1"):
+    with pytest.raises(SGPInputError, match=r"axis j \(coronal\)"):
         validate_volume(np.zeros((3, 32, 32)), axis=1)
     with pytest.raises(SGPInputError, match="empty"):
         validate_volume(np.zeros((0, 32, 32)))
@@ -467,3 +467,217 @@ def test_support_bank_wbc(sgp_data):
     assert sgp_io.support_bank_names(sgp_data / "wbc") == {1: "cytoplasm", 2: "nucleus"}
     with pytest.raises(SGPInputError, match="not present"):
         sgp_io.load_support_sets(sgp_data / "wbc", structures=[3], limit=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages: plain numbers, the axis as the user names it
+# ---------------------------------------------------------------------------------------------
+
+
+def _mismatch_message(tmp_path, label_geom: Geometry, image_geom: Geometry, shape=(4, 20, 24)):
+    lab = np.zeros((4, 20, 24), np.uint8)
+    sitk.WriteImage(sgp_io.sitk_from_array(lab, label_geom), str(tmp_path / "lab.nrrd"))
+    with pytest.raises(SGPInputError) as info:
+        sgp_io.read_labels(tmp_path / "lab.nrrd", image_geom, reference_shape=shape)
+    return str(info.value)
+
+
+def test_geometry_mismatch_messages_print_plain_numbers(tmp_path):
+    geom = _rotated_geometry()
+    moved = Geometry(origin=(-12.0, 33.25, 101.0), spacing=geom.spacing, direction=geom.direction)
+    finer = Geometry(origin=geom.origin, spacing=(0.5, 1.3, 2.5), direction=geom.direction)
+    turned = Geometry(origin=geom.origin, spacing=geom.spacing)
+    cases = {
+        "origin": (moved, "origin (-12, 33.25, 101) vs image (-12.5, 33.25, 101)"),
+        "spacing": (finer, "spacing (0.5, 1.3, 2.5) vs image (0.7, 1.3, 2.5)"),
+        "direction": (turned, "direction (1, 0, 0, 0, 1, 0, 0, 0, 1) vs image"),
+    }
+    for what, (label_geom, expected) in cases.items():
+        message = _mismatch_message(tmp_path, label_geom, geom)
+        assert "np." not in message and "float64" not in message, message
+        assert expected in message, (what, message)
+        assert "size (4, 20, 24)" in message
+    size_message = _mismatch_message(tmp_path, geom, geom, shape=(np.int64(5), 20, 24))
+    assert "size (4, 20, 24) vs image (5, 20, 24) (K, J, I)" in size_message
+    assert "np." not in size_message
+
+
+def test_axis_messages_name_the_axis_as_the_user_does(tmp_path):
+    with pytest.raises(SGPInputError, match=r"Slices along axis k \(axial\) are 32 x 8"):
+        validate_volume(np.zeros((3, 32, 8)), axis=0)
+    with pytest.raises(SGPInputError, match=r"axis i \(sagittal\) are 3 x 32"):
+        validate_volume(np.zeros((3, 32, 32)), axis=2)
+    with pytest.raises(SGPInputError) as info:
+        reorient(np.zeros((4, 4, 4)), np.int64(3))
+    message = str(info.value)
+    assert "k (axial)" in message and "got 3." in message and "np." not in message
+    with pytest.raises(SGPInputError) as info:
+        LetterboxTransform(np.int64(0), 4, 8)
+    assert "got 0." in str(info.value)
+    # support items say where they came from the same way
+    case = tmp_path / "bank" / "case1"
+    _write_case(case, {1: "organ"}, depth=16)
+    bank = sgp_io.load_support_sets(tmp_path / "bank", axis=1)
+    assert all("axis j (coronal) slice" in item.source for item in bank[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Label names and colours: labels.json, ITK-SNAP .label / .txt, .seg.nrrd
+# ---------------------------------------------------------------------------------------------
+
+ITKSNAP_LABELS = """\
+################################################
+# ITK-SnAP Label Description File
+# File format:
+# IDX   -R-  -G-  -B-  -A--  VIS MSH  LABEL
+################################################
+    0     0    0    0        0  0  0    "Clear Label"
+    1   255    0    0        1  1  1    "left kidney"
+    3     0  128  255      0.5  1  0    "Aorta"
+"""
+
+
+def _write_case(folder, names=None, values=(1,), *, labels_name="labels.nrrd", geom=None, depth=4):
+    """A small labeled case: image.nrrd + a label map with each value on a few slices."""
+    folder.mkdir(parents=True, exist_ok=True)
+    geom = geom or Geometry(spacing=(1.0, 1.0, 2.0))
+    rng = np.random.default_rng(len(values))
+    image = rng.normal(100, 20, (depth, 20, 20)).astype(np.float32)
+    labels = np.zeros((depth, 20, 20), np.uint8)
+    for n, v in enumerate(values):
+        labels[1:3, 2 + 5 * n : 5 + 5 * n, 4:9] = v
+    sitk.WriteImage(sgp_io.sitk_from_array(image, geom), str(folder / "image.nrrd"))
+    if labels_name.endswith(".seg.nrrd"):
+        sgp_io.write_segmentation(folder / labels_name, labels, geom, names or {})
+    else:
+        sitk.WriteImage(sgp_io.sitk_from_array(labels, geom), str(folder / labels_name))
+        if names is not None:
+            (folder / "labels.json").write_text(json.dumps({str(v): n for v, n in names.items()}))
+    return labels, geom
+
+
+def test_itksnap_label_file_gives_names_and_colours_in_the_written_seg_nrrd(tmp_path):
+    case = tmp_path / "case"
+    labels, geom = _write_case(case, None, values=(1, 3))
+    (case / "labels.label").write_text(ITKSNAP_LABELS)
+    _, _, names = sgp_io.read_labels(case / "labels.nrrd", geom, reference_shape=labels.shape)
+    assert names == {1: "left kidney", 3: "Aorta"}
+    colors = sgp_io.read_label_colors(case / "labels.nrrd")
+    assert colors == {1: (1.0, 0.0, 0.0), 3: pytest.approx((0.0, 128 / 255, 1.0))}
+
+    out = sgp_io.write_segmentation(tmp_path / "out.seg.nrrd", labels, geom, names, colors)
+    seg = slicerio.read_segmentation(str(out))
+    got = {s["labelValue"]: s for s in seg["segments"]}
+    assert {v: s["name"] for v, s in got.items()} == {1: "left kidney", 3: "Aorta"}
+    assert got[1]["color"] == pytest.approx([1.0, 0.0, 0.0], abs=1e-5)
+    assert got[3]["color"] == pytest.approx([0.0, 128 / 255, 1.0], abs=1e-5)
+    assert not got[1]["colorAutoGenerated"]
+    # and a .seg.nrrd's own colours are read back
+    info = sgp_io.read_label_info(out)
+    assert info.names == names and info.colors[3] == pytest.approx((0.0, 128 / 255, 1.0), abs=1e-5)
+
+
+def test_label_description_files_are_found_like_labels_json(tmp_path):
+    case = tmp_path / "case"
+    _write_case(case, None, values=(1, 3), labels_name="mask.nii.gz")
+    lab = case / "mask.nii.gz"
+    # an ITK-SNAP .txt beside the label map counts; other text does not
+    (case / "labels.txt").write_text("these are my notes\n")
+    assert sgp_io.read_label_names(lab) == {}
+    (case / "mask.txt").write_text(ITKSNAP_LABELS)
+    assert sgp_io.read_label_names(lab) == {1: "left kidney", 3: "Aorta"}
+    assert sgp_io.read_label_names(case / "mask.txt") == {1: "left kidney", 3: "Aorta"}
+    # labels.json comes first, and may carry colours itself
+    (case / "mask.json").write_text(
+        json.dumps([{"value": 1, "name": "liver", "color": "#00ff00"}, {"value": 3, "name": "x"}])
+    )
+    info = sgp_io.read_label_info(lab)
+    assert info.names == {1: "liver", 3: "x"} and info.colors == {1: (0.0, 1.0, 0.0)}
+    assert info.source == case / "mask.json"
+    # any single *.label one folder up (images/ + masks/ layouts)
+    masks = tmp_path / "set" / "masks"
+    masks.mkdir(parents=True)
+    (tmp_path / "set" / "organs.label").write_text(ITKSNAP_LABELS)
+    assert sgp_io.read_label_names(masks / "001.png") == {1: "left kidney", 3: "Aorta"}
+
+
+def test_bad_label_description_files_say_what_is_wrong(tmp_path):
+    bad = tmp_path / "labels.label"
+    bad.write_text(ITKSNAP_LABELS + "    4   12  13\n")
+    with pytest.raises(SGPInputError, match=r"Line 9 of .*labels.label.*ITK-SNAP"):
+        sgp_io.read_label_names(bad)
+    bad.write_text('    1   300    0    0        1  1  1    "too red"\n')
+    with pytest.raises(SGPInputError, match="0-255"):
+        sgp_io.read_label_names(bad)
+    bad.unlink()
+    (tmp_path / "a.label").write_text(ITKSNAP_LABELS)
+    (tmp_path / "b.label").write_text(ITKSNAP_LABELS)
+    with pytest.raises(SGPInputError, match=r"several ITK-SNAP label files.*labels.label"):
+        sgp_io.read_label_names(tmp_path / "labels.nrrd")
+    # one folder up, unrelated .label files are not a reason to fail
+    assert sgp_io.read_label_names(tmp_path / "case" / "labels.nrrd") == {}
+    (tmp_path / "c.json").write_text(json.dumps({"1": {"name": "x", "color": [1, 2]}}))
+    with pytest.raises(SGPInputError, match="3 components"):
+        sgp_io.read_label_names(tmp_path / "c.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Support bank names, for every layout load_support_sets accepts
+# ---------------------------------------------------------------------------------------------
+
+
+def test_support_bank_names_per_case_labels_json(tmp_path):
+    bank = tmp_path / "bank"
+    _write_case(bank / "a", {1: "liver"}, values=(1,))
+    _write_case(bank / "b", {2: "spleen"}, values=(2,))
+    # every case's names, not only the first case's
+    assert sgp_io.support_bank_names(bank) == {1: "liver", 2: "spleen"}
+    assert list(sgp_io.load_support_sets(bank, structures=["spleen"])) == [2]
+
+
+def test_support_bank_names_bank_level_file_wins(tmp_path):
+    bank = tmp_path / "bank"
+    _write_case(bank / "a", {1: "liver"}, values=(1, 2))
+    (bank / "labels.json").write_text(json.dumps({"1": "hepar"}))
+    assert sgp_io.support_bank_names(bank) == {1: "hepar"}
+    (bank / "labels.json").unlink()
+    (bank / "labels.label").write_text(ITKSNAP_LABELS)
+    info = sgp_io.support_bank_info(bank)
+    assert info.names == {1: "left kidney", 3: "Aorta"}
+    assert info.colors[1] == (1.0, 0.0, 0.0)
+
+
+def test_support_bank_names_from_seg_nrrd_cases(tmp_path):
+    bank = tmp_path / "bank"
+    _write_case(bank / "a", {1: "tumor", 2: "edema"}, values=(1, 2), labels_name="labels.seg.nrrd")
+    _write_case(bank / "b", {4: "cyst"}, values=(4,), labels_name="labels.seg.nrrd")
+    assert sgp_io.support_bank_names(bank) == {1: "tumor", 2: "edema", 4: "cyst"}
+    assert sorted(sgp_io.load_support_sets(bank, structures=["edema", "cyst"])) == [2, 4]
+    # a single case folder is a bank too
+    assert sgp_io.support_bank_names(bank / "b") == {4: "cyst"}
+
+
+def test_support_bank_names_from_label_files(tmp_path):
+    bank = tmp_path / "bank"
+    _write_case(bank / "a", None, values=(1, 3))
+    (bank / "a" / "labels.label").write_text(ITKSNAP_LABELS)
+    assert sgp_io.support_bank_names(bank) == {1: "left kidney", 3: "Aorta"}
+    assert list(sgp_io.load_support_sets(bank, structures=["aorta"])) == [3]
+
+
+def test_support_bank_names_image_mask_pairs(tmp_path):
+    bank = tmp_path / "bank"
+    (bank / "images").mkdir(parents=True)
+    (bank / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("001", "002"):
+        image = rng.integers(0, 255, (24, 24)).astype(np.uint8)
+        mask = np.zeros((24, 24), np.uint8)
+        mask[4:10, 5:12] = 1
+        mask[14:20, 5:12] = 3
+        sitk.WriteImage(sitk.GetImageFromArray(image), str(bank / "images" / f"{name}.png"))
+        sitk.WriteImage(sitk.GetImageFromArray(mask), str(bank / "masks" / f"{name}.png"))
+    assert sgp_io.support_bank_names(bank) == {}
+    (bank / "masks" / "labels.label").write_text(ITKSNAP_LABELS)
+    assert sgp_io.support_bank_names(bank) == {1: "left kidney", 3: "Aorta"}
+    assert list(sgp_io.load_support_sets(bank, structures=["Left Kidney"])) == [1]

@@ -14,14 +14,9 @@ import torch
 
 from SlicerSGP import cli
 from SlicerSGP.data import io
-from SlicerSGP.evaluation.evaluate import (
-    dice,
-    evaluate_labels,
-    hd95,
-    iou,
-    montage_tile,
-    write_montage,
-)
+from SlicerSGP.evaluation.metrics import dice, evaluate_labels, hd95, iou
+from SlicerSGP.evaluation.reports import montage_tile, write_montage
+from SlicerSGP.training.config import TrainConfig, state_path
 from SlicerSGP.training.losses import (
     LossWeights,
     bce_loss,
@@ -30,7 +25,8 @@ from SlicerSGP.training.losses import (
     object_loss,
     sgp_loss,
 )
-from SlicerSGP.training.train import TrainConfig, Trainer, state_path, train
+from SlicerSGP.training.trainer import Trainer, train
+from SlicerSGP.types import SegmentOptions
 
 # --------------------------------------------------------------------------- loss terms
 
@@ -273,13 +269,13 @@ def test_volumes_train_as_slice_sequences_with_3d_memory(tiny_3d, tmp_path, own_
     t = Trainer(_cfg(tiny_3d, tmp_path / "v.safetensors", seq_len=3, top_k=2, memory_size=3,
                      own_support=own_support))
     seen = []
-    real_step = t.seg.step
+    real_step = t.seg.predictor.step
 
     def spy(feats, j, image, support, bank, *a, **kw):
         seen.append((j, len(support), len(bank), [m.slice_index for m in support]))
         return real_step(feats, j, image, support, bank, *a, **kw)
 
-    t.seg.step = spy
+    t.seg.predictor.step = spy
     rec = t.train_step()
     assert rec["own_support"] is bool(own_support)
     assert np.isfinite(rec["loss"]) and rec["kl"] >= 0
@@ -304,15 +300,16 @@ def test_ablation_switches_act_in_training(tiny_3d, tmp_path, switch):
     t = Trainer(_cfg(tiny_3d, tmp_path / "ab.safetensors", seq_len=3, **{switch: False}))
     before = {k: v.clone() for k, v in t.model.state_dict().items() if k.startswith("pma.")}
     seen = []
-    real_step = t.seg.step
+    real_step = t.seg.predictor.step
 
     def spy(feats, j, image, support, bank, *a, **kw):
         out = real_step(feats, j, image, support, bank, *a, **kw)
         seen.append((len(bank), out))
         return out
 
-    t.seg.step = spy
+    t.seg.predictor.step = spy
     rec = t.train_step()
+    assert seen, "the spy saw no slice: the checks below would be vacuous"
     if switch == "use_pma":
         after = t.model.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before), "PMA off: PMA untouched"
@@ -323,6 +320,32 @@ def test_ablation_switches_act_in_training(tiny_3d, tmp_path, switch):
     if switch == "use_3d_memory":
         assert all(b == 0 for b, _ in seen)
     assert t.opts.__dict__[switch] is False
+
+
+def test_training_and_inference_use_the_same_bank_size(tiny_3d, tmp_path):
+    """The bank holds K memories in both (the paper's rule), not 1 as training once did."""
+    t = Trainer(_cfg(tiny_3d, tmp_path / "bank.safetensors", seq_len=5, top_k=2,
+                     own_support=0.0))
+    banks: list[int] = []
+    real_step = t.seg.predictor.step
+
+    def spy(feats, j, image, support, bank, *a, **kw):
+        if kw.get("encode_memory", True):
+            banks.append(len(bank))
+        return real_step(feats, j, image, support, bank, *a, **kw)
+
+    t.seg.predictor.step = spy
+    t.train_step()
+    training = list(banks)
+    assert training == [0, 1, 2, 2, 2]
+    banks.clear()
+    case = t.cases[0]
+    drawn = np.zeros_like(case.labels)
+    k = case.slices_with(t.values[0])[0]
+    drawn[k] = case.labels[k]
+    t.seg.segment(case.slices01, drawn, {t.values[0]: "x"},
+                  SegmentOptions(top_k=2, stop_after_absent=0))
+    assert banks[:3] == [0, 1, 2] and max(banks) == 2  # grows to K = 2, as in training
 
 
 def test_sgp_train_command(tiny_2d, tmp_path, capsys):

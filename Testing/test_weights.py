@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from SlicerSGP import weights as W
+from SlicerSGP import weights_registry as WR
+from SlicerSGP.cli import weights as CW
 from SlicerSGP.errors import SGPInputError, SGPWeightsError
 
 
@@ -58,7 +60,7 @@ def fake_tiny(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> W
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sgp")
-    W.add_weights_subparser(parser.add_subparsers(dest="command"))
+    CW.add_parser(parser.add_subparsers(dest="command"))
     return parser.parse_args(argv)
 
 
@@ -269,7 +271,7 @@ def test_verify_sha256_mismatch(tmp_path: Path) -> None:
 def test_verify_size_only_entry_skips_hash(tmp_path: Path, monkeypatch) -> None:
     src = _fake_checkpoint(tmp_path / "full.pt")
     info = _info_for(src, "large", sha256=None)
-    monkeypatch.setattr(W, "file_sha256", lambda *a, **k: pytest.fail("hashed"))
+    monkeypatch.setattr(WR, "file_sha256", lambda *a, **k: pytest.fail("hashed"))
     W.verify_checkpoint(src, info)
     src.write_bytes(src.read_bytes() + b"x")
     with pytest.raises(SGPWeightsError, match="bytes"):
@@ -462,7 +464,7 @@ def test_load_missing_file(tmp_path: Path) -> None:
 
 def test_cli_list(cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = _parse(["weights", "list"])
-    assert args.func is W.cli_list
+    assert args.func is CW.cli_list
     assert args.func(args) == 0
     out = capsys.readouterr().out
     for name in ("tiny", "small", "base_plus", "large"):
@@ -481,7 +483,7 @@ def test_cli_fetch_and_verify(
     fake_tiny: W.CheckpointInfo, cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = _parse(["weights", "fetch", "t", "--quiet"])
-    assert args.func is W.cli_fetch and args.force is False and args.file is None
+    assert args.func is CW.cli_fetch and args.force is False and args.file is None
     assert args.func(args) == 0
     assert (cache / fake_tiny.filename).is_file()
     capsys.readouterr()
@@ -491,7 +493,7 @@ def test_cli_fetch_and_verify(
     args = _parse(["weights", "verify"])
     assert args.func(args) == 0
     assert str(cache / fake_tiny.filename) in capsys.readouterr().out
-    assert W.cli_list(_parse(["weights", "list"])) == 0
+    assert CW.cli_list(_parse(["weights", "list"])) == 0
     assert "cached, verified" in capsys.readouterr().out
 
 
@@ -505,12 +507,12 @@ def test_cli_fetch_from_file(
     assert (cache / fake_tiny.filename).read_bytes() == local.read_bytes()
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"0" * 10)
-    assert W.cli_fetch(_parse(["weights", "fetch", "tiny", "--file", str(bad)])) == 1
+    assert CW.cli_fetch(_parse(["weights", "fetch", "tiny", "--file", str(bad)])) == 1
     assert f"{fake_tiny.size:,}" in capsys.readouterr().err
 
 
 def test_cli_fetch_unknown_model(capsys: pytest.CaptureFixture[str], cache: Path) -> None:
-    assert W.cli_fetch(_parse(["weights", "fetch", "huge"])) == 1
+    assert CW.cli_fetch(_parse(["weights", "fetch", "huge"])) == 1
     assert "Valid names" in capsys.readouterr().err
 
 
@@ -518,23 +520,23 @@ def test_cli_verify_bad_file_fails(tmp_path: Path, cache: Path, capsys) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00garbage" * 100)
     args = _parse(["weights", "verify", str(bad)])
-    assert args.func is W.cli_verify
+    assert args.func is CW.cli_verify
     assert args.func(args) != 0
     assert "not a readable PyTorch checkpoint" in capsys.readouterr().err
     truncated = tmp_path / "sam2.1_hiera_small.pt"
     truncated.write_bytes(b"x" * 1000)
-    assert W.cli_verify(_parse(["weights", "verify", str(truncated)])) != 0
+    assert CW.cli_verify(_parse(["weights", "verify", str(truncated)])) != 0
     assert "184,416,285" in capsys.readouterr().err
 
 
 def test_cli_verify_good_custom_file(tmp_path: Path, cache: Path, capsys) -> None:
     p = _fake_checkpoint(tmp_path / "mine.pt")
-    assert W.cli_verify(_parse(["weights", "verify", str(p)])) == 0
+    assert CW.cli_verify(_parse(["weights", "verify", str(p)])) == 0
     assert "1 tensors" in capsys.readouterr().out
 
 
 def test_cli_verify_missing_cached_model(cache: Path, capsys) -> None:
-    assert W.cli_verify(_parse(["weights", "verify", "large"])) == 1
+    assert CW.cli_verify(_parse(["weights", "verify", "large"])) == 1
     assert "sgp weights fetch large" in capsys.readouterr().err
 
 
@@ -543,5 +545,5 @@ def test_cli_verify_corrupt_cached_file(
 ) -> None:
     cache.mkdir()
     (cache / fake_tiny.filename).write_bytes(b"x" * 7)
-    assert W.cli_verify(_parse(["weights", "verify"])) == 1
+    assert CW.cli_verify(_parse(["weights", "verify"])) == 1
     assert "FAILED" in capsys.readouterr().err

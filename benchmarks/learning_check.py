@@ -128,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from SlicerSGP.data.datasets import load_dataset
-    from SlicerSGP.evaluation.evaluate import bank_from_cases, dice, hd95, predict_case
+    from SlicerSGP.evaluation.evaluate import bank_from_cases, predict_case
+    from SlicerSGP.evaluation.metrics import dice, hd95
     from SlicerSGP.method.segmenter import Segmenter
-    from SlicerSGP.training.train import TrainConfig, train
+    from SlicerSGP.training.config import TrainConfig
+    from SlicerSGP.training.trainer import train
     from SlicerSGP.types import SegmentOptions
 
     if not args.data.is_dir():

@@ -1,11 +1,12 @@
-"""The parts of the SGPSegment module that need MRML but no Qt (importable from slicer-core)."""
+"""The parts of the SGPSegment module that need MRML but no Qt (importable with slicer-core).
 
-from SGPSegmentLib.logic import (
-    LabeledSegment,
-    RunJob,
-    RunRequest,
-    SGPSegmentCoreLogic,
-    WriteReport,
-)
+May import slicer (MRML), vtk, numpy, packaging and the engine's torch-free parts
+(SlicerSGP.errors, .types, .service.client, .service.launcher); never torch, qt or ctk.
+"""
 
-__all__ = ["LabeledSegment", "RunJob", "RunRequest", "SGPSegmentCoreLogic", "WriteReport"]
+from SGPSegmentLib.labeled_slices import LabeledSegment
+from SGPSegmentLib.logic import SGPSegmentCoreLogic
+from SGPSegmentLib.request import RunRequest
+from SGPSegmentLib.run import Run, WriteReport
+
+__all__ = ["LabeledSegment", "Run", "RunRequest", "SGPSegmentCoreLogic", "WriteReport"]

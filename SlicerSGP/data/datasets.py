@@ -2,10 +2,12 @@
 
 A dataset folder holds either
 
-(a) 2D pairs ``images/NAME.*`` + ``masks/NAME.*`` (+ ``labels.json``): each image is a one-slice
+(a) 2D pairs ``images/NAME.*`` + ``masks/NAME.*`` (+ ``labels.json`` or an ITK-SNAP
+    ``labels.label``: :mod:`~SlicerSGP.data.label_names`): each image is a one-slice
     case (``(1, H, W[, 3])``);
 (b) labeled cases: sub-folders each with ``image.*`` + ``labels.*`` (NIfTI, NRRD, MHA, PNG; the
-    labels may be a Slicer ``.seg.nrrd``), optionally ``labels.json``; or a single such case.
+    labels may be a Slicer ``.seg.nrrd``), optionally ``labels.json`` / ``.label``; or a single
+    such case.
 
 Every case gets one intensity mapping (per volume, never per slice: ``preprocess``) and is
 stored reoriented so that slices run along the first axis. Cases are sorted by name, so a split
@@ -20,11 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
-from SlicerSGP.data import io, preprocess
+from SlicerSGP.data import preprocess
+from SlicerSGP.data.files import (
+    LABEL_PREFIXES,
+    case_files,
+    file_kind,
+    image_mask_pairs,
+    is_volume_file,
+)
+from SlicerSGP.data.label_names import read_label_names
+from SlicerSGP.data.readers import read_image, read_labels
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.types import Geometry
-
-LABEL_PREFIXES = ("labels", "label", "segmentation", "mask")
 
 
 @dataclass
@@ -65,26 +74,13 @@ class Case:
 
 
 def _kind(path: Path) -> str:
-    name = path.name.lower()
-    for ext in (".seg.nrrd", *io.IMAGE_EXTENSIONS):
-        if name.endswith(ext):
-            return ext
-    return ""
-
-
-def _prefixed(folder: Path, prefixes: tuple[str, ...]) -> Path | None:
-    for prefix in prefixes:
-        for p in sorted(folder.iterdir()):
-            n = p.name.lower()
-            if p.is_file() and n.startswith(prefix + ".") and _kind(p):
-                return p
-    return None
+    """The known image/label-map ending of ``path``, or ``""``."""
+    return file_kind(path) if is_volume_file(path) else ""
 
 
 def _case_in(folder: Path) -> CaseRef | None:
-    image = _prefixed(folder, ("image",))
-    labels = _prefixed(folder, LABEL_PREFIXES)
-    return CaseRef(folder.name, image, labels) if image and labels else None
+    files = case_files(folder)
+    return CaseRef(folder.name, *files) if files else None
 
 
 def find_cases(folder: str | os.PathLike) -> list[CaseRef]:
@@ -92,23 +88,14 @@ def find_cases(folder: str | os.PathLike) -> list[CaseRef]:
     folder = Path(folder)
     if not folder.is_dir():
         raise SGPInputError(f"Dataset folder not found: {folder}.")
-    images_dir, masks_dir = folder / "images", folder / "masks"
-    if images_dir.is_dir() and masks_dir.is_dir():
-        masks = {}
-        for m in sorted(masks_dir.iterdir()):
-            k = _kind(m)
-            if m.is_file() and k:
-                masks.setdefault(m.name[: -len(k)], m)
-        refs = []
-        for im in sorted(images_dir.iterdir()):
-            k = _kind(im)
-            if im.is_file() and k and im.name[: -len(k)] in masks:
-                stem = im.name[: -len(k)]
-                refs.append(CaseRef(stem, im, masks[stem]))
-        if not refs:
-            raise SGPInputError(f"No image/mask pairs in {folder}: images/NAME.png needs "
-                                "masks/NAME.png with the same NAME.")
-        return refs
+    pairs = image_mask_pairs(folder)
+    if pairs is not None:
+        if not pairs:
+            raise SGPInputError(
+                f"No image/mask pairs in {folder}: images/NAME.png needs "
+                "masks/NAME.png with the same NAME."
+            )
+        return [CaseRef(stem, image, mask) for stem, image, mask in pairs]
     single = _case_in(folder)
     if single:
         return [single]
@@ -116,32 +103,41 @@ def find_cases(folder: str | os.PathLike) -> list[CaseRef]:
     if not refs:
         raise SGPInputError(
             f"{folder} holds no labeled cases: expected images/ + masks/ (2D pairs), sub-folders "
-            "with image.* + labels.* (NIfTI, NRRD, .seg.nrrd), or a single such case.")
+            "with image.* + labels.* (NIfTI, NRRD, .seg.nrrd), or a single such case."
+        )
     return refs
 
 
-def load_case(ref: CaseRef, axis: int = 0, intensity: str = "auto", *,
-              keep_raw: bool = False) -> Case:
+def load_case(
+    ref: CaseRef, axis: int = 0, intensity: str = "auto", *, keep_raw: bool = False
+) -> Case:
     """Read one case, map its intensities once, and put the slicing axis first."""
-    image, geometry = io.read_image(ref.image)
+    image, geometry = read_image(ref.image)
     if image.shape[0] == 1:
         axis = 0  # a 2D image has one slice whatever the axis
     preprocess.validate_volume(image, axis)
-    labels, _, names = io.read_labels(ref.labels, geometry, reference_shape=image.shape[:3])
+    labels, _, names = read_labels(ref.labels, geometry, reference_shape=image.shape[:3])
     lo, hi = preprocess.intensity_range(image, intensity)
-    slices01 = np.ascontiguousarray(preprocess.reorient(
-        preprocess.normalize_intensity(image, lo, hi), axis))
+    slices01 = np.ascontiguousarray(
+        preprocess.reorient(preprocess.normalize_intensity(image, lo, hi), axis)
+    )
     lab = np.ascontiguousarray(preprocess.reorient(labels, axis)).astype(np.int32)
     raw = np.ascontiguousarray(preprocess.reorient(image, axis)) if keep_raw else None
     return Case(ref.name, slices01, lab, geometry, axis, names, ref, raw)
 
 
-def load_dataset(folder: str | os.PathLike, *, axis: int = 0, intensity: str = "auto",
-                 limit: int | None = None, keep_raw: bool = False) -> list[Case]:
+def load_dataset(
+    folder: str | os.PathLike,
+    *,
+    axis: int = 0,
+    intensity: str = "auto",
+    limit: int | None = None,
+    keep_raw: bool = False,
+) -> list[Case]:
     refs = find_cases(folder)
     if limit is not None:
         refs = refs[: max(0, int(limit))]
-    names = io.read_label_names(folder)
+    names = read_label_names(folder)
     cases = [load_case(r, axis, intensity, keep_raw=keep_raw) for r in refs]
     for c in cases:
         for v, n in names.items():
@@ -149,7 +145,9 @@ def load_dataset(folder: str | os.PathLike, *, axis: int = 0, intensity: str = "
     return cases
 
 
-def split_cases(items: list, train: int | float, *, test: int | float | None = None) -> tuple[list, list]:
+def split_cases(
+    items: list, train: int | float, *, test: int | float | None = None
+) -> tuple[list, list]:
     """Split by position (items are sorted by name): the first ``train`` items train (an int,
     or a fraction of the list), the rest (or the next ``test`` of them) are held out."""
     n = len(items)
@@ -182,5 +180,13 @@ def parse_split(text: str | None, n: int) -> tuple[list[int], list[int]]:
     return out, [i for i in range(n) if i not in set(out)]
 
 
-__all__ = ["Case", "CaseRef", "find_cases", "load_case", "load_dataset", "parse_split",
-           "split_cases"]
+__all__ = [
+    "LABEL_PREFIXES",
+    "Case",
+    "CaseRef",
+    "find_cases",
+    "load_case",
+    "load_dataset",
+    "parse_split",
+    "split_cases",
+]

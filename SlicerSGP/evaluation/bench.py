@@ -10,7 +10,6 @@ forward hooks on the same SAM2 modules on both sides, so they are measured the s
 
 from __future__ import annotations
 
-import argparse
 import os
 import threading
 import time
@@ -18,7 +17,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
+import sam2.sam2_video_predictor as vp
 import torch
+from sam2.build_sam import build_sam2_video_predictor
+from torch.utils.flop_counter import FlopCounterMode
+
+from SlicerSGP.data import preprocess
+from SlicerSGP.types import SegmentOptions
+from SlicerSGP.weights import resolve_model_name
 
 STAGES = ("encode", "memory_attention", "decode", "memory_encode", "write_back")
 
@@ -144,11 +150,6 @@ def run_video_predictor(seg, load_frames, masks: dict[int, torch.Tensor],
                         compile_encoder: bool) -> Measurement:
     """``load_frames()`` builds the model-ready frames inside the measured region, as SAM2's
     ``init_state`` loads and normalises every frame itself."""
-    import sam2.sam2_video_predictor as vp
-    from sam2.build_sam import build_sam2_video_predictor
-
-    from SlicerSGP.weights import resolve_model_name
-
     cfg = seg.model.config
     grid = cfg.image_size // 16
     predictor = build_sam2_video_predictor(
@@ -205,8 +206,6 @@ def run_video_predictor(seg, load_frames, masks: dict[int, torch.Tensor],
 
 
 def run_engine(seg, vol: np.ndarray, lab: np.ndarray, support: list[int]) -> Measurement:
-    from SlicerSGP.types import SegmentOptions
-
     drawn = np.zeros_like(lab)
     drawn[support] = lab[support]
     hooks = StageHooks(seg.device)
@@ -275,57 +274,30 @@ def report(ms: list[Measurement], n: int, device: torch.device, note: str) -> st
 
 def encoder_flops_per_slice(seg) -> float:
     """Multiply-adds x2 of one image-encoder pass, counted by torch's FLOP counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     x = torch.zeros(1, 3, seg.image_size, seg.image_size, device=seg.device)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         seg.model.sam.forward_image(x)
     return float(counter.get_total_flops())
 
 
-def add_bench_subparser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("bench", help="compare with SAM2's video predictor (time, memory)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--weights", default="random")
-    p.add_argument("--image-size", type=int, default=512)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA), float32, bfloat16")
-    p.add_argument("--feature-dtype", default="auto", help="feature cache: auto (bf16) or float32")
-    p.add_argument("--slices", type=int, default=30)
-    p.add_argument("--size", type=int, default=512, help="in-plane size of the volume")
-    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
-    p.add_argument("--skip-sam2", action="store_true", help="run (b) only")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="alternate (a) and (b) this many times and keep each side's fastest run "
-                        "(noisy machines)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="device peak bf16 TFLOP/s, to print the fraction of the compute bound")
-    p.set_defaults(func=cmd_bench)
-    return p
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from SlicerSGP.data import preprocess
-    from SlicerSGP.method.segmenter import Segmenter
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    seg = Segmenter(args.model, weights=args.weights, device=args.device,
-                    image_size=args.image_size, dtype=args.dtype, feature_dtype=args.feature_dtype)
-    # Random weights score "no object" on most slices; a real model would not. Lift the object
-    # score head so both sides produce masks and do their full work.
+def prepare(seg, compile_encoder: bool = False) -> None:
+    """Random weights score "no object" on most slices; a real model would not. Lift the object
+    score head so both sides produce masks and do their full work; optionally compile."""
     with torch.no_grad():
         head = seg.model.sam.sam_mask_decoder.pred_obj_score_head
         (head.layers[-1] if hasattr(head, "layers") else head).bias.fill_(8.0)
-    if args.compile:
+    if compile_encoder:
         seg.model.sam.image_encoder.forward = torch.compile(seg.model.sam.image_encoder.forward)
 
-    vol, lab = synthetic_ct(args.slices, args.size)
+
+def run_bench(seg, *, slices: int, size: int, compile_encoder: bool = False,
+              skip_sam2: bool = False, repeat: int = 1) -> tuple[list[Measurement], int, list[int]]:
+    """(a) and (b) on a synthetic CT of ``slices`` x ``size`` x ``size``, alternated ``repeat``
+    times, each side's fastest run kept. Returns the measurements, the slice count and the
+    support slices."""
+    vol, lab = synthetic_ct(slices, size)
     support = clinical_support_slices(lab)
-    n = vol.shape[0]
-    tf = preprocess.LetterboxTransform(args.size, args.size, seg.image_size)
+    tf = preprocess.LetterboxTransform(size, size, seg.image_size)
 
     # Warm-up on both paths (first-call allocations, compilation), not measured.
     seg.segment(vol[:3], lab[:3], {1: "s"}, None, support_slices=[1])
@@ -339,36 +311,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return preprocess.to_model_input(vol01, tf)
 
     best: dict[str, Measurement] = {}
-    for _ in range(max(1, args.repeat)):
-        runs = [] if args.skip_sam2 else [run_video_predictor(seg, load_frames, masks,
-                                                               args.compile)]
+    for _ in range(max(1, repeat)):
+        runs = [] if skip_sam2 else [run_video_predictor(seg, load_frames, masks,
+                                                          compile_encoder)]
         runs.append(run_engine(seg, vol, lab, support))
         for m in runs:
             if m.name not in best or m.wall < best[m.name].wall:
                 best[m.name] = m
-    ms = list(best.values())
+    return list(best.values()), vol.shape[0], support
 
+
+def run_note(seg, model: str, size: int, n: int, support: list[int], compiled: bool) -> str:
+    """One line naming what was measured where."""
     dev = str(seg.device)
     if seg.device.type == "cuda":
         dev += f" ({torch.cuda.get_device_name(seg.device)})"
-    note = (f"volume {args.size}x{args.size}x{n}, support slices {support}, SAM2.1 {args.model} "
+    return (f"volume {size}x{size}x{n}, support slices {support}, SAM2.1 {model} "
             f"@ {seg.image_size}px, device {dev}, torch {torch.__version__}, "
             f"threads {torch.get_num_threads()}, autocast {seg.autocast_dtype}, "
-            f"feature cache {seg.feature_dtype}, compile {args.compile}")
-    if len(ms) == 2:
-        print(report(ms, n, seg.device, note))
-    else:
-        m = ms[0]
-        print(note)
-        print(f"{m.name}: {m.wall:.3f} s, {n / m.wall:.1f} slices/s, peak host "
-              f"{_mib(m.peak_host)} MiB, device {_mib(m.peak_device)} MiB, stages "
-              + ", ".join(f"{k} {v:.3f}" for k, v in m.stages.items()))
-    if args.peak_tflops:
-        flops = encoder_flops_per_slice(seg)
-        b = ms[-1]
-        achieved = flops * b.encodes / max(b.stages["encode"], 1e-9) / 1e12
-        print(f"encoder: {flops / 1e9:.1f} GFLOP/slice; {achieved:.1f} TFLOP/s in the encode "
-              f"stage = {achieved / args.peak_tflops:.1%} of {args.peak_tflops} TFLOP/s; "
-              f"whole run: {flops * n / b.wall / 1e12:.1f} TFLOP/s = "
-              f"{flops * n / b.wall / 1e12 / args.peak_tflops:.1%}")
-    return 0
+            f"feature cache {seg.feature_dtype}, compile {compiled}")
+
+
+def single_report(m: Measurement, n: int, note: str) -> str:
+    """The report when only (b) ran."""
+    return (f"{note}\n{m.name}: {m.wall:.3f} s, {n / m.wall:.1f} slices/s, peak host "
+            f"{_mib(m.peak_host)} MiB, device {_mib(m.peak_device)} MiB, stages "
+            + ", ".join(f"{k} {v:.3f}" for k, v in m.stages.items()))
+
+
+def flops_report(seg, engine: Measurement, n: int, peak_tflops: float) -> str:
+    """Encoder FLOPs per slice and the fraction of the device's peak reached."""
+    flops = encoder_flops_per_slice(seg)
+    achieved = flops * engine.encodes / max(engine.stages["encode"], 1e-9) / 1e12
+    whole = flops * n / engine.wall / 1e12
+    return (f"encoder: {flops / 1e9:.1f} GFLOP/slice; {achieved:.1f} TFLOP/s in the encode "
+            f"stage = {achieved / peak_tflops:.1%} of {peak_tflops} TFLOP/s; "
+            f"whole run: {whole:.1f} TFLOP/s = {whole / peak_tflops:.1%}")

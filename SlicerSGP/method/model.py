@@ -50,6 +50,9 @@ class ModelConfig:
     pma_heads: int = 8
     sam2_overrides: list[str] = field(default_factory=list)
     """Extra hydra overrides, e.g. a smaller Hiera for CPU training."""
+    train_pmg: bool = False
+    """PMG (memory attention, memory encoder, SAM2's mask decoder, pointer projection) is
+    trained too and stored in the checkpoint, so the KL term can teach it to agree with PMA."""
 
     def validate(self) -> None:
         if self.image_size not in SUPPORTED_IMAGE_SIZES:
@@ -117,17 +120,26 @@ class SGPModel(nn.Module):
         return int(self.sam.image_size)
 
     def freeze_base(self) -> None:
-        """Freeze SAM2's weights; LoRA adapters and PMA stay trainable."""
+        """Freeze SAM2's weights; LoRA adapters and PMA (and PMG with ``train_pmg``) stay
+        trainable."""
         for name, p in self.named_parameters():
-            p.requires_grad = "lora_" in name or name.startswith("pma.")
+            p.requires_grad = is_sgp_owned(name, self.config)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
-                if _is_sgp_owned(k)}
+                if is_sgp_owned(k, self.config)}
 
 
-def _is_sgp_owned(key: str) -> bool:
-    return "lora_" in key or key.startswith("pma.")
+PMG_PREFIXES = ("sam.memory_attention.", "sam.memory_encoder.", "sam.sam_mask_decoder.",
+                "sam.obj_ptr_proj.")
+"""The modules PMG runs on top of the image encoder: trained with ``train_pmg``."""
+
+
+def is_sgp_owned(key: str, config: ModelConfig) -> bool:
+    """Whether a tensor is the SGP checkpoint's (trained here) rather than base SAM2's."""
+    if "lora_" in key or key.startswith("pma."):
+        return True
+    return config.train_pmg and key.startswith(PMG_PREFIXES)
 
 
 def inject_lora(module: nn.Module, rank: int, alpha: float) -> None:
@@ -204,14 +216,16 @@ def read_sgp_metadata(path: str | Path) -> dict[str, Any]:
 
 def build_model(size: str = "tiny", *, weights: str | None = "random", image_size: int = 1024,
                 seed: int = 0, mode: str = "training_free", lora_rank: int = 0,
-                lora_alpha: float = 16.0, sam2_overrides: list[str] | None = None) -> SGPModel:
+                lora_alpha: float = 16.0, sam2_overrides: list[str] | None = None,
+                train_pmg: bool = False) -> SGPModel:
     """Build SAM2-SGP from a SAM2.1 size and weights ('random', a registry name, a .pt file)."""
     from SlicerSGP.weights import load_sam2_state_dict, resolve_weights
 
     resolved = resolve_weights(size, weights)
     state = load_sam2_state_dict(resolved.checkpoint) if resolved.checkpoint else None
     config = ModelConfig(size=size, image_size=image_size, mode=mode, lora_rank=lora_rank,
-                         lora_alpha=lora_alpha, sam2_overrides=list(sam2_overrides or []))
+                         lora_alpha=lora_alpha, sam2_overrides=list(sam2_overrides or []),
+                         train_pmg=train_pmg)
     return SGPModel(build_sam2_base(config, state, seed=seed), config)
 
 
@@ -243,7 +257,7 @@ def load_sgp_checkpoint(path: str | Path, *, weights: str | None = None,
         )
     # Every tensor the checkpoint is responsible for must be in it: a missing PMA or LoRA
     # tensor would otherwise keep its random initialisation without a word.
-    needed = own if meta.get("full_state") else [k for k in own if _is_sgp_owned(k)]
+    needed = own if meta.get("full_state") else [k for k in own if is_sgp_owned(k, config)]
     missing = [k for k in needed if k not in state]
     if missing:
         raise SGPWeightsError(

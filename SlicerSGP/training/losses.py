@@ -68,6 +68,10 @@ def bce_loss(logits: torch.Tensor, target: torch.Tensor,
     return (per_px * v).sum() / v.sum().clamp_min(1.0)
 
 
+NO_OBJECT_SENTINEL = -1024.0
+"""SAM2's NO_OBJ_SCORE: the logit it writes on every pixel of a slice it finds empty."""
+
+
 def bernoulli_kl(pseudo_logits: torch.Tensor, final_logits: torch.Tensor,
                  valid: torch.Tensor | None = None) -> torch.Tensor:
     """Pixel-mean ``KL(t || p)``, ``t = sigmoid(final_logits)`` detached, ``p = sigmoid(pseudo)``.
@@ -80,12 +84,14 @@ def bernoulli_kl(pseudo_logits: torch.Tensor, final_logits: torch.Tensor,
         pseudo_logits = F.interpolate(pseudo_logits.float(), size=target_logits.shape[-2:],
                                       mode="bilinear", align_corners=False)
     t = torch.sigmoid(target_logits)
-    # SAM2 writes -1024 where it sees no object; beyond +-30 the sigmoid is saturated anyway.
-    pseudo_logits = pseudo_logits.float().clamp(-30.0, 30.0)
+    pseudo_logits = pseudo_logits.float()
+    # SAM2 writes its no-object sentinel (-1024) where PMG saw nothing: those pixels carry no
+    # pseudo-mask to teach, so they are left out (a clamp would also stop real gradients).
+    real = (pseudo_logits > NO_OBJECT_SENTINEL / 2).float()
     cross = F.binary_cross_entropy_with_logits(pseudo_logits, t, reduction="none")
     entropy = F.binary_cross_entropy_with_logits(target_logits, t, reduction="none")
     per_px = (cross - entropy).clamp_min(0.0)
-    v = _valid(t, valid)
+    v = _valid(t, valid) * real
     return (per_px * v).sum() / v.sum().clamp_min(1.0)
 
 

@@ -1,0 +1,216 @@
+"""Where the engine runs and how the module reaches it.
+
+* Local (default): the module starts ``sgp serve`` itself through
+  :class:`SlicerSGP.service.launcher.LocalEngine`, with Slicer's Python or one the user names
+  (e.g. an environment with a CUDA build of torch), bound to 127.0.0.1 on a free port with a
+  fresh random token. A server that died (out of memory, killed) is restarted on the next
+  run, and the reason it died is kept for the message. A change of model settings restarts it
+  with the new ones.
+* Remote: a ``sgp serve`` the user runs elsewhere, reached with its URL and token. The
+  version handshake and the model check name what differs.
+
+Only the service client (stdlib + numpy) is imported: Slicer's process never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import SlicerSGP
+from SlicerSGP.errors import SGPError, SGPServiceError
+from SlicerSGP.service.client import connect_engine
+from SlicerSGP.service.launcher import LocalEngine
+
+START_TIMEOUT_S = 180.0
+"""Time for a local engine to import torch and load the model (a cold start of a large model
+from a slow disk can take a minute)."""
+
+
+DEATH_GRACE_S = 2.0
+"""How long a lost connection waits for the local engine's exit to show (to say why)."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The model a run needs; a local engine is started with these, a remote one is checked."""
+
+    model: str = "tiny"
+    weights: str | None = None
+    device: str = "auto"
+    imageSize: int = 1024
+    seed: int = 0
+
+    def serveArguments(self) -> list[str]:
+        args = ["--model", self.model, "--device", self.device, "--image-size", str(self.imageSize)]
+        args += ["--seed", str(self.seed)]
+        if self.weights:
+            args += ["--weights", self.weights]
+        return args
+
+    def expected(self) -> dict:
+        """What the server's model must match (keys of ``Segmenter.describe()``)."""
+        expected = {"model": self.model, "image_size": self.imageSize, "seed": self.seed}
+        if self.device != "auto":
+            expected["device"] = self.device
+        if self.weights == "random":
+            expected["weights"] = "random"
+        return expected
+
+
+def defaultPython() -> str:
+    """Slicer's own Python launcher when there is one (``PythonSlicer``), else this one."""
+    return shutil.which("PythonSlicer") or sys.executable
+
+
+def engineEnvironment() -> dict[str, str]:
+    """What a local engine's environment adds: the SlicerSGP package this module ships on the
+    path (in Slicer it sits in the qt-scripted-modules folder, which a plain Python does not
+    see), so that client and server are the same version."""
+    packageParent = str(Path(SlicerSGP.__file__).resolve().parents[1])
+    return {
+        "PYTHONPATH": os.pathsep.join(p for p in (packageParent, os.environ.get("PYTHONPATH")) if p)
+    }
+
+
+class EngineConnection:
+    """The engine the module talks to; :meth:`client` gives a ready ``EngineClient``."""
+
+    def __init__(self) -> None:
+        self.mode = "local"
+        self.url = ""
+        self.token = ""
+        self.python = ""
+        """Python for the local engine; '' = Slicer's own."""
+        self._local: LocalEngine | None = None
+        self._localKey: tuple | None = None
+        self._client = None
+        self.lastRestartReason = ""
+        """Why the local engine had to be restarted last time ('' if it never died)."""
+
+    def configure(
+        self, mode: str = "local", url: str = "", token: str = "", python: str = ""
+    ) -> None:
+        mode = (mode or "local").lower()
+        if mode not in ("local", "remote"):
+            raise SGPError(f"Engine must be 'local' (this computer) or 'remote'; got {mode!r}.")
+        if (mode, url, token, python) != (self.mode, self.url, self.token, self.python):
+            self.mode, self.url, self.token, self.python = (
+                mode,
+                url.strip(),
+                token.strip(),
+                python.strip(),
+            )
+            self._client = None
+            if mode != "local":
+                self.stop()
+
+    # ------------------------------------------------------------------------------ access
+
+    def client(self, settings: ModelSettings):
+        """A client of an engine running ``settings``' model (starting or restarting it)."""
+        if self.mode == "remote":
+            return self._remote(settings)
+        return self._localClient(settings)
+
+    def _remote(self, settings: ModelSettings | None):
+        if not self.url:
+            raise SGPServiceError(
+                "No server URL: enter the remote engine's URL (e.g. http://gpu-host:8765) and "
+                "its token, or choose 'this computer'."
+            )
+        self._client = connect_engine(
+            self.url, self.token or None, settings.expected() if settings else None
+        )
+        return self._client
+
+    def _localClient(self, settings: ModelSettings):
+        python = self.python or defaultPython()
+        key = (python, tuple(settings.serveArguments()))
+        if self._local is not None and self._localKey != key:
+            self.stop()  # other model settings: a fresh engine with the new ones
+        if self._local is None:
+            self._local = LocalEngine(
+                python=python, extra_args=list(key[1]), env=engineEnvironment()
+            )
+            self._localKey = key
+            self._client = self._local.start(timeout=START_TIMEOUT_S)
+        elif not self._local.alive:
+            self._client = self._local.ensure_running(timeout=START_TIMEOUT_S)
+            self.lastRestartReason = str(self._local.exit_reason or "")
+        return self._client
+
+    def deathReason(self) -> str:
+        """Why the local engine stopped ('' while it runs or for a remote engine)."""
+        if self.mode != "local" or self._local is None or self._local.alive:
+            return ""
+        # LocalEngine sets exit_reason only when it restarts; describe the death now already.
+        return self._local._describe_exit(self._local._proc) if self._local._proc else "it stopped"
+
+    def describeFailure(self, exc: BaseException, duringRun: bool = True) -> BaseException:
+        """Turn a lost connection into a message that says what happened (``exc`` itself when
+        there is nothing to add)."""
+        if not isinstance(exc, (SGPServiceError, OSError, ConnectionError)):
+            return exc
+        if self.mode == "local" and self._local is not None:
+            # A lost connection usually means the process is dying: give the OS a moment to
+            # report its exit, so the message can say why.
+            deadline = time.monotonic() + DEATH_GRACE_S
+            while self._local.alive and time.monotonic() < deadline:
+                time.sleep(0.05)
+        reason = self.deathReason()
+        if reason:
+            return SGPServiceError(
+                f"The local engine stopped {'during the run' if duringRun else 'before the run'} "
+                f"({reason}); nothing was written. "
+                "The next run restarts it. If it ran out of memory, try a smaller input size "
+                "or model, or the CPU device."
+            )
+        if self.mode == "remote" and duringRun:
+            return SGPServiceError(
+                f"Lost the connection to the engine at {self.url} ({exc}); nothing was written. "
+                "Check that the server still runs and is reachable, then run again."
+            )
+        return exc
+
+    def connect(self, settings: ModelSettings | None = None) -> dict:
+        """Reach the engine (starting a local one with ``settings``) and return its info; a
+        remote server's model is shown, not checked (runs check it)."""
+        if self.mode == "remote":
+            return self._remote(None).info()
+        return self._localClient(settings or ModelSettings()).info()
+
+    def stop(self) -> None:
+        """Stop a local engine this module started (Slicer exits, settings change)."""
+        if self._local is not None:
+            self._local.stop()
+        self._local = None
+        self._localKey = None
+        self._client = None
+
+
+def describeServer(info: dict) -> str:
+    """One line for people: SlicerSGP version and protocol, the model and its device, the GPUs."""
+    parts = [f"SlicerSGP {info.get('version', '?')} (protocol {info.get('protocol', '?')})"]
+    model = info.get("model") or {}
+    if model:
+        parts.append(
+            f"model {model.get('model', '?')} at {model.get('image_size', '?')} px "
+            f"on {model.get('device', '?')}"
+        )
+    gpus = [d for d in info.get("devices") or [] if str(d.get("device", "")).startswith("cuda")]
+    if gpus:
+        parts.append(
+            "GPU: "
+            + ", ".join(
+                f"{d['device']} {d.get('name', '')} ({(d.get('memory_total_mb') or 0) / 1024:.0f} GB)"
+                for d in gpus
+            )
+        )
+    else:
+        parts.append("no CUDA GPU on the server (CPU only: slow)")
+    return "; ".join(parts)

@@ -1,0 +1,173 @@
+"""What the panel asks of the Logic, in terms of the parameter node (``pn``: any object with
+the fields of ``SGPSegmentParameterNode``; its MRML node is ``pn.parameterNode``).
+
+Kept apart from the Widget so that it is Qt-free and tested with slicer-core.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from SGPSegmentLib import outputs
+from SGPSegmentLib.constants import AXIS_DISPLAY, AXIS_NAMES, MODEL_SIZES
+from SGPSegmentLib.engine_connection import describeServer
+from SlicerSGP.errors import SGPError
+
+
+def _ids(text: str) -> list[str]:
+    return [s for s in (text or "").split(",") if s]
+
+
+class ParameterNodeActions:
+    """Mixed into ``SGPSegmentCoreLogic``; uses its engine, runs and labeled-slice methods."""
+
+    _dependencyCache: tuple | None = None
+
+    def modelArgument(self, pn) -> str:
+        return str(pn.checkpointPath) if pn.model == "SGP checkpoint" else pn.model
+
+    def canRun(self, pn) -> tuple[bool, str]:
+        if not pn.inputVolume:
+            return False, "Select an input volume."
+        if not pn.segmentation:
+            return False, "Select a segmentation."
+        if not _ids(pn.segmentIds):
+            return False, "Select at least one segment."
+        if pn.model == "SGP checkpoint" and not Path(pn.checkpointPath).is_file():
+            return False, "Choose the trained SGP checkpoint (.safetensors) file."
+        return True, ""
+
+    def labeledSlicesSummary(self, pn) -> list[str]:
+        if not (pn.inputVolume and pn.segmentation and _ids(pn.segmentIds)):
+            return []
+        try:
+            found = self.labeledSlices(
+                pn.inputVolume, pn.segmentation, _ids(pn.segmentIds), pn.axis
+            )
+        except Exception as exc:  # shown in the list, not raised, while the user is choosing
+            return [str(exc)]
+        return [item.describe(AXIS_DISPLAY[pn.axis]) for item in found]
+
+    def deviceChoices(self, devices) -> list[tuple[str, str]]:
+        """``[(device, label)]``: auto, the engine's GPUs (once connected), CPU."""
+        choices = [("auto", "auto (first CUDA GPU, else CPU)")]
+        for device in devices:
+            if isinstance(device, dict) and str(device.get("device", "")).startswith("cuda"):
+                choices.append(
+                    (device["device"], f"{device['device']} - {device.get('name', 'GPU')}")
+                )
+        choices.append(("cpu", "CPU (slow: minutes per volume)"))
+        return choices
+
+    def settingsFromParameterNode(self, pn):
+        return self.modelSettings(self.modelArgument(pn), None, pn.device, pn.imageSize, 0)
+
+    def testConnection(self, pn) -> tuple[str, list]:
+        """(description for people, the server's devices) for the Connect button."""
+        info = self.engine.connect(self.settingsFromParameterNode(pn) if pn is not None else None)
+        text = "Connected: " + describeServer(info)
+        if self.engine.lastRestartReason:
+            text += f"\nThe local engine had stopped ({self.engine.lastRestartReason}); it was restarted."
+        return text, list(info.get("devices") or [])
+
+    # ------------------------------------------------------------------------- run
+
+    def startRunFromParameterNode(self, pn):
+        request = self.prepareRun(
+            pn.inputVolume,
+            pn.segmentation,
+            _ids(pn.segmentIds),
+            axis=pn.axis,
+            referenceCases=self.referenceCases(
+                self.referenceCaseNodes(pn.parameterNode), exclude=pn.segmentation
+            ),
+            top_k=pn.topK,
+            intensity=pn.intensity,
+        )
+        return self.startRun(
+            request, self.settingsFromParameterNode(pn), keepPseudoMasks=pn.keepPseudoMasks
+        )
+
+    def finishMessage(self, run) -> str:
+        if run.state == "cancelled":
+            return "SGP segmentation cancelled; nothing was written."
+        seconds = run.report.timings.get("total", 0.0) if run.report else 0.0
+        logging.info(
+            f"SGPSegment: wrote {len(run.report.segmentIds)} segment(s) in {seconds:.1f} s"
+        )
+        notes = " ".join(run.report.notes)
+        return f"SGP segmentation done in {seconds:.1f} s. {notes}".strip()
+
+    def scoresTableNode(self, segmentationNode):
+        return (
+            segmentationNode.GetNodeReference(outputs.SCORES_TABLE_REFERENCE_ROLE)
+            if segmentationNode
+            else None
+        )
+
+    def jumpToLeastConfident(self, pn, index: int) -> str:
+        worst = self.leastConfidentSlices(count=index + 1)
+        if not worst:
+            return "No predicted slice to review."
+        value, name, sliceIndex, confidence = worst[min(index, len(worst) - 1)]
+        self.jumpToSlice(pn.inputVolume, self.runs.lastRequest.axis, sliceIndex)
+        axis = AXIS_NAMES[self.runs.lastRequest.axis]
+        return f"{name}: {AXIS_DISPLAY[axis]} slice {sliceIndex} (confidence {confidence:.2f})"
+
+    # ------------------------------------------------------- dependencies and weights
+
+    def dependencyStatus(self, pn) -> str:
+        if self.engine.mode == "remote":
+            return "Remote engine: its packages are the server's."
+        try:
+            problems = self.dependencyProblems(self.modelArgument(pn))
+        except SGPError as exc:
+            return str(exc)
+        return (
+            "All Python packages installed."
+            if not problems
+            else "Missing or too old: " + "; ".join(problems)
+        )
+
+    def ensureDependencies(self, pn, confirm) -> bool:
+        """Install the local engine's missing packages after ``confirm(message)`` says yes."""
+        if self.engine.mode == "remote":
+            return True
+        problems = self.dependencyProblems(self.modelArgument(pn))
+        if not problems:
+            return True
+        if not confirm(
+            "The local engine needs these Python packages:\n\n  "
+            + "\n  ".join(problems)
+            + "\n\nDownload and install them now? This can take several minutes (PyTorch with "
+            "CUDA is over 1 GB). sam2 is checked against its pinned sha256 before installing."
+        ):
+            return False
+        self.installDependencies(self.modelArgument(pn), problems)
+        return True
+
+    def weightsStatusText(self, pn) -> str:
+        status = self.weightsStatus(self.modelArgument(pn))
+        return {
+            "checkpoint": "Trained SGP checkpoint (its base SAM2.1 weights must be in the cache).",
+            "cached": "Weights: in the cache.",
+            "missing": "Weights: not downloaded yet.",
+            "unknown": "Weights: unknown until the Python packages are installed.",
+        }[status]
+
+    def ensureReady(self, pn, confirm, progress=None) -> bool:
+        """Packages and weights for a local run, each installed only after ``confirm``."""
+        if not self.ensureDependencies(pn, confirm):
+            return False
+        if self.engine.mode == "remote" or pn.model not in MODEL_SIZES:
+            return True
+        if self.weightsStatus(pn.model) == "cached":
+            return True
+        if not confirm(
+            f"The SAM2.1 '{pn.model}' weights are not downloaded yet. Download them now into "
+            "the cache (checksum verified)? On an offline machine use 'Use local file...' instead."
+        ):
+            return False
+        self.downloadWeights(pn.model, progress=progress)
+        return True

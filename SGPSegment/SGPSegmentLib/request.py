@@ -1,0 +1,171 @@
+"""Turn the user's nodes into what the engine needs (numpy), checking every input first.
+
+:func:`prepareRun` reads MRML only; nothing in the scene changes. The request it returns
+keeps the volume and the label slices until they are sent, then :meth:`RunRequest.release`
+drops them: afterwards only node IDs, checksums and small metadata stay in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from SGPSegmentLib import labeled_slices, mrml_io
+from SGPSegmentLib.labeled_slices import LabeledSegment
+from SGPSegmentLib.reference_cases import supportBankFromScene
+from SlicerSGP.errors import SGPInputError
+from SlicerSGP.types import Geometry, SegmentOptions, SupportItem, axis_label
+
+
+@dataclass
+class RunRequest:
+    """Everything the engine needs, as numpy, plus the node IDs to write back to."""
+
+    volumeNodeID: str
+    segmentationNodeID: str
+    shape: tuple[int, int, int]
+    structures: dict[int, str]
+    segmentIds: dict[int, str]
+    labeledSegments: list[LabeledSegment]
+    beforeChecksums: dict[int, int]
+    """Checksum of each selected segment when the run started: the result is written only if
+    the segment is still exactly so (the user may draw while the engine works)."""
+    geometry: Geometry
+    options: SegmentOptions
+    supportSlices: list[int] = field(default_factory=list)
+    """Slices (along the axis) the user drew: never predictions."""
+    volume: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    supportBank: dict[int, list[SupportItem]] | None = None
+    notes: list[str] = field(default_factory=list)
+    """Things the user should know about the inputs (e.g. a segment cropped to the volume)."""
+
+    @property
+    def axis(self) -> int:
+        return self.options.axis
+
+    def release(self) -> None:
+        """Drop the arrays once sent: the volume copy can be hundreds of MB."""
+        self.volume = None
+        self.labels = None
+        self.supportBank = None
+
+
+def _segmentIds(segmentationNode, segmentIds) -> list[str]:
+    segmentation = segmentationNode.GetSegmentation()
+    ids = list(segmentation.GetSegmentIDs()) if segmentIds is None else [str(s) for s in segmentIds]
+    if not ids:
+        raise SGPInputError(
+            f"Segmentation '{segmentationNode.GetName()}' has no segment selected; add a "
+            "segment in the Segment Editor, draw it on a few slices, and select it."
+        )
+    if len(set(ids)) != len(ids):
+        raise SGPInputError("A segment is selected twice.")
+    for segmentId in ids:
+        if segmentation.GetSegment(segmentId) is None:
+            raise SGPInputError(
+                f"Segment '{segmentId}' is not in segmentation '{segmentationNode.GetName()}'."
+            )
+    return ids
+
+
+def labeledSegments(volumeNode, segmentationNode, segmentIds, axis):
+    """``[(LabeledSegment, mask), ...]`` for the selected segments, records brought up to date."""
+    mrml_io.checkVolume(volumeNode)
+    if segmentationNode is None:
+        raise SGPInputError("Select a segmentation.")
+    axis = mrml_io.checkAxis(axis)
+    segmentation = segmentationNode.GetSegmentation()
+    found = []
+    for index, segmentId in enumerate(segmentIds):
+        segment = segmentation.GetSegment(segmentId)
+        if segment is None:
+            raise SGPInputError(
+                f"Segment '{segmentId}' is not in segmentation '{segmentationNode.GetName()}'."
+            )
+        mask = mrml_io.segmentArray(segmentationNode, segmentId, volumeNode)
+        item = labeled_slices.labeledSegment(segmentId, segment, index + 1, mask, axis)
+        found.append((item, mask))
+    return found
+
+
+def prepareRun(
+    volumeNode,
+    segmentationNode,
+    segmentIds=None,
+    *,
+    axis=0,
+    referenceCases=(),
+    options: SegmentOptions | None = None,
+    **optionValues,
+) -> RunRequest:
+    """Check the inputs and turn the nodes into a :class:`RunRequest`.
+
+    ``referenceCases``: ``(volumeNode, segmentationNode)`` pairs already segmented; their
+    segments are matched to the selected ones by name. ``optionValues``: SegmentOptions fields.
+    """
+    mrml_io.checkVolume(volumeNode)
+    if segmentationNode is None:
+        raise SGPInputError("Select a segmentation that holds the labeled slices.")
+    axis = mrml_io.checkAxis(axis)
+    ids = _segmentIds(segmentationNode, segmentIds)
+    mrml_io.checkSameGrid(volumeNode, segmentationNode, ids)
+    notes = []
+    for segmentId in ids:
+        outside = mrml_io.voxelsOutsideVolume(segmentationNode, segmentId, volumeNode)
+        if outside:
+            name = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
+            notes.append(
+                f"Segment '{name}' reaches outside volume '{volumeNode.GetName()}' "
+                f"({outside} voxels); only the part inside the volume is used, and the "
+                "written result covers the volume only."
+            )
+
+    pairs = labeledSegments(volumeNode, segmentationNode, ids, axis)
+    items = [item for item, _ in pairs]
+    supportSet = sorted({s for item in items for s in item.slices})
+    volume = mrml_io.volumeArray(volumeNode)
+    labels = np.zeros(volume.shape[:3], dtype=np.int16)
+    labelsFirst = np.moveaxis(labels, axis, 0)
+    for item, mask in pairs:
+        maskFirst = np.moveaxis(mask, axis, 0)
+        for k in item.slices:
+            labelsFirst[k][maskFirst[k] & (labelsFirst[k] == 0)] = item.value
+    structures = {item.value: item.name for item in items}
+    intensity = optionValues.get("intensity", options.intensity if options else "auto")
+    bank = (
+        supportBankFromScene(referenceCases, structures, axis=axis, intensity=intensity)
+        if referenceCases
+        else None
+    )
+
+    for item in items:
+        if not item.slices and not (bank and bank.get(item.value)):
+            raise SGPInputError(
+                f"Segment '{item.name}' has no slice drawn along {axis_label(axis)} and no "
+                "reference case provides it. Draw it on at least one "
+                f"{axis_label(axis).split('(')[-1].rstrip(')')} slice where it is visible (or "
+                "choose the axis you drew on), add a reference case that contains it, or "
+                "deselect it."
+            )
+    if options is None:
+        options = SegmentOptions(axis=axis, **optionValues)
+    else:
+        options.axis = axis
+    return RunRequest(
+        volumeNodeID=volumeNode.GetID(),
+        segmentationNodeID=segmentationNode.GetID(),
+        shape=tuple(int(n) for n in volume.shape[:3]),
+        structures=structures,
+        segmentIds={item.value: item.segmentId for item in items},
+        labeledSegments=items,
+        beforeChecksums={item.value: labeled_slices.checksum(mask) for item, mask in pairs},
+        geometry=mrml_io.volumeGeometry(volumeNode),
+        options=options,
+        supportSlices=supportSet,
+        volume=volume,
+        labels=labels,
+        supportBank=bank,
+        notes=notes,
+    )

@@ -1,0 +1,314 @@
+"""Run bookkeeping: start a run on the engine, poll it, apply the result, cancel, undo.
+
+Nothing here blocks for long or uses threads: :meth:`Runs.start` uploads the volume (only if
+the engine does not have it yet) and queues the run; the Widget's timer calls
+:meth:`Runs.poll` every 100-200 ms; the result is written into the segmentation only when the
+run is done, and only if the selected segments are still exactly as they were at the start.
+A cancelled or failed run writes nothing.
+
+Undo goes through the segmentation's own saved state (``vtkSegmentationHistory``) and refuses
+when a segment was edited after the run (checksum differs), so a later manual edit is never
+silently wiped.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import slicer
+import vtk
+
+from SGPSegmentLib import labeled_slices, mrml_io, outputs
+from SGPSegmentLib.request import RunRequest
+from SlicerSGP.errors import Cancelled, SGPError, SGPInputError
+from SlicerSGP.types import SegmentationResult
+
+UNDO_TOKEN_ATTRIBUTE = "SGPSegment.undoToken"
+RUN_CHECKSUM_TAG = "SGPSegment.runChecksum"
+"""Checksum of what the last run wrote into a segment (for Undo's 'edited since?' check)."""
+
+
+@dataclass
+class WriteReport:
+    """What :meth:`Runs.apply` wrote."""
+
+    segmentIds: list[str]
+    voxelCounts: dict[str, int]
+    labeledSlices: list[int]
+    pseudoMaskNodeID: str | None = None
+    tableNodeID: str | None = None
+    chartNodeID: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """One run on the engine, as the Widget sees it."""
+
+    request: RunRequest
+    client: Any
+    runId: str
+    volumeId: str
+    keepPseudoMasks: bool = False
+    stage: str = "queued"
+    fraction: float = 0.0
+    state: str = "running"
+    """'running', 'done', 'cancelled' or 'failed'."""
+    report: WriteReport | None = None
+    error: BaseException | None = None
+    startTime: float = field(default_factory=time.monotonic)
+
+    def done(self) -> bool:
+        return self.state != "running"
+
+
+class Runs:
+    """Starts, polls, applies, cancels and undoes runs; keeps the last result for review."""
+
+    def __init__(self) -> None:
+        self._histories: dict[str, tuple[str, Any]] = {}
+        self.lastResult: SegmentationResult | None = None
+        self.lastRequest: RunRequest | None = None
+        self.applying = False
+        """True while a result is being written (edit observers ignore those events)."""
+
+    def clear(self) -> None:
+        """Forget cached results and undo states (scene closed)."""
+        self._histories.clear()
+        self.lastResult = None
+        self.lastRequest = None
+
+    # ------------------------------------------------------------------------ engine side
+
+    def start(self, request: RunRequest, client, *, keepPseudoMasks: bool = False) -> Run:
+        """Upload the volume if the engine lacks it and queue the run (quick HTTP calls)."""
+        request.options.keep_pseudo_masks = bool(keepPseudoMasks)
+        volumeId = client.ensure_volume(request.volume, request.geometry)
+        runId = client.start_run(
+            volumeId,
+            request.labels,
+            request.structures,
+            request.options,
+            support_slices=request.supportSlices,
+            support_bank=request.supportBank,
+        )
+        request.release()
+        return Run(request, client, runId, volumeId, keepPseudoMasks=keepPseudoMasks)
+
+    def poll(self, run: Run, describeFailure=None) -> Run:
+        """Update ``run`` from the engine; when it is done, write the result (main thread).
+
+        ``describeFailure(exc) -> exc`` turns a lost connection into a message that says why
+        (e.g. the local engine was killed). Errors end the run with ``state = 'failed'`` and
+        are raised; the segmentation is untouched then.
+        """
+        if run.done():
+            return run
+        try:
+            status = run.client.run_status(run.runId)
+            run.stage = str(status.get("stage") or status.get("state") or "")
+            run.fraction = float(min(max(status.get("fraction") or 0.0, 0.0), 1.0))
+            state = status.get("state")
+            if state in ("cancelled", "canceled"):
+                run.state = "cancelled"
+            elif state in ("failed", "error"):
+                raise SGPError(
+                    f"The engine could not segment: {status.get('error') or 'unknown error'}; "
+                    "nothing was written."
+                )
+            elif state == "done":
+                try:
+                    result = run.client.run_result(run.runId)
+                except Cancelled:  # cancelled between the status and the download
+                    run.state = "cancelled"
+                    return run
+                run.report = self.apply(run.request, result, keepPseudoMasks=run.keepPseudoMasks)
+                run.state = "done"
+        except BaseException as exc:
+            run.state = "failed"
+            run.error = describeFailure(exc) if describeFailure else exc
+            if run.error is exc:
+                raise
+            raise run.error from exc
+        return run
+
+    def cancel(self, run: Run) -> None:
+        """Ask the engine to stop; the segmentation stays as it is."""
+        if run.done():
+            return
+        run.state = "cancelled"
+        try:
+            run.client.cancel_run(run.runId)
+        except SGPError:
+            pass  # the engine is gone or the run ended: nothing runs, nothing is written
+
+    def wait(
+        self, run: Run, timeout: float = 600.0, interval: float = 0.1, describeFailure=None
+    ) -> Run:
+        """Poll until done (console, scripts and tests; the Widget uses its timer instead)."""
+        deadline = time.monotonic() + timeout
+        while not run.done():
+            if time.monotonic() > deadline:
+                self.cancel(run)
+                raise SGPError(f"The run did not finish within {timeout:.0f} s; it was cancelled.")
+            self.poll(run, describeFailure)
+            if not run.done():
+                time.sleep(interval)
+        return run
+
+    # ------------------------------------------------------------------------- MRML side
+
+    def _nodes(self, request: RunRequest):
+        scene = slicer.mrmlScene
+        volumeNode = scene.GetNodeByID(request.volumeNodeID)
+        segmentationNode = scene.GetNodeByID(request.segmentationNodeID)
+        if volumeNode is None or segmentationNode is None:
+            raise SGPInputError(
+                "The volume or segmentation of this run was removed from the scene; nothing was written."
+            )
+        return volumeNode, segmentationNode
+
+    def _currentMasks(
+        self, request: RunRequest, volumeNode, segmentationNode
+    ) -> dict[int, np.ndarray]:
+        segmentation = segmentationNode.GetSegmentation()
+        masks = {}
+        for value, segmentId in request.segmentIds.items():
+            if segmentation.GetSegment(segmentId) is None:
+                raise SGPInputError(
+                    f"Segment '{request.structures[value]}' was removed during the run; nothing was written."
+                )
+            masks[value] = mrml_io.segmentArray(segmentationNode, segmentId, volumeNode)
+            if labeled_slices.checksum(masks[value]) != request.beforeChecksums[value]:
+                raise SGPInputError(
+                    f"Segment '{request.structures[value]}' was edited while the run was going on; "
+                    "nothing was written. Run again to use the edits."
+                )
+        return masks
+
+    def apply(
+        self, request: RunRequest, result: SegmentationResult, *, keepPseudoMasks=False
+    ) -> WriteReport:
+        """Write ``result`` into the request's segmentation: the engine's labels everywhere,
+        and on every labeled slice exactly what the user drew."""
+        start = time.monotonic()
+        volumeNode, segmentationNode = self._nodes(request)
+        if tuple(result.labels.shape[:3]) != tuple(request.shape):
+            raise SGPError(
+                f"The engine returned labels of shape {result.labels.shape}, expected "
+                f"{request.shape}; nothing was written."
+            )
+        before = self._currentMasks(request, volumeNode, segmentationNode)
+        axis = request.axis
+        labeled = sorted(set(request.supportSlices) | {int(s) for s in result.labeled_slices})
+        newMasks: dict[int, np.ndarray] = {}
+        for value in request.segmentIds:
+            mask = np.asarray(result.labels) == value
+            if labeled:
+                index = [slice(None)] * 3
+                index[axis] = labeled
+                mask[tuple(index)] = before[value][tuple(index)]
+            newMasks[value] = mask
+        del before
+
+        history = self._history(segmentationNode)
+        history.SaveState()
+        segmentation = segmentationNode.GetSegmentation()
+        self.applying = True
+        wasModifying = segmentationNode.StartModify()
+        try:
+            for value, segmentId in request.segmentIds.items():
+                mrml_io.writeSegmentArray(newMasks[value], segmentationNode, segmentId, volumeNode)
+                segment = segmentation.GetSegment(segmentId)
+                item = next(i for i in request.labeledSegments if i.value == value)
+                labeled_slices.markWritten(segment, newMasks[value], {axis: item.slices})
+                segment.SetTag(RUN_CHECKSUM_TAG, str(labeled_slices.checksum(newMasks[value])))
+        except Exception:
+            history.RestorePreviousState()
+            raise
+        finally:
+            segmentationNode.EndModify(wasModifying)
+            self.applying = False
+
+        report = WriteReport(
+            segmentIds=list(request.segmentIds.values()),
+            voxelCounts={request.segmentIds[v]: int(m.sum()) for v, m in newMasks.items()},
+            labeledSlices=labeled,
+            notes=list(request.notes),
+        )
+        if keepPseudoMasks and result.pseudo_masks:
+            node = outputs.writePseudoMasks(request, result, segmentationNode, volumeNode)
+            report.pseudoMaskNodeID = node.GetID()
+        if result.slice_scores:
+            tableNode, chartNode = outputs.writeSliceScores(request, result, segmentationNode)
+            report.tableNodeID, report.chartNodeID = tableNode.GetID(), chartNode.GetID()
+        # Keep what review needs (scores, labeled slices); drop the big arrays.
+        result.probabilities = {}
+        result.pseudo_masks = {}
+        self.lastRequest, self.lastResult = request, result
+        report.timings = dict(result.timings)
+        report.timings["write"] = time.monotonic() - start
+        return report
+
+    # ------------------------------------------------------------------------------ undo
+
+    def _history(self, segmentationNode, create: bool = True):
+        """Saved states of one segmentation node (a token attribute ties them to that node)."""
+        token = segmentationNode.GetAttribute(UNDO_TOKEN_ATTRIBUTE)
+        entry = self._histories.get(segmentationNode.GetID())
+        if entry is not None and token and entry[0] == token:
+            return entry[1]
+        if not create:
+            return None
+        token = uuid.uuid4().hex
+        segmentationNode.SetAttribute(UNDO_TOKEN_ATTRIBUTE, token)
+        history = slicer.vtkSegmentationHistory()
+        history.SetMaximumNumberOfStates(2)
+        history.SetSegmentation(segmentationNode.GetSegmentation())
+        self._histories[segmentationNode.GetID()] = (token, history)
+        return history
+
+    def canUndo(self, segmentationNode) -> bool:
+        history = self._history(segmentationNode, create=False) if segmentationNode else None
+        return bool(history is not None and history.IsRestorePreviousStateAvailable())
+
+    def editedSinceRun(self, segmentationNode, volumeNode) -> list[str]:
+        """Names of segments whose content differs from what the last run wrote."""
+        edited = []
+        segmentation = segmentationNode.GetSegmentation()
+        for segmentId in segmentation.GetSegmentIDs():
+            segment = segmentation.GetSegment(segmentId)
+            holder = vtk.reference("")
+            if not (segment.HasTag(RUN_CHECKSUM_TAG) and segment.GetTag(RUN_CHECKSUM_TAG, holder)):
+                continue
+            mask = mrml_io.segmentArray(segmentationNode, segmentId, volumeNode)
+            if str(labeled_slices.checksum(mask)) != str(holder):
+                edited.append(segment.GetName())
+        return edited
+
+    def undo(self, segmentationNode, volumeNode) -> None:
+        """Restore the segmentation as it was before the last result was written.
+
+        Refuses (SGPInputError) when a segment was edited after the run, naming it."""
+        if not self.canUndo(segmentationNode):
+            raise SGPInputError("There is no SGP result to undo for this segmentation.")
+        edited = self.editedSinceRun(segmentationNode, volumeNode)
+        if edited:
+            raise SGPInputError(
+                f"Segment(s) {', '.join(repr(n) for n in edited)} were edited after the SGP run; "
+                "undoing the run would wipe those edits, so nothing was changed. Use the "
+                "Segment Editor's undo to step back through your edits first."
+            )
+        history = self._history(segmentationNode, create=False)
+        self.applying = True
+        try:
+            if not history.RestorePreviousState():
+                raise SGPError("The segmentation's saved state could not be restored.")
+        finally:
+            self.applying = False
+        history.RemoveAllStates()  # one level: the run's own undo

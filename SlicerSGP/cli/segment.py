@@ -1,0 +1,288 @@
+"""``sgp segment``: one volume from a few labeled slices and/or a support bank -> .seg.nrrd."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from SlicerSGP.cli.common import (
+    OutputPlan,
+    Progress,
+    add_model_options,
+    cancel_on_sigterm,
+    int_list,
+    parse_axis,
+    segmenter_from_args,
+)
+from SlicerSGP.cli.serve import read_token
+from SlicerSGP.data import io, preprocess
+from SlicerSGP.errors import SGPInputError
+from SlicerSGP.evaluation.reports import montage_tile, write_montage
+from SlicerSGP.service.client import connect_engine
+from SlicerSGP.types import SegmentOptions, axis_label
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "segment",
+        help="segment a volume from labeled slices or a support bank",
+        description="Segment every slice of IMAGE from the slices labeled in LABELS (and/or a "
+                    "support bank of other labeled cases); write a .seg.nrrd Slicer opens. "
+                    "Outputs are all-or-nothing: every output path is checked before the model "
+                    "loads, files are written under temporary names and renamed into place "
+                    "only when the whole run succeeded.",
+    )
+    p.add_argument("image", type=Path, help="volume (NIfTI, NRRD, MHA) or 2D image (PNG, ...)")
+    p.add_argument("--labels", type=Path,
+                   help="label map on the image grid (NIfTI/NRRD/.seg.nrrd) holding the drawn slices")
+    p.add_argument("--out", type=Path, required=True, help="output segmentation (.seg.nrrd)")
+    p.add_argument("--label", dest="label_values", type=int, action="append",
+                   help="label value to segment (repeatable; default: every value drawn, or "
+                        "every value of the support bank)")
+    p.add_argument("--support-slices", type=int_list,
+                   help="comma-separated slice indices (along --axis) to use as support; "
+                        "an empty mask there means 'absent here'")
+    p.add_argument("--complete-slices", type=int_list,
+                   help="comma-separated slice indices (along --axis) on which every structure "
+                        "present is drawn: there an undrawn structure is taken as absent "
+                        "(elsewhere a slice is support only for the structures drawn on it)")
+    p.add_argument("--support-bank", type=Path,
+                   help="folder of other labeled cases (image.* + labels.*) or images/ + masks/")
+    g = p.add_argument_group("model")
+    # No default for --model: with --server, only the options given are checked against the
+    # server's model; a local run uses tiny.
+    add_model_options(g, model_default=None)
+    s = p.add_argument_group("engine service")
+    s.add_argument("--server", metavar="URL",
+                   help="run on an `sgp serve` engine at URL instead of loading the model here")
+    s.add_argument("--token-file", type=Path, help="file holding the server's access token")
+    m = p.add_argument_group("method")
+    m.add_argument("--axis", default="k", help="slicing axis: k/axial, j/coronal, i/sagittal "
+                   "(of the image grid; default k)")
+    m.add_argument("--top-k", type=int, default=4, help="support items per slice (default 4)")
+    m.add_argument("--memory-size", type=int, default=None,
+                   help="3D memory bank size (default: = --top-k)")
+    m.add_argument("--memory-policy", choices=("least_similar", "fifo"), default="least_similar")
+    m.add_argument("--no-pmg", action="store_true", help="ablation: no pseudo-mask generation")
+    m.add_argument("--no-pma", action="store_true", help="ablation: no pseudo-mask attention")
+    m.add_argument("--no-3d-memory", action="store_true", help="ablation: no volumetric memory")
+    m.add_argument("--one-direction", action="store_true",
+                   help="propagate once (SAM2 style) instead of from both sides")
+    m.add_argument("--multi-view", action="store_true",
+                   help="also propagate along the other two axes and average (about 3x the time)")
+    m.add_argument("--stop-after-absent", type=int, default=3, metavar="N",
+                   help="past the outermost drawn slice, end a structure after N slices where it "
+                        "is confidently absent (0: propagate to the volume's edges; default 3)")
+    m.add_argument("--slice-limits", action="append", default=[], metavar="V:FIRST:LAST",
+                   help="structure V lies within slices FIRST..LAST along --axis (repeatable)")
+    m.add_argument("--no-reverse-quality", action="store_true",
+                   help="skip the reverse-propagation quality score (RevSAM2) of each slice")
+    m.add_argument("--no-quality-fusion", action="store_true",
+                   help="fuse the two sides by distance only, not by quality too")
+    m.add_argument("--intensity", default="auto",
+                   help="auto, percentile, none, ct_abdomen, ct_lung, ct_bone, ct_brain, "
+                        "ct_soft_tissue")
+    m.add_argument("--threshold", type=float, default=0.5)
+    m.add_argument("--batch-size", type=int, default=None,
+                   help="slices per encoder batch (default 1 on CPU, 8 on CUDA)")
+    o = p.add_argument_group("extra outputs")
+    o.add_argument("--pseudo-masks", type=Path, help="write the PMG pseudo-masks (.seg.nrrd)")
+    o.add_argument("--probabilities", type=Path,
+                   help="folder for per-structure probability maps (NAME_probability.nrrd)")
+    o.add_argument("--scores", type=Path, help="per-slice confidence table (.csv)")
+    o.add_argument("--overlay", type=Path,
+                   help="PNG montage: labeled slices (green), least confident and evenly spaced "
+                        "slices with pseudo-mask (blue) and final (red) contours")
+    o.add_argument("--quiet", action="store_true",
+                   help="no progress output (a bar on a terminal, stage lines otherwise)")
+    p.set_defaults(func=cmd_segment)
+    return p
+
+
+def probability_name(structure: str) -> str:
+    """File name of one structure's probability map inside the --probabilities folder."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in structure) or "structure"
+    return f"{safe}_probability.nrrd"
+
+
+def plan_outputs(args: argparse.Namespace) -> OutputPlan:
+    """Check every output path before anything is read or loaded."""
+    plan = OutputPlan()
+    plan.file(args.out, "--out", (".seg.nrrd",))
+    if args.pseudo_masks:
+        plan.file(args.pseudo_masks, "--pseudo-masks", (".seg.nrrd",))
+    if args.scores:
+        plan.file(args.scores, "--scores", (".csv",))
+    if args.overlay:
+        plan.file(args.overlay, "--overlay", (".png",))
+    if args.probabilities:
+        plan.folder(args.probabilities, "--probabilities")
+    return plan
+
+
+def _structures(args, labels: np.ndarray | None, bank: dict | None,
+                names: dict[int, str]) -> dict[int, str] | None:
+    """Which structures to segment, named from the labels' / bank's names files."""
+    if args.label_values:
+        values = [int(v) for v in args.label_values]
+    elif labels is not None:
+        values = sorted(int(v) for v in np.unique(labels) if v != 0)
+    elif bank:
+        values = sorted(int(v) for v in bank)
+    else:
+        values = []
+    return {v: names.get(v, f"Segment_{v}") for v in values} or None
+
+
+def _expected_model(args: argparse.Namespace) -> dict:
+    """What the server must have loaded: the model options the user gave (the device is the
+    server's business; the seed matters only for random weights)."""
+    spec = {"model": args.model, "weights": args.weights, "image_size": args.image_size,
+            "dtype": args.dtype, "feature_dtype": args.feature_dtype}
+    if str(args.weights).lower() == "random":
+        spec["seed"] = args.seed
+    return {k: v for k, v in spec.items() if v is not None and v != "auto"}
+
+
+def _engine(args: argparse.Namespace):
+    """The Segmenter, or a client of an `sgp serve` engine with the same ``segment``."""
+    if not args.server:
+        if args.token_file:
+            raise SGPInputError("--token-file goes with --server URL.")
+        return segmenter_from_args(args)
+    token = read_token(args.token_file) if args.token_file else None
+    return connect_engine(args.server, token, _expected_model(args))
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    axis = parse_axis(args.axis)
+    if args.labels is None and args.support_bank is None:
+        raise SGPInputError("Give the labeled slices with --labels LABELS (or other cases with "
+                            "--support-bank DIR).")
+    with plan_outputs(args) as plan:
+        volume, geometry = io.read_image(args.image)
+        labels, names = None, {}
+        if args.labels is not None:
+            labels, _, names = io.read_labels(args.labels, geometry,
+                                              reference_shape=volume.shape[:3])
+        bank = None
+        if args.support_bank is not None:
+            bank = io.load_support_sets(args.support_bank, structures=args.label_values,
+                                        axis=axis, intensity=args.intensity)
+            names = {**io.support_bank_names(args.support_bank), **names}
+        structures = _structures(args, labels, bank, names)
+        if args.probabilities and structures:
+            for name in structures.values():
+                plan.file(args.probabilities / probability_name(name),
+                          f"--probabilities file for {name!r}")
+        opts = SegmentOptions(
+            axis=axis, top_k=args.top_k, memory_size=args.memory_size,
+            memory_policy=args.memory_policy, use_pmg=not args.no_pmg, use_pma=not args.no_pma,
+            use_3d_memory=not args.no_3d_memory, bidirectional=not args.one_direction,
+            intensity=args.intensity, threshold=args.threshold,
+            encode_batch_size=args.batch_size,
+            keep_pseudo_masks=args.pseudo_masks is not None or args.overlay is not None,
+            complete_slices=args.complete_slices, multi_view=args.multi_view,
+            stop_after_absent=args.stop_after_absent, slice_limits=_slice_limits(args),
+            reverse_quality=not args.no_reverse_quality,
+            quality_fusion=not args.no_quality_fusion,
+        )
+        t0 = time.perf_counter()
+        engine = _engine(args)
+        load_s = time.perf_counter() - t0
+        progress = Progress(args.quiet)
+        try:
+            with cancel_on_sigterm() as cancel:
+                result = engine.segment(volume, labels, structures, opts,
+                                        support_slices=args.support_slices, support_bank=bank,
+                                        geometry=geometry, progress=progress.stage,
+                                        cancel=cancel)
+        finally:
+            progress.close()
+        _write_outputs(plan, args, volume, labels, geometry, result, opts)
+        written = plan.commit()
+    _report(result, axis, load_s, engine, written)
+    return 0
+
+
+def _write_outputs(plan: OutputPlan, args, volume, labels, geometry, result, opts) -> None:
+    from SlicerSGP.method.segmenter import label_map_from_probabilities
+
+    io.write_segmentation(plan.temp(args.out), result.labels, geometry, result.structures)
+    if args.pseudo_masks:
+        pseudo = label_map_from_probabilities(result.pseudo_masks, opts.threshold,
+                                              result.labels.shape)
+        io.write_segmentation(plan.temp(args.pseudo_masks), pseudo, geometry,
+                              {v: f"{n} (pseudo-mask)" for v, n in result.structures.items()})
+    if args.probabilities:
+        for v, prob in result.probabilities.items():
+            path = args.probabilities / probability_name(result.structures[v])
+            if not plan.claimed(path):
+                plan.file(path, f"--probabilities file for {result.structures[v]!r}")
+            io.write_volume(plan.temp(path), prob, geometry)
+    if args.scores:
+        io.write_score_table(plan.temp(args.scores), result.slice_scores, result.structures)
+    if args.overlay:
+        write_overlay(plan.temp(args.overlay), volume, labels, result, opts)
+
+
+def _report(result, axis: int, load_s: float, engine, written: list[Path]) -> None:
+    n = int(result.stats.get("slices", 0))
+    total = float(result.timings.get("total", 0.0))
+    support = [int(k) for k in result.labeled_slices] or "none: support bank only"
+    device = getattr(engine, "device", None) or "the engine service"
+    print(f"segmented {', '.join(result.structures.values())} on {n} slices along "
+          f"{axis_label(axis)} (support slices {support}) in {total:.1f} s "
+          f"({total / max(n, 1):.2f} s/slice; model load {load_s:.1f} s) on {device}")
+    for note in getattr(result, "notes", None) or []:
+        print(f"note: {note}")
+    for v, table in result.slice_scores.items():
+        predicted = table[table["source"] != "labeled"]
+        if len(predicted):
+            worst = [int(k) for k in predicted[predicted["confidence"].argsort()[:3]]["slice"]]
+            print(f"  {result.structures[v]}: mean confidence "
+                  f"{float(predicted['confidence'].mean()):.3f}; least confident slices {worst}")
+    print("wrote " + ", ".join(str(p) for p in written))
+
+
+def write_overlay(path: Path, volume, labels, result, opts, max_tiles: int = 12) -> Path:
+    """A montage per run: for each structure, its labeled slices (drawn mask in green), then the
+    least confident predicted slices and evenly spaced others with the pseudo-mask (blue) and
+    final mask (red) contours: where to look first."""
+    vol = preprocess.reorient(volume, opts.axis)
+    slices01 = preprocess.normalize_intensity(vol, *preprocess.intensity_range(vol, opts.intensity))
+    lab = preprocess.reorient(labels, opts.axis) if labels is not None else None
+    final = preprocess.reorient(result.labels, opts.axis)
+    tiles = []
+    per_structure = max(3, max_tiles // max(1, len(result.structures)))
+    for v in result.structures:
+        pseudo = result.pseudo_masks.get(v)
+        pseudo = preprocess.reorient(pseudo, opts.axis) if pseudo is not None else None
+        table = result.slice_scores[v]
+        predicted = table[table["source"] != "labeled"]
+        worst = predicted[np.argsort(predicted["confidence"])]["slice"].tolist()
+        chosen = list(result.labeled_slices[:2]) + worst[:per_structure // 2]
+        rest = [k for k in predicted["slice"].tolist() if k not in chosen]
+        chosen += preprocess.evenly_spaced(rest, per_structure - len(chosen))
+        for k in chosen[:per_structure]:
+            drawn = (lab[k] == v) if lab is not None and k in result.labeled_slices else None
+            tiles.append(montage_tile(
+                slices01[k], drawn,
+                pseudo[k] >= opts.threshold if pseudo is not None and drawn is None else None,
+                final[k] == v if drawn is None else None))
+    return write_montage(tiles, path, columns=min(6, len(tiles)))
+
+
+def _slice_limits(args: argparse.Namespace) -> dict[int, list[int]] | None:
+    limits: dict[int, list[int]] = {}
+    for text in args.slice_limits:
+        try:
+            value, first, last = (int(t) for t in text.split(":"))
+        except ValueError:
+            raise SGPInputError(f"--slice-limits {text!r}: give VALUE:FIRST:LAST, e.g. 1:10:40."
+                                ) from None
+        limits[value] = [first, last]
+    return limits or None

@@ -1,0 +1,6 @@
+"""The engine as a service: `sgp serve` (server.py, jobs.py), its HTTP client (client.py) and the
+launcher that runs a local server for the Slicer module (launcher.py).
+
+client.py, launcher.py and protocol.py use only the standard library and numpy (they run inside
+Slicer); server.py and jobs.py may import the engine (torch) and fastapi/uvicorn.
+"""

@@ -1,0 +1,127 @@
+"""What a training run is: its settings (``TrainConfig``), the CPU-sized model preset, and
+where it writes (the checkpoint and the resume state beside it)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+# --------------------------------------------------------------------------- small model
+
+def small_overrides(dim: int = 128, embed_dim: int = 32) -> list[str]:
+    """Hydra overrides for a small SAM2 (on top of the tiny config) that trains on CPU in
+    minutes: Hiera with 5 blocks (stages 1-1-2-1) of width 32-256, a ``dim``-wide neck, memory
+    attention with 2 layers, a 1-layer memory fuser. Use with ``image_size`` 256."""
+    d = int(dim)
+    e = int(embed_dim)
+    return [
+        f"++model.image_encoder.trunk.embed_dim={e}",
+        "++model.image_encoder.trunk.num_heads=1",
+        "++model.image_encoder.trunk.stages=[1,1,2,1]",
+        "++model.image_encoder.trunk.global_att_blocks=[3]",
+        "++model.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[4,4]",
+        f"++model.image_encoder.neck.backbone_channel_list=[{8 * e},{4 * e},{2 * e},{e}]",
+        f"++model.image_encoder.neck.d_model={d}",
+        f"++model.image_encoder.neck.position_encoding.num_pos_feats={d}",
+        f"++model.memory_attention.d_model={d}",
+        f"++model.memory_attention.layer.d_model={d}",
+        f"++model.memory_attention.layer.dim_feedforward={4 * d}",
+        f"++model.memory_attention.layer.self_attention.embedding_dim={d}",
+        f"++model.memory_attention.layer.cross_attention.embedding_dim={d}",
+        "++model.memory_attention.num_layers=2",
+        f"++model.memory_encoder.in_dim={d}",
+        f"++model.memory_encoder.mask_downsampler.embed_dim={d}",
+        f"++model.memory_encoder.fuser.layer.dim={d}",
+        "++model.memory_encoder.fuser.num_layers=1",
+    ]
+
+
+MODEL_PRESETS: dict[str, tuple[str, list[str]]] = {"cpu-mini": ("tiny", small_overrides())}
+"""``--model cpu-mini``: the SAM2.1 tiny config made smaller (see :func:`small_overrides`);
+not SAM2.1 small, which keeps its name."""
+
+
+# --------------------------------------------------------------------------- configuration
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    model: str = "tiny"
+    """SAM2.1 size (tiny, small, base_plus, large) or 'cpu-mini' (the CPU-sized preset)."""
+    weights: str | None = None
+    """'random', a registry name, a .pt file; None = the cached pretrained checkpoint."""
+    image_size: int = 1024
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    train_all: bool | None = None
+    """Train every weight (None: yes for --weights random, else LoRA + PMA only)."""
+    sam2_overrides: list[str] = field(default_factory=list)
+    steps: int = 2000
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: int = 50
+    grad_clip: float = 1.0
+    seq_len: int = 4
+    own_support: float = 0.5
+    """Fraction of volume episodes whose first slice is labeled support, as at inference."""
+    top_k: int = 4
+    memory_size: int | None = None
+    memory_policy: str = "least_similar"
+    train_pmg: bool = False
+    """Also train PMG (memory attention, memory encoder, SAM2's decoder), stored in the
+    checkpoint; with --weights random every weight trains anyway."""
+    use_pmg: bool = True
+    use_pma: bool = True
+    use_3d_memory: bool = True
+    loss_dice: float = 1.0
+    loss_ce: float = 1.0
+    loss_kl: float = 1.0
+    loss_obj: float = 1.0
+    structures: list[int] | None = None
+    axis: int = 0
+    intensity: str = "auto"
+    cases: str | None = None
+    """Which cases of ``data`` train, as index ranges ('0:60'); None = all."""
+    augment: bool = True
+    refresh_every: int = 50
+    save_every: int = 200
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = None
+
+    # the fields a resumed run must share with the run it continues
+    RESUME_KEYS = ("data", "model", "weights", "image_size", "lora_rank", "lora_alpha",
+                   "train_all", "sam2_overrides", "lr", "weight_decay", "warmup", "seq_len", "own_support",
+                   "top_k", "memory_size", "memory_policy", "train_pmg", "use_pmg", "use_pma",
+                   "use_3d_memory", "loss_dice", "loss_ce", "loss_kl", "loss_obj", "structures", "axis",
+                   "intensity", "cases", "augment", "refresh_every", "seed")
+
+    def resolved_model(self) -> tuple[str, list[str]]:
+        if self.model in MODEL_PRESETS:
+            size, ov = MODEL_PRESETS[self.model]
+            return size, list(ov) + list(self.sam2_overrides)
+        return self.model, list(self.sam2_overrides)
+
+    def is_random(self) -> bool:
+        return str(self.weights).strip().lower() == "random"
+
+    def trains_all(self) -> bool:
+        return self.is_random() if self.train_all is None else bool(self.train_all)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def checkpoint_path(out: str | os.PathLike) -> Path:
+    p = Path(out)
+    return p if p.suffix == ".safetensors" else p.with_suffix(".safetensors")
+
+
+def state_path(out: str | os.PathLike) -> Path:
+    """The resume file beside the checkpoint: ``NAME.state.pt``."""
+    ck = checkpoint_path(out)
+    return ck.with_name(ck.name[: -len(".safetensors")] + ".state.pt")

@@ -1,0 +1,395 @@
+"""Training SAM2-SGP (LoRA on the image encoder + PMA/decoder) on labeled cases.
+
+One training step is one *episode*, built the way ``sgp segment`` runs:
+
+1. pick a training case and a structure; for a volume, a run of ``--seq-len`` consecutive slices
+   (around a slice that shows the structure) in a random direction; a 2D image is a one-slice
+   volume;
+2. encode the query slices (with autograd, flips/rot90 augmentation if on); the support pool is
+   the support bank drawn from the *other* training cases (slices with the structure plus as
+   many evenly spaced slices without it, as ``io.load_support_sets`` builds a bank); the K most
+   similar items per query slice are picked by cosine similarity of pooled embeddings (cached
+   for the pool, refreshed every ``--refresh-every`` steps; the engine then re-picks per slice
+   with fresh embeddings), encoded with autograd and turned into memories by SAM2's memory
+   encoder (``Segmenter.support_memory``);
+3. ``Segmenter.run_sweep(grad=True)`` runs PMG -> PMA slice by slice with the 3D memory, exactly
+   the inference code path, so the ablation switches (``--no-pmg``, ``--no-pma``,
+   ``--no-3d-memory``) act in training as they do in ``sgp segment``;
+4. the loss is paper eq. (9) (``SlicerSGP.training.losses``) per predicted slice, averaged over the run.
+
+From pretrained SAM2 weights only the LoRA adapters and the PMA are trained (the base is
+frozen, the checkpoint stores only those tensors). From a random start (``--weights random``)
+there is no base to keep, so the whole network trains and the checkpoint stores every tensor
+(``--train-all`` forces either way).
+
+Reproducible and resumable: every step draws its episode, augmentation and dropout from RNGs
+seeded by ``(seed, step, rank)``, so a run resumed from its ``.state.pt`` (model, optimizer,
+schedule, pooled-embedding cache) continues exactly as an uninterrupted one. bf16 autocast on
+CUDA (``--dtype``); several GPUs with ``torchrun --nproc_per_node N -m SlicerSGP.cli train ...``
+(gradients averaged across ranks; rank 0 writes).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from SlicerSGP.data.datasets import load_dataset, parse_split
+from SlicerSGP.errors import Cancelled, SGPInputError
+from SlicerSGP.method.model import build_model
+from SlicerSGP.method.segmenter import Segmenter
+from SlicerSGP.training.checkpoints import (
+    restore_state,
+    trainer_state,
+    write_checkpoint,
+    write_state,
+)
+from SlicerSGP.training.config import TrainConfig, checkpoint_path, state_path
+from SlicerSGP.training.episodes import (
+    BankItem,
+    build_support_bank,
+    draw_episode,
+    step_seed,
+    to_model,
+)
+from SlicerSGP.training.losses import LossWeights, sgp_loss
+from SlicerSGP.types import CancelCheck, SegmentOptions
+
+__all__ = ["Dist", "StepCallback", "Trainer", "train"]
+
+
+@dataclass
+class Dist:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local)
+    return Dist(rank, world, local)
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter], d: Dist) -> None:
+    if d.world <= 1:
+        return
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(d.world)
+
+
+
+class Trainer:
+    """Holds the model, the data and the optimizer; :meth:`train_step` runs one episode."""
+
+    def __init__(self, cfg: TrainConfig, cases: list | None = None, model=None,
+                 dist: Dist | None = None, log=print):
+        self.cfg = cfg
+        self.dist = dist or Dist()
+        self.log = log
+        if cfg.threads:
+            torch.set_num_threads(int(cfg.threads))
+        if cases is None:
+            all_cases = load_dataset(cfg.data, axis=cfg.axis, intensity=cfg.intensity)
+            idx, _ = parse_split(cfg.cases, len(all_cases))
+            cases = [all_cases[i] for i in idx]
+        if not cases:
+            raise SGPInputError(f"No training cases in {cfg.data} (cases {cfg.cases!r}).")
+        self.cases = cases
+        present = sorted({int(v) for c in cases for v in c.values()})
+        values = [int(v) for v in cfg.structures] if cfg.structures else present
+        missing = [v for v in values if v not in present]
+        if missing:
+            raise SGPInputError(f"Label value(s) {missing} appear in no training case "
+                                f"(present: {present or 'none'}).")
+        if not values:
+            raise SGPInputError("The training cases hold no labeled voxels.")
+        self.values = values
+        self.bank = build_support_bank(cases, values)
+        # episodes: (case, value) pairs where the structure is present
+        self.episodes = [(ci, v) for ci, c in enumerate(cases) for v in values
+                         if (c.labels == v).any()]
+        if cfg.lora_rank <= 0:
+            raise SGPInputError("--lora-rank must be at least 1 for a trained SGP model.")
+
+        size, overrides = cfg.resolved_model()
+        if model is None:
+            torch.manual_seed(cfg.seed)
+            model = build_model(size, weights=cfg.weights, image_size=cfg.image_size,
+                                seed=cfg.seed, mode="trained", lora_rank=cfg.lora_rank,
+                                lora_alpha=cfg.lora_alpha, sam2_overrides=overrides,
+                                train_pmg=cfg.train_pmg)
+        self.model = model
+        if cfg.trains_all():
+            for p in model.parameters():
+                p.requires_grad = True
+        else:
+            model.freeze_base()
+        device = cfg.device
+        if self.dist.world > 1 and torch.cuda.is_available() and device != "cpu":
+            device = f"cuda:{self.dist.local_rank}"
+        # 'auto' trains in bf16 on CUDA only: the CPU path was validated in float32, and bf16
+        # on CPUs without native support is many times slower.
+        dtype = cfg.dtype
+        if dtype == "auto" and not str(device).startswith("cuda") and \
+                not (device == "auto" and torch.cuda.is_available()):
+            dtype = "float32"
+        self.seg = Segmenter(model, device=device, dtype=dtype)
+        self.device = self.seg.device
+        self._broadcast_params()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
+        self.opts = SegmentOptions(top_k=cfg.top_k, memory_size=cfg.memory_size,
+                                   memory_policy=cfg.memory_policy, use_pmg=cfg.use_pmg,
+                                   use_pma=cfg.use_pma, use_3d_memory=cfg.use_3d_memory)
+        self.weights = LossWeights(cfg.loss_dice, cfg.loss_ce, cfg.loss_kl, cfg.loss_obj)
+        self.step = 0
+        self.pool_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ helpers
+
+    def _lr_factor(self, step: int) -> float:
+        warm = max(1, self.cfg.warmup)
+        if step < warm:
+            return (step + 1) / warm
+        span = max(1, self.cfg.steps - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / span))) * 0.95 + 0.05
+
+    def _broadcast_params(self) -> None:
+        if self.dist.world <= 1:
+            return
+        import torch.distributed as dist
+
+        for t in self.model.state_dict().values():
+            dist.broadcast(t, 0)
+
+    def refresh_pool_cache(self) -> None:
+        """Pooled embeddings of every support-bank slice (no autograd, current weights)."""
+        keys = sorted({(b.case, b.slice) for items in self.bank.values() for b in items})
+        was_training = self.model.training
+        self.model.eval()
+        cache = {}
+        with torch.no_grad():
+            for start in range(0, len(keys), 16):
+                chunk = keys[start:start + 16]
+                groups: dict[tuple, list] = {}
+                for key in chunk:
+                    img = self.cases[key[0]].slices01[key[1]:key[1] + 1]
+                    groups.setdefault(img.shape[1:], []).append((key, img))
+                for items in groups.values():
+                    imgs = np.concatenate([i for _, i in items])
+                    x, _, _ = to_model(imgs, None, self.seg.image_size)
+                    feats = self.seg.encode_images(x, len(items))
+                    for (key, _), pooled in zip(items, feats.pooled, strict=True):
+                        cache[key] = pooled.detach().float().cpu()
+        self.model.train(was_training)
+        self.pool_cache = cache
+
+    def _preselect(self, query_pooled: torch.Tensor, pool: list[BankItem]) -> list[BankItem]:
+        """Union over query slices of the top-K pool items (cached pooled embeddings)."""
+        k = self.cfg.top_k
+        if len(pool) <= k:
+            return pool
+        emb = torch.stack([self.pool_cache[(b.case, b.slice)] for b in pool])
+        sims = (query_pooled.detach().float().cpu() @ emb.T).numpy()
+        chosen: set[int] = set()
+        for row in sims:
+            order = sorted(range(len(pool)), key=lambda i: (-round(float(row[i]), 6), i))
+            chosen.update(order[:k])
+        return [pool[i] for i in sorted(chosen)]
+
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        if not self.pool_cache or (cfg.refresh_every and self.step % cfg.refresh_every == 0):
+            self.refresh_pool_cache()
+        seed = step_seed(cfg.seed, self.step, self.dist.rank)
+        rng = np.random.default_rng(seed)
+        torch.manual_seed(seed)
+        self.model.train()
+        ep = draw_episode(self.cases, self.bank, self.episodes, cfg.seq_len, cfg.augment, rng)
+        ci, v, window, reverse, img, lab, pool = (ep.case, ep.value, ep.window, ep.reverse,
+                                                  ep.images, ep.masks, ep.pool)
+        size = self.seg.image_size
+        q_images, q_masks, valid = to_model(img, lab, size)
+        q_images, q_masks, valid = (t.to(self.device) for t in (q_images, q_masks, valid))
+        feats = self.seg.encode_images(q_images, len(window), grad=True)
+        chosen = self._preselect(feats.pooled, pool)
+        memories = []
+        by_shape: dict[tuple, list[BankItem]] = {}
+        for b in chosen:
+            by_shape.setdefault(self.cases[b.case].slices01.shape[1:3], []).append(b)
+        for items in by_shape.values():
+            s_img = np.stack([self.cases[b.case].slices01[b.slice] for b in items])
+            s_lab = np.stack([self.cases[b.case].labels[b.slice] == b.value for b in items])
+            s_images, s_masks, _ = to_model(s_img, s_lab, size)
+            s_feats = self.seg.encode_images(s_images.to(self.device), len(items),
+                                                            grad=True)
+            for i in range(len(items)):
+                memories.append(self.seg.support_memory(s_feats, i, s_masks[i:i + 1], None,
+                                                        grad=True))
+        order = list(range(len(window)))
+        if reverse:
+            order = order[::-1]
+        labeled: set[int] = set()
+        if len(order) > 1 and rng.random() < cfg.own_support:
+            # As at inference: a slice the user labeled in this volume starts the sweep and is
+            # support itself (the other episodes use other cases only).
+            a = order[0]
+            memories.insert(0, self.seg.support_memory(feats, a, q_masks[a:a + 1], a, grad=True))
+            labeled = {a}
+        use_kl = cfg.use_pmg and cfg.use_pma and self.model.pma is not None
+
+        losses = []
+        terms = {"dice": 0.0, "bce": 0.0, "kl": 0.0, "obj": 0.0}
+        predicted = len(order) - len(labeled)
+        for j, out in self.seg.run_sweep(feats, order, reverse, labeled, memories, self.opts,
+                                         lambda j: q_images[j:j + 1], grad=True):
+            if out is None:
+                continue  # the labeled slice: support, not a prediction
+            obj = []
+            if cfg.use_pmg and out.pmg_object_logits is not None:
+                obj.append(out.pmg_object_logits)
+            if cfg.use_pma and out.final_object_logits is not None:
+                obj.append(out.final_object_logits)
+            parts = sgp_loss(out.final_high, out.pseudo_low if use_kl else None,
+                             q_masks[j:j + 1], valid, self.weights, obj)
+            losses.append(parts["loss"])
+            for name in terms:
+                terms[name] += float(parts[name]) / predicted
+        loss = torch.stack(losses).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        all_reduce_grads(self.params, self.dist)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        rec = {"step": self.step, "loss": float(loss.detach()), **terms,
+               "lr": float(self.opt.param_groups[0]["lr"]), "case": ci, "value": v,
+               "own_support": bool(labeled)}
+        self.history.append(rec)
+        return rec
+
+    # ------------------------------------------------------------------ saving
+    # (the formats live in training/checkpoints.py)
+
+    def state(self) -> dict[str, Any]:
+        return trainer_state(self)
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        restore_state(self, state)
+
+    def save(self, final: bool = False, checkpoint: Path | None = None) -> Path | None:
+        """Write the SGP checkpoint (to ``checkpoint``, default ``checkpoint_path(cfg.out)``)
+        and the resume state (rank 0 only)."""
+        if not self.dist.main:
+            return None
+        path = write_checkpoint(self, checkpoint or checkpoint_path(self.cfg.out), final)
+        self.save_state()
+        return path
+
+    def save_state(self) -> Path | None:
+        """Write only the resume state ``NAME.state.pt`` (rank 0 only)."""
+        return write_state(self, state_path(self.cfg.out)) if self.dist.main else None
+
+
+StepCallback = Callable[["Trainer", dict[str, Any]], None]
+"""Called as ``progress(trainer, record)`` after each step (rank 0 only)."""
+
+
+def _tqdm_progress(cfg: TrainConfig, initial: int):
+    """The default step bar: only when stderr is a terminal (no escape codes in logs)."""
+    if not sys.stderr.isatty():
+        return None, None
+    bar = tqdm(total=cfg.steps, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def show(trainer: Trainer, rec: dict[str, Any]) -> None:
+        bar.update(1)
+        recent = trainer.history[-20:]
+        bar.set_postfix(loss=f"{np.mean([r['loss'] for r in recent]):.3f}",
+                        dice=f"{np.mean([r['dice'] for r in recent]):.3f}",
+                        kl=f"{np.mean([r['kl'] for r in recent]):.3f}")
+
+    return show, bar
+
+
+def train(cfg: TrainConfig, *, cases: list | None = None, resume: bool = False,
+          progress: bool | StepCallback = True, stop_after: int | None = None, log=print,
+          checkpoint: Path | None = None, cancel: CancelCheck | None = None) -> Trainer:
+    """Train to ``cfg.steps`` (or ``stop_after`` steps in this call); returns the trainer.
+
+    ``resume``: continue from ``<out>.state.pt`` if it exists. ``progress``: True for a bar on
+    a terminal, False for none, or a :data:`StepCallback`. Every ``cfg.save_every`` steps the
+    resume state is saved (a working file, kept after a crash so that ``resume`` can continue);
+    the checkpoint is written once, at the end, to ``checkpoint`` (default
+    ``checkpoint_path(cfg.out)``). ``cancel()`` returning True stops before the next step:
+    the resume state is saved and ``Cancelled`` raised, no checkpoint written.
+    """
+    d = init_distributed(cfg.device)
+    trainer = Trainer(cfg, cases=cases, dist=d, log=log)
+    sp = state_path(cfg.out)
+    if resume and sp.is_file():
+        trainer.load_state(torch.load(sp, map_location="cpu", weights_only=False))
+        if d.main:
+            log(f"resumed from {sp} at step {trainer.step}")
+    elif resume and d.main:
+        log(f"no state at {sp}: starting from step 0")
+    end = cfg.steps if stop_after is None else min(cfg.steps, trainer.step + stop_after)
+    show, bar = (progress, None) if callable(progress) else (None, None)
+    if progress is True and d.main:
+        show, bar = _tqdm_progress(cfg, trainer.step)
+    t0 = time.perf_counter()
+    try:
+        while trainer.step < end:
+            if cancel is not None and cancel():
+                trainer.save_state()
+                raise Cancelled(f"Training stopped at step {trainer.step} of {cfg.steps}; no "
+                                f"checkpoint written. The resume state {sp} holds this step: "
+                                "run again with --resume to continue.")
+            rec = trainer.train_step()
+            if show is not None and d.main:
+                show(trainer, rec)
+            if cfg.save_every and rec["step"] % cfg.save_every == 0 and rec["step"] < end:
+                trainer.save_state()
+    finally:
+        if bar is not None:
+            bar.close()
+    trainer.elapsed = time.perf_counter() - t0
+    trainer.save(final=trainer.step >= cfg.steps, checkpoint=checkpoint)
+    return trainer
