@@ -99,6 +99,25 @@ def _recordingRequests(client) -> list[tuple[str, str]]:
     return seen
 
 
+def test_segments_drawn_on_different_slices_keep_their_own_support(mrml, logic):  # noqa: F811
+    """Support semantics in the module: a slice drawn for one segment is support for that one
+    only; another segment is predicted there, not reset to its (empty) state before the run."""
+    import slicer
+
+    volume, segmentation, ids = makeScene(mrml, noiseSeed=5)
+    spleen = segmentArray(segmentation, ids[1], volume).astype(np.uint8)
+    spleen[LABELED[0]] = 0  # spleen drawn on the second labeled slice only
+    slicer.util.updateSegmentBinaryLabelmapFromArray(spleen, segmentation, ids[1], volume)
+    run = logic.startRun(logic.prepareRun(volume, segmentation, ids), logic.modelSettings(**RUN))
+    logic.runs.wait(run)
+    assert run.state == "done", run.error
+    result = logic.lastResult
+    assert result.labeled_by_structure == {1: list(LABELED), 2: [LABELED[1]]}
+    written = segmentArray(segmentation, ids[1], volume)
+    k = LABELED[0]
+    np.testing.assert_array_equal(written[k], np.asarray(result.labels)[k] == 2)
+
+
 def test_full_run_equals_the_in_process_engine(mrml, logic):  # noqa: F811
     from SlicerSGP.method.segmenter import Segmenter  # the test process may import torch
 
@@ -106,7 +125,6 @@ def test_full_run_equals_the_in_process_engine(mrml, logic):  # noqa: F811
     before = allSegments(segmentation, volume)
     request = logic.prepareRun(volume, segmentation, ids)
     arrays = (request.volume.copy(), request.labels.copy(), dict(request.structures))
-    supportSlices = list(request.supportSlices)
     run = logic.startRun(request, logic.modelSettings(**RUN))
     logic.runs.wait(run)
     assert run.state == "done", run.error
@@ -114,7 +132,7 @@ def test_full_run_equals_the_in_process_engine(mrml, logic):  # noqa: F811
     segmenter = Segmenter("tiny", weights="random", device="cpu", image_size=256, seed=0)
     expected = segmenter.segment(
         arrays[0], labels=arrays[1], structures=arrays[2], options=request.options,
-        support_slices=supportSlices, geometry=request.geometry,
+        geometry=request.geometry,
     )  # fmt: skip
     np.testing.assert_array_equal(np.asarray(logic.lastResult.labels), expected.labels)
     after = allSegments(segmentation, volume)

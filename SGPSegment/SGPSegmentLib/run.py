@@ -94,7 +94,10 @@ class Runs:
             request.labels,
             request.structures,
             request.options,
-            support_slices=request.supportSlices,
+            # No explicit support slices: the label map holds each segment on the slices the
+            # user drew it on only, so each structure's support is its own drawn slices
+            # (complete slices, if any, come in the options).
+            support_slices=None,
             support_bank=request.supportBank,
         )
         request.release()
@@ -205,10 +208,14 @@ class Runs:
             )
         before = self._currentMasks(request, volumeNode, segmentationNode)
         axis = request.axis
-        labeled = sorted(set(request.supportSlices) | {int(s) for s in result.labeled_slices})
+        drawn = {item.value: set(item.slices) for item in request.labeledSegments}
+        byStructure = getattr(result, "labeled_by_structure", {}) or {}
         newMasks: dict[int, np.ndarray] = {}
         for value in request.segmentIds:
             mask = np.asarray(result.labels) == value
+            # Only this segment's own drawn slices keep what the user drew: a slice drawn for
+            # another segment is predicted for this one (support semantics).
+            labeled = sorted(drawn.get(value, set()) | {int(s) for s in byStructure.get(value, [])})
             if labeled:
                 index = [slice(None)] * 3
                 index[axis] = labeled
