@@ -20,8 +20,7 @@ from types import ModuleType
 from SlicerSGP import __version__
 from SlicerSGP.cli import bench, segment, serve, train, weights
 from SlicerSGP.cli import eval as eval_
-from SlicerSGP.cli.common import parse_axis
-from SlicerSGP.errors import Cancelled, SGPError, SGPInputError
+from SlicerSGP.cli.common import parse_axis, run_command
 
 __all__ = ["build_parser", "main", "parse_axis"]
 
@@ -45,24 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except SGPInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Cancelled as exc:
-        print(f"cancelled: {exc} Nothing was written.", file=sys.stderr)
-        return 130
-    except SGPError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # e.g. a disk that filled up while writing: no traceback needed
-        print(f"error: {exc}. Nothing was written.", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

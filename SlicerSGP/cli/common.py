@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from SlicerSGP.errors import SGPInputError
+from SlicerSGP.errors import Cancelled, SGPError, SGPInputError
 
 AXIS_NAMES = {"k": 0, "axial": 0, "j": 1, "coronal": 1, "i": 2, "sagittal": 2,
               "0": 0, "1": 1, "2": 2}
@@ -338,3 +338,25 @@ class OutputPlan:
 
 def print_error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed subcommand; errors the user can act on become a message and an exit code
+    (2 bad input, 1 other errors, 130 interrupted or cancelled), never a traceback."""
+    try:
+        return int(args.func(args) or 0)
+    except SGPInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Cancelled as exc:
+        print(f"cancelled: {exc} Nothing was written.", file=sys.stderr)
+        return 130
+    except SGPError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. a disk that filled up while writing: no traceback needed
+        print(f"error: {exc}. Nothing was written.", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130

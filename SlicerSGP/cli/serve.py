@@ -8,8 +8,8 @@ import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
-from SlicerSGP.cli.common import add_model_options, model_spec
-from SlicerSGP.errors import SGPError, SGPInputError
+from SlicerSGP.cli.common import add_model_options, model_spec, run_command
+from SlicerSGP.errors import SGPInputError
 
 TOKEN_HELP = ("python -c \"import secrets; print(secrets.token_urlsafe(32))\" > sgp.token && "
               "chmod 600 sgp.token")
@@ -99,15 +99,5 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m SlicerSGP.service")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
-    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args) or 0)
-    except SGPInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except SGPError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_command(parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)]))
 

@@ -87,7 +87,7 @@ def color01(color, where: str = "") -> Color:
 # --------------------------------------------------------------------------------------------
 
 
-def _is_int(text) -> bool:
+def is_int(text) -> bool:
     try:
         int(text)
     except (TypeError, ValueError):
@@ -125,7 +125,7 @@ def parse_label_json(path: Path) -> LabelInfo:
                 elif (
                     isinstance(value, (int, float))
                     and not isinstance(value, bool)
-                    and not _is_int(key)
+                    and not is_int(key)
                 ):
                     names[int(value)] = str(key)  # {"liver": 1}
                 else:

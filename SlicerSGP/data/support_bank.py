@@ -19,7 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from SlicerSGP.data.files import case_files, image_mask_pairs
-from SlicerSGP.data.label_names import LabelInfo, find_label_description, read_label_info
+from SlicerSGP.data.label_names import (
+    LabelInfo,
+    find_label_description,
+    is_int,
+    read_label_info,
+)
 from SlicerSGP.data.preprocess import (
     evenly_spaced,
     intensity_range,
@@ -61,14 +66,6 @@ def support_bank_names(folder: str | os.PathLike) -> dict[int, str]:
     return support_bank_info(folder).names
 
 
-def _is_int(text) -> bool:
-    try:
-        int(text)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
 def _resolve_structures(structures, names: dict[int, str]) -> list[int] | None:
     if structures is None:
         return None
@@ -77,7 +74,7 @@ def _resolve_structures(structures, names: dict[int, str]) -> list[int] | None:
     by_name = {n.lower(): v for v, n in names.items()}
     out = []
     for s in structures:
-        if isinstance(s, str) and not _is_int(s):
+        if isinstance(s, str) and not is_int(s):
             if s.lower() not in by_name:
                 raise SGPInputError(
                     f"Structure {s!r} is not named in the support bank; known: "
