@@ -349,3 +349,33 @@ def test_protocol_round_trips_labels_bank_and_results():
     assert_same(full, result)
     lean = protocol.decode_result(protocol.encode_result(result, probabilities=False))
     assert lean.probabilities == {} and np.array_equal(lean.pseudo_masks[1], vol * 2)
+
+
+def test_sgp_segment_through_the_server_writes_the_local_file(server, tmp_path, capsys):
+    """`sgp segment --server URL --token-file F` gives the same output as the local run with
+    the same weights and seed."""
+    import SimpleITK as sitk
+    import slicerio
+
+    from SlicerSGP import cli
+    from SlicerSGP.data import io
+
+    vol, lab = synthetic_volume(n=8, h=48, w=64)
+    drawn = np.zeros_like(lab)
+    drawn[1], drawn[6] = lab[1], lab[6]
+    sitk.WriteImage(io.sitk_from_array(vol, GEOMETRY), str(tmp_path / "image.nrrd"))
+    sitk.WriteImage(io.sitk_from_array(drawn, GEOMETRY), str(tmp_path / "labels.nrrd"))
+    url, token = server
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    common = ["segment", str(tmp_path / "image.nrrd"), "--labels", str(tmp_path / "labels.nrrd"),
+              "--quiet"]
+    rc = cli.main([*common, "--out", str(tmp_path / "local.seg.nrrd"), *MODEL_ARGS])
+    assert rc == 0, capsys.readouterr().err
+    rc = cli.main([*common, "--out", str(tmp_path / "remote.seg.nrrd"), "--server", url,
+                   "--token-file", str(token_file), "--model", "tiny", "--image-size", "256"])
+    assert rc == 0, capsys.readouterr().err
+    local = slicerio.read_segmentation(str(tmp_path / "local.seg.nrrd"))
+    remote = slicerio.read_segmentation(str(tmp_path / "remote.seg.nrrd"))
+    assert np.array_equal(local["voxels"], remote["voxels"]) and local["voxels"].any()
+    assert [s["name"] for s in local["segments"]] == [s["name"] for s in remote["segments"]]
