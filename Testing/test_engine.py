@@ -59,7 +59,11 @@ def test_several_structures_share_one_encoding(segmenter):
     res = segmenter.segment(vol, drawn, {1: "blob", 2: "corner"}, SegmentOptions())
     assert segmenter.encode_count - before == vol.shape[0]
     assert set(res.probabilities) == {1, 2}
-    assert np.array_equal(res.labels[1], drawn[1]) and np.array_equal(res.labels[4], drawn[4])
+    # Slice 1 holds both structures: exactly as drawn. On slice 4 the drawn blob comes back
+    # exactly; the other structure may be predicted around it (it was not drawn there).
+    assert np.array_equal(res.labels[1], drawn[1])
+    blob = drawn[4] == 1
+    assert np.array_equal(res.labels[4][blob], drawn[4][blob])
     # Slice 4 is drawn for "blob" only: it says nothing about "corner" (support semantics)...
     assert res.labeled_by_structure == {1: [1, 4], 2: [1]}
     assert res.slice_scores[2]["source"][4] != "labeled"
