@@ -5,7 +5,7 @@ pooled-embedding cache, history), from which a resumed run continues exactly."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,13 +15,13 @@ from SlicerSGP.method.model import save_sgp_checkpoint
 from SlicerSGP.training.config import TrainConfig
 from SlicerSGP.weights import file_sha256, resolve_weights
 
-if TYPE_CHECKING:
-    from SlicerSGP.training.trainer import Trainer
+# Functions here take the Trainer as ``trainer: Any``: trainer.py imports this module, so
+# importing Trainer back (even for type checking) would close an import circle.
 
 STATE_FORMAT = "slicersgp-train-state/1"
 
 
-def trainer_state(trainer: Trainer) -> dict[str, Any]:
+def trainer_state(trainer: Any) -> dict[str, Any]:
     """Everything a resumed run needs, as one torch-serialisable dict."""
     keys = sorted(trainer.pool_cache)
     return {
@@ -37,7 +37,7 @@ def trainer_state(trainer: Trainer) -> dict[str, Any]:
     }
 
 
-def restore_state(trainer: Trainer, state: dict[str, Any]) -> None:
+def restore_state(trainer: Any, state: dict[str, Any]) -> None:
     """Load a :func:`trainer_state` dict; refuse one written with other settings."""
     cfg = trainer.cfg
     old = state.get("config", {})
@@ -57,7 +57,7 @@ def restore_state(trainer: Trainer, state: dict[str, Any]) -> None:
     trainer.history = list(state.get("history", []))
 
 
-def training_metadata(trainer: Trainer, final: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+def training_metadata(trainer: Any, final: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """(base, extra) metadata of the checkpoint: what it was trained from, and how."""
     cfg = trainer.cfg
     base: dict[str, Any] = {"weights": cfg.weights or "pretrained", "seed": cfg.seed}
@@ -81,7 +81,7 @@ def training_metadata(trainer: Trainer, final: bool) -> tuple[dict[str, Any], di
     return base, extra
 
 
-def write_checkpoint(trainer: Trainer, path: Path, final: bool) -> Path:
+def write_checkpoint(trainer: Any, path: Path, final: bool) -> Path:
     """The SGP checkpoint at ``path`` (``.safetensors``) and its ``.json`` beside it."""
     base, extra = training_metadata(trainer, final)
     was_training = trainer.model.training
@@ -91,7 +91,7 @@ def write_checkpoint(trainer: Trainer, path: Path, final: bool) -> Path:
     return written
 
 
-def write_state(trainer: Trainer, path: Path) -> Path:
+def write_state(trainer: Any, path: Path) -> Path:
     """The resume state, atomically (a crash while writing keeps the previous one)."""
     tmp = path.with_name(path.name + ".part")
     torch.save(trainer_state(trainer), tmp)
