@@ -1,22 +1,25 @@
-"""Learning check (DESIGN.md oracle 5): does training from a random start learn anything?
+"""Learning check, second edition: does a model trained from random follow its support set?
 
 Trains the small SAM2-SGP (``--model cpu-mini``, 256 px, every weight trainable, ``sgp train``'s
-code) from random weights on the first ``--train`` images of ``../shared/data/wbc``, then
-segments the held-out images with the engine's ``Segmenter`` loaded from the saved checkpoint
-(exactly what ``sgp segment --model CKPT --support-bank ...`` does), the support bank being the
-training images. Reports the held-out nucleus Dice beside two trivial baselines, both tuned on
-the training images only:
+code) from random weights on the first ``--train`` images of ``../shared/data/wbc`` with
+episodes whose target only the support defines: nucleus (label 2) and whole cell (1+2) on the
+same images, plus a share of empty-answer episodes (support with empty masks). Cytoplasm
+(label 1 alone) is never a training target. Then, on the held-out images, through the engine's
+``Segmenter`` loaded from the saved checkpoint (what ``sgp segment --support-bank`` does), with
+support banks made from the training images' masks of one kind:
 
-* Otsu: a grey-level threshold per image (grey = mean of R, G, B). Candidates: 2-class Otsu,
-  keep the dark or the bright side; 3-class Otsu, keep the darkest, middle or brightest class.
-  The candidate with the best mean Dice on the *training* images is applied to the test images.
-* Nearest-support copy: copy the mask of the most similar training image. Similarity is the
-  cosine of raw pixels (RGB in [0, 1], images resized to 64 x 64). The same with the trained
-  model's pooled embeddings (the engine's similarity) is printed too.
+* matching support: nucleus, whole cell, and cytoplasm (defined only by its support);
+* swapped support: what nucleus support gives scored against the cytoplasm truth, what
+  cytoplasm support gives scored against the nucleus truth (and whole cell vs nucleus);
+* empty support (every mask empty): the predicted area against the matching-support area;
 
-    python benchmarks/learning_check.py                 # ~10 min on 2 CPU cores
-    python benchmarks/learning_check.py --steps 60 --test 10   # a smoke run
-    python benchmarks/learning_check.py --no-pma               # paper Table 5 style ablation
+beside two baselines tuned on the training images only, per kind: Otsu (best of 5 grey-level
+rules) and nearest-support copy (the mask of the most similar training image, raw-pixel cosine).
+The first ``--cli-images`` held-out images are also run through ``sgp segment --support-bank``
+(a subprocess per image, banks written as images/ + masks/ folders) and must agree with the API.
+
+    python benchmarks/learning_check.py                 # about 25 min on 2 CPU cores
+    python benchmarks/learning_check.py --steps 60 --test 6 --cli-images 1   # a smoke run
 
 Times are wall-clock on whatever else the machine runs at the same time: treat them as rough.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -107,6 +111,55 @@ def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return mask[ys.astype(int)][:, xs.astype(int)]
 
 
+# --------------------------------------------------------------------------- support kinds
+
+KINDS = {"nucleus": (2,), "whole cell": (1, 2), "cytoplasm": (1,)}
+TRAIN_TARGETS = ["2", "1+2"]
+"""Cytoplasm is never asked for in training: its figures come from its support alone."""
+
+
+def truth(case, kind: str) -> np.ndarray:
+    return np.isin(case.labels[0], KINDS[kind])
+
+
+def kind_bank(cases: list, kind: str | None) -> dict:
+    """A one-structure support bank (value 1) from the training images; ``None``: empty masks."""
+    from SlicerSGP.types import SupportItem
+
+    return {1: [SupportItem(image=c.slices01[0],
+                            mask=truth(c, kind) if kind else np.zeros(c.labels.shape[1:], bool),
+                            source=c.name) for c in cases]}
+
+
+def write_bank_folder(cases: list, kind: str, folder: Path) -> Path:
+    """The same bank as a folder ``sgp segment --support-bank`` reads: images/ + masks/."""
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    for c in cases:
+        Image.open(c.ref.image).save(folder / "images" / f"{c.name}.png")
+        Image.fromarray(truth(c, kind).astype(np.uint8)).save(folder / "masks" / f"{c.name}.png")
+    (folder / "labels.json").write_text(json.dumps({"1": kind}))
+    return folder
+
+
+def cli_labels(ckpt: Path, image: Path, bank: Path, out: Path, threads: int) -> np.ndarray:
+    """``sgp segment`` on one image with a support bank; the written label map, read back."""
+    import slicerio
+
+    cmd = [sys.executable, "-m", "SlicerSGP.cli", "segment", str(image), "--model", str(ckpt),
+           "--support-bank", str(bank), "--label", "1", "--out", str(out), "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"sgp segment failed ({done.returncode}): {done.stderr[-2000:]}")
+    seg = slicerio.read_segmentation(str(out))
+    value = int(seg["segments"][0]["labelValue"])
+    # slicerio keeps NRRD axis order (I, J[, K]); the engine's arrays are (K, J, I)
+    return np.squeeze(np.asarray(seg["voxels"]) == value).T
+
+
 # --------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,22 +167,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--train", type=int, default=40, help="first N images train")
     ap.add_argument("--test", type=int, default=60, help="the next M images are held out")
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--absent-share", type=float, default=0.2)
+    ap.add_argument("--targets", default=",".join(TRAIN_TARGETS),
+                    help="training targets, comma-separated (the first edition trained '2' "
+                         "with --absent-share 0)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cli-images", type=int, default=5,
+                    help="held-out images also run through `sgp segment --support-bank`")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="evaluate this checkpoint instead of training one")
     ap.add_argument("--out", type=Path, default=None, help="folder for checkpoint + results")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
-    ap.add_argument("--no-pmg", action="store_true", help="ablation (train and test)")
-    ap.add_argument("--no-pma", action="store_true", help="ablation (train and test)")
-    ap.add_argument("--no-3d-memory", action="store_true",
-                    help="ablation (no effect on 2D images; kept for symmetry)")
     args = ap.parse_args(argv)
 
     from SlicerSGP.data.datasets import load_dataset
-    from SlicerSGP.evaluation.evaluate import bank_from_cases, predict_case
-    from SlicerSGP.evaluation.metrics import dice, hd95
+    from SlicerSGP.evaluation.evaluate import predict_case
+    from SlicerSGP.evaluation.metrics import dice
     from SlicerSGP.method.segmenter import Segmenter
     from SlicerSGP.training.config import TrainConfig
     from SlicerSGP.training.trainer import train
@@ -139,116 +196,132 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skip: data folder {args.data} not found (set SGP_DATA)")
         return 0
     torch.set_num_threads(args.threads)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     t_all = time.perf_counter()
     cases = load_dataset(args.data, keep_raw=True)
     train_cases = cases[: args.train]
     test_cases = cases[args.train: args.train + args.test]
     print(f"wbc: {len(train_cases)} training images ({train_cases[0].name}..{train_cases[-1].name}),"
-          f" {len(test_cases)} held out ({test_cases[0].name}..{test_cases[-1].name}); "
-          f"structure {NUCLEUS} (nucleus); torch threads {torch.get_num_threads()}")
+          f" {len(test_cases)} held out ({test_cases[0].name}..{test_cases[-1].name}); training "
+          f"targets {targets}; torch threads {torch.get_num_threads()}")
 
-    def gt(c):
-        return c.labels[0] == NUCLEUS
-
-    # ---- baselines (rules chosen on the training images)
+    # ---- baselines per kind (rules chosen on the training images)
     tb = time.perf_counter()
-    train_scores = {r: float(np.mean([dice(otsu_mask(c.slices01[0], r), gt(c))
-                                      for c in train_cases])) for r in OTSU_RULES}
-    rule = max(train_scores, key=train_scores.get)
-    otsu_test = [dice(otsu_mask(c.slices01[0], rule), gt(c)) for c in test_cases]
-    otsu_hd = [hd95(otsu_mask(c.slices01[0], rule), gt(c)) for c in test_cases]
+    baselines: dict[str, dict[str, list[float]]] = {}
     train_vecs = np.stack([small_pixels(c.slices01[0]) for c in train_cases])
-    nn_test = []
-    for c in test_cases:
-        j = int(np.argmax(train_vecs @ small_pixels(c.slices01[0])))
-        nn_test.append(dice(resize_mask(gt(train_cases[j]), gt(c).shape), gt(c)))
+    nearest = [int(np.argmax(train_vecs @ small_pixels(c.slices01[0]))) for c in test_cases]
+    rules = {}
+    for kind in KINDS:
+        scores = {r: float(np.mean([dice(otsu_mask(c.slices01[0], r), truth(c, kind))
+                                    for c in train_cases])) for r in OTSU_RULES}
+        rules[kind] = max(scores, key=scores.get)
+        baselines[kind] = {
+            "otsu": [dice(otsu_mask(c.slices01[0], rules[kind]), truth(c, kind))
+                     for c in test_cases],
+            "nearest": [dice(resize_mask(truth(train_cases[j], kind), truth(c, kind).shape),
+                             truth(c, kind)) for c, j in zip(test_cases, nearest, strict=True)],
+        }
     t_baselines = time.perf_counter() - tb
 
-    # ---- train from random weights
+    # ---- train from random weights (or take a given checkpoint)
     out = args.out or Path(tempfile.mkdtemp(prefix="sgp_learning_check_"))
     out.mkdir(parents=True, exist_ok=True)
-    cfg = TrainConfig(data=str(args.data), out=str(out / "wbc_small.safetensors"), model="cpu-mini",
-                      weights="random", image_size=256, lora_rank=4, steps=args.steps,
-                      lr=args.lr, structures=[NUCLEUS], cases=f"0:{args.train}",
-                      seed=args.seed, device=args.device, save_every=0,
-                      refresh_every=50, use_pmg=not args.no_pmg, use_pma=not args.no_pma,
-                      use_3d_memory=not args.no_3d_memory)
-    tt = time.perf_counter()
-    trainer = train(cfg, cases=train_cases, progress=True)
-    t_train = time.perf_counter() - tt
-    ckpt = Path(cfg.out)
+    t_train, history = 0.0, []
+    if args.checkpoint:
+        ckpt = args.checkpoint
+    else:
+        cfg = TrainConfig(data=str(args.data), out=str(out / "wbc_support.safetensors"),
+                          model="cpu-mini", weights="random", image_size=256, lora_rank=4,
+                          steps=args.steps, lr=args.lr, targets=targets,
+                          absent_share=args.absent_share, cases=f"0:{args.train}",
+                          seed=args.seed, device=args.device, save_every=0, refresh_every=50)
+        tt = time.perf_counter()
+        trainer = train(cfg, cases=train_cases, progress=True)
+        t_train = time.perf_counter() - tt
+        history = trainer.history
+        ckpt = Path(cfg.out)
 
     # ---- held-out evaluation through the engine, model loaded from the checkpoint file
     te = time.perf_counter()
     seg = Segmenter(str(ckpt), device=args.device)
-    bank = bank_from_cases(train_cases, [NUCLEUS])
-    opts = SegmentOptions(keep_pseudo_masks=True, use_pmg=not args.no_pmg,
-                          use_pma=not args.no_pma, use_3d_memory=not args.no_3d_memory)
-    model_dice, pseudo_dice, model_hd = [], [], []
-    for c in test_cases:
-        pred = predict_case(seg, c, [NUCLEUS], opts, bank=bank)
-        model_dice.append(dice(pred.labels[0] == NUCLEUS, gt(c)))
-        pseudo_dice.append(dice(pred.pseudo[NUCLEUS][0] >= 0.5, gt(c)))
-        model_hd.append(hd95(pred.labels[0] == NUCLEUS, gt(c)))
+    opts = SegmentOptions()
+    predicted: dict[str, list[np.ndarray]] = {}
+    for kind in [*KINDS, "empty"]:
+        bank = kind_bank(train_cases, None if kind == "empty" else kind)
+        predicted[kind] = [predict_case(seg, c, [1], opts, bank=bank).labels[0] == 1
+                           for c in test_cases]
     t_eval = time.perf_counter() - te
 
-    # nearest-support copy by the trained model's pooled embeddings (the engine's similarity)
-    from SlicerSGP.data import preprocess
+    model = {kind: [dice(p, truth(c, kind)) for p, c in zip(predicted[kind], test_cases,
+                                                             strict=True)] for kind in KINDS}
+    swaps = {
+        "nucleus support vs cytoplasm truth": ("nucleus", "cytoplasm"),
+        "cytoplasm support vs nucleus truth": ("cytoplasm", "nucleus"),
+        "whole-cell support vs nucleus truth": ("whole cell", "nucleus"),
+        "nucleus support vs whole-cell truth": ("nucleus", "whole cell"),
+    }
+    swap = {name: [dice(p, truth(c, t)) for p, c in zip(predicted[s], test_cases, strict=True)]
+            for name, (s, t) in swaps.items()}
+    area = {k: float(sum(int(p.sum()) for p in predicted[k])) for k in [*KINDS, "empty"]}
+    empty_ratio = {k: area["empty"] / max(1.0, area[k]) for k in ("nucleus", "whole cell")}
 
-    def pooled(c):
-        tf = preprocess.LetterboxTransform(*c.slices01.shape[1:3], seg.image_size)
-        return seg.encode_images(preprocess.to_model_input(c.slices01, tf), 1).pooled[0]
-
-    tr_pooled = torch.stack([pooled(c) for c in train_cases])
-    nn_emb = []
-    for c in test_cases:
-        j = int(torch.argmax(tr_pooled @ pooled(c)))
-        nn_emb.append(dice(gt(train_cases[j]), gt(c)))
+    # ---- the same checkpoint through `sgp segment --support-bank` (the path users run)
+    tc = time.perf_counter()
+    cli: dict[str, list[float]] = {}
+    cli_equal = True
+    for kind in KINDS if args.cli_images else []:
+        folder = write_bank_folder(train_cases, kind, out / "banks" / kind.replace(" ", "_"))
+        cli[kind] = []
+        for i, c in enumerate(test_cases[: args.cli_images]):
+            labels = cli_labels(ckpt, c.ref.image, folder, out / f"cli_{i}.seg.nrrd", args.threads)
+            cli[kind].append(dice(labels, truth(c, kind)))
+            cli_equal &= bool(np.array_equal(labels, predicted[kind][i]))
+    t_cli = time.perf_counter() - tc
     t_total = time.perf_counter() - t_all
 
-    def stats(x):
-        return float(np.mean(x)), float(np.median(x)), float(np.std(x))
+    def mean(x):
+        return float(np.mean(x)) if len(x) else float("nan")
 
-    ablation = ", ".join(n for n, off in (("no PMG", args.no_pmg), ("no PMA", args.no_pma),
-                                           ("no 3DM", args.no_3d_memory)) if off)
-    rows = [
-        ("SAM2-SGP cpu-mini, trained from random (final)" + (f" [{ablation}]" if ablation else ""),
-         model_dice),
-        ("  its PMG pseudo-mask alone", pseudo_dice),
-        (f"Otsu baseline ({rule}, chosen on train)", otsu_test),
-        ("Nearest-support copy (raw-pixel cosine)", nn_test),
-        ("Nearest-support copy (trained pooled embedding)", nn_emb),
-    ]
+    def median(x):
+        return float(np.median(x)) if len(x) else float("nan")
+
     print()
-    print(f"held-out nucleus Dice on {len(test_cases)} wbc images (trained on {len(train_cases)}, "
-          f"{args.steps} steps)")
-    print(f"{'method':<50} {'mean':>6} {'median':>7} {'std':>6}")
-    for name, vals in rows:
-        m, med, sd = stats(vals)
-        print(f"{name:<50} {m:6.3f} {med:7.3f} {sd:6.3f}")
-    for name, hs in (("model", model_hd), ("Otsu", otsu_hd)):
-        finite = [h for h in hs if np.isfinite(h)]
-        print(f"{name} HD95 (pixels): mean {np.mean(finite):.1f}, median {np.median(finite):.1f}"
-              f" over {len(finite)} images" + (f", {len(hs) - len(finite)} empty predictions"
-                                               if len(finite) < len(hs) else ""))
-    print("Otsu rules on train (mean Dice): "
-          + ", ".join(f"{r} {s:.3f}" for r, s in train_scores.items()))
-    print(f"time: train {t_train:.0f} s ({t_train / max(1, args.steps):.2f} s/step), held-out "
-          f"eval {t_eval:.0f} s ({t_eval / len(test_cases):.1f} s/image), baselines "
-          f"{t_baselines:.0f} s, total {t_total:.0f} s on {args.device} "
+    print(f"held-out Dice on {len(test_cases)} wbc images (trained on {len(train_cases)}"
+          + (f", {args.steps} steps" if not args.checkpoint else f", checkpoint {ckpt}") + ")")
+    print(f"{'support -> scored against':<44} {'SGP mean':>9} {'median':>7} "
+          f"{'Otsu':>6} {'nearest':>8}")
+    for kind in KINDS:
+        note = "" if "+".join(map(str, KINDS[kind])) in targets else " (never trained)"
+        print(f"{(kind + ' -> ' + kind + note):<44} {mean(model[kind]):9.3f} "
+              f"{median(model[kind]):7.3f} {mean(baselines[kind]['otsu']):6.3f} "
+              f"{mean(baselines[kind]['nearest']):8.3f}")
+    for name, vals in swap.items():
+        print(f"{name:<44} {mean(vals):9.3f} {median(vals):7.3f}")
+    for k, r in empty_ratio.items():
+        print(f"empty support: predicted area / {k} support area = {100 * r:.2f} %")
+    if cli:
+        print(f"sgp segment --support-bank on {args.cli_images} images: "
+              + ", ".join(f"{k} {mean(v):.3f}" for k, v in cli.items())
+              + f"; identical to the API: {'yes' if cli_equal else 'NO'}")
+    print("Otsu rules chosen on train: " + ", ".join(f"{k}: {r}" for k, r in rules.items()))
+    steps = max(1, len(history))
+    print(f"time: train {t_train:.0f} s ({t_train / steps:.2f} s/step), held-out eval "
+          f"{t_eval:.0f} s ({t_eval / (4 * len(test_cases)):.2f} s/run), CLI {t_cli:.0f} s, "
+          f"baselines {t_baselines:.0f} s, total {t_total:.0f} s on {args.device} "
           f"({torch.get_num_threads()} threads; wall clock, shared machine: rough)")
     print(f"checkpoint: {ckpt}")
     result = {
         "train_images": [c.name for c in train_cases], "test_images": [c.name for c in test_cases],
-        "steps": args.steps, "lr": args.lr, "seed": args.seed,
-        "dice": {name.strip(): stats(vals)[0] for name, vals in rows},
-        "hd95_median": {"model": float(np.median(model_hd)), "otsu": float(np.median(otsu_hd))},
-        "per_image": {"model": model_dice, "pseudo": pseudo_dice, "otsu": otsu_test,
-                      "nn_pixels": nn_test, "nn_embedding": nn_emb},
-        "otsu_rule": rule, "otsu_train_scores": train_scores,
-        "seconds": {"train": t_train, "eval": t_eval, "baselines": t_baselines,
+        "steps": len(history), "lr": args.lr, "seed": args.seed, "targets": targets,
+        "absent_share": args.absent_share,
+        "dice": {k: {"mean": mean(v), "median": median(v)} for k, v in model.items()},
+        "baselines": {k: {b: mean(v) for b, v in d.items()} for k, d in baselines.items()},
+        "swap": {k: mean(v) for k, v in swap.items()},
+        "empty_area_ratio": empty_ratio, "cli_dice": {k: mean(v) for k, v in cli.items()},
+        "cli_identical": cli_equal,
+        "per_image": {"model": model, "swap": swap},
+        "seconds": {"train": t_train, "eval": t_eval, "cli": t_cli, "baselines": t_baselines,
                     "total": t_total},
-        "final_train_loss": float(np.mean([r["loss"] for r in trainer.history[-50:]])),
         "checkpoint": str(ckpt),
     }
     if args.json:

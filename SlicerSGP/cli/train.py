@@ -11,6 +11,7 @@ from SlicerSGP.cli.common import OutputPlan, Progress, cancel_on_sigterm, parse_
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.method.model import describe
 from SlicerSGP.training.config import TrainConfig, checkpoint_path, state_path
+from SlicerSGP.training.episodes import target_name
 from SlicerSGP.training.trainer import Trainer, train
 
 
@@ -34,6 +35,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "(e.g. 0:60 or 0:40,50:60); default all")
     p.add_argument("--label", dest="structures", type=int, action="append",
                    help="label value to train on (repeatable; default every value)")
+    p.add_argument("--target", dest="targets", action="append", default=None,
+                   help="what an episode may ask for: a label value or a union such as 1+2 "
+                        "(repeatable; default each --label alone). One image asked for different "
+                        "targets teaches the network to read its support")
+    p.add_argument("--hold-out", dest="hold_out", action="append", default=None,
+                   help="a label value or union never asked for in training (repeatable), to "
+                        "test a structure defined only by its support")
+    p.add_argument("--absent-share", type=float, default=0.2,
+                   help="fraction of episodes whose answer is empty: a run where the target is "
+                        "absent, or (where it is everywhere) support with empty masks")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny",
                    help="SAM2.1 size (tiny, small, base_plus, large) or 'cpu-mini' (a CPU-sized "
@@ -105,6 +116,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise SGPInputError("--steps must be at least 1.")
     if not 0.0 <= args.own_support <= 1.0:
         raise SGPInputError("--own-support is a fraction: give a value between 0 and 1.")
+    if not 0.0 <= args.absent_share < 1.0:
+        raise SGPInputError("--absent-share is a fraction: give a value in [0, 1).")
     random_start = str(args.weights).lower() == "random"
     lr = args.lr if args.lr is not None else (5e-4 if random_start else 1e-4)
     return TrainConfig(
@@ -117,7 +130,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         seq_len=args.seq_len, own_support=args.own_support, top_k=args.top_k, memory_size=args.memory_size,
         memory_policy=args.memory_policy, use_pmg=not args.no_pmg, use_pma=not args.no_pma,
         use_3d_memory=not args.no_3d_memory, loss_dice=args.loss_dice, loss_ce=args.loss_ce,
-        loss_kl=args.loss_kl, loss_obj=args.loss_obj, structures=args.structures, axis=axis, intensity=args.intensity,
+        loss_kl=args.loss_kl, loss_obj=args.loss_obj, structures=args.structures,
+        targets=args.targets, hold_out=args.hold_out, absent_share=args.absent_share, axis=axis, intensity=args.intensity,
         cases=args.cases, augment=args.augment, refresh_every=args.refresh_every,
         save_every=args.save_every, seed=args.seed, device=args.device, dtype=args.dtype,
         threads=args.threads,
@@ -168,7 +182,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return float(np.mean([r[key] for r in recent])) if recent else float("nan")
 
     print(f"trained {describe(trainer.model)} on {len(trainer.cases)} case(s), "
-          f"structures {[int(v) for v in trainer.values]}, to step {trainer.step}/{cfg.steps} "
+          f"targets {[target_name(t) for t in trainer.targets]}, to step {trainer.step}/{cfg.steps} "
           f"in {trainer.elapsed:.1f} s on {trainer.device} "
           f"({'all weights' if cfg.trains_all() else 'LoRA + PMA'}); last-50 loss "
           f"{mean('loss'):.4f} (dice {mean('dice'):.4f}, bce {mean('bce'):.4f}, "

@@ -13,6 +13,7 @@ import torch
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.method.model import save_sgp_checkpoint
 from SlicerSGP.training.config import TrainConfig
+from SlicerSGP.training.episodes import target_name
 from SlicerSGP.weights import file_sha256, resolve_weights
 
 # Functions here take the Trainer as ``trainer: Any``: trainer.py imports this module, so
@@ -73,6 +74,7 @@ def training_metadata(trainer: Any, final: bool) -> tuple[dict[str, Any], dict[s
         "steps": trainer.step, "final": final, "config": cfg.to_dict(),
         "train_cases": [c.name for c in trainer.cases], "structures": trainer.values,
         "names": {str(v): names.get(v, f"label_{v}") for v in trainer.values},
+        "targets": [target_name(t) for t in trainer.targets],
         "recent_loss": float(np.mean([r["loss"] for r in recent])) if recent else None,
         "options": {"top_k": cfg.top_k, "memory_size": cfg.memory_size,
                     "memory_policy": cfg.memory_policy, "use_pmg": cfg.use_pmg,

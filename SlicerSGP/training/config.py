@@ -81,6 +81,12 @@ class TrainConfig:
     loss_kl: float = 1.0
     loss_obj: float = 1.0
     structures: list[int] | None = None
+    targets: list[str] | None = None
+    """What episodes ask for: label values or unions ('1+2'); None = each structure alone."""
+    hold_out: list[str] | None = None
+    """Targets never asked for in training (to test a structure defined only by support)."""
+    absent_share: float = 0.2
+    """Fraction of episodes whose answer is empty (absent run, or empty support)."""
     axis: int = 0
     intensity: str = "auto"
     cases: str | None = None
@@ -97,7 +103,8 @@ class TrainConfig:
     RESUME_KEYS = ("data", "model", "weights", "image_size", "lora_rank", "lora_alpha",
                    "train_all", "sam2_overrides", "lr", "weight_decay", "warmup", "seq_len", "own_support",
                    "top_k", "memory_size", "memory_policy", "train_pmg", "use_pmg", "use_pma",
-                   "use_3d_memory", "loss_dice", "loss_ce", "loss_kl", "loss_obj", "structures", "axis",
+                   "use_3d_memory", "loss_dice", "loss_ce", "loss_kl", "loss_obj", "structures", "targets", "hold_out",
+                   "absent_share", "axis",
                    "intensity", "cases", "augment", "refresh_every", "seed")
 
     def resolved_model(self) -> tuple[str, list[str]]:

@@ -1,8 +1,15 @@
 """Episodes: the training support bank, one episode's query run, augmentation, model input.
 
-One step is one episode: a training case and structure, a run of consecutive slices around a
-slice showing it (a 2D image is a one-slice run), in a random direction, augmented alike; its
-support pool is the bank drawn from the *other* cases.
+One step is one episode, a few-shot task whose answer the support defines: a training case and
+a *target* (a label value, or a union of values such as ``1+2``, e.g. the whole cell = nucleus +
+cytoplasm), a run of consecutive slices (a 2D image is a one-slice run) in a random direction,
+augmented alike; the support pool shows that target on the *other* cases. Because one image can
+be asked for different targets, only the support tells the network which one is meant.
+
+A share of episodes (``absent_share``) has an empty answer: in a volume, a run where the target
+is absent (the support still shows it, so the network must find that it is not there); where the
+target is in every slice (most 2D sets), support whose masks are all empty ("nothing of this
+here"), so that an empty support set gives an empty prediction.
 """
 
 from __future__ import annotations
@@ -16,34 +23,102 @@ from SlicerSGP.data import preprocess
 from SlicerSGP.data.preprocess import evenly_spaced
 from SlicerSGP.errors import SGPInputError
 
+Target = tuple[int, ...]
+"""What an episode asks for: the voxels whose label is any of these values."""
+
+TargetKey = int | Target
+"""A target as callers name it: a plain label value or a tuple of values."""
+
+
+def as_target(key: TargetKey) -> Target:
+    return tuple(sorted({int(v) for v in key})) if isinstance(key, tuple) else (int(key),)
+
+
+def parse_target(text: str | int) -> Target:
+    """``"2"`` -> (2,), ``"1+2"`` -> (1, 2); anything else is refused with the form to use."""
+    parts = str(text).replace(" ", "").split("+")
+    try:
+        values = tuple(sorted({int(p) for p in parts}))
+    except ValueError:
+        raise SGPInputError(f"Target {text!r} is not a label value or a union of values: write "
+                            "e.g. 2, or 1+2 for the union of labels 1 and 2.") from None
+    if any(v <= 0 for v in values):
+        raise SGPInputError(f"Target {text!r}: label values are positive integers (0 is "
+                            "background).")
+    return values
+
+
+def target_name(key: TargetKey) -> str:
+    return "+".join(str(v) for v in as_target(key))
+
+
+def target_mask(labels: np.ndarray, key: TargetKey) -> np.ndarray:
+    t = as_target(key)
+    return labels == t[0] if len(t) == 1 else np.isin(labels, t)
+
+
+def slices_with(case, key: TargetKey) -> list[int]:
+    per = target_mask(case.labels, key).reshape(case.num_slices, -1).any(axis=1)
+    return [int(k) for k in np.flatnonzero(per)]
+
+
+def resolve_targets(cfg, cases: list) -> tuple[list[int], list[TargetKey]]:
+    """The label values and the targets a run trains on, checked against the cases.
+
+    ``cfg.targets`` (e.g. ``["2", "1+2"]``) or else each of ``cfg.structures`` (else every
+    labeled value) alone; ``cfg.hold_out`` targets are never asked for (their voxels still count
+    inside a union that names them). A single value is kept as a plain int."""
+    present = sorted({int(v) for c in cases for v in c.values()})
+    if cfg.targets:
+        targets = [parse_target(t) for t in cfg.targets]
+    else:
+        targets = [(int(v),) for v in (cfg.structures or present)]
+    held = [parse_target(t) for t in (cfg.hold_out or [])]
+    missing = sorted({v for t in targets + held for v in t} - set(present))
+    if missing:
+        raise SGPInputError(f"Label value(s) {missing} appear in no training case "
+                            f"(present: {present or 'none'}).")
+    clash = [target_name(t) for t in held if t in targets and cfg.targets]
+    if clash:
+        raise SGPInputError(f"Target(s) {clash} are both trained (--target) and held out "
+                            "(--hold-out): drop one of the two.")
+    targets = list(dict.fromkeys(t for t in targets if t not in held))
+    if not targets:
+        raise SGPInputError("No target left to train: the training cases hold no labeled voxels"
+                            " or every structure is held out.")
+    values = sorted({v for t in targets for v in t})
+    return values, [t[0] if len(t) == 1 else t for t in targets]
+
 
 @dataclass
 class BankItem:
     case: int
     slice: int
-    value: int
+    value: TargetKey
+    """The target this item shows (its mask is ``target_mask(labels, value)``)."""
 
 
-def build_support_bank(cases: list, values: list[int]) -> dict[int, list[BankItem]]:
-    """Per structure: every slice showing it, plus as many evenly spaced slices without it (of
+def build_support_bank(cases: list, targets: list[TargetKey]) -> dict[TargetKey, list[BankItem]]:
+    """Per target: every slice showing it, plus as many evenly spaced slices without it (of
     the same case) - the rule ``io.load_support_sets`` uses for a support bank. For 2D image
-    sets (one slice per case) the cases without the structure are thinned the same way."""
-    bank: dict[int, list[BankItem]] = {}
+    sets (one slice per case) the cases without the target are thinned the same way."""
+    bank: dict[TargetKey, list[BankItem]] = {}
     two_d = all(c.num_slices == 1 for c in cases)
-    for v in values:
+    for key in targets:
         items: list[BankItem] = []
         if two_d:
-            pos = [ci for ci, c in enumerate(cases) if (c.labels == v).any()]
-            neg = [ci for ci, c in enumerate(cases) if not (c.labels == v).any()]
+            has = [bool(target_mask(c.labels, key).any()) for c in cases]
+            pos = [ci for ci, h in enumerate(has) if h]
+            neg = [ci for ci, h in enumerate(has) if not h]
             for ci in sorted(pos + evenly_spaced(neg, len(pos))):
-                items.append(BankItem(ci, 0, v))
+                items.append(BankItem(ci, 0, key))
         else:
             for ci, c in enumerate(cases):
-                present = c.slices_with(v)
+                present = slices_with(c, key)
                 absent = sorted(set(range(c.num_slices)) - set(present))
                 for k in sorted(present + evenly_spaced(absent, len(present))):
-                    items.append(BankItem(ci, k, v))
-        bank[v] = items
+                    items.append(BankItem(ci, k, key))
+        bank[key] = items
     return bank
 
 
@@ -79,34 +154,45 @@ class Episode:
     """One step's query run and the support pool it may draw from."""
 
     case: int
-    value: int
+    value: TargetKey
     window: list[int]
     reverse: bool
     images: np.ndarray
     """(T, H, W[, 3]) slices in [0, 1], augmented."""
     masks: np.ndarray
-    """(T, H, W) bool."""
+    """(T, H, W) bool: the answer (all empty when ``empty_support``)."""
     pool: list[BankItem]
+    empty_support: bool = False
+    """The support shows its images with empty masks: the target is nowhere, answer empty."""
+    absent: bool = False
+    """An episode whose answer is empty or mostly empty (``absent_share``)."""
 
 
-def draw_episode(cases: list, bank: dict[int, list[BankItem]],
-                 episodes: list[tuple[int, int]], seq_len: int, augmented: bool,
-                 rng: np.random.Generator) -> Episode:
-    """Pick a (case, structure) pair and a run of ``seq_len`` slices around one showing it."""
+def draw_episode(cases: list, bank: dict[TargetKey, list[BankItem]],
+                 episodes: list[tuple[int, TargetKey]], seq_len: int, augmented: bool,
+                 rng: np.random.Generator, absent_share: float = 0.0) -> Episode:
+    """Pick a (case, target) pair and a run of ``seq_len`` slices around one showing it, or,
+    with probability ``absent_share``, an episode whose answer is empty (module docstring)."""
     ci, v = episodes[int(rng.integers(len(episodes)))]
     case = cases[ci]
     n = case.num_slices
     T = min(seq_len, n)
+    absent = bool(absent_share > 0 and rng.random() < absent_share)
+    with_v = slices_with(case, v)
+    without = sorted(set(range(n)) - set(with_v))
+    empty_support = absent and not without
     if n > 1:
-        with_v = case.slices_with(v)
-        centre = int(with_v[int(rng.integers(len(with_v)))])
+        around = without if absent and without else with_v
+        centre = int(around[int(rng.integers(len(around)))])
         start = int(np.clip(centre - int(rng.integers(T)), 0, n - T))
         window = list(range(start, start + T))
     else:
         window = [0]
     reverse = bool(rng.random() < 0.5) if T > 1 else False
     img = case.slices01[window]
-    lab = case.labels[window] == v
+    lab = target_mask(case.labels[window], v)
+    if empty_support:
+        lab = np.zeros_like(lab)
     if augmented:
         img, lab = augment(img, lab, rng)
     others = [b for b in bank[v] if b.case != ci]
@@ -115,4 +201,4 @@ def draw_episode(cases: list, bank: dict[int, list[BankItem]],
     if not others:
         raise SGPInputError("The support bank holds no slice outside the query: training "
                             "needs at least two labeled cases (or slices).")
-    return Episode(ci, v, window, reverse, img, lab, others)
+    return Episode(ci, v, window, reverse, img, lab, others, empty_support, absent)

@@ -59,7 +59,10 @@ from SlicerSGP.training.episodes import (
     BankItem,
     build_support_bank,
     draw_episode,
+    resolve_targets,
     step_seed,
+    target_mask,
+    target_name,
     to_model,
 )
 from SlicerSGP.training.losses import LossWeights, sgp_loss
@@ -127,19 +130,11 @@ class Trainer:
         if not cases:
             raise SGPInputError(f"No training cases in {cfg.data} (cases {cfg.cases!r}).")
         self.cases = cases
-        present = sorted({int(v) for c in cases for v in c.values()})
-        values = [int(v) for v in cfg.structures] if cfg.structures else present
-        missing = [v for v in values if v not in present]
-        if missing:
-            raise SGPInputError(f"Label value(s) {missing} appear in no training case "
-                                f"(present: {present or 'none'}).")
-        if not values:
-            raise SGPInputError("The training cases hold no labeled voxels.")
-        self.values = values
-        self.bank = build_support_bank(cases, values)
-        # episodes: (case, value) pairs where the structure is present
-        self.episodes = [(ci, v) for ci, c in enumerate(cases) for v in values
-                         if (c.labels == v).any()]
+        self.values, self.targets = resolve_targets(cfg, cases)
+        self.bank = build_support_bank(cases, self.targets)
+        # episodes: (case, target) pairs where the target is present
+        self.episodes = [(ci, t) for ci, c in enumerate(cases) for t in self.targets
+                         if target_mask(c.labels, t).any()]
         if cfg.lora_rank <= 0:
             raise SGPInputError("--lora-rank must be at least 1 for a trained SGP model.")
 
@@ -241,7 +236,8 @@ class Trainer:
         rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
         self.model.train()
-        ep = draw_episode(self.cases, self.bank, self.episodes, cfg.seq_len, cfg.augment, rng)
+        ep = draw_episode(self.cases, self.bank, self.episodes, cfg.seq_len, cfg.augment, rng,
+                          absent_share=cfg.absent_share)
         ci, v, window, reverse, img, lab, pool = (ep.case, ep.value, ep.window, ep.reverse,
                                                   ep.images, ep.masks, ep.pool)
         size = self.seg.image_size
@@ -255,7 +251,10 @@ class Trainer:
             by_shape.setdefault(self.cases[b.case].slices01.shape[1:3], []).append(b)
         for items in by_shape.values():
             s_img = np.stack([self.cases[b.case].slices01[b.slice] for b in items])
-            s_lab = np.stack([self.cases[b.case].labels[b.slice] == b.value for b in items])
+            s_lab = np.stack([target_mask(self.cases[b.case].labels[b.slice], b.value)
+                              for b in items])
+            if ep.empty_support:
+                s_lab = np.zeros_like(s_lab)
             s_images, s_masks, _ = to_model(s_img, s_lab, size)
             s_feats = self.seg.encode_images(s_images.to(self.device), len(items),
                                                             grad=True)
@@ -266,7 +265,7 @@ class Trainer:
         if reverse:
             order = order[::-1]
         labeled: set[int] = set()
-        if len(order) > 1 and rng.random() < cfg.own_support:
+        if len(order) > 1 and not ep.empty_support and rng.random() < cfg.own_support:
             # As at inference: a slice the user labeled in this volume starts the sweep and is
             # support itself (the other episodes use other cases only).
             a = order[0]
@@ -301,7 +300,8 @@ class Trainer:
         self.sched.step()
         self.step += 1
         rec = {"step": self.step, "loss": float(loss.detach()), **terms,
-               "lr": float(self.opt.param_groups[0]["lr"]), "case": ci, "value": v,
+               "lr": float(self.opt.param_groups[0]["lr"]), "case": ci, "target": target_name(v),
+               "absent": ep.absent, "empty_support": ep.empty_support,
                "own_support": bool(labeled)}
         self.history.append(rec)
         return rec
