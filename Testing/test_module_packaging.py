@@ -203,7 +203,8 @@ def test_module_never_imports_the_engine_or_torch():
         "qt",
         "ctk",
     )
-    numpy_only = ("SlicerSGP.data.intensity",)  # the engine's intensity mapping, no torch
+    # numpy-only engine modules: the intensity mapping and the support library
+    numpy_only = ("SlicerSGP.data.intensity", "SlicerSGP.data.support_library")
     for path in sorted((MODULE_DIR / "SGPSegmentLib").glob("*.py")):
         for name in _allImports(path):
             if name in numpy_only:

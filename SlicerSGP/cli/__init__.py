@@ -1,10 +1,11 @@
-"""The ``sgp`` command: one module per subcommand (segment, weights, train, eval, bench, serve),
-each with ``add_parser(subparsers)``; common.py holds what they share (model options, axis
-names, progress output, all-or-nothing output plans). argparse lives only here.
+"""The ``sgp`` command: one module per subcommand (segment, support, weights, train, eval, bench,
+serve), each with ``add_parser(subparsers)``; common.py holds what they share (model options,
+axis names, progress output, all-or-nothing output plans). argparse lives only here.
 
 May import every other part of SlicerSGP; nothing imports the CLI.
 
     sgp segment IMAGE --labels LABELS --out OUT.seg.nrrd [options]
+    sgp support list | show | save | rename | delete | export | import
     sgp weights list | fetch NAME | verify [NAME|PATH]
     sgp train DATA --out CK.safetensors | sgp eval DATA ... | sgp bench | sgp serve
 
@@ -18,7 +19,7 @@ import sys
 from types import ModuleType
 
 from SlicerSGP import __version__
-from SlicerSGP.cli import bench, segment, serve, train, weights
+from SlicerSGP.cli import bench, segment, serve, support, train, weights
 from SlicerSGP.cli import eval as eval_
 from SlicerSGP.cli.common import parse_axis, run_command
 
@@ -27,7 +28,7 @@ __all__ = ["build_parser", "main", "parse_axis"]
 
 def subcommands() -> list[ModuleType]:
     """The subcommand modules, in the order `sgp --help` lists them."""
-    return [segment, weights, train, eval_, bench, serve]
+    return [segment, support, weights, train, eval_, bench, serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

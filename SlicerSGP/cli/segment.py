@@ -50,7 +50,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "present is drawn: there an undrawn structure is taken as absent "
                         "(elsewhere a slice is support only for the structures drawn on it)")
     p.add_argument("--support-bank", type=Path,
-                   help="folder of other labeled cases (image.* + labels.*) or images/ + masks/")
+                   help="folder of other labeled cases (image.* + labels.*), images/ + masks/, "
+                        "or the name of a saved support set (sgp support list)")
     g = p.add_argument_group("model")
     # No default for --model: with --server, only the options given are checked against the
     # server's model; a local run uses tiny.

@@ -5,6 +5,11 @@ A bank folder holds either
 (a) labeled cases: sub-folders each with ``image.*`` + ``labels.*``, or a single such case; or
 (b) 2D pairs ``images/NAME.*`` + ``masks/NAME.*``.
 
+A saved support set (:mod:`.support_set`: layout (a) plus a manifest) is read through its
+manifest: every slice saved for a structure, with the intensity window stored at save time.
+Where a folder is expected, the name of a set in the support library
+(:mod:`.support_library`) is accepted too.
+
 Structure names (and colours) come from a bank-level description file (``labels.json``,
 ``labels.label``, ...), then from each case's own (its ``labels.json`` or ITK-SNAP ``.label``
 beside the label map, or the segments of a ``.seg.nrrd``); the bank-level file wins.
@@ -32,6 +37,8 @@ from SlicerSGP.data.preprocess import (
     validate_volume,
 )
 from SlicerSGP.data.readers import read_image, read_labels
+from SlicerSGP.data.support_library import resolve_support_bank
+from SlicerSGP.data.support_set import is_support_set, read_support_set
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.types import SupportItem, axis_label
 
@@ -48,10 +55,22 @@ def _label_maps(folder: Path) -> list[Path]:
     return [files[1] for files in map(case_files, subs) if files]
 
 
+def _bank_folder(folder: str | os.PathLike) -> Path:
+    """A folder as is; else a support library set of that name; else the path unchanged (the
+    caller reports it missing)."""
+    path = Path(folder)
+    if path.is_dir():
+        return path
+    try:
+        return resolve_support_bank(folder)
+    except SGPInputError:
+        return path
+
+
 def support_bank_info(folder: str | os.PathLike) -> LabelInfo:
     """Structure names and colours of a support bank (every layout :func:`load_support_sets`
     accepts): the bank's own description file first, then each case's, first one wins."""
-    folder = Path(folder)
+    folder = _bank_folder(folder)
     if not folder.is_dir():
         return LabelInfo()
     found = find_label_description(folder)
@@ -197,14 +216,18 @@ def load_support_sets(
     ``structures``: label values (or names, :func:`support_bank_names`) to load; None = every
     value present. A requested value absent from the whole bank raises :class:`SGPInputError`.
     ``limit`` reads only the first ``limit`` cases / images (sorted by name).
+
+    A saved support set (``folder`` holding its manifest, or the name of a set in the support
+    library) gives every slice saved for each structure, mapped with the window stored at save
+    time for ``intensity='auto'`` (:func:`~.support_set.window_for`); ``axis`` and ``limit``
+    do not apply (its slices are 2D already).
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise SGPInputError(
-            f"Support bank folder not found: {folder}. Give a folder of labeled cases."
-        )
+    folder = resolve_support_bank(folder)
     names = support_bank_names(folder)
     wanted = _resolve_structures(structures, names)
+    if is_support_set(folder):
+        found, set_names = read_support_set(folder, intensity=intensity)
+        return _collect(found, wanted, {**set_names, **names}, folder)
     pairs = image_mask_pairs(folder)
     if pairs is not None:
         if not pairs:
