@@ -71,6 +71,9 @@ support, and the engine reuses the image embeddings, so re-runs are fast.</li>
 </ol>
 The model runs in an engine process: on this computer (started by the module) or on a remote
 server (Engine section: URL and token). Per-slice confidence is shown in a table and a plot.
+<p>Without leaving the Segment Editor: its <b>SGP</b> effect shows the same result as a preview
+that updates while you draw, takes click corrections and is applied with the editor's Undo. It
+uses the engine, model and device chosen here.</p>
 """
             + f'<p>Documentation: <a href="{README_URL}">README</a>.</p>'
         )

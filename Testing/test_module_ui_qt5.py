@@ -37,6 +37,8 @@ UI_FILES = sorted(ROOT.glob("SGPSegment*/Resources/UI/*.ui")) + sorted(
 )
 
 QStringList = "QStringList"
+MIN_PROPERTIES = {"SGPSegment.ui": 50, "SegmentEditorSGP.ui": 40}
+"""Properties each .ui sets at least (a check that sees only part of a panel fails)."""
 
 # ------------------------------------------------------------------------------ stand-ins
 # class -> (base, header the declarations come from, {property: (type, default)}).
@@ -360,7 +362,8 @@ def test_every_ui_property_arrives_in_qt515(uiFile, standIns):
     )
     problems = checkUi(uiFile, standIns)
     assert not problems, "\n".join(problems)
-    assert len(list(uiProperties(uiFile))) > 50  # the check saw the whole panel
+    # The check saw the whole panel (the module's and the Segment Editor effect's).
+    assert len(list(uiProperties(uiFile))) >= MIN_PROPERTIES[uiFile.name]
 
 
 def test_ui_connections_reach_every_mrml_widget(standIns):

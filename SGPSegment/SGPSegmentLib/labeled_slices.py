@@ -190,3 +190,28 @@ def markWritten(segment, mask: np.ndarray, labeledAlong: dict[int, list[int]]) -
     record.written = True
     record.setBaseline(mask)
     record.write(segment)
+
+
+def markDrawn(segment, mask: np.ndarray, axis: int, slices) -> None:
+    """After the Logic wrote ``mask`` whose ``slices`` along ``axis`` are now the user's (a
+    click-corrected slice): record them as drawn there and move the baseline."""
+    record = LabeledSliceRecord.read(segment, mask.shape) or LabeledSliceRecord(mask.shape)
+    record.slices[int(axis)] |= {int(s) for s in slices}
+    record.setBaseline(mask)
+    record.write(segment)
+
+
+def moveBaseline(segment, before: np.ndarray, after: np.ndarray) -> None:
+    """Another segment lost voxels to a write (overwrite rules): that is no drawing, so only
+    the baseline moves (a segment seen for the first time is recorded from ``before``)."""
+    record = LabeledSliceRecord.read(segment, before.shape) or seedRecord(before)
+    record.setBaseline(after)
+    record.write(segment)
+
+
+def recordedSlices(segment, shape) -> dict[int, list[int]]:
+    """The drawn slices the record holds per axis (empty when there is no record yet)."""
+    record = LabeledSliceRecord.read(segment, shape)
+    if record is None:
+        return {0: [], 1: [], 2: []}
+    return {a: sorted(record.slices[a]) for a in range(3)}

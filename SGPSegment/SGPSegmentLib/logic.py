@@ -7,6 +7,7 @@ A thin facade over the parts:
 * :mod:`.engine_connection`: the local or remote engine (``sgp serve``) and its client,
 * :mod:`.run`: start / poll / apply / cancel / undo,
 * :mod:`.outputs`: pseudo-masks, per-slice scores, least confident slices,
+* :mod:`.support_library`: drawn slices saved as named support sets, reused on new cases,
 * :mod:`.dependencies`: the engine's packages.
 
 No threads and no torch in this process: a run is queued on the engine with quick HTTP calls,
@@ -19,15 +20,18 @@ from __future__ import annotations
 import slicer
 import vtk
 
-from SGPSegmentLib import dependencies, labeled_slices, mrml_io, outputs, request
+from SGPSegmentLib import dependencies, labeled_slices, mrml_io, outputs, request, support_library
 from SGPSegmentLib.constants import MODEL_SIZES
 from SGPSegmentLib.engine_connection import EngineConnection, ModelSettings, defaultPython
-from SGPSegmentLib.parameter_actions import ParameterNodeActions
+from SGPSegmentLib.parameter_actions import ParameterNodeActions, describeSupportSet
 from SGPSegmentLib.run import Run, Runs, WriteReport
+from SlicerSGP.data.support_library import SupportLibrary, SupportSetSummary
 from SlicerSGP.errors import SGPError
 
 REFERENCE_CASE_ROLE = "SGPReferenceCase"
 """Node reference role (on the parameter node) of each reference-case segmentation."""
+SUPPORT_SET_PARAMETER = "SupportSet"
+"""Parameter (on the MRML parameter node) naming the saved support set runs and previews use."""
 
 
 class SGPSegmentCoreLogic(ParameterNodeActions):
@@ -42,6 +46,8 @@ class SGPSegmentCoreLogic(ParameterNodeActions):
         """Axis a drawn dot or line (planar in several orientations) is recorded on."""
         self._watched: dict[str, tuple] = {}
         self._recording = False
+        self.supportLibraryRoot = None
+        """Folder of the saved support sets; None: the engine's (``sgp support`` uses it too)."""
 
     # ------------------------------------------------------------------- labeled slices
 
@@ -63,15 +69,21 @@ class SGPSegmentCoreLogic(ParameterNodeActions):
         tag = segmentationNode.AddObserver(
             slicer.vtkSegmentation.SegmentModified, onSegmentModified
         )
-        self._watched[segmentationNode.GetID()] = (segmentationNode, tag)
+        self._watched[segmentationNode.GetID()] = (segmentationNode, tag, volumeNode)
         # Baseline (or first record) of every segment now, so the next stroke is seen alone.
         for segmentId in segmentationNode.GetSegmentation().GetSegmentIDs():
             self._onSegmentModified(segmentationNode, volumeNode, segmentId)
 
     def stopWatching(self) -> None:
-        for node, tag in self._watched.values():
+        for node, tag, _ in self._watched.values():
             node.RemoveObserver(tag)
         self._watched.clear()
+
+    def ensureWatching(self, segmentationNode, volumeNode) -> None:
+        """Watch this pair unless it is watched already (the effect and the module share it)."""
+        entry = self._watched.get(segmentationNode.GetID()) if segmentationNode else None
+        if entry is None or entry[0] is not segmentationNode or entry[2] is not volumeNode:
+            self.watchEdits(segmentationNode, volumeNode)
 
     def _onSegmentModified(self, segmentationNode, volumeNode, segmentId) -> None:
         if self.runs.applying or self._recording:
@@ -106,11 +118,16 @@ class SGPSegmentCoreLogic(ParameterNodeActions):
             int(seed),
         )
 
-    def startRun(self, runRequest, settings: ModelSettings, keepPseudoMasks: bool = False) -> Run:
-        """Queue a prepared run on the engine (starting the local engine if needed)."""
+    def startRun(
+        self, runRequest, settings: ModelSettings, keepPseudoMasks: bool = False, preview=False
+    ) -> Run:
+        """Queue a prepared run on the engine (starting the local engine if needed); a
+        ``preview`` run keeps its result instead of writing it."""
         try:
             client = self.engine.client(settings)
-            return self.runs.start(runRequest, client, keepPseudoMasks=keepPseudoMasks)
+            return self.runs.start(
+                runRequest, client, keepPseudoMasks=keepPseudoMasks, preview=preview
+            )
         except BaseException as exc:
             failure = self.engine.describeFailure(exc, duringRun=False)
             if failure is exc:
@@ -139,7 +156,9 @@ class SGPSegmentCoreLogic(ParameterNodeActions):
         timeout=600.0,
         **kwargs,
     ) -> WriteReport:
-        """Prepare, run on the engine and write, waiting for the result (console, scripts)."""
+        """Prepare, run on the engine and write, waiting for the result (console, scripts).
+        ``kwargs``: :func:`.request.prepareRun`'s, e.g. ``supportSet="liver CT"``."""
+        kwargs.setdefault("library", self.supportLibraryRoot)
         runRequest = self.prepareRun(volumeNode, segmentationNode, segmentIds, **kwargs)
         settings = self.modelSettings(model, weights, device, imageSize, seed)
         handle = self.startRun(runRequest, settings, keepPseudoMasks)
@@ -208,6 +227,76 @@ class SGPSegmentCoreLogic(ParameterNodeActions):
             for node in segmentationNodes
             if node is not None and node is not exclude
         ]
+
+    # ------------------------------------------------------------------- support library
+
+    def supportLibrary(self, root=None) -> SupportLibrary:
+        """The saved support sets: ``.list() .names() .show() .rename() .delete()
+        .export_zip() .import_zip()`` (``root`` None: :attr:`supportLibraryRoot`)."""
+        return SupportLibrary(root if root is not None else self.supportLibraryRoot)
+
+    def saveSupportSet(
+        self, name, volumeNode, segmentationNode, segmentIds=None, axis=0, **kwargs
+    ) -> SupportSetSummary:
+        """Save the segments' drawn slices as support set ``name``. ``kwargs``: drawnSlices
+        (``{segmentId: [slices]}``), intensity, description, library, overwrite."""
+        kwargs.setdefault("library", self.supportLibraryRoot)
+        return support_library.saveSupportSet(
+            name, volumeNode, segmentationNode, segmentIds, axis=axis, **kwargs
+        )
+
+    @staticmethod
+    def supportSetName(parameterNode) -> str:
+        """The support set runs and previews use ('' = none), from the MRML parameter node (so
+        it is saved with the scene and shared by the module and the SGP effect)."""
+        return (parameterNode.GetParameter(SUPPORT_SET_PARAMETER) or "") if parameterNode else ""
+
+    @staticmethod
+    def setSupportSet(parameterNode, name) -> None:
+        parameterNode.SetParameter(SUPPORT_SET_PARAMETER, str(name or "").strip())
+
+    def renameSupportSet(self, name, newName, parameterNode=None) -> str:
+        """Rename a saved set; the parameter node follows if it uses it. Returns the new name."""
+        newName = self.supportLibrary().rename(name, newName).name
+        if self.supportSetName(parameterNode).lower() == str(name).strip().lower():
+            self.setSupportSet(parameterNode, newName)
+        return newName
+
+    def deleteSupportSet(self, name, parameterNode=None, confirm=None) -> bool:
+        """Delete a saved set after ``confirm(message)`` says yes; a parameter node that uses
+        it goes back to none. Returns whether it was deleted."""
+        library = self.supportLibrary()
+        path = library.path(name)  # unknown names fail before anything is asked
+        summary = next(s for s in library.list() if s.path == path)
+        if confirm is not None and not confirm(
+            f"Delete support set '{path.name}' ({describeSupportSet(summary)}) from "
+            f"{library.root}? This cannot be undone; export it first to keep a copy."
+        ):
+            return False
+        library.delete(path.name)
+        if self.supportSetName(parameterNode).lower() == path.name.lower():
+            self.setSupportSet(parameterNode, "")
+        return True
+
+    def exportSupportSet(self, name, path, overwrite=False):
+        """Write a saved set as one zip (``sgp support import`` and Import zip read it)."""
+        return self.supportLibrary().export_zip(name, path, overwrite=overwrite)
+
+    def importSupportSet(self, path, name=None, overwrite=False) -> SupportSetSummary:
+        """Add the set in a zip, as ``name`` (None or '': the name it was exported under)."""
+        return self.supportLibrary().import_zip(path, name or None, overwrite=overwrite)
+
+    def supportSetChoices(self, selected: str = "") -> list[tuple[str, str]]:
+        """``[(name, label)]`` for a combo box: None first, then each saved set with its
+        structures and slice counts; a ``selected`` set no longer in the library is kept,
+        marked missing (a run then says so)."""
+        choices = [("", "None")]
+        choices += [
+            (s.name, f"{s.name}: {describeSupportSet(s)}") for s in self.supportLibrary().list()
+        ]
+        if selected and selected.lower() not in {n.lower() for n, _ in choices}:
+            choices.append((selected, f"{selected} (not in the library)"))
+        return choices
 
     # --------------------------------------------------------------- dependencies, weights
 

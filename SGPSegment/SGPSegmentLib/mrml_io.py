@@ -240,3 +240,25 @@ def sliceCenterRAS(volumeNode, axis: int, sliceIndex: int) -> tuple[float, float
         transformNode.GetTransformToWorld(toWorld)
         point = list(toWorld.TransformPoint(point))
     return tuple(point)
+
+
+def rasToArrayIndex(volumeNode, ras) -> np.ndarray:
+    """Continuous ``(k, j, i)`` array index of a world (RAS) point, through the volume's
+    parent transform (the inverse of :func:`sliceCenterRAS`'s mapping)."""
+    point = [float(v) for v in ras[:3]]
+    transformNode = volumeNode.GetParentTransformNode()
+    if transformNode is not None:
+        fromWorld = vtk.vtkGeneralTransform()
+        transformNode.GetTransformFromWorld(fromWorld)
+        point = list(fromWorld.TransformPoint(point))
+    ijk = np.linalg.inv(ijkToRAS(volumeNode)) @ np.array([*point, 1.0])
+    return ijk[2::-1].copy()  # (i, j, k) -> (k, j, i)
+
+
+def directionInArrayAxes(volumeNode, ras, directionRAS) -> np.ndarray:
+    """A world direction at world point ``ras`` in ``(k, j, i)`` index units."""
+    start = rasToArrayIndex(volumeNode, ras)
+    end = rasToArrayIndex(
+        volumeNode, [a + b for a, b in zip(ras[:3], directionRAS[:3], strict=True)]
+    )
+    return end - start

@@ -136,13 +136,16 @@ def writeSliceScores(run, result: SegmentationResult, segmentationNode):
 
 
 def leastConfidentSlices(result: SegmentationResult | None, count: int = 5):
-    """``[(value, name, slice, confidence), ...]`` of predicted (not labeled) slices, least
-    confident first."""
+    """``[(value, name, slice, confidence), ...]`` of predicted slices, least confident first;
+    a structure's own labeled slices are left out (a slice drawn for another structure is
+    predicted for this one)."""
     if result is None:
         return []
-    labeled = {int(s) for s in result.labeled_slices}
+    union = {int(s) for s in result.labeled_slices}
+    byStructure = getattr(result, "labeled_by_structure", None) or {}
     rows = []
     for value, scores in result.slice_scores.items():
+        labeled = {int(s) for s in byStructure[value]} if value in byStructure else union
         for row in np.asarray(scores):
             s = int(row["slice"])
             confidence = float(row["confidence"])

@@ -12,11 +12,21 @@ from pathlib import Path
 from SGPSegmentLib import outputs
 from SGPSegmentLib.constants import AXIS_DISPLAY, AXIS_NAMES, MODEL_SIZES
 from SGPSegmentLib.engine_connection import describeServer
-from SlicerSGP.errors import SGPError
+from SlicerSGP.data.support_library import SupportSetSummary
+from SlicerSGP.errors import SGPError, SGPInputError
 
 
 def _ids(text: str) -> list[str]:
     return [s for s in (text or "").split(",") if s]
+
+
+def describeSupportSet(summary: SupportSetSummary) -> str:
+    """'liver (3 slices), spleen (2 slices)' for a saved set."""
+    parts = []
+    for value, name in sorted(summary.structures.items()):
+        n = summary.slices.get(value, 0)
+        parts.append(f"{name} ({n} slice{'' if n == 1 else 's'})")
+    return ", ".join(parts)
 
 
 class ParameterNodeActions:
@@ -82,12 +92,89 @@ class ParameterNodeActions:
             referenceCases=self.referenceCases(
                 self.referenceCaseNodes(pn.parameterNode), exclude=pn.segmentation
             ),
+            supportSet=self.supportSetName(pn.parameterNode) or None,
+            library=self.supportLibraryRoot,
             top_k=pn.topK,
             intensity=pn.intensity,
         )
         return self.startRun(
             request, self.settingsFromParameterNode(pn), keepPseudoMasks=pn.keepPseudoMasks
         )
+
+    def previewArguments(self, pn, segmentationNode) -> dict:
+        """What a Segment Editor preview takes from the module's settings (the one place for
+        engine, model, device, top-K, intensity, reference cases and support set): keyword
+        arguments of ``PreviewLogic.start``."""
+        return {
+            "settings": self.settingsFromParameterNode(pn),
+            "referenceCases": self.referenceCases(
+                self.referenceCaseNodes(pn.parameterNode), exclude=segmentationNode
+            ),
+            "supportSet": self.supportSetName(pn.parameterNode),
+            "top_k": int(pn.topK),
+            "intensity": str(pn.intensity),
+        }
+
+    def engineSummary(self, pn) -> str:
+        """One line for the effect's panel: where and with what model previews run."""
+        where = "this computer" if self.engine.mode == "local" else self.engine.url or "?"
+        model = self.modelArgument(pn)
+        return f"Engine: {where}; model {model} at {pn.imageSize} px on {pn.device}."
+
+    # ------------------------------------------------------------------ support library
+
+    def saveSupportSetFromParameterNode(self, pn, name, description="", confirm=None):
+        """Save the selected segments' slices drawn along the chosen axis (every drawn segment
+        when none is selected) as support set ``name``, with the chosen intensity mapping. A
+        set of that name is replaced only after ``confirm(message)`` says yes (returns None
+        when it says no)."""
+        if not (pn.inputVolume and pn.segmentation):
+            raise SGPInputError(
+                "Select the input volume and the segmentation whose drawn slices to save."
+            )
+        wanted = str(name).strip().lower()
+        existing = next((n for n in self.supportLibrary().names() if n.lower() == wanted), None)
+        overwrite = False
+        if existing is not None and confirm is not None:
+            if not confirm(
+                f"A support set named '{existing}' exists. Replace it with the slices drawn "
+                "here? The old set is lost (export it first to keep a copy)."
+            ):
+                return None
+            overwrite = True
+        return self.saveSupportSet(
+            name,
+            pn.inputVolume,
+            pn.segmentation,
+            _ids(pn.segmentIds) or None,
+            axis=pn.axis,
+            intensity=str(pn.intensity),
+            description=description,
+            overwrite=overwrite,
+        )
+
+    def supportSetDetails(self, name: str) -> str:
+        """A few lines about saved set ``name`` for the panel ('' for none)."""
+        if not name:
+            return "No set chosen."
+        library = self.supportLibrary()
+        found = [s for s in library.list() if s.name.lower() == name.lower()]
+        if not found:
+            return f"'{name}' is not in the support library ({library.root})."
+        s = found[0]
+        lines = [describeSupportSet(s) + "."]
+        saved = f"Saved {s.created[:16].replace('T', ' ')}" if s.created else "Saved"
+        lines.append(
+            f"{saved} from '{s.source}', {s.size / 1e6:.1f} MB." if s.source else f"{saved}."
+        )
+        if s.description:
+            lines.append(s.description)
+        return "\n".join(lines)
+
+    def supportLibraryTitle(self, pn) -> str:
+        """The panel section's title: says which set runs use, even when it is collapsed."""
+        name = self.supportSetName(pn.parameterNode) if pn is not None else ""
+        return f"Support library (runs use '{name}')" if name else "Support library"
 
     def finishMessage(self, run) -> str:
         if run.state == "cancelled":

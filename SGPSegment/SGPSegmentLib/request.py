@@ -8,12 +8,14 @@ drops them: afterwards only node IDs, checksums and small metadata stay in memor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from SGPSegmentLib import labeled_slices, mrml_io
 from SGPSegmentLib.labeled_slices import LabeledSegment
 from SGPSegmentLib.reference_cases import supportBankFromScene
+from SlicerSGP.data.support_library import MANIFEST, SupportLibrary
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.types import Geometry, SegmentOptions, SupportItem, axis_label
 
@@ -38,6 +40,8 @@ class RunRequest:
     volume: np.ndarray | None = None
     labels: np.ndarray | None = None
     supportBank: dict[int, list[SupportItem]] | None = None
+    supportSet: str = ""
+    """Name of the saved support set used as extra support ('' when none)."""
     notes: list[str] = field(default_factory=list)
     """Things the user should know about the inputs (e.g. a segment cropped to the volume)."""
 
@@ -90,6 +94,24 @@ def labeledSegments(volumeNode, segmentationNode, segmentIds, axis):
     return found
 
 
+def drawnSlicesAllAxes(volumeNode, segmentationNode, segmentIds, preferredAxis=0) -> list[dict]:
+    """Per segment, the slices the user drew along each axis (``{axis: [slices]}``), records
+    brought up to date (``preferredAxis``: where a dot-like edit is recorded)."""
+    mrml_io.checkVolume(volumeNode)
+    segmentation = segmentationNode.GetSegmentation()
+    found = []
+    for segmentId in segmentIds:
+        segment = segmentation.GetSegment(segmentId)
+        if segment is None:
+            raise SGPInputError(
+                f"Segment '{segmentId}' is not in segmentation '{segmentationNode.GetName()}'."
+            )
+        mask = mrml_io.segmentArray(segmentationNode, segmentId, volumeNode)
+        record = labeled_slices.refreshRecord(segment, mask, preferredAxis)
+        found.append({a: sorted(record.slices[a]) for a in range(3)})
+    return found
+
+
 def prepareRun(
     volumeNode,
     segmentationNode,
@@ -97,13 +119,18 @@ def prepareRun(
     *,
     axis=0,
     referenceCases=(),
+    supportSet: str | None = None,
+    library=None,
     options: SegmentOptions | None = None,
     **optionValues,
 ) -> RunRequest:
     """Check the inputs and turn the nodes into a :class:`RunRequest`.
 
     ``referenceCases``: ``(volumeNode, segmentationNode)`` pairs already segmented; their
-    segments are matched to the selected ones by name. ``optionValues``: SegmentOptions fields.
+    segments are matched to the selected ones by name. ``supportSet``: the name of a saved
+    support set in ``library`` (default: the engine's library folder), its structures matched
+    to the selected segments by name; a segment with no slice drawn is then segmented from
+    the set alone. ``optionValues``: SegmentOptions fields.
     """
     mrml_io.checkVolume(volumeNode)
     if segmentationNode is None:
@@ -139,15 +166,27 @@ def prepareRun(
         if referenceCases
         else None
     )
+    setName = ""
+    if supportSet:
+        # Lazy: support_library imports this module (labeledSegments).
+        from SGPSegmentLib.support_library import supportBankFromLibrary
+
+        # Before the "nothing drawn" check: a segment the set holds needs no drawing.
+        folder = supportSetFolder(supportSet, library)
+        setName = folder.name
+        extra = supportBankFromLibrary(folder, structures, intensity=intensity)
+        bank = {v: (bank or {}).get(v, []) + extra.get(v, []) for v in structures
+                if (bank or {}).get(v) or extra.get(v)}  # fmt: skip
+        notes.extend(_supportSetNotes(setName, items, extra))
 
     for item in items:
         if not item.slices and not (bank and bank.get(item.value)):
             raise SGPInputError(
                 f"Segment '{item.name}' has no slice drawn along {axis_label(axis)} and no "
-                "reference case provides it. Draw it on at least one "
+                "reference case or support set provides it. Draw it on at least one "
                 f"{axis_label(axis).split('(')[-1].rstrip(')')} slice where it is visible (or "
-                "choose the axis you drew on), add a reference case that contains it, or "
-                "deselect it."
+                "choose the axis you drew on), add a reference case or choose a support set "
+                "that contains it, or deselect it."
             )
     if options is None:
         options = SegmentOptions(axis=axis, **optionValues)
@@ -167,5 +206,41 @@ def prepareRun(
         volume=volume,
         labels=labels,
         supportBank=bank,
+        supportSet=setName,
         notes=notes,
     )
+
+
+def supportSetFolder(name, library=None):
+    """The folder of saved support set ``name`` (letter case ignored) in ``library`` (a folder;
+    default: the engine's library). A set's name wins over a folder of that name in the
+    working directory; a path to a set's folder is taken as is."""
+    lib = SupportLibrary(library)
+    text = str(name).strip()
+    known = lib.names()
+    match = next((n for n in known if n.lower() == text.lower()), None)
+    if match is not None:
+        return lib.path(match)
+    path = Path(text).expanduser()
+    if path.is_absolute() and (path / MANIFEST).is_file():
+        return path
+    raise SGPInputError(
+        f"Support set {text!r} is not in the support library {lib.root} (sets there: "
+        f"{', '.join(repr(n) for n in known) or 'none yet'}). Choose one listed in the SGP "
+        "Segment module's Support library section (the same list as `sgp support list`), "
+        "save one there first, or choose None."
+    )
+
+
+def _supportSetNotes(setName: str, items, extra) -> list[str]:
+    """What the set gives each selected segment, and which segments it does not hold."""
+    used = [f"{item.name} ({len(extra[item.value])} slice(s))" for item in items
+            if item.value in extra]  # fmt: skip
+    notes = [f"Support set '{setName}' adds support for {', '.join(used)}."]
+    missing = [item.name for item in items if item.value not in extra]
+    if missing:
+        notes.append(
+            f"Support set '{setName}' holds no structure named "
+            f"{', '.join(repr(n) for n in missing)}: only the slices drawn here are used for it."
+        )
+    return notes

@@ -6,30 +6,30 @@ the engine does not have it yet) and queues the run; the Widget's timer calls
 run is done, and only if the selected segments are still exactly as they were at the start.
 A cancelled or failed run writes nothing.
 
+A preview run (the Segment Editor effect) keeps its result on the :class:`Run` instead of
+writing it; :meth:`Runs.apply` writes it later, under the same checks.
+
 Undo goes through the segmentation's own saved state (``vtkSegmentationHistory``) and refuses
 when a segment was edited after the run (checksum differs), so a later manual edit is never
-silently wiped.
+silently wiped. Writes follow explicit :class:`~SGPSegmentLib.edit_rules.EditRules` (the
+default changes no other segment).
 """
 
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import slicer
-import vtk
 
-from SGPSegmentLib import labeled_slices, mrml_io, outputs
+from SGPSegmentLib import edit_rules, labeled_slices, mrml_io, outputs
+from SGPSegmentLib.edit_rules import EditRules
 from SGPSegmentLib.request import RunRequest
+from SGPSegmentLib.undo import RUN_CHECKSUM_TAG, RunHistory
 from SlicerSGP.errors import Cancelled, SGPError, SGPInputError
 from SlicerSGP.types import SegmentationResult
-
-UNDO_TOKEN_ATTRIBUTE = "SGPSegment.undoToken"
-RUN_CHECKSUM_TAG = "SGPSegment.runChecksum"
-"""Checksum of what the last run wrote into a segment (for Undo's 'edited since?' check)."""
 
 
 @dataclass
@@ -55,11 +55,15 @@ class Run:
     runId: str
     volumeId: str
     keepPseudoMasks: bool = False
+    preview: bool = False
+    """Keep the result in :attr:`result` instead of writing it (the effect's preview)."""
     stage: str = "queued"
     fraction: float = 0.0
     state: str = "running"
     """'running', 'done', 'cancelled' or 'failed'."""
     report: WriteReport | None = None
+    result: SegmentationResult | None = None
+    """The engine's result of a preview run, once done (nothing written)."""
     error: BaseException | None = None
     startTime: float = field(default_factory=time.monotonic)
 
@@ -71,7 +75,7 @@ class Runs:
     """Starts, polls, applies, cancels and undoes runs; keeps the last result for review."""
 
     def __init__(self) -> None:
-        self._histories: dict[str, tuple[str, Any]] = {}
+        self.history = RunHistory()
         self.lastResult: SegmentationResult | None = None
         self.lastRequest: RunRequest | None = None
         self.applying = False
@@ -79,13 +83,15 @@ class Runs:
 
     def clear(self) -> None:
         """Forget cached results and undo states (scene closed)."""
-        self._histories.clear()
+        self.history.clear()
         self.lastResult = None
         self.lastRequest = None
 
     # ------------------------------------------------------------------------ engine side
 
-    def start(self, request: RunRequest, client, *, keepPseudoMasks: bool = False) -> Run:
+    def start(
+        self, request: RunRequest, client, *, keepPseudoMasks: bool = False, preview: bool = False
+    ) -> Run:
         """Upload the volume if the engine lacks it and queue the run (quick HTTP calls)."""
         request.options.keep_pseudo_masks = bool(keepPseudoMasks)
         volumeId = client.ensure_volume(request.volume, request.geometry)
@@ -101,7 +107,9 @@ class Runs:
             support_bank=request.supportBank,
         )
         request.release()
-        return Run(request, client, runId, volumeId, keepPseudoMasks=keepPseudoMasks)
+        return Run(
+            request, client, runId, volumeId, keepPseudoMasks=keepPseudoMasks, preview=preview
+        )
 
     def poll(self, run: Run, describeFailure=None) -> Run:
         """Update ``run`` from the engine; when it is done, write the result (main thread).
@@ -130,7 +138,12 @@ class Runs:
                 except Cancelled:  # cancelled between the status and the download
                     run.state = "cancelled"
                     return run
-                run.report = self.apply(run.request, result, keepPseudoMasks=run.keepPseudoMasks)
+                if run.preview:
+                    run.result = result
+                else:
+                    run.report = self.apply(
+                        run.request, result, keepPseudoMasks=run.keepPseudoMasks
+                    )
                 run.state = "done"
         except BaseException as exc:
             run.state = "failed"
@@ -195,10 +208,16 @@ class Runs:
         return masks
 
     def apply(
-        self, request: RunRequest, result: SegmentationResult, *, keepPseudoMasks=False
+        self,
+        request: RunRequest,
+        result: SegmentationResult,
+        *,
+        keepPseudoMasks=False,
+        rules: EditRules | None = None,
     ) -> WriteReport:
         """Write ``result`` into the request's segmentation: the engine's labels everywhere,
-        and on every labeled slice exactly what the user drew."""
+        and on every labeled slice exactly what the user drew; other segments change only as
+        ``rules`` allow (default: never)."""
         start = time.monotonic()
         volumeNode, segmentationNode = self._nodes(request)
         if tuple(result.labels.shape[:3]) != tuple(request.shape):
@@ -221,20 +240,22 @@ class Runs:
                 index[axis] = labeled
                 mask[tuple(index)] = before[value][tuple(index)]
             newMasks[value] = mask
-        del before
+        ids = request.segmentIds
+        final, others = edit_rules.applyRules(
+            rules or EditRules(),
+            segmentationNode,
+            volumeNode,
+            {ids[v]: m for v, m in newMasks.items()},
+            {ids[v]: m for v, m in before.items()},
+        )
+        newMasks = {v: final[ids[v]] for v in newMasks}
+        del before, final
 
-        history = self._history(segmentationNode)
-        history.SaveState()
-        segmentation = segmentationNode.GetSegmentation()
+        history = self.history.save(segmentationNode)
         self.applying = True
         wasModifying = segmentationNode.StartModify()
         try:
-            for value, segmentId in request.segmentIds.items():
-                mrml_io.writeSegmentArray(newMasks[value], segmentationNode, segmentId, volumeNode)
-                segment = segmentation.GetSegment(segmentId)
-                item = next(i for i in request.labeledSegments if i.value == value)
-                labeled_slices.markWritten(segment, newMasks[value], {axis: item.slices})
-                segment.SetTag(RUN_CHECKSUM_TAG, str(labeled_slices.checksum(newMasks[value])))
+            self._write(request, segmentationNode, volumeNode, newMasks, others)
         except Exception:
             history.RestorePreviousState()
             raise
@@ -262,60 +283,36 @@ class Runs:
         report.timings["write"] = time.monotonic() - start
         return report
 
+    @staticmethod
+    def _write(request, segmentationNode, volumeNode, newMasks, others) -> None:
+        """Write the selected segments and the other segments that lose voxels (tagged too, so
+        Undo notices a later edit of any of them)."""
+        segmentation = segmentationNode.GetSegmentation()
+        for value, segmentId in request.segmentIds.items():
+            mrml_io.writeSegmentArray(newMasks[value], segmentationNode, segmentId, volumeNode)
+            segment = segmentation.GetSegment(segmentId)
+            item = next(i for i in request.labeledSegments if i.value == value)
+            labeled_slices.markWritten(segment, newMasks[value], {request.axis: item.slices})
+            segment.SetTag(RUN_CHECKSUM_TAG, str(labeled_slices.checksum(newMasks[value])))
+        for segmentId, (old, new) in others.items():
+            mrml_io.writeSegmentArray(new, segmentationNode, segmentId, volumeNode)
+            segment = segmentation.GetSegment(segmentId)
+            labeled_slices.moveBaseline(segment, old, new)
+            segment.SetTag(RUN_CHECKSUM_TAG, str(labeled_slices.checksum(new)))
+
     # ------------------------------------------------------------------------------ undo
 
-    def _history(self, segmentationNode, create: bool = True):
-        """Saved states of one segmentation node (a token attribute ties them to that node)."""
-        token = segmentationNode.GetAttribute(UNDO_TOKEN_ATTRIBUTE)
-        entry = self._histories.get(segmentationNode.GetID())
-        if entry is not None and token and entry[0] == token:
-            return entry[1]
-        if not create:
-            return None
-        token = uuid.uuid4().hex
-        segmentationNode.SetAttribute(UNDO_TOKEN_ATTRIBUTE, token)
-        history = slicer.vtkSegmentationHistory()
-        history.SetMaximumNumberOfStates(2)
-        history.SetSegmentation(segmentationNode.GetSegmentation())
-        self._histories[segmentationNode.GetID()] = (token, history)
-        return history
-
     def canUndo(self, segmentationNode) -> bool:
-        history = self._history(segmentationNode, create=False) if segmentationNode else None
-        return bool(history is not None and history.IsRestorePreviousStateAvailable())
+        return self.history.canUndo(segmentationNode)
 
     def editedSinceRun(self, segmentationNode, volumeNode) -> list[str]:
-        """Names of segments whose content differs from what the last run wrote."""
-        edited = []
-        segmentation = segmentationNode.GetSegmentation()
-        for segmentId in segmentation.GetSegmentIDs():
-            segment = segmentation.GetSegment(segmentId)
-            holder = vtk.reference("")
-            if not (segment.HasTag(RUN_CHECKSUM_TAG) and segment.GetTag(RUN_CHECKSUM_TAG, holder)):
-                continue
-            mask = mrml_io.segmentArray(segmentationNode, segmentId, volumeNode)
-            if str(labeled_slices.checksum(mask)) != str(holder):
-                edited.append(segment.GetName())
-        return edited
+        return self.history.editedSinceRun(segmentationNode, volumeNode)
 
     def undo(self, segmentationNode, volumeNode) -> None:
-        """Restore the segmentation as it was before the last result was written.
-
-        Refuses (SGPInputError) when a segment was edited after the run, naming it."""
-        if not self.canUndo(segmentationNode):
-            raise SGPInputError("There is no SGP result to undo for this segmentation.")
-        edited = self.editedSinceRun(segmentationNode, volumeNode)
-        if edited:
-            raise SGPInputError(
-                f"Segment(s) {', '.join(repr(n) for n in edited)} were edited after the SGP run; "
-                "undoing the run would wipe those edits, so nothing was changed. Use the "
-                "Segment Editor's undo to step back through your edits first."
-            )
-        history = self._history(segmentationNode, create=False)
-        self.applying = True
+        """Restore the segmentation as it was before the last result was written (refuses,
+        naming them, when segments were edited after the run)."""
+        self.applying = True  # the restore is no user edit
         try:
-            if not history.RestorePreviousState():
-                raise SGPError("The segmentation's saved state could not be restored.")
+            self.history.undo(segmentationNode, volumeNode)
         finally:
             self.applying = False
-        history.RemoveAllStates()  # one level: the run's own undo

@@ -1,0 +1,268 @@
+"""The SGP effect's options panel: its widgets, timers and buttons, wired to the PreviewLogic.
+
+Only wiring: what to preview, when to re-run (a single-shot timer restarted by every edit, so
+a burst of modified events makes one run about a second after the last), progress polling,
+Apply (after the editor's saveStateForUndo) and Cancel. Decisions are the Logic's.
+"""
+
+import qt
+import slicer
+from SGPSegmentLib import edit_rules
+from SGPSegmentLib.constants import AXIS_DISPLAY, AXIS_NAMES
+
+DEBOUNCE_MS = 1000
+"""Wait after the last edit before re-running (a stroke sends several modified events)."""
+POLL_MS = 150
+SLICES_TO_CHECK = 8
+
+
+class PreviewPanel:
+    """One effect's panel and its preview session."""
+
+    def __init__(self, scriptedEffect, logic, moduleLogic):
+        self.scriptedEffect = scriptedEffect
+        self.logic = logic
+        self.moduleLogic = moduleLogic
+        self.ui = None
+        self.session = None
+        self.chosenIds = []
+        self.items = []  # the slices to check shown in the list
+        self.observed = None
+        self.debounceTimer = qt.QTimer()
+        self.debounceTimer.setSingleShot(True)
+        self.debounceTimer.setInterval(DEBOUNCE_MS)
+        self.debounceTimer.connect("timeout()", self.onDebounce)
+        self.pollTimer = qt.QTimer()
+        self.pollTimer.setInterval(POLL_MS)
+        self.pollTimer.connect("timeout()", self.onPoll)
+
+    def setup(self, uiPath):
+        uiWidget = slicer.util.loadUI(uiPath)
+        self.scriptedEffect.addOptionsWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        self.ui.orientationComboBox.addItem("Auto (the orientation you drew in)", "auto")
+        for name in AXIS_NAMES:
+            self.ui.orientationComboBox.addItem(AXIS_DISPLAY[name], name)
+        self.ui.segmentsList.connect("itemChanged(QListWidgetItem*)", self.onSegmentChecked)
+        self.ui.previewButton.connect("clicked()", self.onPreview)
+        self.ui.stopButton.connect("clicked()", self.onStop)
+        self.ui.applyButton.connect("clicked()", self.onApply)
+        self.ui.cancelButton.connect("clicked()", self.onCancel)
+        self.ui.firstFromViewButton.connect("clicked()", lambda: self.onRangeFromView(True))
+        self.ui.lastFromViewButton.connect("clicked()", lambda: self.onRangeFromView(False))
+        self.ui.slicesToCheckList.connect("itemClicked(QListWidgetItem*)", self.onSliceToCheck)
+        self.ui.autoUpdateCheckBox.connect("toggled(bool)", self.updateMRML)
+        self.ui.openModuleButton.connect(
+            "clicked()", lambda: slicer.util.selectModule("SGPSegment")
+        )
+        self.ui.progressBar.setVisible(False)
+
+    def cleanup(self):
+        self.debounceTimer.stop()
+        self.pollTimer.stop()
+        self.debounceTimer.disconnect("timeout()", self.onDebounce)
+        self.pollTimer.disconnect("timeout()", self.onPoll)
+        self.observe(None)
+
+    def hasPreview(self):
+        return self.session is not None and self.session.result is not None
+
+    # ------------------------------------------------------------------- MRML <-> panel
+
+    def updateMRML(self, *args):
+        self.scriptedEffect.setParameter("SGPAutoUpdate", int(self.ui.autoUpdateCheckBox.checked))
+
+    def updateGUI(self):
+        editorNode = self.scriptedEffect.parameterSetNode()
+        if self.session is not None and not slicer.mrmlScene.GetNodeByID(
+            self.session.segmentationNodeID
+        ):
+            self.endSession("The preview's segmentation was removed.")  # e.g. scene closed
+            return
+        self.refreshSegmentList(editorNode)
+        wasBlocked = self.ui.autoUpdateCheckBox.blockSignals(True)
+        self.ui.autoUpdateCheckBox.checked = (
+            self.scriptedEffect.integerParameter("SGPAutoUpdate") != 0
+        )
+        self.ui.autoUpdateCheckBox.blockSignals(wasBlocked)
+        try:
+            self.ui.rulesLabel.text = edit_rules.describe(
+                edit_rules.rulesFromEditorNode(editorNode)
+            )
+        except Exception as exc:  # shown where the rules would be, not raised while drawing
+            self.ui.rulesLabel.text = str(exc)
+        pn = self.moduleLogic.getParameterNode()
+        self.ui.engineLabel.text = self.moduleLogic.engineSummary(pn)
+        running = self.session is not None and self.session.running
+        canApply, reason = self.logic.canApply(self.session)
+        self.ui.applyButton.enabled = canApply and not running
+        self.ui.applyButton.toolTip = reason or "Write the preview into the segments."
+        self.ui.cancelButton.enabled = self.session is not None
+        self.ui.stopButton.enabled = running
+        self.ui.progressBar.setVisible(running)
+
+    def refreshSegmentList(self, editorNode):
+        segmentationNode = editorNode.GetSegmentationNode() if editorNode else None
+        segmentation = segmentationNode.GetSegmentation() if segmentationNode else None
+        ids = list(segmentation.GetSegmentIDs()) if segmentation else []
+        self.chosenIds = [s for s in self.chosenIds if s in ids]
+        if not self.chosenIds and editorNode and editorNode.GetSelectedSegmentID() in ids:
+            self.chosenIds = [editorNode.GetSelectedSegmentID()]  # default: the selected one
+        wasBlocked = self.ui.segmentsList.blockSignals(True)
+        self.ui.segmentsList.clear()
+        for segmentId in ids:
+            item = qt.QListWidgetItem(segmentation.GetSegment(segmentId).GetName())
+            item.setData(qt.Qt.UserRole, segmentId)
+            item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+            item.setCheckState(qt.Qt.Checked if segmentId in self.chosenIds else qt.Qt.Unchecked)
+            self.ui.segmentsList.addItem(item)
+        self.ui.segmentsList.blockSignals(wasBlocked)
+
+    def onSegmentChecked(self, item):
+        segmentId = item.data(qt.Qt.UserRole)
+        self.chosenIds = [s for s in self.chosenIds if s != segmentId]
+        if item.checkState() == qt.Qt.Checked:
+            self.chosenIds.append(segmentId)
+
+    # ------------------------------------------------------------------ preview and runs
+
+    def nodes(self):
+        editorNode = self.scriptedEffect.parameterSetNode()
+        return editorNode.GetSourceVolumeNode(), editorNode.GetSegmentationNode()
+
+    def onPreview(self):
+        pn = self.moduleLogic.getParameterNode()
+        volumeNode, segmentationNode = self.nodes()
+        with slicer.util.tryWithErrorDisplay("SGP preview could not start.", waitCursor=True):
+            if not self.moduleLogic.ensureReady(pn, confirm=slicer.util.confirmOkCancelDisplay):
+                return
+            if self.session is not None:
+                self.logic.cancel(self.session)
+                self.session = None
+            first, last = self.ui.firstSliceSpinBox.value, self.ui.lastSliceSpinBox.value
+            self.ui.statusLabel.text = "Starting the engine and the run..."
+            slicer.app.processEvents()
+            self.session = self.logic.start(
+                volumeNode,
+                segmentationNode,
+                self.chosenIds,
+                axis=self.ui.orientationComboBox.currentData,
+                sliceRange=(first, last) if self.ui.limitRangeCheckBox.checked else None,
+                **self.moduleLogic.previewArguments(pn, segmentationNode),
+            )
+            self.observe(segmentationNode)
+            self.pollTimer.start()
+        self.updateGUI()
+
+    def observe(self, segmentationNode):
+        """Watch the user's segments while a preview is open (auto-update)."""
+        if self.observed is not None:
+            self.observed[0].RemoveObserver(self.observed[1])
+            self.observed = None
+        if segmentationNode is not None:
+            segmentation = segmentationNode.GetSegmentation()
+            tag = segmentation.AddObserver(
+                slicer.vtkSegmentation.SegmentModified, self.onSegmentEdited
+            )
+            self.observed = (segmentation, tag)
+
+    def onSegmentEdited(self, caller=None, event=None):
+        if self.session is not None and self.ui.autoUpdateCheckBox.checked:
+            self.debounceTimer.start()  # restarts: only the last edit of a burst re-runs
+
+    def onDebounce(self):
+        if self.session is None:
+            return
+        with slicer.util.tryWithErrorDisplay("SGP preview could not update."):
+            if self.logic.update(self.session, onlyIfChanged=True) is not None:
+                self.pollTimer.start()
+        self.updateGUI()
+
+    def onPoll(self):
+        session = self.session
+        try:
+            state = self.logic.poll(session) if session is not None else "idle"
+        except Exception as exc:  # shown to the user; the segments were not touched
+            self.pollTimer.stop()
+            slicer.util.errorDisplay(f"The SGP preview failed; nothing was written.\n\n{exc}")
+            state = "failed"
+        if session is not None and session.run is not None:
+            self.ui.progressBar.format = f"{session.run.stage}: %p%"
+            self.ui.progressBar.value = int(round(100 * session.run.fraction))
+        if state != "running":
+            self.pollTimer.stop()
+            self.showSlicesToCheck()
+            messages = {"done": "Preview updated.", "cancelled": "Stopped."}
+            self.ui.statusLabel.text = messages.get(state, "")
+        self.updateGUI()
+
+    def showSlicesToCheck(self):
+        self.ui.slicesToCheckList.clear()
+        self.items = self.logic.slicesToCheck(self.session, SLICES_TO_CHECK) if self.session else []
+        for item in self.items:
+            self.ui.slicesToCheckList.addItem(item.describe(self.session.axis))
+
+    def onSliceToCheck(self, listItem):
+        row = self.ui.slicesToCheckList.row(listItem)
+        if self.session is not None and 0 <= row < len(self.items):
+            with slicer.util.tryWithErrorDisplay("Could not show the slice."):
+                self.logic.jumpTo(self.session, self.items[row])
+
+    def onStop(self):
+        self.logic.stop(self.session)
+        self.updateGUI()
+
+    def onApply(self):
+        with slicer.util.tryWithErrorDisplay("The preview was not applied.", waitCursor=True):
+            rules = edit_rules.rulesFromEditorNode(self.scriptedEffect.parameterSetNode())
+            canApply, reason = self.logic.canApply(self.session)
+            if not canApply:
+                raise ValueError(reason)
+            self.scriptedEffect.saveStateForUndo()  # the editor's Undo takes the result back
+            report = self.logic.apply(self.session, rules)
+            self.endSession(f"Applied to {len(report.segmentIds)} segment(s).")
+
+    def onCancel(self):
+        self.logic.cancel(self.session)
+        self.endSession("Preview removed; the segments are unchanged.")
+
+    def endSession(self, message):
+        self.debounceTimer.stop()
+        self.pollTimer.stop()
+        self.observe(None)
+        self.session = None
+        self.items = []
+        self.ui.slicesToCheckList.clear()
+        self.ui.statusLabel.text = message
+        self.updateGUI()
+
+    def onRangeFromView(self, first):
+        volumeNode, segmentationNode = self.nodes()
+        views = slicer.app.layoutManager()
+        nodes = [views.sliceWidget(name).mrmlSliceNode() for name in views.sliceViewNames()]
+        matrices = [slicer.util.arrayFromVTKMatrix(n.GetSliceToRAS()) for n in nodes]
+        axis = self.session.axis if self.session else self.ui.orientationComboBox.currentData
+        with slicer.util.tryWithErrorDisplay("Could not read the slice from the views."):
+            k = self.logic.sliceFromViews(
+                volumeNode, segmentationNode, self.chosenIds, axis, matrices
+            )
+            (self.ui.firstSliceSpinBox if first else self.ui.lastSliceSpinBox).value = k
+            self.ui.limitRangeCheckBox.checked = True
+
+    # ------------------------------------------------------------------ click refinement
+
+    def click(self, ras, positive, inPlane):
+        """A click on the preview: the editor's undo state, the Logic's correction, then one
+        re-run after the clicks stop (the debounce)."""
+        editorNode = self.scriptedEffect.parameterSetNode()
+        selected = editorNode.GetSelectedSegmentID()
+        ids = self.session.segmentIds
+        segmentId = selected if selected in ids else ids[0]
+        with slicer.util.tryWithErrorDisplay(
+            "The click did not correct the slice.", waitCursor=True
+        ):
+            rules = edit_rules.rulesFromEditorNode(editorNode)
+            self.scriptedEffect.saveStateForUndo()
+            report = self.logic.refine(self.session, segmentId, ras, positive, inPlane, rules)
+            self.ui.statusLabel.text = report.describe()
+            self.debounceTimer.start()
