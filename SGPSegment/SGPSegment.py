@@ -65,7 +65,9 @@ support-set guided prompting (SAM2-SGP). Needs 3D Slicer 5.10 or later.
 Segment Editor, all in one orientation (a slice you draw on counts as fully labeled:
 structures not drawn there are taken as absent).</li>
 <li>Select the segments and the orientation you drew in (Axial (K), Coronal (J) or
-Sagittal (I)); optionally add reference cases (other segmented volumes in the scene).</li>
+Sagittal (I)); optionally add reference cases (other segmented volumes in the scene) or a
+saved support set (Support library section: slices drawn on earlier cases, saved, exported and
+imported there). A segment the set holds, by name, is segmented even with nothing drawn.</li>
 <li>Choose the model and click Run. Correct any slice and Run again: corrected slices become
 support, and the engine reuses the image embeddings, so re-runs are fast.</li>
 </ol>
@@ -87,7 +89,8 @@ Implements support-set guided prompting for SAM2 (SAM2-SGP) on top of Meta's Seg
 class SGPSegmentParameterNode:
     """What the user chose. Segment selection, axis and device are synced by hand (their
     widgets have no connector for these); reference cases are node references
-    (role ``SGPReferenceCase``) on the parameter node itself."""
+    (role ``SGPReferenceCase``) and the support set used is the parameter ``SupportSet`` on
+    the parameter node itself (its set names change as the library does, so no Choice)."""
 
     inputVolume: vtkMRMLScalarVolumeNode
     segmentation: vtkMRMLSegmentationNode
@@ -164,12 +167,20 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.installDependenciesButton.clicked.connect(self.onInstallDependencies)
         self.ui.downloadWeightsButton.clicked.connect(self.onDownloadWeights)
         self.ui.importWeightsButton.clicked.connect(self.onImportWeights)
+        self.ui.useSupportSetComboBox.currentIndexChanged.connect(self.onUseSupportSetChanged)
+        self.ui.supportSetComboBox.currentIndexChanged.connect(self.onSupportSetShown)
+        self.ui.saveSupportSetButton.clicked.connect(self.onSaveSupportSet)
+        self.ui.renameSupportSetButton.clicked.connect(self.onRenameSupportSet)
+        self.ui.deleteSupportSetButton.clicked.connect(self.onDeleteSupportSet)
+        self.ui.importSupportSetButton.clicked.connect(self.onImportSupportSet)
+        self.ui.exportSupportSetButton.clicked.connect(self.onExportSupportSet)
 
         self.loadEngineSettings()
         self.populateDevices([])
         self.ui.progressBar.setVisible(False)
         self.ui.cancelButton.setEnabled(False)
         self.initializeParameterNode()
+        self.updateSupportSets()
         self.updateDependencyStatus()
 
     def cleanup(self) -> None:
@@ -184,6 +195,7 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self) -> None:
         if not VERSION_PROBLEM:
             self.initializeParameterNode()
+            self.updateSupportSets()  # sets saved meanwhile (e.g. with `sgp support`)
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -260,6 +272,7 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.enabled = not running
         self.ui.undoButton.enabled = not running and self.logic.canUndo(pn.segmentation)
         self.ui.jumpLeastConfidentButton.enabled = bool(self.logic.leastConfidentSlices(count=1))
+        self.syncSupportSet(pn)
 
     def syncReferenceCases(self, checked) -> None:
         """Show the parameter node's reference cases checked (e.g. after a scene reload)."""
@@ -310,6 +323,134 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             for line in self.logic.labeledSlicesSummary(self._parameterNode):
                 self.ui.labeledSlicesList.addItem(line)
+
+    # ------------------------------------------------------------------ support library
+
+    @staticmethod
+    def selectData(combo, value) -> None:
+        """Show the item whose data is ``value`` (signals blocked: it is not a user choice)."""
+        for index in range(combo.count):
+            if (combo.itemData(index) or "") == (value or ""):
+                wasBlocked = combo.blockSignals(True)
+                combo.currentIndex = index
+                combo.blockSignals(wasBlocked)
+                return
+
+    def updateSupportSets(self, show=None) -> None:
+        """List the saved sets again (after a change, on entering the module)."""
+        if self._parameterNode is None:
+            return
+        chosen = self.logic.supportSetName(self._parameterNode.parameterNode)
+        shown = show if show is not None else self.ui.supportSetComboBox.currentData
+        use, saved = self.ui.useSupportSetComboBox, self.ui.supportSetComboBox
+        try:
+            lists = [(use, self.logic.supportSetChoices(chosen))]
+            lists.append((saved, self.logic.supportSetChoices()[1:]))
+            self.ui.supportLibraryFolderLabel.text = f"Folder: {self.logic.supportLibrary().root}"
+        except Exception as exc:  # e.g. an unreadable folder: said in the panel, not raised
+            lists = [(use, [("", "None")] + ([(chosen, chosen)] if chosen else [])), (saved, [])]
+            self.ui.supportLibraryFolderLabel.text = str(exc)
+        for combo, choices in lists:
+            wasBlocked = combo.blockSignals(True)
+            combo.clear()
+            for name, label in choices:
+                combo.addItem(label, name)
+            combo.blockSignals(wasBlocked)
+        self.selectData(use, chosen)
+        self.selectData(saved, shown or chosen)
+        self.onSupportSetShown()
+
+    def syncSupportSet(self, pn) -> None:
+        """Show the parameter node's set as the one used (e.g. after a scene load)."""
+        chosen = self.logic.supportSetName(pn.parameterNode)
+        if chosen != (self.ui.useSupportSetComboBox.currentData or ""):
+            self.updateSupportSets()
+        self.ui.supportLibraryCollapsibleButton.text = self.logic.supportLibraryTitle(pn)
+        self.ui.saveSupportSetButton.enabled = bool(pn.inputVolume and pn.segmentation)
+
+    def onUseSupportSetChanged(self, index) -> None:
+        if self._parameterNode and index >= 0:
+            name = self.ui.useSupportSetComboBox.itemData(index) or ""
+            self.logic.setSupportSet(self._parameterNode.parameterNode, name)
+
+    def onSupportSetShown(self, *args) -> None:
+        name = self.ui.supportSetComboBox.currentData or ""
+        self.ui.supportSetDetailsLabel.text = self.logic.supportSetDetails(name)
+        for button in (
+            self.ui.renameSupportSetButton,
+            self.ui.deleteSupportSetButton,
+            self.ui.exportSupportSetButton,
+        ):
+            button.enabled = bool(name)
+
+    def onSaveSupportSet(self) -> None:
+        name = qt.QInputDialog.getText(
+            self.parent, "Save support set", "Name of the support set (e.g. liver CT):"
+        )
+        if not name:
+            return
+        with slicer.util.tryWithErrorDisplay("The support set was not saved.", waitCursor=True):
+            summary = self.logic.saveSupportSetFromParameterNode(
+                self._parameterNode, name, confirm=slicer.util.confirmYesNoDisplay
+            )
+            if summary is not None:
+                self.updateSupportSets(show=summary.name)
+                slicer.util.showStatusMessage(f"Saved support set '{summary.name}'.", 5000)
+
+    def onRenameSupportSet(self) -> None:
+        name = self.ui.supportSetComboBox.currentData
+        newName = qt.QInputDialog.getText(
+            self.parent, "Rename support set", f"New name for '{name}':", qt.QLineEdit.Normal, name
+        )
+        if not name or not newName or newName == name:
+            return
+        with slicer.util.tryWithErrorDisplay("The support set was not renamed.", waitCursor=True):
+            newName = self.logic.renameSupportSet(name, newName, self._parameterNode.parameterNode)
+            self.updateSupportSets(show=newName)
+
+    def onDeleteSupportSet(self) -> None:
+        name = self.ui.supportSetComboBox.currentData
+        with slicer.util.tryWithErrorDisplay("The support set was not deleted.", waitCursor=True):
+            if name and self.logic.deleteSupportSet(
+                name, self._parameterNode.parameterNode, confirm=slicer.util.confirmYesNoDisplay
+            ):
+                self.updateSupportSets(show="")
+
+    def onImportSupportSet(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(
+            self.parent, "Import support set", "", "Support set (*.zip)"
+        )
+        if not path:
+            return
+        name = qt.QInputDialog.getText(
+            self.parent,
+            "Import support set",
+            "Name in the library:",
+            qt.QLineEdit.Normal,
+            pathlib.Path(path).stem,
+        )
+        if not name:
+            return
+        with slicer.util.tryWithErrorDisplay("The support set was not imported.", waitCursor=True):
+            summary = self.logic.importSupportSet(
+                path, name, confirm=slicer.util.confirmYesNoDisplay
+            )
+            if summary is not None:
+                self.updateSupportSets(show=summary.name)
+
+    def onExportSupportSet(self) -> None:
+        name = self.ui.supportSetComboBox.currentData
+        path = qt.QFileDialog.getSaveFileName(
+            self.parent, "Export support set", f"{name}.zip", "Zip file (*.zip)"
+        )
+        if not name or not path:
+            return
+        # The file dialog asked before replacing the file it returns; not one with .zip added.
+        overwrite = path.lower().endswith(".zip")
+        path = path if overwrite else path + ".zip"
+        with slicer.util.tryWithErrorDisplay("The support set was not exported.", waitCursor=True):
+            out = self.logic.exportSupportSet(name, path, overwrite=overwrite)
+            slicer.util.showStatusMessage(f"Exported support set '{name}' to {out}.", 5000)
 
     # --------------------------------------------------------------------------- engine
 

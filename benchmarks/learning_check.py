@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--absent-share", type=float, default=0.2)
+    ap.add_argument("--own-image-support", type=float, default=0.0,
+                    help="share of episodes whose support also holds the query image, "
+                         "flipped or rotated (sgp train --own-image-support)")
     ap.add_argument("--targets", default=",".join(TRAIN_TARGETS),
                     help="training targets, comma-separated (the first edition trained '2' "
                          "with --absent-share 0)")
@@ -234,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                           model="cpu-mini", weights="random", image_size=256, lora_rank=4,
                           steps=args.steps, lr=args.lr, targets=targets,
                           absent_share=args.absent_share, cases=f"0:{args.train}",
+                          own_image_support=args.own_image_support,
                           seed=args.seed, device=args.device, save_every=0, refresh_every=50)
         tt = time.perf_counter()
         trainer = train(cfg, cases=train_cases, progress=True)
@@ -313,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "train_images": [c.name for c in train_cases], "test_images": [c.name for c in test_cases],
         "steps": len(history), "lr": args.lr, "seed": args.seed, "targets": targets,
-        "absent_share": args.absent_share,
+        "absent_share": args.absent_share, "own_image_support": args.own_image_support,
         "dice": {k: {"mean": mean(v), "median": median(v)} for k, v in model.items()},
         "baselines": {k: {b: mean(v) for b, v in d.items()} for k, d in baselines.items()},
         "swap": {k: mean(v) for k, v in swap.items()},

@@ -282,18 +282,36 @@ class SGPSegmentCoreLogic(ParameterNodeActions):
         """Write a saved set as one zip (``sgp support import`` and Import zip read it)."""
         return self.supportLibrary().export_zip(name, path, overwrite=overwrite)
 
-    def importSupportSet(self, path, name=None, overwrite=False) -> SupportSetSummary:
-        """Add the set in a zip, as ``name`` (None or '': the name it was exported under)."""
-        return self.supportLibrary().import_zip(path, name or None, overwrite=overwrite)
+    def importSupportSet(self, path, name=None, overwrite=False, confirm=None):
+        """Add the set in a zip, as ``name`` (None or '': the name it was exported under). A
+        set called ``name`` is replaced only with ``overwrite`` or after ``confirm(message)``
+        says yes (returns None when it says no). The zip is checked before anything changes."""
+        library = self.supportLibrary()
+        existing = self._existingSupportSet(name) if name else None
+        if existing is not None and not overwrite and confirm is not None:
+            if not confirm(
+                f"A support set named '{existing}' exists in {library.root}. Replace it with "
+                "the imported one? The old set is lost (export it first to keep a copy)."
+            ):
+                return None
+            overwrite = True
+        return library.import_zip(path, name or None, overwrite=overwrite)
 
-    def supportSetChoices(self, selected: str = "") -> list[tuple[str, str]]:
-        """``[(name, label)]`` for a combo box: None first, then each saved set with its
-        structures and slice counts; a ``selected`` set no longer in the library is kept,
-        marked missing (a run then says so)."""
+    def _existingSupportSet(self, name) -> str | None:
+        """The saved set called ``name`` (letter case ignored), or None."""
+        wanted = str(name).strip().lower()
+        return next((n for n in self.supportLibrary().names() if n.lower() == wanted), None)
+
+    def supportSetChoices(self, selected: str = "", details=True) -> list[tuple[str, str]]:
+        """``[(name, label)]`` for a combo box: None first, then each saved set (``details``:
+        with its structures and slice counts); a ``selected`` set no longer in the library is
+        kept, marked missing (a run then says so)."""
         choices = [("", "None")]
-        choices += [
-            (s.name, f"{s.name}: {describeSupportSet(s)}") for s in self.supportLibrary().list()
-        ]
+        if details:
+            choices += [(s.name, f"{s.name}: {describeSupportSet(s)}")
+                        for s in self.supportLibrary().list()]  # fmt: skip
+        else:
+            choices += [(n, n) for n in self.supportLibrary().names()]
         if selected and selected.lower() not in {n.lower() for n, _ in choices}:
             choices.append((selected, f"{selected} (not in the library)"))
         return choices

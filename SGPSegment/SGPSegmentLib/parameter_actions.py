@@ -132,8 +132,7 @@ class ParameterNodeActions:
             raise SGPInputError(
                 "Select the input volume and the segmentation whose drawn slices to save."
             )
-        wanted = str(name).strip().lower()
-        existing = next((n for n in self.supportLibrary().names() if n.lower() == wanted), None)
+        existing = self._existingSupportSet(name)
         overwrite = False
         if existing is not None and confirm is not None:
             if not confirm(

@@ -151,7 +151,7 @@ def prepareRun(
 
     pairs = labeledSegments(volumeNode, segmentationNode, ids, axis)
     items = [item for item, _ in pairs]
-    supportSet = sorted({s for item in items for s in item.slices})
+    drawnUnion = sorted({s for item in items for s in item.slices})
     volume = mrml_io.volumeArray(volumeNode)
     labels = np.zeros(volume.shape[:3], dtype=np.int16)
     labelsFirst = np.moveaxis(labels, axis, 0)
@@ -202,7 +202,7 @@ def prepareRun(
         beforeChecksums={item.value: labeled_slices.checksum(mask) for item, mask in pairs},
         geometry=mrml_io.volumeGeometry(volumeNode),
         options=options,
-        supportSlices=supportSet,
+        supportSlices=drawnUnion,
         volume=volume,
         labels=labels,
         supportBank=bank,

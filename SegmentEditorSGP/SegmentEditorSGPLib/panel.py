@@ -52,6 +52,7 @@ class PreviewPanel:
         self.ui.lastFromViewButton.connect("clicked()", lambda: self.onRangeFromView(False))
         self.ui.slicesToCheckList.connect("itemClicked(QListWidgetItem*)", self.onSliceToCheck)
         self.ui.autoUpdateCheckBox.connect("toggled(bool)", self.updateMRML)
+        self.ui.supportSetComboBox.connect("currentIndexChanged(int)", self.onSupportSetChosen)
         self.ui.openModuleButton.connect(
             "clicked()", lambda: slicer.util.selectModule("SGPSegment")
         )
@@ -93,6 +94,7 @@ class PreviewPanel:
             self.ui.rulesLabel.text = str(exc)
         pn = self.moduleLogic.getParameterNode()
         self.ui.engineLabel.text = self.moduleLogic.engineSummary(pn)
+        self.refreshSupportSets(pn)
         running = self.session is not None and self.session.running
         canApply, reason = self.logic.canApply(self.session)
         self.ui.applyButton.enabled = canApply and not running
@@ -117,6 +119,39 @@ class PreviewPanel:
             item.setCheckState(qt.Qt.Checked if segmentId in self.chosenIds else qt.Qt.Unchecked)
             self.ui.segmentsList.addItem(item)
         self.ui.segmentsList.blockSignals(wasBlocked)
+
+    def refreshSupportSets(self, pn):
+        """None + the saved sets, showing the module's choice (one place: runs and previews)."""
+        chosen = self.moduleLogic.supportSetName(pn.parameterNode)
+        try:
+            choices = self.moduleLogic.supportSetChoices(chosen, details=False)
+        except Exception:  # an unreadable library folder must not stop the panel
+            choices = [("", "None")] + ([(chosen, chosen)] if chosen else [])
+        combo = self.ui.supportSetComboBox
+        wasBlocked = combo.blockSignals(True)
+        if [combo.itemData(i) or "" for i in range(combo.count)] != [n for n, _ in choices]:
+            combo.clear()
+            for name, label in choices:
+                combo.addItem(label, name)
+        for index in range(combo.count):
+            if (combo.itemData(index) or "") == chosen:
+                combo.currentIndex = index
+        combo.blockSignals(wasBlocked)
+
+    def onSupportSetChosen(self, index):
+        """A set chosen here is the module's choice too; an open preview updates with it."""
+        if index < 0:
+            return
+        name = self.ui.supportSetComboBox.itemData(index) or ""
+        try:
+            if self.session is not None:  # the open preview first: a refused set changes nothing
+                with slicer.util.tryWithErrorDisplay("SGP preview could not use the support set."):
+                    if self.logic.setSupportSet(self.session, name) is not None:
+                        self.pollTimer.start()
+            pn = self.moduleLogic.getParameterNode()
+            self.moduleLogic.setSupportSet(pn.parameterNode, name)
+        finally:
+            self.updateGUI()  # shows the module's choice again if the set was refused
 
     def onSegmentChecked(self, item):
         segmentId = item.data(qt.Qt.UserRole)

@@ -42,6 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--hold-out", dest="hold_out", action="append", default=None,
                    help="a label value or union never asked for in training (repeatable), to "
                         "test a structure defined only by its support")
+    p.add_argument("--own-image-support", type=float, default=0.0,
+                   help="fraction of 2D episodes whose support also holds the query image, "
+                        "flipped or rotated, with its answer")
     p.add_argument("--absent-share", type=float, default=0.2,
                    help="fraction of episodes whose answer is empty: a run where the target is "
                         "absent, or (where it is everywhere) support with empty masks")
@@ -116,6 +119,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise SGPInputError("--steps must be at least 1.")
     if not 0.0 <= args.own_support <= 1.0:
         raise SGPInputError("--own-support is a fraction: give a value between 0 and 1.")
+    if not 0.0 <= args.own_image_support <= 1.0:
+        raise SGPInputError("--own-image-support is a fraction: give a value between 0 and 1.")
     if not 0.0 <= args.absent_share < 1.0:
         raise SGPInputError("--absent-share is a fraction: give a value in [0, 1).")
     random_start = str(args.weights).lower() == "random"
@@ -131,7 +136,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         memory_policy=args.memory_policy, use_pmg=not args.no_pmg, use_pma=not args.no_pma,
         use_3d_memory=not args.no_3d_memory, loss_dice=args.loss_dice, loss_ce=args.loss_ce,
         loss_kl=args.loss_kl, loss_obj=args.loss_obj, structures=args.structures,
-        targets=args.targets, hold_out=args.hold_out, absent_share=args.absent_share, axis=axis, intensity=args.intensity,
+        targets=args.targets, hold_out=args.hold_out,
+        own_image_support=args.own_image_support, absent_share=args.absent_share, axis=axis, intensity=args.intensity,
         cases=args.cases, augment=args.augment, refresh_every=args.refresh_every,
         save_every=args.save_every, seed=args.seed, device=args.device, dtype=args.dtype,
         threads=args.threads,

@@ -67,6 +67,9 @@ class TrainConfig:
     seq_len: int = 4
     own_support: float = 0.5
     """Fraction of volume episodes whose first slice is labeled support, as at inference."""
+    own_image_support: float = 0.0
+    """Fraction of 2D episodes whose support also holds the query image itself, flipped or
+    rotated, with its answer (teaches reading the support's masks early; see Trainer)."""
     top_k: int = 4
     memory_size: int | None = None
     memory_policy: str = "least_similar"
@@ -101,7 +104,7 @@ class TrainConfig:
 
     # the fields a resumed run must share with the run it continues
     RESUME_KEYS = ("data", "model", "weights", "image_size", "lora_rank", "lora_alpha",
-                   "train_all", "sam2_overrides", "lr", "weight_decay", "warmup", "seq_len", "own_support",
+                   "train_all", "sam2_overrides", "lr", "weight_decay", "warmup", "seq_len", "own_support", "own_image_support",
                    "top_k", "memory_size", "memory_policy", "train_pmg", "use_pmg", "use_pma",
                    "use_3d_memory", "loss_dice", "loss_ce", "loss_kl", "loss_obj", "structures", "targets", "hold_out",
                    "absent_share", "axis",

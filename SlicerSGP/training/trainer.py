@@ -57,6 +57,7 @@ from SlicerSGP.training.checkpoints import (
 from SlicerSGP.training.config import TrainConfig, checkpoint_path, state_path
 from SlicerSGP.training.episodes import (
     BankItem,
+    augment,
     build_support_bank,
     draw_episode,
     resolve_targets,
@@ -226,6 +227,15 @@ class Trainer:
             chosen.update(order[:k])
         return [pool[i] for i in sorted(chosen)]
 
+    def _own_image_memory(self, img: np.ndarray, lab: np.ndarray, rng: np.random.Generator):
+        """The query image under another flip/rotation, with its answer, as one support item:
+        a match the network can find by appearance alone, which teaches it early to carry the
+        support's mask over to where the query looks the same (2D runs; ``own_image_support``)."""
+        o_img, o_lab = augment(img, lab, rng)
+        o_images, o_masks, _ = to_model(o_img, o_lab, self.seg.image_size)
+        o_feats = self.seg.encode_images(o_images.to(self.device), 1, grad=True)
+        return self.seg.support_memory(o_feats, 0, o_masks[0:1], None, grad=True)
+
     # ------------------------------------------------------------------ one step
 
     def train_step(self) -> dict[str, float]:
@@ -261,6 +271,9 @@ class Trainer:
             for i in range(len(items)):
                 memories.append(self.seg.support_memory(s_feats, i, s_masks[i:i + 1], None,
                                                         grad=True))
+        if len(window) == 1 and cfg.own_image_support and not ep.empty_support and \
+                rng.random() < cfg.own_image_support:
+            memories.append(self._own_image_memory(img, lab, rng))
         order = list(range(len(window)))
         if reverse:
             order = order[::-1]
