@@ -100,6 +100,16 @@ class SegmentOptions:
     slice_limits: dict[int, list[int]] | None = None
     """Per structure value: [first, last] slice (inclusive, along ``axis``) it may occupy;
     outside, it is empty."""
+    local_support: bool = False
+    """Each slice picks its K support items among the drawn slices bounding its interval (and
+    the support bank) instead of among all of the structure's drawn slices. A new drawn slice
+    then changes only the two intervals beside it, so a re-run after a correction redoes only
+    those; with all drawn slices, it also enters the top-K of most other slices."""
+    reuse_results: bool = True
+    """Reuse the slice results of this structure's last run on the same volume wherever all
+    they depend on is unchanged (exact: the result is the same as without; a new drawn slice
+    then redoes only the two intervals beside it and the slices whose support picks it).
+    False recomputes every slice."""
 
 
 @dataclass
@@ -126,3 +136,8 @@ class SegmentationResult:
     labeled_by_structure: dict[int, list[int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     """Things the caller should tell the user (e.g. every slice was labeled, nothing predicted)."""
+    slices_predicted: dict[int, int] = field(default_factory=dict)
+    """Per structure value: slice predictions this run made (a slice between two drawn slices
+    is predicted from both sides and counts twice)."""
+    slices_reused: dict[int, int] = field(default_factory=dict)
+    """Per structure value: slice predictions taken unchanged from its last run on the volume."""

@@ -185,7 +185,9 @@ def check_least_similar_eviction(seg: Segmenter, monkeypatch, size: int = 2) -> 
 def check_fusion_weights(seg: Segmenter) -> None:
     """Between two labeled slices a and b the result is the two sweeps' probabilities weighted
     1/(j-a) and 1/(b-j) (linear interpolation between the two sides), each times its
-    reverse-propagation quality factor when quality fusion is on."""
+    reverse-propagation quality factor when quality fusion is on. Every sweep starts at its own
+    labeled slice with an empty bank (propagation restarts at each drawn slice), so past b the
+    result is the sweep from b alone, not one carried on from a."""
     vol, lab = synthetic_volume(n=9, seed=6)
     labeled = [1, 7]
     drawn = np.zeros_like(lab)
@@ -201,12 +203,13 @@ def check_fusion_weights(seg: Segmenter) -> None:
         feats = seg.encoder.encode_volume(slices01, tf, 1, lambda *a: None, lambda: False)
         support = seg.support.from_slices(feats, tf, masks)
         per_side, factor = {}, {}
-        for reverse, order in ((False, list(range(1, n))), (True, list(range(7, -1, -1)))):
+        for reverse, order in ((False, list(range(1, 7))), (False, [7, 8]),
+                               (True, list(range(7, 1, -1))), (True, [1, 0])):
             for j, out in seg.run_sweep(feats, order, reverse, set(labeled), support, opts):
                 if out is None:
                     continue
                 per_side[(j, reverse)] = torch.sigmoid(tf.logits_to_image(out.final_high))[0, 0]
-                anchor = 1 if not reverse else 7
+                anchor = order[0]
                 q = seg.propagator.reverse_dice(feats, j, out, anchor, masks[anchor], tf, opts)
                 factor[(j, reverse)] = quality_factor(q) if quality_fusion else 1.0
         for j in range(2, 7):

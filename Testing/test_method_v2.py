@@ -37,7 +37,8 @@ def segmenter():
 
 def scripted_presence(seg: Segmenter, monkeypatch, presence: dict[int, float]) -> list[int]:
     """Run the real slice predictor but report the given presence per slice; returns the
-    slices predicted, in order."""
+    slices predicted, in order. (Runs that script presence pass ``reuse_results=False``: a
+    re-run would otherwise reuse the last run's slices, with the presence scripted then.)"""
     seen: list[int] = []
     original = seg.predictor.step
 
@@ -70,7 +71,8 @@ def test_sweep_stops_after_a_run_of_absent_slices(segmenter, monkeypatch):
     # Forward past slice 5: absent at 8 and 9, in between at 10 (no reset), absent at 11: the
     # third absent slice ends the structure; 12..15 are never predicted.
     seen = scripted_presence(segmenter, monkeypatch, {8: 0.1, 9: 0.1, 10: 0.3, 11: 0.1})
-    res = segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"}, SegmentOptions())
+    fresh = SegmentOptions(reuse_results=False)
+    res = segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"}, fresh)
     forward = [j for j in seen if j > 5]
     assert forward == [6, 7, 8, 9, 10, 11]
     sources = res.slice_scores[1]["source"]
@@ -78,11 +80,12 @@ def test_sweep_stops_after_a_run_of_absent_slices(segmenter, monkeypatch):
     assert not res.probabilities[1][12:].any() and not (res.labels[12:] == 1).any()
     # A presence over 0.5 resets the count: with slice 10 present the sweep goes on.
     seen = scripted_presence(segmenter, monkeypatch, {8: 0.1, 9: 0.1, 10: 0.9, 11: 0.1})
-    segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"}, SegmentOptions())
+    segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"}, fresh)
     assert [j for j in seen if j > 5] == list(range(6, 16))
     # 0 disables the stop: both sweeps reach the volume's edges.
     seen = scripted_presence(segmenter, monkeypatch, dict.fromkeys(range(16), 0.0))
-    segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"}, SegmentOptions(stop_after_absent=0))
+    segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"},
+                      SegmentOptions(stop_after_absent=0, reuse_results=False))
     assert sorted(set(seen)) == [k for k in range(16) if k != 5]
 
 
@@ -108,7 +111,8 @@ def test_slice_limits_bound_a_structure(segmenter, monkeypatch):
     # JSON-style string keys (the service) work too; bad limits are refused.
     seen.clear()
     segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"},
-                      SegmentOptions(slice_limits={"1": [4, 6]}, stop_after_absent=0))
+                      SegmentOptions(slice_limits={"1": [4, 6]}, stop_after_absent=0,
+                                     reuse_results=False))
     assert sorted(set(seen)) == [4, 6]
     with pytest.raises(SGPInputError, match="first <= last"):
         segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"},

@@ -141,7 +141,9 @@ def test_run_equals_in_process_and_rerun_sends_no_volume(client, local):
     sent = client.bytes_sent - before
     assert sent < 0.05 * vol.nbytes, f"re-run sent {sent} bytes for a {vol.nbytes}-byte volume"
     assert client.info()["encode_count"] == encoded, "the re-run encoded slices again"
-    assert_same(again, ref)
+    # Both sides re-run: each reuses its last run's slices (and says so in its notes).
+    assert_same(again, local.segment(vol, drawn, {1: "blob"}, opts, geometry=GEOMETRY))
+    assert again.slices_predicted == {1: 0} and again.slices_reused == ref.slices_predicted
 
 
 def test_run_along_another_axis_sends_labeled_slices_only(client, local):

@@ -45,6 +45,16 @@ VARIANTS = {
 }
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
 def drawn_slices(truth: np.ndarray) -> list[int]:
     """Slices at 10 %, 50 % and 90 % of the structure's extent along K (distinct)."""
     present = np.flatnonzero(truth.reshape(truth.shape[0], -1).any(axis=1))
@@ -79,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                       weights="random", image_size=256, lora_rank=4, steps=args.steps,
                       structures=TRAIN_ORGANS, seed=args.seed, device="cpu", dtype="float32",
                       save_every=0, refresh_every=50)
+    print(f"training cpu-mini from random for {args.steps} steps on {len(TRAIN_ORGANS)} organs "
+          f"(episodes with {cfg.absent_share:.0%} empty answers) on {cpu_model()}, "
+          f"{torch.get_num_threads()} threads", flush=True)
     train(cfg, cases=cases, progress=True)
     t_train = time.perf_counter() - t0
 
@@ -96,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     te = time.perf_counter()
     for name, vol, lab, value in targets:
+        t_row = time.perf_counter()
         truth = lab == value
         slices = drawn_slices(truth)
         drawn = np.where(np.isin(np.arange(lab.shape[0]), slices)[:, None, None] & truth,
@@ -106,9 +120,11 @@ def main(argv: list[str] | None = None) -> int:
             row[variant] = dice(res.labels == value, truth)
         for baseline in ("interpolation", "nearest"):
             row[baseline] = dice(run_baseline(baseline, lab, {value: slices}) == value, truth)
+        row["seconds"] = time.perf_counter() - t_row
         rows.append(row)
         print(f"  {name:<28} " + " ".join(f"{k} {row[k]:.3f}" for k in
-                                          (*VARIANTS, "interpolation", "nearest")), flush=True)
+                                          (*VARIANTS, "interpolation", "nearest"))
+              + f" ({row['seconds']:.0f} s)", flush=True)
     t_eval = time.perf_counter() - te
 
     columns = [*VARIANTS, "interpolation", "nearest"]
@@ -125,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
               + " | ".join(f"{row[c]:.3f}" for c in columns) + " |")
     means = {c: float(np.mean([r[c] for r in rows])) for c in columns}
     print("| **mean** | " + " | ".join(f"**{means[c]:.3f}**" for c in columns) + " |")
-    print(f"time: train {t_train:.0f} s, propagation + baselines {t_eval:.0f} s on CPU "
+    print(f"time: train {t_train:.0f} s, propagation + baselines {t_eval:.0f} s on {cpu_model()} "
           f"({torch.get_num_threads()} threads; wall clock, shared machine: rough)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""``sgp bench``: our engine against SAM2's own video predictor on the same volume and weights."""
+"""``sgp bench``: our engine against SAM2's own video predictor on the same volume and weights;
+``sgp bench --rerun``: a re-run after one correction against the first run."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import argparse
 import torch
 
 from SlicerSGP.cli.common import segmenter_from_args
-from SlicerSGP.evaluation import bench
+from SlicerSGP.errors import SGPInputError
+from SlicerSGP.evaluation import bench, rerun_bench
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("bench", help="compare with SAM2's video predictor (time, memory)",
-                       description=bench.__doc__,
+    p = sub.add_parser("bench", help="compare with SAM2's video predictor (time, memory); "
+                       "--rerun: re-run after a correction vs the first run",
+                       description=f"{bench.__doc__}\n{rerun_bench.__doc__}",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny")
     p.add_argument("--weights", default="random")
@@ -21,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA), float32, bfloat16")
     p.add_argument("--feature-dtype", default="auto", help="feature cache: auto (bf16) or float32")
     p.add_argument("--seed", type=int, default=0, help="seed for --weights random")
-    p.add_argument("--slices", type=int, default=30)
+    p.add_argument("--slices", type=int, default=None,
+                   help="slices of the synthetic volume (default 30; 200 with --rerun)")
     p.add_argument("--size", type=int, default=512, help="in-plane size of the volume")
     p.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
     p.add_argument("--skip-sam2", action="store_true", help="run (b) only")
@@ -29,6 +33,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="alternate (a) and (b) this many times and keep each side's fastest run "
                         "(noisy machines)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--rerun", action="store_true",
+                   help="time the first run (encoding included) and the re-run after one "
+                        "correction (a new drawn slice) instead of comparing with SAM2")
+    p.add_argument("--drawn", type=int, default=5, help="drawn slices of the first run (--rerun)")
+    p.add_argument("--local-support", action="store_true",
+                   help="--rerun with each slice's support picked among the drawn slices "
+                        "bounding its interval (SegmentOptions.local_support)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak bf16 TFLOP/s, to print the fraction of the compute bound")
     p.set_defaults(func=cmd_bench)
@@ -38,9 +49,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.rerun and args.drawn < 2:
+        raise SGPInputError(f"--drawn {args.drawn}: the re-run bench needs at least 2 drawn "
+                            "slices (the correction goes between two of them).")
     seg = segmenter_from_args(args)
+    if args.rerun:
+        print(rerun_bench.main_rerun(seg, args.model, args.slices or 200, args.size, args.drawn,
+                                     args.local_support))
+        return 0
     bench.prepare(seg, args.compile)
-    ms, n, support = bench.run_bench(seg, slices=args.slices, size=args.size,
+    ms, n, support = bench.run_bench(seg, slices=args.slices or 30, size=args.size,
                                      compile_encoder=args.compile, skip_sam2=args.skip_sam2,
                                      repeat=args.repeat)
     note = bench.run_note(seg, args.model, args.size, n, support, args.compile)

@@ -1,10 +1,23 @@
-"""Bidirectional propagation: sweeps outward from the labeled slices, seed choice, fusion.
+"""Bidirectional propagation: sweeps that restart at every drawn slice, seed choice, fusion.
 
-One sweep runs forward from the first labeled slice, one backward from the last; each keeps
-its own 3D bank and object-pointer history. A slice reached from both sides gets both
-predictions, weighted by inverse distance to each side's labeled slice (linear interpolation
-between the two). With only external support the sweeps start at the slice whose pseudo-mask
-is most confident.
+The slices between two consecutive drawn slices a < b are predicted by a forward sweep from a
+and a backward sweep from b, each with its own 3D bank and object-pointer history, started
+empty at its drawn slice; before the first drawn slice only a backward sweep runs and after the
+last only a forward one, each stopping where the structure ends (hysteresis) or at the slice
+limits. Every sweep picks its support per slice from the same pool (all the structure's drawn
+slices and the external bank, top-K by similarity). A slice reached from both sides gets both
+predictions, weighted by inverse distance to each side's drawn slice (linear interpolation
+between the two) times each side's reverse-propagation quality.
+
+Restarting at every drawn slice makes an interval's result depend on its own two drawn slices
+(and the support its slices pick), not on everything upstream: a new drawn slice changes
+the two intervals beside it and the slices whose top-K now picks it, and
+:mod:`~SlicerSGP.method.rerun` reuses the rest exactly. With ``local_support`` a sweep's slices
+pick their support only among the drawn slices bounding its range (and the external bank), so
+a new drawn slice changes the two intervals beside it and nothing else. With only external
+support the sweeps start at the slice whose pseudo-mask is most confident. With
+``bidirectional`` off, one SAM2-style pass: forward from the first drawn slice through the
+others, and back from it to the start.
 """
 
 from __future__ import annotations
@@ -19,6 +32,7 @@ from SlicerSGP.data import preprocess
 from SlicerSGP.errors import Cancelled
 from SlicerSGP.method.encoding import EncodedSlices
 from SlicerSGP.method.memory import bank_size, evict
+from SlicerSGP.method.rerun import SliceResult, StructureRun, SweepReplay
 from SlicerSGP.method.runtime import Runtime
 from SlicerSGP.method.step import SlicePredictor, StepOutput
 from SlicerSGP.method.support import Memory, select_top_k
@@ -37,6 +51,10 @@ class Accumulator:
     pseudo_weight: np.ndarray
     scores: dict[int, list[tuple[float, dict[str, float]]]] = field(default_factory=dict)
     sources: dict[int, set[str]] = field(default_factory=dict)
+    predicted: int = 0
+    """Slice predictions made in this run (a slice reached from both sides counts twice)."""
+    reused: int = 0
+    """Slice predictions taken from the last run, every input unchanged."""
 
     @classmethod
     def empty(cls, shape: tuple[int, int, int], keep_pseudo: bool) -> Accumulator:
@@ -45,25 +63,84 @@ class Accumulator:
                    pseudo=np.zeros(shape, np.float32) if keep_pseudo else None,
                    pseudo_weight=np.zeros(n, np.float32))
 
-    def add(self, j: int, out: StepOutput, transform: preprocess.LetterboxTransform,
-            weight: float, source: str, quality: float = float("nan")) -> None:
-        final = transform.logits_to_image(out.final_high.float())
-        prob = torch.sigmoid(final)[0, 0].cpu().numpy()
-        pseudo_prob = torch.sigmoid(transform.logits_to_image(out.pseudo_low.float()))[0, 0]
-        pseudo_prob = pseudo_prob.cpu().numpy()
-        self.prob[j] += weight * prob
+    def add(self, j: int, result: SliceResult, weight: float, source: str,
+            transform: preprocess.LetterboxTransform) -> None:
+        self.prob[j] += weight * result.prob
         self.weight[j] += weight
         if self.pseudo is not None:
-            self.pseudo[j] += weight * pseudo_prob
+            self.pseudo[j] += weight * pseudo_prob(result, transform)
         self.pseudo_weight[j] += weight
-        inter = float((prob * pseudo_prob).sum())
-        denom = float(prob.sum() + pseudo_prob.sum())
-        dice = 2 * inter / denom if denom > 0 else 1.0
         self.scores.setdefault(j, []).append((weight, {
-            "predicted_iou": out.predicted_iou, "object_score": out.object_score,
-            "pseudo_final_dice": dice, "quality": quality,
+            "predicted_iou": result.predicted_iou, "object_score": result.object_score,
+            "pseudo_final_dice": result.pseudo_final_dice, "quality": result.quality,
         }))
         self.sources.setdefault(j, set()).add(source)
+
+
+def pseudo_prob(result: SliceResult, transform: preprocess.LetterboxTransform) -> np.ndarray:
+    """The PMG pseudo-mask probability in image space."""
+    if result.pseudo_prob is not None:
+        return result.pseudo_prob
+    prob = torch.sigmoid(transform.logits_to_image(result.pseudo_low.float()))[0, 0]
+    return prob.cpu().numpy()
+
+
+def slice_result(out: StepOutput, transform: preprocess.LetterboxTransform,
+                 quality: float) -> SliceResult:
+    """What fusion, the stop rule, the bank and a later re-run need of one prediction."""
+    final = transform.logits_to_image(out.final_high.float())
+    prob = torch.sigmoid(final)[0, 0].cpu().numpy()
+    result = SliceResult(out.memory, out.predicted_iou, out.object_score, prob,
+                         out.pseudo_low.detach(), 1.0, quality)
+    result.pseudo_prob = pseudo = pseudo_prob(result, transform)
+    denom = float(prob.sum() + pseudo.sum())
+    result.pseudo_final_dice = 2 * float((prob * pseudo).sum()) / denom if denom > 0 else 1.0
+    return result
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One directional pass: from ``start`` (a drawn slice or the seed) over ``order``, in
+    the range the drawn slices ``ends`` bound (one of them at the volume's ends)."""
+
+    start: int
+    reverse: bool
+    order: list[int]
+    ends: tuple[int, ...]
+
+
+def plan_sweeps(anchors: list[int], n: int, limits: tuple[int, int],
+                bidirectional: bool) -> list[Sweep]:
+    """The sweeps of one structure (see the module docstring); slices outside ``limits``
+    are skipped, the anchors themselves always visited (they start the sweeps)."""
+    first, last = limits
+
+    def span(a: int, stop: int, step: int) -> list[int]:
+        return [a] + [j for j in range(a + step, stop, step) if first <= j <= last]
+
+    if not bidirectional:
+        a, ends = anchors[0], tuple(anchors)
+        return [Sweep(a, False, [j for j in range(a, n) if first <= j <= last or j in anchors],
+                      ends),
+                Sweep(a, True, [j for j in range(a, -1, -1) if first <= j <= last
+                                or j in anchors], ends)]
+    forward = [Sweep(a, False, span(a, b, 1), (a, b) if b < n else (a,))
+               for a, b in zip(anchors, [*anchors[1:], n], strict=True)]
+    backward = [Sweep(b, True, span(b, a, -1), (a, b) if a >= 0 else (b,))
+                for b, a in zip(anchors[::-1], [*anchors[-2::-1], -1], strict=True)]
+    # A sweep is kept even with nothing to predict when it is the only one (a seed in a
+    # one-slice range), so the seed's own prediction is still fused.
+    return [s for s in forward + backward if len(s.order) > 1] or forward[:1]
+
+
+def sweep_pool(pool: list[Memory], labeled: list[int], sweep: Sweep,
+               local: bool) -> list[Memory]:
+    """The support a sweep's slices pick from: every drawn slice and the external items, or
+    with ``local`` only the drawn slices bounding its range (and the external items)."""
+    if not local or not labeled:
+        return pool
+    own = [m for k, m in zip(labeled, pool, strict=False) if k in sweep.ends]
+    return own + pool[len(labeled):]
 
 
 PRESENT_ABOVE = 0.5
@@ -133,10 +210,12 @@ class Propagator:
                   transform: preprocess.LetterboxTransform, masks: dict[int, np.ndarray],
                   support_pool: list[Memory], opts: SegmentOptions,
                   report: Callable[[float], None], stop: CancelCheck,
-                  limits: tuple[int, int] | None = None) -> Accumulator:
-        """Both sweeps for one structure from its drawn slices ``masks`` (slice -> mask);
+                  limits: tuple[int, int] | None = None,
+                  rerun: StructureRun | None = None) -> Accumulator:
+        """All sweeps of one structure from its drawn slices ``masks`` (slice -> mask);
         ``support_pool`` holds their memories (in slice order) followed by external ones.
-        ``limits`` (first, last) bounds the slices the structure may occupy."""
+        ``limits`` (first, last) bounds the slices the structure may occupy. With ``rerun``,
+        results of the structure's last run whose inputs are unchanged are reused (exactly)."""
         labeled = sorted(masks)
         n = len(feats)
         first, last = limits if limits is not None else (0, n - 1)
@@ -149,42 +228,45 @@ class Propagator:
                 return None
             return preprocess.to_model_input(slices01[j:j + 1], transform).to(self.rt.device)
 
-        seed: tuple[int, StepOutput] | None = None
-        if labeled:
-            anchors = labeled
-            fwd_start, bwd_start = labeled[0], labeled[-1]
-        else:
-            seed = self.choose_seed(feats, support_pool, image_of, opts, stop, (first, last))
+        seed: tuple[int, SliceResult] | None = None
+        anchors = labeled
+        if not labeled:
+            seed = self._seed(feats, support_pool, image_of, transform, opts, stop,
+                              (first, last), rerun)
             anchors = [seed[0]]
-            fwd_start = bwd_start = seed[0]
-        if not opts.bidirectional:
-            # One pass like SAM2's tracker: forward from the first anchor, back to the start.
-            bwd_start = anchors[0]
-
-        sweeps = [(False, [j for j in range(fwd_start, n) if first <= j <= last or j in anchors]),
-                  (True, [j for j in range(bwd_start, -1, -1) if first <= j <= last
-                          or j in anchors])]
-        total = sum(len(s) for _, s in sweeps)
+        sweeps = plan_sweeps(anchors, n, (first, last), opts.bidirectional)
+        total = sum(len(s.order) for s in sweeps)
         done = 0
-        for reverse, order in sweeps:
+        for sweep in sweeps:
+            reverse = sweep.reverse
             outermost = min(anchors) if reverse else max(anchors)
             absent_run = 0
-            for j, out in self.run_sweep(feats, order, reverse, set(labeled), support_pool, opts,
-                                         image_of, stop, seed):
+            replay = rerun.replay(sweep.start, reverse) if rerun is not None else None
+            pool = sweep_pool(support_pool, labeled, sweep, opts.local_support)
+            for j, out in self.run_sweep(feats, sweep.order, reverse, set(labeled), pool, opts,
+                                         image_of, stop, seed, replay=replay):
                 done += 1
                 if out is None:
                     continue
+                if isinstance(out, SliceResult):
+                    acc.reused += 0 if seed is not None and j == seed[0] else 1
+                else:  # predicted in this run
+                    acc.predicted += 1
+                    quality = float("nan")
+                    if opts.reverse_quality and labeled:
+                        anchor = nearest_anchor(j, labeled, reverse)
+                        quality = self.reverse_dice(feats, j, out, anchor, masks[anchor],
+                                                    transform, opts)
+                    with self.rt.timed("write_back"):
+                        out = slice_result(out, transform, quality)
+                    if replay is not None:
+                        replay.complete(out)
                 weight = fusion_weight(j, anchors, reverse, n)
-                quality = float("nan")
-                if opts.reverse_quality and labeled:
-                    anchor = nearest_anchor(j, labeled, reverse)
-                    quality = self.reverse_dice(feats, j, out, anchor, masks[anchor], transform,
-                                                opts)
-                    if opts.quality_fusion:
-                        weight *= quality_factor(quality)
+                if opts.reverse_quality and labeled and opts.quality_fusion:
+                    weight *= quality_factor(out.quality)
                 source = "seed" if seed and j == seed[0] else ("backward" if reverse else "forward")
                 with self.rt.timed("write_back"):
-                    acc.add(j, out, transform, weight, source, quality)
+                    acc.add(j, out, weight, source, transform)
                 report(done / total)
                 beyond = j < outermost if reverse else j > outermost
                 if beyond and opts.stop_after_absent:
@@ -193,6 +275,20 @@ class Propagator:
                         break  # the structure has ended in this direction
         report(1.0)
         return acc
+
+    def _seed(self, feats: EncodedSlices, pool: list[Memory], image_of: ImageOf,
+              transform: preprocess.LetterboxTransform, opts: SegmentOptions,
+              stop: CancelCheck, limits: tuple[int, int],
+              rerun: StructureRun | None) -> tuple[int, SliceResult]:
+        """The start slice with only external support (last run's choice if it applies)."""
+        cached = rerun.cached_seed(pool, limits) if rerun is not None else None
+        if cached is not None:
+            return cached.slice, cached.result
+        j, out = self.choose_seed(feats, pool, image_of, opts, stop, limits)
+        result = slice_result(out, transform, float("nan"))
+        if rerun is not None:
+            rerun.new_seed(pool, limits, j, result)
+        return j, result
 
     def reverse_dice(self, feats: EncodedSlices, j: int, out: StepOutput, anchor: int,
                      drawn: np.ndarray, transform: preprocess.LetterboxTransform,
@@ -217,13 +313,16 @@ class Propagator:
     def run_sweep(self, feats: EncodedSlices, order: list[int], reverse: bool,
                   labeled: set[int] | dict[int, object], support_pool: list[Memory],
                   opts: SegmentOptions, image_of: ImageOf | None = None,
-                  stop: CancelCheck | None = None, seed: tuple[int, StepOutput] | None = None,
-                  grad: bool = False) -> Iterator[tuple[int, StepOutput | None]]:
+                  stop: CancelCheck | None = None,
+                  seed: tuple[int, StepOutput | SliceResult] | None = None, grad: bool = False,
+                  replay: SweepReplay | None = None,
+                  ) -> Iterator[tuple[int, StepOutput | SliceResult | None]]:
         """One directional pass over ``order``; yields ``(slice, StepOutput | None)``.
 
         Labeled slices yield None (they are support, not predicted). The 3D memory bank and the
         object-pointer history live for this sweep only; the bank holds K memories (the same
-        rule in training and inference).
+        rule in training and inference). With ``replay``, a slice whose inputs are last run's
+        yields last run's :class:`SliceResult` instead of being predicted again.
         """
         rt = self.rt
         n = len(feats)
@@ -234,19 +333,24 @@ class Propagator:
             for j in order:
                 if stop is not None and stop():
                     raise Cancelled("Cancelled during propagation; nothing was written.")
-                if j in labeled:
-                    yield j, None
-                    continue
-                if seed is not None and j == seed[0]:
+                is_seed = seed is not None and j == seed[0]
+                if j in labeled or is_seed:
+                    if replay is not None:
+                        replay.anchor(j)
+                    if not is_seed:
+                        yield j, None
+                        continue
                     out = seed[1]
                 else:
                     support = select_top_k(feats, j, support_pool, opts.top_k)
                     if opts.use_3d_memory:
                         bank = evict(bank, feats, j, reverse, size, opts.memory_policy)
-                    out = self.predictor.step(feats, j, image_of(j) if image_of else None,
-                                              support, bank if opts.use_3d_memory else [],
-                                              ptr_history, reverse, n, opts,
-                                              encode_memory=opts.use_3d_memory)
+                    out = replay.visit(j, support) if replay is not None else None
+                    if out is None:
+                        out = self.predictor.step(feats, j, image_of(j) if image_of else None,
+                                                  support, bank if opts.use_3d_memory else [],
+                                                  ptr_history, reverse, n, opts,
+                                                  encode_memory=opts.use_3d_memory)
                 if opts.use_3d_memory and out.memory is not None:
                     bank.append(out.memory)
                     ptr_history[j] = out.memory.obj_ptr

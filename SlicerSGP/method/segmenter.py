@@ -10,9 +10,13 @@ one responsibility:
    encoder, its mask given as SAM2 encodes a mask prompt on a conditioning frame; the K most
    similar are picked per slice;
 3. :mod:`~SlicerSGP.method.propagation` (with :mod:`~SlicerSGP.method.step` and
-   :mod:`~SlicerSGP.method.memory`): two sweeps run outward from the labeled slices; per slice,
-   memory attention over support + 3D bank, PMG pseudo-mask, PMA final mask, new memory;
-4. :mod:`~SlicerSGP.method.assembly`: slices reached from both sides are fused with weights that
+   :mod:`~SlicerSGP.method.memory`): sweeps restart at every labeled slice and run to the next
+   one (or the structure's end); per slice, memory attention over support + 3D bank, PMG
+   pseudo-mask, PMA final mask, new memory;
+4. :mod:`~SlicerSGP.method.rerun`: a re-run on the same volume reuses, exactly, every slice
+   result of the structure's last run whose inputs are unchanged (a new drawn slice redoes
+   the two intervals beside it and the slices whose support now picks it);
+5. :mod:`~SlicerSGP.method.assembly`: slices reached from both sides are fused with weights that
    fall with distance; labeled slices are returned exactly as drawn.
 """
 
@@ -40,6 +44,7 @@ from SlicerSGP.method.inputs import (
 from SlicerSGP.method.model import SGPModel, build_model, load_sgp_checkpoint
 from SlicerSGP.method.multiview import fuse_views
 from SlicerSGP.method.propagation import Accumulator, Propagator
+from SlicerSGP.method.rerun import RerunCache, StructureRun, drawn_memories, mask_token
 from SlicerSGP.method.runtime import Runtime, resolve_device
 from SlicerSGP.method.step import SlicePredictor, StepOutput
 from SlicerSGP.method.support import Memory, SupportMemories
@@ -57,7 +62,7 @@ class Segmenter:
     """A loaded SAM2-SGP model and the embeddings of the volumes it saw last.
 
     Keep one for the session: a re-run on the same volume (after correcting a slice, or for
-    another structure) reuses the cached slice embeddings.
+    another structure) reuses the slice embeddings, and its last run's unaffected slices.
     """
 
     def __init__(self, model: str | SGPModel = "tiny", *, weights: str | None = None,
@@ -81,6 +86,8 @@ class Segmenter:
         self.support = SupportMemories(self.runtime, self.encoder)
         self.predictor = SlicePredictor(self.runtime)
         self.propagator = Propagator(self.runtime, self.predictor, self.support.memory)
+        self.reruns = RerunCache(self.encoder.cache_bytes)
+        """Last run's slice results per volume and structure (same budget as the features)."""
         self._windows: dict[str, tuple[float, float]] = {}
         """Intensity window last used per volume (it may depend on what was drawn)."""
 
@@ -129,9 +136,11 @@ class Segmenter:
                 "autocast": str(self.autocast_dtype or torch.float32).replace("torch.", "")}
 
     def clear_cache(self) -> None:
-        """Forget cached slice features and support memories (e.g. after changing weights)."""
+        """Forget cached slice features, support memories and last runs' slice results (e.g.
+        after changing weights)."""
         self.encoder.clear()
         self.support.clear()
+        self.reruns.clear()
 
     # ------------------------------------------------------------------ the building blocks
     # (training and the oracle tests drive these directly)
@@ -194,16 +203,7 @@ class Segmenter:
         n, h, w = vol.shape[:3]
         labeled = labeled_by_structure(lab, structures, support_slices, opts.complete_slices,
                                        n, opts.axis)
-        if not any(labeled.values()) and not any(bank.get(v) for v in structures):
-            raise SGPInputError(
-                "No labeled slice: draw the structure on at least one slice (or pass "
-                "--support-slices / a support bank of other labeled cases) and run again."
-            )
-        for v, name in structures.items():
-            if not labeled[v] and not bank.get(v):
-                raise SGPInputError(f"Structure {name!r} (label {v}) has no support: it is drawn "
-                                    "on no slice and the support bank holds no example of it. "
-                                    "Draw it on a slice, or leave it out.")
+        check_support(labeled, structures, bank)
 
         timings: dict[str, float] = {}
         notes: list[str] = []
@@ -225,12 +225,11 @@ class Segmenter:
         timings["assemble"] = time.perf_counter() - tw
         timings["total"] = time.perf_counter() - t0
         timings.update({f"stage:{k}": v for k, v in self.stage_times.items()})
-        result.geometry = geometry
-        result.timings = timings
-        result.notes = notes
+        result.geometry, result.timings, result.notes = geometry, timings, notes
         result.stats = {"slices": n, "slices_encoded": self.encode_count,
                         "slices_encoded_this_run": self.encode_count - encoded_before,
                         "support_slices": len(result.labeled_slices)}
+        count_predictions(result, per_structure)
         if opts.multi_view and per_structure and any(per_structure.values()):
             tm = time.perf_counter()
             result = fuse_views(self, volume, labels, result, opts)
@@ -256,11 +255,14 @@ class Segmenter:
         timings["encode"] = time.perf_counter() - te
 
         per_structure: dict[int, Accumulator] = {}
+        runs: dict[int, StructureRun | None] = {}
         tp = time.perf_counter()
         for si, (value, name) in enumerate(structures.items()):
             masks = {k: (lab[k] == value) if lab is not None else np.zeros((h, w), bool)
                      for k in labeled[value]}
-            own = self.support.from_slices(feats, transform, masks)
+            tokens = {k: mask_token(m) for k, m in masks.items()}
+            run = self.reruns.start(feats, value, opts, tokens) if opts.reuse_results else None
+            own = drawn_memories(self.support, feats, transform, masks, run)
             ext = self.support.external(bank.get(value, []), stop)
 
             def stage_progress(frac: float, _si: int = si, _name: str = name) -> None:
@@ -268,7 +270,11 @@ class Segmenter:
 
             per_structure[value] = self.propagator.propagate(
                 feats, slices01, transform, masks, own + ext, opts, stage_progress, stop,
-                slice_limits(opts, value))
+                slice_limits(opts, value), run)
+            runs[value] = run
+        # Only a run that completed becomes the one the next run compares with.
+        for value, run in runs.items():
+            self.reruns.commit(feats, value, opts, run)
         timings["propagate"] = time.perf_counter() - tp
         return per_structure
 
@@ -302,6 +308,34 @@ class Segmenter:
         if opts.encode_batch_size:
             return int(opts.encode_batch_size)
         return 8 if self.device.type == "cuda" else 1
+
+
+def check_support(labeled: dict[int, list[int]], structures: dict[int, str],
+                  bank: dict[int, list[SupportItem]]) -> None:
+    """Every structure needs a drawn slice or an example in the support bank."""
+    if not any(labeled.values()) and not any(bank.get(v) for v in structures):
+        raise SGPInputError(
+            "No labeled slice: draw the structure on at least one slice (or pass "
+            "--support-slices / a support bank of other labeled cases) and run again."
+        )
+    for v, name in structures.items():
+        if not labeled[v] and not bank.get(v):
+            raise SGPInputError(f"Structure {name!r} (label {v}) has no support: it is drawn "
+                                "on no slice and the support bank holds no example of it. "
+                                "Draw it on a slice, or leave it out.")
+
+
+def count_predictions(result: SegmentationResult,
+                      per_structure: dict[int, Accumulator | None]) -> None:
+    """Per structure, slice predictions made and reused in this run (a slice reached from both
+    sides counts twice), on the result, summed in its stats and, on a re-run, in its notes."""
+    result.slices_predicted = {v: acc.predicted if acc else 0 for v, acc in per_structure.items()}
+    result.slices_reused = {v: acc.reused if acc else 0 for v, acc in per_structure.items()}
+    predicted = result.stats["slices_predicted"] = sum(result.slices_predicted.values())
+    reused = result.stats["slices_reused"] = sum(result.slices_reused.values())
+    if reused:
+        result.notes.append(f"Re-run: {predicted} slice predictions recomputed, {reused} reused "
+                            "from the last run on this volume (all they depend on was unchanged).")
 
 
 def _fingerprint(vol: np.ndarray, mode: str) -> str:
