@@ -38,9 +38,13 @@ def small_overrides(dim: int = 128, embed_dim: int = 32) -> list[str]:
     ]
 
 
-MODEL_PRESETS: dict[str, tuple[str, list[str]]] = {"cpu-mini": ("tiny", small_overrides())}
+MODEL_PRESETS: dict[str, tuple[str, list[str]]] = {
+    "cpu-mini": ("tiny", small_overrides()),
+    "cpu-micro": ("tiny", small_overrides(dim=32, embed_dim=8)),
+}
 """``--model cpu-mini``: the SAM2.1 tiny config made smaller (see :func:`small_overrides`);
-not SAM2.1 small, which keeps its name."""
+not SAM2.1 small, which keeps its name. ``cpu-micro``: narrower still (1.1M parameters), for
+checkpoints small enough to keep beside the tests."""
 
 
 # --------------------------------------------------------------------------- configuration
