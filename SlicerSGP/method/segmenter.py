@@ -86,8 +86,9 @@ class Segmenter:
         self.support = SupportMemories(self.runtime, self.encoder)
         self.predictor = SlicePredictor(self.runtime)
         self.propagator = Propagator(self.runtime, self.predictor, self.support.memory)
-        self.reruns = RerunCache(self.encoder.cache_bytes)
-        """Last run's slice results per volume and structure (same budget as the features)."""
+        self.reruns = RerunCache(lambda: self.encoder.cache_bytes - self.encoder.cached_bytes())
+        """Last run's slice results per volume and structure, in what the features leave of
+        ``cache_mb``."""
         self._windows: dict[str, tuple[float, float]] = {}
         """Intensity window last used per volume (it may depend on what was drawn)."""
 
