@@ -62,8 +62,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.scriptedEffect.addOptionsWidget(label)
             return
         # Imported here: the Lib needs Python >= 3.10 (Slicer 5.10).
-        from SegmentEditorSGPLib.panel import PreviewPanel
         from SGPSegmentLib.preview import PreviewLogic
+
+        from SegmentEditorSGPLib.panel import PreviewPanel
 
         moduleLogic = slicer.util.getModuleLogic("SGPSegment")  # shared engine and settings
         self.panel = PreviewPanel(self.scriptedEffect, PreviewLogic(moduleLogic), moduleLogic)
