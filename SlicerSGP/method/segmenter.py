@@ -87,8 +87,7 @@ class Segmenter:
         self.predictor = SlicePredictor(self.runtime)
         self.propagator = Propagator(self.runtime, self.predictor, self.support.memory)
         self.reruns = RerunCache(lambda: self.encoder.cache_bytes - self.encoder.cached_bytes())
-        """Last run's slice results per volume and structure, in what the features leave of
-        ``cache_mb``."""
+        """Last runs' slice results per volume and structure, in what features leave of cache_mb."""
         self._windows: dict[str, tuple[float, float]] = {}
         """Intensity window last used per volume (it may depend on what was drawn)."""
 
