@@ -1,11 +1,12 @@
 """A trained checkpoint follows its support set: empty support gives an (almost) empty
 prediction, and changing only the support's masks should move the output towards the new masks.
 
-The checkpoint (Testing/fixtures/support_micro.safetensors, 1.1M parameters) was trained here
-from random weights by Testing/fixtures/support_checkpoint.py on images holding a red disk
+The checkpoint (1.1M parameters, in the weights cache) is trained from random weights by
+``python Testing/fixtures/support_checkpoint.py`` on images holding a red disk
 (label 1) and a blue square (label 2), asked for either one, so only the support says which.
 A model trained for a few dozen steps cannot show this (100 steps: the output did not change
-at all with the support), hence a kept checkpoint, pinned by sha256.
+at all with the support), and the 1200 steps it needs take about 10 minutes: the tests skip,
+naming the command, where it has not been trained.
 
 Measured on this checkpoint (``support_checkpoint.py --check``): empty support gives no voxel;
 but disk support and square support give the same output (both shapes, Dice 0.67 / 0.65 with
@@ -24,23 +25,18 @@ import pytest
 
 from SlicerSGP.evaluation.metrics import dice
 from SlicerSGP.types import SegmentOptions
-from SlicerSGP.weights import file_sha256
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 import support_checkpoint as fixture  # noqa: E402
-
-SHA256 = "35d91d1c23f41f1df074e52d6eed27da036b1b58bfb0bc389d583daef74b5c48"
 
 
 @pytest.fixture(scope="module")
 def segmenter():
     from SlicerSGP.method.segmenter import Segmenter
 
-    digest = file_sha256(fixture.CHECKPOINT)
-    assert digest == SHA256, (
-        f"{fixture.CHECKPOINT.name} has sha256 {digest}, the test pins {SHA256}: if it was "
-        "retrained on purpose, check `python Testing/fixtures/support_checkpoint.py --check` and "
-        "update SHA256 here.")
+    if not fixture.CHECKPOINT.is_file():
+        pytest.skip(f"no {fixture.CHECKPOINT}: train it with "
+                    "`python Testing/fixtures/support_checkpoint.py` (about 10 minutes)")
     return Segmenter(str(fixture.CHECKPOINT), device="cpu", dtype="float32")
 
 
