@@ -189,3 +189,30 @@ def test_a_sam2_checkpoint_file_loads_and_gives_the_same_model(tmp_path):
         assert torch.equal(a, b), name
     other = build_model("tiny", weights="random", image_size=SIZE, seed=99)
     assert not torch.equal(other.sam.no_mem_embed, loaded.sam.no_mem_embed)
+
+
+def test_support_from_other_cases_gives_its_object_pointers(segmenter):
+    """Each support item from another case enters memory attention with its object pointer
+    (distance 0), as SAM2's conditioning frames do: the pointer is the content token a trained
+    model reads to tell which structure its support shows. A single 2D image included."""
+    sam = segmenter.model.sam
+    tokens_per_pointer = sam.hidden_dim // sam.mem_dim
+    other, other_lab = synthetic_volume(n=3, seed=5)
+    lo, hi = float(other.min()), float(other.max())
+    bank = {1: [SupportItem((other[k] - lo) / (hi - lo), other_lab[k] == 1, f"case2/{k}")
+                for k in range(3)]}
+    seen: list[int] = []
+    original = sam.memory_attention.forward
+
+    def spy(*args, **kwargs):
+        seen.append(int(kwargs.get("num_obj_ptr_tokens", 0)))
+        return original(*args, **kwargs)
+
+    sam.memory_attention.forward = spy
+    try:
+        image, _ = synthetic_volume(n=1, seed=9)
+        segmenter.segment(image, None, {1: "blob"}, SegmentOptions(top_k=3), support_bank=bank)
+    finally:
+        del sam.memory_attention.forward
+    assert seen, "memory attention never ran"
+    assert seen[0] == 3 * tokens_per_pointer

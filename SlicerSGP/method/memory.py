@@ -115,7 +115,11 @@ class MemoryAttention:
         pos_and_ptrs = []
         for m in support:
             if m.slice_index is None:
-                continue  # other cases: no slice distance to encode
+                # Another case: a conditioning frame with no slice distance, so distance 0.
+                # Its pointer is the one content token free of RoPE (what the support shows,
+                # pooled over its mask), which a trained model needs to tell structures apart.
+                pos_and_ptrs.append((0, m.obj_ptr))
+                continue
             t = m.slice_index
             if past_only and not (t >= j if reverse else t <= j):
                 continue
@@ -134,7 +138,8 @@ class MemoryAttention:
         mem_dim = sam.mem_dim
         if sam.add_tpos_enc_to_obj_ptrs:
             tpos_dim = c if sam.proj_tpos_enc_in_obj_ptrs else mem_dim
-            obj_pos = torch.tensor(pos_list).to(self.rt.device) / (max_ptrs - 1)
+            # A single slice (2D) has only distance-0 pointers: keep the divisor at least 1.
+            obj_pos = torch.tensor(pos_list).to(self.rt.device) / max(max_ptrs - 1, 1)
             obj_pos = sam.obj_ptr_tpos_proj(get_1d_sine_pe(obj_pos, dim=tpos_dim))
             obj_pos = obj_pos.unsqueeze(1).expand(-1, b, mem_dim)
         else:

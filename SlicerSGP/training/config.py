@@ -35,6 +35,11 @@ def small_overrides(dim: int = 128, embed_dim: int = 32) -> list[str]:
         f"++model.memory_encoder.mask_downsampler.embed_dim={d}",
         f"++model.memory_encoder.fuser.layer.dim={d}",
         "++model.memory_encoder.fuser.num_layers=1",
+        # Memories no wider than the model: SAM2 splits a pointer into mem_dim-wide tokens,
+        # which needs mem_dim <= dim (SAM2.1 keeps 64).
+        f"++model.memory_encoder.out_dim={min(64, d)}",
+        f"++model.memory_attention.layer.cross_attention.kv_in_dim={min(64, d)}",
+        f"++model.memory_encoder.position_encoding.num_pos_feats={min(64, d)}",
     ]
 
 
