@@ -193,7 +193,7 @@ def test_trainer_feeds_each_episode_the_support_of_its_target(cells_2d, tmp_path
         area["2"].append(16 * float((c.labels == 2).sum()))
         area["1+2"].append(16 * float((c.labels > 0).sum()))
     seen: set[str] = set()
-    while len(seen) < 3 and t.step < 16:
+    while len(seen) < 4 and t.step < 16:
         fed.clear()
         rec = t.train_step()
         assert fed, "no support memory built"
@@ -201,7 +201,19 @@ def test_trainer_feeds_each_episode_the_support_of_its_target(cells_2d, tmp_path
         seen.add(key)
         if rec["empty_support"]:
             assert max(fed) == 0.0
-        else:
-            lo, hi = min(area[rec["target"]]), max(area[rec["target"]])
-            assert all(0.9 * lo <= a <= 1.1 * hi for a in fed), (rec["target"], fed)
-    assert {"2", "1+2", "empty"} <= seen
+            assert rec["paired_with"] is None
+            continue
+        # A paired step asks the same query for the other target too, with its own support:
+        # the first half of the memories shows the episode's target, the second the partner's.
+        asked = [rec["target"]]
+        if rec["paired_with"] is not None:
+            assert rec["paired_with"] != rec["target"]
+            asked.append(rec["paired_with"])
+            seen.add("paired")
+        half = len(fed) // len(asked)
+        assert half * len(asked) == len(fed)
+        for n, target in enumerate(asked):
+            lo, hi = min(area[target]), max(area[target])
+            part = fed[n * half:(n + 1) * half]
+            assert all(0.9 * lo <= a <= 1.1 * hi for a in part), (target, fed)
+    assert {"2", "1+2", "empty", "paired"} <= seen

@@ -48,6 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--absent-share", type=float, default=0.2,
                    help="fraction of episodes whose answer is empty: a run where the target is "
                         "absent, or (where it is everywhere) support with empty masks")
+    p.add_argument("--paired-targets", action=argparse.BooleanOptionalAction, default=True,
+                   help="with several --target: each step also asks the same query for another "
+                        "target it shows, with that target's support (default on)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny",
                    help="SAM2.1 size (tiny, small, base_plus, large) or 'cpu-mini' (a CPU-sized "
@@ -137,7 +140,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         use_3d_memory=not args.no_3d_memory, loss_dice=args.loss_dice, loss_ce=args.loss_ce,
         loss_kl=args.loss_kl, loss_obj=args.loss_obj, structures=args.structures,
         targets=args.targets, hold_out=args.hold_out,
-        own_image_support=args.own_image_support, absent_share=args.absent_share, axis=axis, intensity=args.intensity,
+        own_image_support=args.own_image_support, absent_share=args.absent_share,
+        paired_targets=args.paired_targets, axis=axis, intensity=args.intensity,
         cases=args.cases, augment=args.augment, refresh_every=args.refresh_every,
         save_every=args.save_every, seed=args.seed, device=args.device, dtype=args.dtype,
         threads=args.threads,

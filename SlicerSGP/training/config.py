@@ -98,6 +98,9 @@ class TrainConfig:
     hold_out: list[str] | None = None
     """Targets never asked for in training (to test a structure defined only by support)."""
     absent_share: float = 0.2
+    paired_targets: bool = True
+    """With several targets, a step also asks the same query for another target it shows
+    (its own support): a model that ignores its support cannot answer both."""
     """Fraction of episodes whose answer is empty (absent run, or empty support)."""
     axis: int = 0
     intensity: str = "auto"
@@ -116,7 +119,7 @@ class TrainConfig:
                    "train_all", "sam2_overrides", "lr", "weight_decay", "warmup", "seq_len", "own_support", "own_image_support",
                    "top_k", "memory_size", "memory_policy", "train_pmg", "use_pmg", "use_pma",
                    "use_3d_memory", "loss_dice", "loss_ce", "loss_kl", "loss_obj", "structures", "targets", "hold_out",
-                   "absent_share", "axis",
+                   "absent_share", "paired_targets", "axis",
                    "intensity", "cases", "augment", "refresh_every", "seed")
 
     def resolved_model(self) -> tuple[str, list[str]]:

@@ -150,6 +150,16 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 @dataclass
+class Partner:
+    """The same query run asked for another target present in it (paired episodes)."""
+
+    value: TargetKey
+    masks: np.ndarray
+    """(T, H, W) bool, augmented as the episode's images."""
+    pool: list[BankItem]
+
+
+@dataclass
 class Episode:
     """One step's query run and the support pool it may draw from."""
 
@@ -166,13 +176,18 @@ class Episode:
     """The support shows its images with empty masks: the target is nowhere, answer empty."""
     absent: bool = False
     """An episode whose answer is empty or mostly empty (``absent_share``)."""
+    partner: Partner | None = None
+    """With ``paired``: the same run asked for another target, trained in the same step, so
+    a model that ignores its support cannot score on both."""
 
 
 def draw_episode(cases: list, bank: dict[TargetKey, list[BankItem]],
                  episodes: list[tuple[int, TargetKey]], seq_len: int, augmented: bool,
-                 rng: np.random.Generator, absent_share: float = 0.0) -> Episode:
+                 rng: np.random.Generator, absent_share: float = 0.0,
+                 paired: bool = False) -> Episode:
     """Pick a (case, target) pair and a run of ``seq_len`` slices around one showing it, or,
-    with probability ``absent_share``, an episode whose answer is empty (module docstring)."""
+    with probability ``absent_share``, an episode whose answer is empty (module docstring).
+    ``paired``: also ask the same run for another target shown in it (:class:`Partner`)."""
     ci, v = episodes[int(rng.integers(len(episodes)))]
     case = cases[ci]
     n = case.num_slices
@@ -193,12 +208,30 @@ def draw_episode(cases: list, bank: dict[TargetKey, list[BankItem]],
     lab = target_mask(case.labels[window], v)
     if empty_support:
         lab = np.zeros_like(lab)
+    # Another target this run shows, and distinct from this one's answer (a union equal to
+    # its part here would ask the same question twice).
+    partners = [] if absent or not paired else [
+        t for c, t in episodes if c == ci and t != v
+        and target_mask(case.labels[window], t).any()
+        and not np.array_equal(target_mask(case.labels[window], t), lab)]
+    v2 = partners[int(rng.integers(len(partners)))] if partners else None
+    lab2 = None if v2 is None else target_mask(case.labels[window], v2)
     if augmented:
-        img, lab = augment(img, lab, rng)
-    others = [b for b in bank[v] if b.case != ci]
+        # One draw for both answers, so they stay aligned with the image.
+        img, both = augment(img, lab if lab2 is None else np.concatenate([lab, lab2]), rng)
+        lab, lab2 = both[:len(window)], (None if lab2 is None else both[len(window):])
+    partner = None if v2 is None else Partner(v2, lab2, support_pool(bank, v2, ci, window))
+    return Episode(ci, v, window, reverse, img, lab, support_pool(bank, v, ci, window),
+                   empty_support, absent, partner)
+
+
+def support_pool(bank: dict[TargetKey, list[BankItem]], value: TargetKey, case: int,
+                 window: list[int]) -> list[BankItem]:
+    """The bank items a query run of ``case`` may take support from: other cases' slices."""
+    others = [b for b in bank[value] if b.case != case]
     if not others:  # a one-case dataset: slices of the same case outside the run
-        others = [b for b in bank[v] if b.case == ci and b.slice not in window]
+        others = [b for b in bank[value] if b.case == case and b.slice not in window]
     if not others:
         raise SGPInputError("The support bank holds no slice outside the query: training "
                             "needs at least two labeled cases (or slices).")
-    return Episode(ci, v, window, reverse, img, lab, others, empty_support, absent)
+    return others

@@ -204,49 +204,82 @@ class Trainer:
         torch.manual_seed(seed)
         self.model.train()
         ep = draw_episode(self.cases, self.bank, self.episodes, cfg.seq_len, cfg.augment, rng,
-                          absent_share=cfg.absent_share)
-        ci, v, window, reverse, img, lab, pool = (ep.case, ep.value, ep.window, ep.reverse,
-                                                  ep.images, ep.masks, ep.pool)
+                          absent_share=cfg.absent_share,
+                          paired=cfg.paired_targets and len(self.targets) > 1)
         size = self.seg.image_size
-        q_images, q_masks, valid = to_model(img, lab, size)
+        q_images, q_masks, valid = to_model(ep.images, ep.masks, size)
         q_images, q_masks, valid = (t.to(self.device) for t in (q_images, q_masks, valid))
-        feats = self.seg.encode_images(q_images, len(window), grad=True)
-        chosen = self._preselect(feats.pooled, pool)
+        feats = self.seg.encode_images(q_images, len(ep.window), grad=True)
+        order = list(range(len(ep.window)))
+        if ep.reverse:
+            order = order[::-1]
+        # As at inference, a slice the user labeled in this volume may start the sweep and be
+        # support itself (the other episodes use other cases only).
+        own = len(order) > 1 and not ep.empty_support and rng.random() < cfg.own_support
+        questions = [(ep.value, ep.masks, q_masks, ep.pool)]
+        if ep.partner is not None:
+            # The same features asked for another target: one backward over both answers.
+            _, p_masks, _ = to_model(ep.images, ep.partner.masks, size)
+            questions.append((ep.partner.value, ep.partner.masks, p_masks.to(self.device),
+                              ep.partner.pool))
+        losses, terms = [], {"dice": 0.0, "bce": 0.0, "kl": 0.0, "obj": 0.0}
+        for value, answer, masks, pool in questions:
+            loss, parts = self._answer(ep, feats, q_images, order, own, value, answer, masks,
+                                       valid, pool, rng)
+            losses.append(loss)
+            for name in terms:
+                terms[name] += parts[name] / len(questions)
+        loss = torch.stack(losses).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        all_reduce_grads(self.params, self.dist)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        rec = {"step": self.step, "loss": float(loss.detach()), **terms,
+               "lr": float(self.opt.param_groups[0]["lr"]), "case": ep.case,
+               "target": target_name(ep.value), "absent": ep.absent,
+               "empty_support": ep.empty_support, "own_support": own,
+               "paired_with": None if ep.partner is None else target_name(ep.partner.value)}
+        self.history.append(rec)
+        return rec
+
+    def _answer(self, ep, feats, q_images: torch.Tensor, order: list[int], own: bool, value,
+                answer: np.ndarray, q_masks: torch.Tensor, valid: torch.Tensor,
+                pool: list[BankItem], rng: np.random.Generator):
+        """Support of ``value`` from ``pool``, the sweep over the episode's run, its loss."""
+        cfg = self.cfg
+        size = self.seg.image_size
         memories = []
         by_shape: dict[tuple, list[BankItem]] = {}
-        for b in chosen:
+        for b in self._preselect(feats.pooled, pool):
             by_shape.setdefault(self.cases[b.case].slices01.shape[1:3], []).append(b)
         for items in by_shape.values():
             s_img = np.stack([self.cases[b.case].slices01[b.slice] for b in items])
-            s_lab = np.stack([target_mask(self.cases[b.case].labels[b.slice], b.value)
+            s_lab = np.stack([target_mask(self.cases[b.case].labels[b.slice], value)
                               for b in items])
             if ep.empty_support:
                 s_lab = np.zeros_like(s_lab)
             s_images, s_masks, _ = to_model(s_img, s_lab, size)
-            s_feats = self.seg.encode_images(s_images.to(self.device), len(items),
-                                                            grad=True)
+            s_feats = self.seg.encode_images(s_images.to(self.device), len(items), grad=True)
             for i in range(len(items)):
                 memories.append(self.seg.support_memory(s_feats, i, s_masks[i:i + 1], None,
                                                         grad=True))
-        if len(window) == 1 and cfg.own_image_support and not ep.empty_support and \
+        if len(order) == 1 and cfg.own_image_support and not ep.empty_support and \
                 rng.random() < cfg.own_image_support:
-            memories.append(self._own_image_memory(img, lab, rng))
-        order = list(range(len(window)))
-        if reverse:
-            order = order[::-1]
+            memories.append(self._own_image_memory(ep.images, answer, rng))
         labeled: set[int] = set()
-        if len(order) > 1 and not ep.empty_support and rng.random() < cfg.own_support:
-            # As at inference: a slice the user labeled in this volume starts the sweep and is
-            # support itself (the other episodes use other cases only).
+        if own:
             a = order[0]
             memories.insert(0, self.seg.support_memory(feats, a, q_masks[a:a + 1], a, grad=True))
             labeled = {a}
         use_kl = cfg.use_pmg and cfg.use_pma and self.model.pma is not None
-
         losses = []
         terms = {"dice": 0.0, "bce": 0.0, "kl": 0.0, "obj": 0.0}
         predicted = len(order) - len(labeled)
-        for j, out in self.seg.run_sweep(feats, order, reverse, labeled, memories, self.opts,
+        for j, out in self.seg.run_sweep(feats, order, ep.reverse, labeled, memories, self.opts,
                                          lambda j: q_images[j:j + 1], grad=True):
             if out is None:
                 continue  # the labeled slice: support, not a prediction
@@ -260,21 +293,7 @@ class Trainer:
             losses.append(parts["loss"])
             for name in terms:
                 terms[name] += float(parts[name]) / predicted
-        loss = torch.stack(losses).mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        all_reduce_grads(self.params, self.dist)
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-        self.opt.step()
-        self.sched.step()
-        self.step += 1
-        rec = {"step": self.step, "loss": float(loss.detach()), **terms,
-               "lr": float(self.opt.param_groups[0]["lr"]), "case": ci, "target": target_name(v),
-               "absent": ep.absent, "empty_support": ep.empty_support,
-               "own_support": bool(labeled)}
-        self.history.append(rec)
-        return rec
+        return torch.stack(losses).mean(), terms
 
     # ------------------------------------------------------------------ saving
     # (the formats live in training/checkpoints.py)
