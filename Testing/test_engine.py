@@ -216,3 +216,37 @@ def test_support_from_other_cases_gives_its_object_pointers(segmenter):
         del sam.memory_attention.forward
     assert seen, "memory attention never ran"
     assert seen[0] == 3 * tokens_per_pointer
+
+
+def _hide_objects(sam) -> None:
+    """The decoder scores "no object" everywhere (what random weights often do)."""
+    head = sam.sam_mask_decoder.pred_obj_score_head
+    last = head.layers[-1] if hasattr(head, "layers") else head
+    with torch.no_grad():
+        last.bias.fill_(-8.0)
+
+
+@pytest.mark.parametrize("mode", ["training_free", "trained"])
+def test_in_trained_models_the_support_mask_alone_decides_its_pointer(mode):
+    """SAM2 lets its decoder's object score replace a mask-prompted frame's pointer by the
+    no-object pointer. Pretrained (training-free) models keep that rule exactly; in trained
+    models the support's mask alone decides, so a closed decoder gate cannot cut the pointers
+    that tell structures apart (and gradients reach them)."""
+    seg = Segmenter("tiny", weights="random", device="cpu", image_size=SIZE, seed=0)
+    if mode == "trained":
+        seg = Segmenter(build_model("tiny", weights="random", image_size=SIZE, mode="trained"),
+                        device="cpu")
+    sam = seg.model.sam
+    _hide_objects(sam)
+    other, other_lab = synthetic_volume(n=2, seed=5)
+    lo, hi = float(other.min()), float(other.max())
+    image = (other[0] - lo) / (hi - lo)
+    drawn, empty = other_lab[0] == 1, np.zeros_like(other_lab[0], bool)
+    memories = seg.support.external([SupportItem(image, drawn, "drawn"),
+                                     SupportItem(image, empty, "empty")], lambda: False)
+    no_object = sam.no_obj_ptr.expand_as(memories[0].obj_ptr)
+    assert torch.equal(memories[1].obj_ptr, no_object)  # an empty mask: "no object" either way
+    if mode == "training_free":
+        assert torch.equal(memories[0].obj_ptr, no_object)  # SAM2's own rule
+    else:
+        assert (memories[0].obj_ptr - no_object).abs().max() > 1e-3

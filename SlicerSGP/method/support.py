@@ -52,8 +52,12 @@ class SupportMemories:
         sam = rt.sam
         g = feats.grid
         with rt.mode(grad), rt.autocast():
-            out = sam._use_mask_as_output(feats.top_of(i), feats.high_res(i),
-                                          mask_model.to(rt.device))
+            if rt.model.pma is None:
+                out = sam._use_mask_as_output(feats.top_of(i), feats.high_res(i),
+                                              mask_model.to(rt.device))
+            else:
+                out = _mask_decides_presence(sam, feats.top_of(i), feats.high_res(i),
+                                             mask_model.to(rt.device))
             low_res, obj_ptr, obj_score = out[3], out[5], out[6]
             high_res = F.interpolate(low_res, size=(rt.image_size, rt.image_size),
                                      mode="bilinear", align_corners=False)
@@ -112,6 +116,27 @@ class SupportMemories:
     def clear(self) -> None:
         self._external.clear()
         self._images.clear()
+
+
+def _mask_decides_presence(sam, top: torch.Tensor, high_res: list[torch.Tensor],
+                           mask: torch.Tensor) -> tuple:
+    """SAM2's ``_use_mask_as_output`` with the mask alone deciding presence (SAM2's stated rule
+    for mask inputs), for trained models: SAM2 also lets its decoder's object score swap the
+    pointer for the no-object pointer, a hard gate without gradient which, from random weights,
+    can close for every support item and cut the one content path the pointers give (measured:
+    disk and square support then had identical pointers). Pretrained models keep SAM2's rule
+    exactly (the video-predictor oracle)."""
+    if not sam.pred_obj_scores:
+        return sam._use_mask_as_output(top, high_res, mask)
+    sam.pred_obj_scores = False  # skips both of SAM2's pointer gates; the mask's is redone below
+    try:
+        out = list(sam._use_mask_as_output(top, high_res, mask))
+    finally:
+        sam.pred_obj_scores = True
+    present = torch.any(mask.flatten(1) > 0, dim=1)[..., None].float()
+    obj_ptr = present * out[5] if sam.fixed_no_obj_ptr else out[5]
+    out[5] = obj_ptr + (1 - present) * sam.no_obj_ptr
+    return tuple(out)
 
 
 def select_top_k(feats: EncodedSlices, j: int, pool: list[Memory], k: int) -> list[Memory]:
