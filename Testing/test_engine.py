@@ -250,3 +250,54 @@ def test_in_trained_models_the_support_mask_alone_decides_its_pointer(mode):
         assert torch.equal(memories[0].obj_ptr, no_object)  # SAM2's own rule
     else:
         assert (memories[0].obj_ptr - no_object).abs().max() > 1e-3
+
+
+def test_support_pointer_starts_as_sam2_and_carries_what_the_mask_covers():
+    """The trained model's support pointer adds the masked-average features through a
+    projection that starts at zero: untrained, pointers equal SAM2's; once it is non-zero,
+    two masks on one image give different pointers, and an empty mask still "no object"."""
+    seg = Segmenter(build_model("tiny", weights="random", image_size=SIZE, mode="trained"),
+                    device="cpu")
+    make_objects_visible(seg.model.sam)
+    other, other_lab = synthetic_volume(n=2, seed=5)
+    lo, hi = float(other.min()), float(other.max())
+    image = (other[0] - lo) / (hi - lo)
+    blob = other_lab[0] == 1
+    rest = ~blob
+    items = [SupportItem(image, blob, "blob"), SupportItem(image, rest, "rest"),
+             SupportItem(image, np.zeros_like(blob), "empty")]
+
+    def pointers():
+        seg.support.clear()
+        return [m.obj_ptr for m in seg.support.external(items, lambda: False)]
+
+    sam = seg.model.sam
+    untrained = pointers()
+    seg.model.support_pointer = None  # SAM2's pointer with the mask deciding presence
+    plain = pointers()
+    assert all(torch.equal(a, b) for a, b in zip(untrained, plain, strict=True))
+    from SlicerSGP.method.pma import SupportPointer
+
+    seg.model.support_pointer = SupportPointer(sam.hidden_dim)
+    with torch.no_grad():
+        seg.model.support_pointer.proj.weight.copy_(torch.eye(sam.hidden_dim))
+    moved = pointers()
+    assert (moved[0] - plain[0]).abs().max() > 1e-3
+    assert (moved[0] - moved[1]).abs().max() > (plain[0] - plain[1]).abs().max() + 1e-3
+    assert torch.equal(moved[2], sam.no_obj_ptr.expand_as(moved[2]))
+
+
+def test_a_checkpoint_written_before_the_support_pointer_still_loads(tmp_path):
+    model = build_model("tiny", weights="random", image_size=SIZE, mode="trained", lora_rank=2)
+    path = save_sgp_checkpoint(model, tmp_path / "old.safetensors", base={"weights": "random"})
+    from safetensors.torch import load_file, save_file
+
+    state = {k: v for k, v in load_file(str(path)).items()
+             if not k.startswith("support_pointer.")}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    save_file(state, str(path), metadata=meta)
+    loaded = load_sgp_checkpoint(path)
+    assert float(loaded.support_pointer.proj.weight.abs().sum()) == 0.0

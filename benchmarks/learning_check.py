@@ -3,7 +3,8 @@
 Trains the small SAM2-SGP (``--model cpu-mini``, 256 px, every weight trainable, ``sgp train``'s
 code) from random weights on the first ``--train`` images of ``../shared/data/wbc`` with
 episodes whose target only the support defines: nucleus (label 2) and whole cell (1+2) on the
-same images, plus a share of empty-answer episodes (support with empty masks). Cytoplasm
+same images, paired (one step asks the same image for both, each with its own support), plus
+a share of empty-answer episodes (support with empty masks). Cytoplasm
 (label 1 alone) is never a training target. Then, on the held-out images, through the engine's
 ``Segmenter`` loaded from the saved checkpoint (what ``sgp segment --support-bank`` does), with
 support banks made from the training images' masks of one kind:

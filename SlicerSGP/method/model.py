@@ -21,7 +21,12 @@ import torch
 from torch import nn
 
 from SlicerSGP.errors import SGPInputError, SGPWeightsError
-from SlicerSGP.method.pma import MaskAttention, PseudoMaskAttention, pseudo_mask_box
+from SlicerSGP.method.pma import (
+    MaskAttention,
+    PseudoMaskAttention,
+    SupportPointer,
+    pseudo_mask_box,
+)
 
 SUPPORTED_IMAGE_SIZES = tuple(range(256, 1025, 64))
 CHECKPOINT_FORMAT = "slicersgp-checkpoint/1"
@@ -110,10 +115,12 @@ class SGPModel(nn.Module):
         self.config = config
         self.sam = sam
         self.pma: PseudoMaskAttention | None = None
+        self.support_pointer: SupportPointer | None = None
         if config.lora_rank > 0:
             inject_lora(self.sam.image_encoder, config.lora_rank, config.lora_alpha)
         if config.mode == "trained":
             self.pma = PseudoMaskAttention(sam.sam_mask_decoder, sam.hidden_dim, config.pma_heads)
+            self.support_pointer = SupportPointer(sam.hidden_dim)
 
     @property
     def image_size(self) -> int:
@@ -137,7 +144,7 @@ PMG_PREFIXES = ("sam.memory_attention.", "sam.memory_encoder.", "sam.sam_mask_de
 
 def is_sgp_owned(key: str, config: ModelConfig) -> bool:
     """Whether a tensor is the SGP checkpoint's (trained here) rather than base SAM2's."""
-    if "lora_" in key or key.startswith("pma."):
+    if "lora_" in key or key.startswith(("pma.", "support_pointer.")):
         return True
     return config.train_pmg and key.startswith(PMG_PREFIXES)
 
@@ -258,7 +265,9 @@ def load_sgp_checkpoint(path: str | Path, *, weights: str | None = None,
     # Every tensor the checkpoint is responsible for must be in it: a missing PMA or LoRA
     # tensor would otherwise keep its random initialisation without a word.
     needed = own if meta.get("full_state") else [k for k in own if is_sgp_owned(k, config)]
-    missing = [k for k in needed if k not in state]
+    # Checkpoints written before the support pointer existed lack it: its zero start is what
+    # they were trained with.
+    missing = [k for k in needed if k not in state and not k.startswith("support_pointer.")]
     if missing:
         raise SGPWeightsError(
             f"{path} lacks {len(missing)} tensors the model needs (e.g. {missing[:3]}): it is "

@@ -113,6 +113,32 @@ class PseudoMaskAttention(nn.Module):
         self.decoder = HierarchicalDecoder(sam_mask_decoder)
 
 
+class SupportPointer(nn.Module):
+    """Adds the support's masked-average features (projected) to its object pointer.
+
+    SAM2's pointer of a mask-prompted frame is its decoder's output token, which carries what
+    the mask covers only once the decoder has learnt to attend there; from random weights the
+    pointers of different structures stayed identical for 1200 steps (measured). The masked
+    average of the image features differs with the structure from the first step, so the
+    content path opens at once. The projection starts at zero: an untrained model (and a
+    checkpoint written without it) behaves exactly as before.
+    """
+
+    def __init__(self, dim: int = 256):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, obj_ptr: torch.Tensor, features: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        """``features`` (B, C, g, g), ``mask`` (B, 1, S, S) in [0, 1] -> pointer (B, C)."""
+        m = F.interpolate(mask.to(features.dtype), size=features.shape[-2:], mode="area")
+        area = m.sum(dim=(2, 3))
+        average = (features * m).sum(dim=(2, 3)) / area.clamp_min(1e-6)
+        return obj_ptr + self.proj(average.to(self.proj.weight.dtype)).to(obj_ptr.dtype)
+
+
 BOX_MARGIN = 0.05
 """Fraction of the box's side added on each side (at least one pixel), so a pseudo-mask that
 falls a little short still yields a box around the whole structure."""

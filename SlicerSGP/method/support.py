@@ -57,7 +57,7 @@ class SupportMemories:
                                               mask_model.to(rt.device))
             else:
                 out = _mask_decides_presence(sam, feats.top_of(i), feats.high_res(i),
-                                             mask_model.to(rt.device))
+                                             mask_model.to(rt.device), rt.model.support_pointer)
             low_res, obj_ptr, obj_score = out[3], out[5], out[6]
             high_res = F.interpolate(low_res, size=(rt.image_size, rt.image_size),
                                      mode="bilinear", align_corners=False)
@@ -119,12 +119,13 @@ class SupportMemories:
 
 
 def _mask_decides_presence(sam, top: torch.Tensor, high_res: list[torch.Tensor],
-                           mask: torch.Tensor) -> tuple:
+                           mask: torch.Tensor, support_pointer=None) -> tuple:
     """SAM2's ``_use_mask_as_output`` with the mask alone deciding presence (SAM2's stated rule
     for mask inputs), for trained models: SAM2 also lets its decoder's object score swap the
     pointer for the no-object pointer, a hard gate without gradient which, from random weights,
     can close for every support item and cut the one content path the pointers give (measured:
-    disk and square support then had identical pointers). Pretrained models keep SAM2's rule
+    disk and square support then had identical pointers). The trained model's
+    :class:`SupportPointer` adds what the mask covers. Pretrained models keep SAM2's rule
     exactly (the video-predictor oracle)."""
     if not sam.pred_obj_scores:
         return sam._use_mask_as_output(top, high_res, mask)
@@ -134,7 +135,8 @@ def _mask_decides_presence(sam, top: torch.Tensor, high_res: list[torch.Tensor],
     finally:
         sam.pred_obj_scores = True
     present = torch.any(mask.flatten(1) > 0, dim=1)[..., None].float()
-    obj_ptr = present * out[5] if sam.fixed_no_obj_ptr else out[5]
+    obj_ptr = out[5] if support_pointer is None else support_pointer(out[5], top, mask)
+    obj_ptr = present * obj_ptr if sam.fixed_no_obj_ptr else obj_ptr
     out[5] = obj_ptr + (1 - present) * sam.no_obj_ptr
     return tuple(out)
 
