@@ -51,13 +51,13 @@ class SupportMemories:
         rt = self.rt
         sam = rt.sam
         g = feats.grid
+        mask = mask_model.to(rt.device)
         with rt.mode(grad), rt.autocast():
             if rt.model.pma is None:
-                out = sam._use_mask_as_output(feats.top_of(i), feats.high_res(i),
-                                              mask_model.to(rt.device))
+                out = sam._use_mask_as_output(feats.top_of(i), feats.high_res(i), mask)
             else:
-                out = _mask_decides_presence(sam, feats.top_of(i), feats.high_res(i),
-                                             mask_model.to(rt.device), rt.model.support_pointer)
+                out = _mask_decides_presence(sam, feats.top_of(i), feats.high_res(i), mask,
+                                             rt.model.support_pointer)
             low_res, obj_ptr, obj_score = out[3], out[5], out[6]
             high_res = F.interpolate(low_res, size=(rt.image_size, rt.image_size),
                                      mode="bilinear", align_corners=False)
