@@ -19,7 +19,7 @@ rules) and nearest-support copy (the mask of the most similar training image, ra
 The first ``--cli-images`` held-out images are also run through ``sgp segment --support-bank``
 (a subprocess per image, banks written as images/ + masks/ folders) and must agree with the API.
 
-    python benchmarks/learning_check.py                 # about 25 min on 2 CPU cores
+    python benchmarks/learning_check.py                 # about 30 min on a 2-core CPU
     python benchmarks/learning_check.py --steps 60 --test 6 --cli-images 1   # a smoke run
 
 Times are wall-clock on whatever else the machine runs at the same time: treat them as rough.
