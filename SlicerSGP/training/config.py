@@ -16,6 +16,9 @@ def small_overrides(dim: int = 128, embed_dim: int = 32) -> list[str]:
     attention with 2 layers, a 1-layer memory fuser. Use with ``image_size`` 256."""
     d = int(dim)
     e = int(embed_dim)
+    # Memories no wider than the model: SAM2 splits a pointer into mem_dim-wide tokens, which
+    # needs mem_dim <= dim (SAM2.1 keeps 64).
+    mem = min(64, d)
     return [
         f"++model.image_encoder.trunk.embed_dim={e}",
         "++model.image_encoder.trunk.num_heads=1",
@@ -35,11 +38,9 @@ def small_overrides(dim: int = 128, embed_dim: int = 32) -> list[str]:
         f"++model.memory_encoder.mask_downsampler.embed_dim={d}",
         f"++model.memory_encoder.fuser.layer.dim={d}",
         "++model.memory_encoder.fuser.num_layers=1",
-        # Memories no wider than the model: SAM2 splits a pointer into mem_dim-wide tokens,
-        # which needs mem_dim <= dim (SAM2.1 keeps 64).
-        f"++model.memory_encoder.out_dim={min(64, d)}",
-        f"++model.memory_attention.layer.cross_attention.kv_in_dim={min(64, d)}",
-        f"++model.memory_encoder.position_encoding.num_pos_feats={min(64, d)}",
+        f"++model.memory_encoder.out_dim={mem}",
+        f"++model.memory_attention.layer.cross_attention.kv_in_dim={mem}",
+        f"++model.memory_encoder.position_encoding.num_pos_feats={mem}",
     ]
 
 
@@ -98,10 +99,10 @@ class TrainConfig:
     hold_out: list[str] | None = None
     """Targets never asked for in training (to test a structure defined only by support)."""
     absent_share: float = 0.2
+    """Fraction of episodes whose answer is empty (absent run, or empty support)."""
     paired_targets: bool = True
     """With several targets, a step also asks the same query for another target it shows
     (its own support): a model that ignores its support cannot answer both."""
-    """Fraction of episodes whose answer is empty (absent run, or empty support)."""
     axis: int = 0
     intensity: str = "auto"
     cases: str | None = None

@@ -210,12 +210,11 @@ def draw_episode(cases: list, bank: dict[TargetKey, list[BankItem]],
         lab = np.zeros_like(lab)
     # Another target this run shows, and distinct from this one's answer (a union equal to
     # its part here would ask the same question twice).
-    partners = [] if absent or not paired else [
-        t for c, t in episodes if c == ci and t != v
-        and target_mask(case.labels[window], t).any()
-        and not np.array_equal(target_mask(case.labels[window], t), lab)]
+    other_targets = {} if absent or not paired else {
+        t: target_mask(case.labels[window], t) for c, t in episodes if c == ci and t != v}
+    partners = [t for t, m in other_targets.items() if m.any() and not np.array_equal(m, lab)]
     v2 = partners[int(rng.integers(len(partners)))] if partners else None
-    lab2 = None if v2 is None else target_mask(case.labels[window], v2)
+    lab2 = None if v2 is None else other_targets[v2]
     if augmented:
         # One draw for both answers, so they stay aligned with the image.
         img, both = augment(img, lab if lab2 is None else np.concatenate([lab, lab2]), rng)
