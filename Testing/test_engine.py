@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from synthetic import make_objects_visible, synthetic_volume
 
 from SlicerSGP import Cancelled, SGPInputError, SupportItem
@@ -14,10 +16,18 @@ from SlicerSGP.method.model import (
     load_sgp_checkpoint,
     save_sgp_checkpoint,
 )
+from SlicerSGP.method.pma import SupportPointer
 from SlicerSGP.method.segmenter import Segmenter
 from SlicerSGP.types import SegmentOptions
 
 SIZE = 256
+
+
+def other_case(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Another case's slices scaled to [0, 1] (what a support item holds), and its labels."""
+    other, other_lab = synthetic_volume(n=n, seed=5)
+    lo, hi = float(other.min()), float(other.max())
+    return (other - lo) / (hi - lo), other_lab
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +39,8 @@ def segmenter():
 
 def test_external_support_only_starts_at_the_most_confident_slice(segmenter):
     vol, lab = synthetic_volume(n=6)
-    other, other_lab = synthetic_volume(n=4, seed=5)
-    lo, hi = float(other.min()), float(other.max())
-    bank = {1: [SupportItem((other[k] - lo) / (hi - lo), other_lab[k] == 1, f"case2/{k}")
-                for k in range(4)]}
+    other, other_lab = other_case(4)
+    bank = {1: [SupportItem(other[k], other_lab[k] == 1, f"case2/{k}") for k in range(4)]}
     res = segmenter.segment(vol, None, {1: "blob"}, SegmentOptions(), support_bank=bank)
     table = res.slice_scores[1]
     sources = table["source"].tolist()
@@ -197,10 +205,8 @@ def test_support_from_other_cases_gives_its_object_pointers(segmenter):
     model reads to tell which structure its support shows. A single 2D image included."""
     sam = segmenter.model.sam
     tokens_per_pointer = sam.hidden_dim // sam.mem_dim
-    other, other_lab = synthetic_volume(n=3, seed=5)
-    lo, hi = float(other.min()), float(other.max())
-    bank = {1: [SupportItem((other[k] - lo) / (hi - lo), other_lab[k] == 1, f"case2/{k}")
-                for k in range(3)]}
+    other, other_lab = other_case(3)
+    bank = {1: [SupportItem(other[k], other_lab[k] == 1, f"case2/{k}") for k in range(3)]}
     seen: list[int] = []
     original = sam.memory_attention.forward
 
@@ -238,9 +244,8 @@ def test_in_trained_models_the_support_mask_alone_decides_its_pointer(mode):
                         device="cpu")
     sam = seg.model.sam
     _hide_objects(sam)
-    other, other_lab = synthetic_volume(n=2, seed=5)
-    lo, hi = float(other.min()), float(other.max())
-    image = (other[0] - lo) / (hi - lo)
+    other, other_lab = other_case(2)
+    image = other[0]
     drawn, empty = other_lab[0] == 1, np.zeros_like(other_lab[0], bool)
     memories = seg.support.external([SupportItem(image, drawn, "drawn"),
                                      SupportItem(image, empty, "empty")], lambda: False)
@@ -259,9 +264,8 @@ def test_support_pointer_starts_as_sam2_and_carries_what_the_mask_covers():
     seg = Segmenter(build_model("tiny", weights="random", image_size=SIZE, mode="trained"),
                     device="cpu")
     make_objects_visible(seg.model.sam)
-    other, other_lab = synthetic_volume(n=2, seed=5)
-    lo, hi = float(other.min()), float(other.max())
-    image = (other[0] - lo) / (hi - lo)
+    other, other_lab = other_case(2)
+    image = other[0]
     blob = other_lab[0] == 1
     rest = ~blob
     items = [SupportItem(image, blob, "blob"), SupportItem(image, rest, "rest"),
@@ -276,8 +280,6 @@ def test_support_pointer_starts_as_sam2_and_carries_what_the_mask_covers():
     seg.model.support_pointer = None  # SAM2's pointer with the mask deciding presence
     plain = pointers()
     assert all(torch.equal(a, b) for a, b in zip(untrained, plain, strict=True))
-    from SlicerSGP.method.pma import SupportPointer
-
     seg.model.support_pointer = SupportPointer(sam.hidden_dim)
     with torch.no_grad():
         seg.model.support_pointer.proj.weight.copy_(torch.eye(sam.hidden_dim))
@@ -290,12 +292,8 @@ def test_support_pointer_starts_as_sam2_and_carries_what_the_mask_covers():
 def test_a_checkpoint_written_before_the_support_pointer_still_loads(tmp_path):
     model = build_model("tiny", weights="random", image_size=SIZE, mode="trained", lora_rank=2)
     path = save_sgp_checkpoint(model, tmp_path / "old.safetensors", base={"weights": "random"})
-    from safetensors.torch import load_file, save_file
-
     state = {k: v for k, v in load_file(str(path)).items()
              if not k.startswith("support_pointer.")}
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     save_file(state, str(path), metadata=meta)
