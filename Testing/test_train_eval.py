@@ -503,3 +503,25 @@ def test_montage_tile_draws_the_three_contours(tmp_path):
     assert (tile[80:] == 0).all(), "letterboxed: the bottom is padding"
     path = write_montage([tile, tile, tile], tmp_path / "m.png", columns=2)
     assert sitk.ReadImage(str(path)).GetSize() == (242, 242)
+
+
+class _RunsOnUnpickle:
+    """An object whose unpickling would run code: a resume state must never do that."""
+
+    def __reduce__(self):
+        return (print, ("unpickled: arbitrary code ran",))
+
+
+def test_resume_state_loads_without_arbitrary_unpickling(tiny_2d, tmp_path, capsys):
+    from SlicerSGP.errors import SGPInputError
+
+    out = tmp_path / "s.safetensors"
+    train(_cfg(tiny_2d, out, steps=2), progress=False, stop_after=1)
+    sp = state_path(out)
+    assert torch.load(sp, weights_only=True)["step"] == 1  # what sgp train writes loads safely
+    state = torch.load(sp, weights_only=True)
+    state["history"].append(_RunsOnUnpickle())
+    torch.save(state, sp)
+    with pytest.raises(SGPInputError, match="Delete it and start afresh"):
+        train(_cfg(tiny_2d, out, steps=2), progress=False, resume=True)
+    assert "arbitrary code ran" not in capsys.readouterr().out

@@ -4,6 +4,7 @@ pooled-embedding cache, history), from which a resumed run continues exactly."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +23,45 @@ from SlicerSGP.weights import file_sha256, resolve_weights
 STATE_FORMAT = "slicersgp-train-state/1"
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with numpy scalars and paths as plain Python values, so that the resume state
+    loads with ``torch.load(weights_only=True)`` (no arbitrary unpickling)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
 def trainer_state(trainer: Any) -> dict[str, Any]:
     """Everything a resumed run needs, as one torch-serialisable dict."""
     keys = sorted(trainer.pool_cache)
     return {
         "format": STATE_FORMAT,
         "step": trainer.step,
-        "config": trainer.cfg.to_dict(),
+        "config": _plain(trainer.cfg.to_dict()),
         "model": {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()},
         "optimizer": trainer.opt.state_dict(),
         "scheduler": trainer.sched.state_dict(),
         "pool_keys": keys,
         "pool": torch.stack([trainer.pool_cache[k] for k in keys]) if keys else None,
-        "history": trainer.history,
+        "history": _plain(trainer.history),
     }
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A resume state written by :func:`write_state`, loaded without arbitrary unpickling."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise SGPInputError(
+            f"Cannot resume from {path}: it holds objects other than tensors and plain values "
+            f"(written by an older version, or not by sgp train), and it is not unpickled for "
+            f"safety ({err}). Delete it and start afresh without --resume.") from err
 
 
 def restore_state(trainer: Any, state: dict[str, Any]) -> None:

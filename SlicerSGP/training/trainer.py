@@ -47,6 +47,7 @@ from SlicerSGP.errors import Cancelled, SGPInputError
 from SlicerSGP.method.model import build_model
 from SlicerSGP.method.segmenter import Segmenter
 from SlicerSGP.training.checkpoints import (
+    read_state,
     restore_state,
     trainer_state,
     write_checkpoint,
@@ -354,7 +355,7 @@ def train(cfg: TrainConfig, *, cases: list | None = None, resume: bool = False,
     trainer = Trainer(cfg, cases=cases, dist=d, log=log)
     sp = state_path(cfg.out)
     if resume and sp.is_file():
-        trainer.load_state(torch.load(sp, map_location="cpu", weights_only=False))
+        trainer.load_state(read_state(sp))
         if d.main:
             log(f"resumed from {sp} at step {trainer.step}")
     elif resume and d.main:
