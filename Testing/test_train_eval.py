@@ -518,8 +518,8 @@ def test_resume_state_loads_without_arbitrary_unpickling(tiny_2d, tmp_path, caps
     out = tmp_path / "s.safetensors"
     train(_cfg(tiny_2d, out, steps=2), progress=False, stop_after=1)
     sp = state_path(out)
-    assert torch.load(sp, weights_only=True)["step"] == 1  # what sgp train writes loads safely
-    state = torch.load(sp, weights_only=True)
+    state = torch.load(sp, weights_only=True)  # what sgp train writes loads safely
+    assert state["step"] == 1
     state["history"].append(_RunsOnUnpickle())
     torch.save(state, sp)
     with pytest.raises(SGPInputError, match="Delete it and start afresh"):
