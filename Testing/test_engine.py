@@ -16,7 +16,7 @@ from SlicerSGP.method.model import (
     load_sgp_checkpoint,
     save_sgp_checkpoint,
 )
-from SlicerSGP.method.pma import SupportPointer
+from SlicerSGP.method.pma import SupportPointer, SupportPrior, support_cue
 from SlicerSGP.method.segmenter import Segmenter
 from SlicerSGP.types import SegmentOptions
 
@@ -289,13 +289,70 @@ def test_support_pointer_starts_as_sam2_and_carries_what_the_mask_covers():
     assert torch.equal(moved[2], sam.no_obj_ptr.expand_as(moved[2]))
 
 
-def test_a_checkpoint_written_before_the_support_pointer_still_loads(tmp_path):
+def test_support_prior_starts_as_sam2_and_follows_the_support_masks():
+    """The trained model's support prior adds similarity maps to the support's masked features
+    through a projection that starts at zero: untrained, the segmentation is exactly that of a
+    model without it; once it is non-zero, the output moves."""
+    seg = Segmenter(build_model("tiny", weights="random", image_size=SIZE, mode="trained"),
+                    device="cpu")
+    make_objects_visible(seg.model.sam)
+    vol, _ = synthetic_volume(n=4)
+    other, other_lab = other_case(3)
+    bank = {1: [SupportItem(other[k], other_lab[k] == 1, f"case2/{k}") for k in range(3)]}
+
+    def probabilities():
+        seg.support.clear()
+        res = seg.segment(vol, None, {1: "blob"}, SegmentOptions(), support_bank=bank)
+        return res.probabilities[1]
+
+    untrained = probabilities()
+    prior = seg.model.support_prior
+    seg.model.support_prior = None
+    assert np.array_equal(untrained, probabilities())
+    seg.model.support_prior = prior
+    with torch.no_grad():
+        prior.proj.weight.normal_(0, 1.0)
+    assert np.abs(probabilities() - untrained).max() > 1e-3
+
+
+def test_support_prior_maps_mark_where_the_query_looks_like_the_mask():
+    """Queried with the support image itself, the foreground maps are high under the mask and
+    low outside, the background maps the reverse; swapping the mask swaps them; an empty mask
+    gives no foreground cue at all."""
+    torch.manual_seed(0)
+    g, c = 8, 16
+    top = torch.zeros(g, g, dtype=torch.bool)
+    top[: g // 2] = True
+    # Two kinds of tissue: the top half of the grid and the bottom half, each with its own look.
+    looks = torch.randn(2, c)
+    features = (looks[(~top).long()].permute(2, 0, 1) + 0.5 * torch.randn(c, g, g))[None]
+    mask = torch.zeros(1, 1, 4 * g, 4 * g)
+    mask[..., : 2 * g, :] = 1.0  # the top half
+    prior = SupportPrior(c)
+
+    def maps(m):
+        return prior.maps(features, [support_cue(features, m)])[0]
+
+    drawn, swapped, empty = maps(mask), maps(1 - mask), maps(torch.zeros_like(mask))
+    for ch in (0, 2):  # prototype, nearest cell: foreground
+        assert drawn[ch][top].mean() > drawn[ch][~top].mean() + 0.2
+        assert swapped[ch][~top].mean() > swapped[ch][top].mean() + 0.2
+    for ch in (1, 3):  # background
+        assert drawn[ch][~top].mean() > drawn[ch][top].mean() + 0.2
+    assert torch.allclose(drawn[2][top], torch.ones(g * g // 2))  # each cell its own nearest
+    assert float(drawn[4].min()) == 1.0
+    assert float(empty[0].abs().max()) == 0.0 and float(empty[2].abs().max()) == 0.0
+    assert float(empty[4].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("prefix", ["support_pointer.", "support_prior."])
+def test_a_checkpoint_written_before_the_support_paths_still_loads(tmp_path, prefix):
     model = build_model("tiny", weights="random", image_size=SIZE, mode="trained", lora_rank=2)
     path = save_sgp_checkpoint(model, tmp_path / "old.safetensors", base={"weights": "random"})
-    state = {k: v for k, v in load_file(str(path)).items()
-             if not k.startswith("support_pointer.")}
+    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith(prefix)}
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     save_file(state, str(path), metadata=meta)
     loaded = load_sgp_checkpoint(path)
-    assert float(loaded.support_pointer.proj.weight.abs().sum()) == 0.0
+    module = getattr(loaded, prefix.rstrip("."))
+    assert float(module.proj.weight.abs().sum()) == 0.0

@@ -25,6 +25,7 @@ from SlicerSGP.method.pma import (
     MaskAttention,
     PseudoMaskAttention,
     SupportPointer,
+    SupportPrior,
     pseudo_mask_box,
 )
 
@@ -116,11 +117,13 @@ class SGPModel(nn.Module):
         self.sam = sam
         self.pma: PseudoMaskAttention | None = None
         self.support_pointer: SupportPointer | None = None
+        self.support_prior: SupportPrior | None = None
         if config.lora_rank > 0:
             inject_lora(self.sam.image_encoder, config.lora_rank, config.lora_alpha)
         if config.mode == "trained":
             self.pma = PseudoMaskAttention(sam.sam_mask_decoder, sam.hidden_dim, config.pma_heads)
             self.support_pointer = SupportPointer(sam.hidden_dim)
+            self.support_prior = SupportPrior(sam.hidden_dim)
 
     @property
     def image_size(self) -> int:
@@ -144,7 +147,7 @@ PMG_PREFIXES = ("sam.memory_attention.", "sam.memory_encoder.", "sam.sam_mask_de
 
 def is_sgp_owned(key: str, config: ModelConfig) -> bool:
     """Whether a tensor is the SGP checkpoint's (trained here) rather than base SAM2's."""
-    if "lora_" in key or key.startswith(("pma.", "support_pointer.")):
+    if "lora_" in key or key.startswith(("pma.", "support_pointer.", "support_prior.")):
         return True
     return config.train_pmg and key.startswith(PMG_PREFIXES)
 
@@ -265,9 +268,10 @@ def load_sgp_checkpoint(path: str | Path, *, weights: str | None = None,
     # Every tensor the checkpoint is responsible for must be in it: a missing PMA or LoRA
     # tensor would otherwise keep its random initialisation without a word.
     needed = own if meta.get("full_state") else [k for k in own if is_sgp_owned(k, config)]
-    # Checkpoints written before the support pointer existed lack it: its zero start is what
-    # they were trained with.
-    missing = [k for k in needed if k not in state and not k.startswith("support_pointer.")]
+    # Checkpoints written before the support pointer or prior existed lack them: their zero
+    # start is what they were trained with.
+    missing = [k for k in needed if k not in state
+               and not k.startswith(("support_pointer.", "support_prior."))]
     if missing:
         raise SGPWeightsError(
             f"{path} lacks {len(missing)} tensors the model needs (e.g. {missing[:3]}): it is "

@@ -1,9 +1,11 @@
 """PMA, pseudo-mask attention (paper eq. 7-8): mask attention over the memory-conditioned
-features, a two-stage (H-SAM style) decoder, and the pseudo-mask's box prompt."""
+features, a two-stage (H-SAM style) decoder, and the pseudo-mask's box prompt; and the two
+trained paths from the support to PMG (its object pointer and a prior map)."""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -137,6 +139,86 @@ class SupportPointer(nn.Module):
         area = m.sum(dim=(2, 3))
         average = (features * m).sum(dim=(2, 3)) / area.clamp_min(1e-6)
         return obj_ptr + self.proj(average.to(self.proj.weight.dtype)).to(obj_ptr.dtype)
+
+
+CUE_PIXELS = 512
+"""Most feature vectors a support cue keeps per side (foreground, background): evenly spaced,
+so a 1024 px item (64 x 64 grid) costs at most 2 x 512 x C values."""
+
+
+@dataclass
+class SupportCue:
+    """What a support item's mask covers in the image encoder's feature space: the masked
+    feature sums and areas (for prototypes pooled over all items) and unit-length feature
+    vectors of covered and uncovered cells (for per-pixel nearest-support similarity)."""
+
+    sums: torch.Tensor    # (2, C): foreground, background feature sums
+    areas: torch.Tensor   # (2,): their areas in grid cells
+    inside: torch.Tensor  # (n, C) unit vectors under the mask (n may be 0)
+    outside: torch.Tensor  # (m, C) unit vectors outside it
+
+
+def support_cue(features: torch.Tensor, mask: torch.Tensor) -> SupportCue:
+    """``features`` (1, C, g, g), ``mask`` (1, 1, S, S) in [0, 1] -> the item's cue."""
+    m = F.interpolate(mask.to(features.dtype), size=features.shape[-2:], mode="area")[0, 0]
+    f = features[0].float().flatten(1)  # (C, g*g)
+    w = m.float().flatten()
+    sums = torch.stack([f @ w, f @ (1 - w)])
+    areas = torch.stack([w.sum(), (1 - w).sum()])
+    unit = F.normalize(f.t(), dim=1)
+    return SupportCue(sums, areas, _evenly(unit[w > 0.5]), _evenly(unit[w <= 0.5]))
+
+
+def _evenly(rows: torch.Tensor, limit: int = CUE_PIXELS) -> torch.Tensor:
+    if rows.shape[0] <= limit:
+        return rows
+    return rows[torch.linspace(0, rows.shape[0] - 1, limit, device=rows.device).long()]
+
+
+class SupportPrior(nn.Module):
+    """A prior map of where the query looks like what the support's masks cover, added to the
+    memory-conditioned features PMG decodes (a prior mask, as few-shot segmenters use).
+
+    The support reaches PMG otherwise only through memory attention, which from random weights
+    learnt *whether* a structure is asked for but not *which* (cytoplasm support still gave the
+    nucleus, measured). These maps differ with the support's masks from the first step: cosine
+    similarity of each query cell to the pooled foreground and background prototypes, and to the
+    nearest covered and uncovered support cell. The projection starts at zero: an untrained
+    model (and a checkpoint written without it) behaves exactly as before.
+    """
+
+    CHANNELS = 5
+
+    def __init__(self, dim: int = 256):
+        super().__init__()
+        self.proj = nn.Conv2d(self.CHANNELS, dim, kernel_size=1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def maps(self, query: torch.Tensor, cues: list[SupportCue]) -> torch.Tensor:
+        """``query`` (1, C, g, g) -> (1, 5, g, g): prototype similarity (fg, bg), nearest-cell
+        similarity (fg, bg), and whether any support item shows the structure at all."""
+        _, c, g, _ = query.shape
+        q = F.normalize(query[0].float().flatten(1).t(), dim=1)  # (g*g, C)
+        sums = torch.stack([cue.sums for cue in cues]).sum(0)
+        areas = torch.stack([cue.areas for cue in cues]).sum(0)
+        out = []
+        for side in (0, 1):
+            present = bool(areas[side] > 0)
+            proto = F.normalize(sums[side], dim=0)
+            out.append(q @ proto if present else q.new_zeros(g * g))
+        for rows in ([cue.inside for cue in cues], [cue.outside for cue in cues]):
+            pixels = torch.cat(rows) if rows else q.new_zeros(0, c)
+            out.append((q @ pixels.t()).max(dim=1).values if pixels.shape[0]
+                       else q.new_zeros(g * g))
+        out.append(q.new_full((g * g,), float(areas[0] > 0)))
+        return torch.stack(out).view(1, self.CHANNELS, g, g)
+
+    def forward(self, features: torch.Tensor, query: torch.Tensor,
+                cues: list[SupportCue]) -> torch.Tensor:
+        """Memory-conditioned ``features`` (1, C, g, g) plus the projected prior of ``query``."""
+        prior = self.maps(query, cues).to(self.proj.weight.dtype)
+        return features + self.proj(prior).to(features.dtype)
 
 
 BOX_MARGIN = 0.05

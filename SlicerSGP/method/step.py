@@ -76,6 +76,9 @@ class SlicePredictor:
         g = feats.grid
         pix = self.attention.condition(feats, j, support, bank, ptr_history, reverse,
                                        num_frames, opts.use_pmg)
+        cues = [m.cue for m in support if m.cue is not None]
+        if rt.model.support_prior is not None and opts.use_pmg and cues:
+            pix = rt.model.support_prior(pix, feats.top_of(j), cues)
         hr = feats.high_res(j)
         with rt.timed("decode"):
             pmg = sam._forward_sam_heads(

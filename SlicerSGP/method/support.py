@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from SlicerSGP.data import preprocess
 from SlicerSGP.errors import Cancelled, SGPInputError
 from SlicerSGP.method.encoding import EncodedSlices, SliceEncoder, content_key
+from SlicerSGP.method.pma import SupportCue, support_cue
 from SlicerSGP.method.runtime import Runtime, flat
 from SlicerSGP.types import CancelCheck, SupportItem
 
@@ -34,6 +35,7 @@ class Memory:
     obj_ptr: torch.Tensor         # (1, C)
     pooled: torch.Tensor          # (C,) embedding of the image it came from
     slice_index: int | None       # position in the query volume; None for other cases
+    cue: SupportCue | None = None  # what the mask covers, for the trained support prior
 
 
 class SupportMemories:
@@ -66,7 +68,8 @@ class SupportMemories:
                 pred_masks_high_res=high_res, object_score_logits=obj_score,
                 is_mask_from_pts=True,
             )
-        return Memory(mem.to(MEMORY_DTYPE), obj_ptr, feats.pooled[i], slice_index)
+            cue = None if rt.model.support_prior is None else support_cue(feats.top_of(i), mask)
+        return Memory(mem.to(MEMORY_DTYPE), obj_ptr, feats.pooled[i], slice_index, cue)
 
     def from_slices(self, feats: EncodedSlices, transform: preprocess.LetterboxTransform,
                     masks: dict[int, np.ndarray]) -> list[Memory]:
