@@ -188,12 +188,15 @@ def test_untrained_pma_starts_exactly_from_sam2():
         assert torch.equal(net.pma.mask_attention(feats, pseudo), feats)
 
 
-def test_box_comes_from_the_largest_component_with_a_margin():
+def test_box_comes_from_the_largest_components_with_a_margin():
     prob = torch.zeros(1, 1, 100, 100)
     prob[..., 20:60, 30:50] = 1.0  # the structure
     prob[..., 90:92, 90:92] = 1.0  # a stray blob far away
     box = pseudo_mask_box(prob).tolist()[0]
     assert box == pytest.approx([29.0, 18.0, 51.0, 62.0])  # 5 % of 20 -> 1 px, of 40 -> 2 px
+    prob[..., 20:50, 60:80] = 1.0  # a second lobe, 3/4 of the first: part of the structure
+    box = pseudo_mask_box(prob).tolist()[0]
+    assert box == pytest.approx([27.5, 18.0, 82.5, 62.0])  # 5 % of 50 -> 2.5 px
     assert pseudo_mask_box(torch.zeros(1, 1, 8, 8)) is None
     edge = torch.zeros(1, 1, 10, 10)
     edge[..., 0:10, 0:3] = 1.0

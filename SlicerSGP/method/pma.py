@@ -226,10 +226,16 @@ BOX_MARGIN = 0.05
 falls a little short still yields a box around the whole structure."""
 
 
+BOX_COMPONENT_SHARE = 0.25
+"""Components at least this share of the largest one's area count as the structure (the lobes
+of a segmented nucleus, both lungs); smaller ones are strays and stay out of the box."""
+
+
 def pseudo_mask_box(prob: torch.Tensor, threshold: float = 0.5) -> torch.Tensor | None:
-    """Box (x0, y0, x1, y1) around the largest connected component of ``prob >= threshold``
-    per batch item, with a margin, in pixel units of ``prob``; None where the pseudo-mask is
-    empty (no box, never a full-image box). One stray blob does not inflate the box."""
+    """Box (x0, y0, x1, y1) around the largest connected components of ``prob >= threshold``
+    (:data:`BOX_COMPONENT_SHARE`) per batch item, with a margin, in pixel units of ``prob``;
+    None where the pseudo-mask is empty (no box, never a full-image box). A stray blob does not
+    inflate the box."""
     fg = (prob[:, 0] >= threshold).detach().cpu().numpy()
     if not fg.any():
         return None
@@ -241,7 +247,8 @@ def pseudo_mask_box(prob: torch.Tensor, threshold: float = 0.5) -> torch.Tensor 
         components, count = ndimage.label(m)
         if count > 1:
             sizes = np.bincount(components.ravel())[1:]
-            m = components == (int(np.argmax(sizes)) + 1)
+            m = np.isin(components, 1 + np.flatnonzero(sizes >= BOX_COMPONENT_SHARE
+                                                       * sizes.max()))
         ys, xs = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
         x0, y0, x1, y1 = xs[0], ys[0], xs[-1] + 1, ys[-1] + 1
         mx = max(1.0, BOX_MARGIN * (x1 - x0))

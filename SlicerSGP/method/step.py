@@ -17,6 +17,7 @@ from SlicerSGP.data.preprocess import LetterboxTransform
 from SlicerSGP.method.encoding import EncodedSlices
 from SlicerSGP.method.memory import MemoryAttention
 from SlicerSGP.method.model import pseudo_mask_box
+from SlicerSGP.method.pma import support_cue
 from SlicerSGP.method.runtime import Runtime, flat
 from SlicerSGP.method.support import MEMORY_DTYPE, Memory
 from SlicerSGP.types import SegmentOptions
@@ -115,7 +116,11 @@ class SlicePredictor:
                     pred_masks_high_res=memory_mask.to(pix.dtype), object_score_logits=presence,
                     is_mask_from_pts=False,
                 )
-            memory = Memory(mem.to(MEMORY_DTYPE), obj_ptr, feats.pooled[j], j)
+            # A predicted slice can serve as support too (the reverse check re-predicts the
+            # labeled slice from it), so it carries its cue as a drawn one does.
+            cue = None if rt.model.support_prior is None else support_cue(
+                feats.top_of(j), (memory_mask.detach() > 0).float())
+            memory = Memory(mem.to(MEMORY_DTYPE), obj_ptr, feats.pooled[j], j, cue)
         return StepOutput(pseudo_low, final_high.float(), memory,
                           float(final_iou.detach().float().reshape(-1)[0]),
                           float(torch.sigmoid(presence.detach().float()).reshape(-1)[0]),
