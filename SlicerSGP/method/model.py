@@ -145,9 +145,14 @@ PMG_PREFIXES = ("sam.memory_attention.", "sam.memory_encoder.", "sam.sam_mask_de
 """The modules PMG runs on top of the image encoder: trained with ``train_pmg``."""
 
 
+ZERO_START_PREFIXES = ("support_pointer.", "support_prior.")
+"""Modules whose projections start at zero: a checkpoint written before they existed lacks
+them, and their zero start is what it was trained with."""
+
+
 def is_sgp_owned(key: str, config: ModelConfig) -> bool:
     """Whether a tensor is the SGP checkpoint's (trained here) rather than base SAM2's."""
-    if "lora_" in key or key.startswith(("pma.", "support_pointer.", "support_prior.")):
+    if "lora_" in key or key.startswith(("pma.", *ZERO_START_PREFIXES)):
         return True
     return config.train_pmg and key.startswith(PMG_PREFIXES)
 
@@ -268,10 +273,7 @@ def load_sgp_checkpoint(path: str | Path, *, weights: str | None = None,
     # Every tensor the checkpoint is responsible for must be in it: a missing PMA or LoRA
     # tensor would otherwise keep its random initialisation without a word.
     needed = own if meta.get("full_state") else [k for k in own if is_sgp_owned(k, config)]
-    # Checkpoints written before the support pointer or prior existed lack them: their zero
-    # start is what they were trained with.
-    missing = [k for k in needed if k not in state
-               and not k.startswith(("support_pointer.", "support_prior."))]
+    missing = [k for k in needed if k not in state and not k.startswith(ZERO_START_PREFIXES)]
     if missing:
         raise SGPWeightsError(
             f"{path} lacks {len(missing)} tensors the model needs (e.g. {missing[:3]}): it is "

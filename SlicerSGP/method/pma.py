@@ -198,7 +198,7 @@ class SupportPrior(nn.Module):
     def maps(self, query: torch.Tensor, cues: list[SupportCue]) -> torch.Tensor:
         """``query`` (1, C, g, g) -> (1, 5, g, g): prototype similarity (fg, bg), nearest-cell
         similarity (fg, bg), and whether any support item shows the structure at all."""
-        _, c, g, _ = query.shape
+        g = query.shape[-1]
         q = F.normalize(query[0].float().flatten(1).t(), dim=1)  # (g*g, C)
         sums = torch.stack([cue.sums for cue in cues]).sum(0)
         areas = torch.stack([cue.areas for cue in cues]).sum(0)
@@ -208,7 +208,7 @@ class SupportPrior(nn.Module):
             proto = F.normalize(sums[side], dim=0)
             out.append(q @ proto if present else q.new_zeros(g * g))
         for rows in ([cue.inside for cue in cues], [cue.outside for cue in cues]):
-            pixels = torch.cat(rows) if rows else q.new_zeros(0, c)
+            pixels = torch.cat(rows)
             out.append((q @ pixels.t()).max(dim=1).values if pixels.shape[0]
                        else q.new_zeros(g * g))
         out.append(q.new_full((g * g,), float(areas[0] > 0)))
