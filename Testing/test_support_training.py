@@ -10,8 +10,11 @@ import pytest
 
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.training.episodes import (
+    apply_view,
+    augment,
     build_support_bank,
     draw_episode,
+    draw_view,
     parse_target,
     resolve_targets,
     target_mask,
@@ -217,3 +220,76 @@ def test_trainer_feeds_each_episode_the_support_of_its_target(cells_2d, tmp_path
             part = fed[n * half:(n + 1) * half]
             assert all(0.9 * lo <= a <= 1.1 * hi for a in part), (target, fed)
     assert {"2", "1+2", "empty", "paired"} <= seen
+
+
+def test_volume_episodes_carry_their_view_for_the_support_and_2d_ones_do_not():
+    lab = np.zeros((6, 16, 20), np.uint8)
+    lab[:, 2:6, 3:9] = 1
+    vol = [_Case(lab.copy()), _Case(lab.copy())]
+    bank = build_support_bank(vol, [1])
+    views = set()
+    for seed in range(12):
+        ep = draw_episode(vol, bank, [(0, 1)], 3, True, np.random.default_rng(seed))
+        assert ep.support_view is not None
+        views.add(ep.support_view)
+        # the view is the one the query run was given
+        img, masks = apply_view(ep.support_view, vol[0].slices01[ep.window],
+                                lab[ep.window] == 1)
+        assert np.array_equal(img, ep.images) and np.array_equal(masks, ep.masks)
+    assert len(views) > 2
+    flat = [_cell(), _cell(shift=1)]
+    ep = draw_episode(flat, build_support_bank(flat, [2]), [(0, 2)], 1, True,
+                      np.random.default_rng(0))
+    assert ep.support_view is None  # 2D image sets keep upright support
+
+
+def test_augment_is_the_drawn_view_applied():
+    img = np.arange(2 * 5 * 7, dtype=np.float32).reshape(2, 5, 7)
+    for seed in range(8):
+        a = augment(img, img > 30, np.random.default_rng(seed))
+        view = draw_view(np.random.default_rng(seed))
+        b = apply_view(view, img, img > 30)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert apply_view((False, False, True), img)[0].shape == (2, 7, 5)
+
+
+def test_trainer_gives_volume_support_the_query_runs_view(tmp_path):
+    """A structure in one corner of every slice: whatever flip or rotation the query run got,
+    the support masks the network receives sit in the same corner as the query's answer."""
+    from SlicerSGP.training.config import TrainConfig
+    from SlicerSGP.training.trainer import Trainer
+
+    lab = np.zeros((6, 32, 32), np.uint8)
+    lab[:, 3:11, 4:12] = 1
+    cfg = TrainConfig(data="unused", out=str(tmp_path / "m.safetensors"), model="cpu-mini",
+                      weights="random", image_size=256, lora_rank=2, steps=6, lr=1e-3,
+                      warmup=2, seed=3, device="cpu", save_every=0, refresh_every=4, top_k=2,
+                      seq_len=2, absent_share=0.0, own_support=0.0)
+    t = Trainer(cfg, cases=[_Case(lab)], log=lambda *a: None)
+
+    def centre(mask) -> np.ndarray:
+        m = np.asarray(mask, dtype=np.float64).reshape(mask.shape[-2:])
+        rr, cc = np.nonzero(m > 0.5)
+        return np.array([rr.mean(), cc.mean()])
+
+    answers, fed = [], []
+    real_answer, real_memory = t._answer, t.seg.support_memory
+
+    def spy_answer(ep, feats, q_images, order, own, value, answer, masks, *rest):
+        answers.append((ep.support_view, centre(masks[0].detach().numpy())))
+        return real_answer(ep, feats, q_images, order, own, value, answer, masks, *rest)
+
+    def spy_memory(feats, i, mask_model, *args, **kw):
+        fed.append(centre(mask_model.detach().numpy()))
+        return real_memory(feats, i, mask_model, *args, **kw)
+
+    t._answer, t.seg.support_memory = spy_answer, spy_memory
+    views = set()
+    for _ in range(4):
+        answers.clear()
+        fed.clear()
+        t.train_step()
+        (view, where), = answers
+        views.add(view)
+        assert fed and all(np.abs(f - where).max() < 8 for f in fed), (view, where, fed)
+    assert len(views) > 1

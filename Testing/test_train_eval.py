@@ -525,3 +525,25 @@ def test_resume_state_loads_without_arbitrary_unpickling(tiny_2d, tmp_path, caps
     with pytest.raises(SGPInputError, match="Delete it and start afresh"):
         train(_cfg(tiny_2d, out, steps=2), progress=False, resume=True)
     assert "arbitrary code ran" not in capsys.readouterr().out
+
+
+def test_pseudo_mask_term_supervises_the_pseudo_mask_only_when_weighted():
+    y = _disk()
+    final = _logits(_disk(r=7.0))
+    good = _logits(_disk(r=7.0)).requires_grad_(True)
+    bad = _logits(torch.zeros_like(y)).requires_grad_(True)
+    off = sgp_loss(final, None, y, pmg_logits=good)
+    assert float(off["pseudo"]) == 0.0 and float(off["loss"]) == pytest.approx(
+        float(off["dice"] + off["bce"]))
+    w = LossWeights(pseudo=0.5)
+    near, far = sgp_loss(final, None, y, weights=w, pmg_logits=good), \
+        sgp_loss(final, None, y, weights=w, pmg_logits=bad)
+    assert float(near["pseudo"]) < float(far["pseudo"])
+    assert float(far["loss"]) == pytest.approx(
+        float(far["dice"] + far["bce"] + 0.5 * far["pseudo"]), rel=1e-6)
+    far["loss"].backward()
+    assert bad.grad is not None and float(bad.grad.abs().sum()) > 0
+    # quarter-resolution logits, as PMG gives them, are compared at the target's size
+    low = torch.nn.functional.avg_pool2d(good.detach(), 4)
+    assert float(sgp_loss(final, None, y, weights=w, pmg_logits=low)["pseudo"]) < \
+        float(far["pseudo"])

@@ -93,6 +93,8 @@ class TrainConfig:
     loss_ce: float = 1.0
     loss_kl: float = 1.0
     loss_obj: float = 1.0
+    loss_pseudo: float = 0.0
+    """Dice + BCE on PMG's pseudo-mask too (beyond eq. 9; for PMG trained from random)."""
     structures: list[int] | None = None
     targets: list[str] | None = None
     """What episodes ask for: label values or unions ('1+2'); None = each structure alone."""
@@ -119,7 +121,8 @@ class TrainConfig:
     RESUME_KEYS = ("data", "model", "weights", "image_size", "lora_rank", "lora_alpha",
                    "train_all", "sam2_overrides", "lr", "weight_decay", "warmup", "seq_len", "own_support", "own_image_support",
                    "top_k", "memory_size", "memory_policy", "train_pmg", "use_pmg", "use_pma",
-                   "use_3d_memory", "loss_dice", "loss_ce", "loss_kl", "loss_obj", "structures", "targets", "hold_out",
+                   "use_3d_memory", "loss_dice", "loss_ce", "loss_kl", "loss_obj", "loss_pseudo",
+                   "structures", "targets", "hold_out",
                    "absent_share", "paired_targets", "axis",
                    "intensity", "cases", "augment", "refresh_every", "seed")
 

@@ -122,15 +122,32 @@ def build_support_bank(cases: list, targets: list[TargetKey]) -> dict[TargetKey,
     return bank
 
 
+View = tuple[bool, bool, bool]
+"""An augmentation: flip columns, flip rows, swap rows and columns (with the flips, the eight
+flips and 90-degree rotations)."""
+
+
+def draw_view(rng: np.random.Generator) -> View:
+    return (bool(rng.random() < 0.5), bool(rng.random() < 0.5), bool(rng.random() < 0.5))
+
+
+def apply_view(view: View, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The same flips / swap on each stack of slices (N, H, W[, 3])."""
+    out = []
+    for a in arrays:
+        if view[0]:
+            a = a[:, :, ::-1]
+        if view[1]:
+            a = a[:, ::-1]
+        if view[2]:
+            a = np.swapaxes(a, 1, 2)
+        out.append(np.ascontiguousarray(a))
+    return tuple(out)
+
+
 def augment(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator):
     """Same random flips / 90-degree rotation for every slice of a run: (N, H, W[, 3])."""
-    if rng.random() < 0.5:
-        img, lab = img[:, :, ::-1], lab[:, :, ::-1]
-    if rng.random() < 0.5:
-        img, lab = img[:, ::-1], lab[:, ::-1]
-    if rng.random() < 0.5:
-        img, lab = np.swapaxes(img, 1, 2), np.swapaxes(lab, 1, 2)
-    return np.ascontiguousarray(img), np.ascontiguousarray(lab)
+    return apply_view(draw_view(rng), img, lab)
 
 
 def to_model(slices01: np.ndarray, masks: np.ndarray | None, size: int):
@@ -179,6 +196,10 @@ class Episode:
     partner: Partner | None = None
     """With ``paired``: the same run asked for another target, trained in the same step, so
     a model that ignores its support cannot score on both."""
+    support_view: View | None = None
+    """The query run's augmentation, to apply to the support too: set for volumes, whose
+    anatomy has a handedness (a mirrored query beside upright support makes the left and the
+    right kidney one question with two answers). 2D image sets keep upright support."""
 
 
 def draw_episode(cases: list, bank: dict[TargetKey, list[BankItem]],
@@ -215,13 +236,15 @@ def draw_episode(cases: list, bank: dict[TargetKey, list[BankItem]],
     partners = [t for t, m in other_targets.items() if m.any() and not np.array_equal(m, lab)]
     v2 = partners[int(rng.integers(len(partners)))] if partners else None
     lab2 = None if v2 is None else other_targets[v2]
+    view = None
     if augmented:
         # One draw for both answers, so they stay aligned with the image.
-        img, both = augment(img, lab if lab2 is None else np.concatenate([lab, lab2]), rng)
+        view = draw_view(rng)
+        img, both = apply_view(view, img, lab if lab2 is None else np.concatenate([lab, lab2]))
         lab, lab2 = both[:len(window)], (None if lab2 is None else both[len(window):])
     partner = None if v2 is None else Partner(v2, lab2, support_pool(bank, v2, ci, window))
     return Episode(ci, v, window, reverse, img, lab, support_pool(bank, v, ci, window),
-                   empty_support, absent, partner)
+                   empty_support, absent, partner, view if n > 1 else None)
 
 
 def support_pool(bank: dict[TargetKey, list[BankItem]], value: TargetKey, case: int,

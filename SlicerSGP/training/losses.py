@@ -20,6 +20,13 @@ pseudo-mask by a constant -1024 wherever its object score is negative, which cut
 gradient to the pseudo-mask; without it a PMG trained from a random start can fall silent for
 good.
 
+A second optional term goes beyond eq. (9) for models trained from a random start
+(``pseudo``, default 0): the same Dice + BCE against the ground truth on the pseudo-mask itself.
+The paper's PMG is pretrained SAM2 and only needs the KL pull; a PMG learning from nothing gets
+its signal otherwise only second-hand (through PMA's features and the KL towards a PMA that is
+itself still guessing), and multi-structure volume training from random was measured to stay
+silent without it.
+
 All terms are means over the pixels where ``valid`` is 1 (the letterbox padding is left out)
 and over the batch. Inputs are logits ``(B, 1, H, W)``; the pseudo-mask may be at a lower
 resolution (SAM2's quarter-resolution logits) and is upsampled bilinearly to the target's size.
@@ -42,6 +49,7 @@ class LossWeights:
     ce: float = 1.0
     kl: float = 1.0
     obj: float = 1.0
+    pseudo: float = 0.0
 
 
 def _valid(target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -80,11 +88,8 @@ def bernoulli_kl(pseudo_logits: torch.Tensor, final_logits: torch.Tensor,
     ``pseudo_logits`` are resized to ``final_logits``' size if they differ.
     """
     target_logits = final_logits.detach().float()
-    if pseudo_logits.shape[-2:] != target_logits.shape[-2:]:
-        pseudo_logits = F.interpolate(pseudo_logits.float(), size=target_logits.shape[-2:],
-                                      mode="bilinear", align_corners=False)
+    pseudo_logits = upsampled(pseudo_logits, target_logits)
     t = torch.sigmoid(target_logits)
-    pseudo_logits = pseudo_logits.float()
     # SAM2 writes its no-object sentinel (-1024) where PMG saw nothing: those pixels carry no
     # pseudo-mask to teach, so they are left out (a clamp would also stop real gradients).
     real = (pseudo_logits > NO_OBJECT_SENTINEL / 2).float()
@@ -93,6 +98,14 @@ def bernoulli_kl(pseudo_logits: torch.Tensor, final_logits: torch.Tensor,
     per_px = (cross - entropy).clamp_min(0.0)
     v = _valid(t, valid) * real
     return (per_px * v).sum() / v.sum().clamp_min(1.0)
+
+
+def upsampled(logits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``logits`` at ``like``'s spatial size (bilinear), as float."""
+    if logits.shape[-2:] == like.shape[-2:]:
+        return logits.float()
+    return F.interpolate(logits.float(), size=like.shape[-2:], mode="bilinear",
+                         align_corners=False)
 
 
 def object_loss(object_logits: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
@@ -106,26 +119,35 @@ def object_loss(object_logits: list[torch.Tensor], target: torch.Tensor) -> torc
 def sgp_loss(final_logits: torch.Tensor, pseudo_logits: torch.Tensor | None,
              target: torch.Tensor, valid: torch.Tensor | None = None,
              weights: LossWeights = LossWeights(),
-             object_logits: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Eq. (9) (+ the object-score term). Returns ``{"loss", "dice", "bce", "kl", "obj"}``
-    (the unweighted terms detached).
+             object_logits: list[torch.Tensor] | None = None,
+             pmg_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Eq. (9) (+ the object-score and pseudo-mask terms). Returns ``{"loss", "dice", "bce",
+    "kl", "obj", "pseudo"}`` (the unweighted terms detached).
 
     ``pseudo_logits`` None (PMG switched off, or PMA off so the final mask *is* the pseudo-mask)
-    drops the KL term; ``object_logits`` None or empty drops the object-score term.
+    drops the KL term; ``object_logits`` None or empty drops the object-score term;
+    ``pmg_logits`` (the pseudo-mask, supervised directly when ``weights.pseudo``) None drops the
+    pseudo-mask term.
     """
     d = dice_loss(final_logits, target, valid)
     b = bce_loss(final_logits, target, valid)
     total = weights.dice * d + weights.ce * b
     zero = torch.zeros((), device=final_logits.device)
-    k = o = zero
+    k = o = q = zero
     if pseudo_logits is not None and weights.kl:
         k = bernoulli_kl(pseudo_logits, final_logits, valid)
         total = total + weights.kl * k
     if object_logits and weights.obj:
         o = object_loss(object_logits, target)
         total = total + weights.obj * o
+    if pmg_logits is not None and weights.pseudo:
+        # A pseudo-mask PMG gated away (-1024) is a constant: no gradient, presence is taught
+        # by the object-score term.
+        pseudo = upsampled(pmg_logits, target)
+        q = dice_loss(pseudo, target, valid) + bce_loss(pseudo, target, valid)
+        total = total + weights.pseudo * q
     return {"loss": total, "dice": d.detach(), "bce": b.detach(), "kl": k.detach(),
-            "obj": o.detach()}
+            "obj": o.detach(), "pseudo": q.detach()}
 
 
 __all__ = ["LossWeights", "bce_loss", "bernoulli_kl", "dice_loss", "object_loss", "sgp_loss"]

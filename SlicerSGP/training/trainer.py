@@ -57,6 +57,7 @@ from SlicerSGP.training.config import TrainConfig, checkpoint_path, state_path
 from SlicerSGP.training.distributed import Dist, all_reduce_grads, init_distributed
 from SlicerSGP.training.episodes import (
     BankItem,
+    apply_view,
     augment,
     build_support_bank,
     draw_episode,
@@ -70,6 +71,9 @@ from SlicerSGP.training.losses import LossWeights, sgp_loss
 from SlicerSGP.types import CancelCheck, SegmentOptions
 
 __all__ = ["Dist", "StepCallback", "Trainer", "train"]
+
+LOSS_TERMS = ("dice", "bce", "kl", "obj", "pseudo")
+"""The loss terms each step records (unweighted, averaged over the run's predicted slices)."""
 
 
 class Trainer:
@@ -128,7 +132,8 @@ class Trainer:
         self.opts = SegmentOptions(top_k=cfg.top_k, memory_size=cfg.memory_size,
                                    memory_policy=cfg.memory_policy, use_pmg=cfg.use_pmg,
                                    use_pma=cfg.use_pma, use_3d_memory=cfg.use_3d_memory)
-        self.weights = LossWeights(cfg.loss_dice, cfg.loss_ce, cfg.loss_kl, cfg.loss_obj)
+        self.weights = LossWeights(cfg.loss_dice, cfg.loss_ce, cfg.loss_kl, cfg.loss_obj,
+                                   cfg.loss_pseudo)
         self.step = 0
         self.pool_cache: dict[tuple[int, int], torch.Tensor] = {}
         self.history: list[dict[str, float]] = []
@@ -223,7 +228,7 @@ class Trainer:
             _, p_masks, _ = to_model(ep.images, ep.partner.masks, size)
             questions.append((ep.partner.value, ep.partner.masks, p_masks.to(self.device),
                               ep.partner.pool))
-        losses, terms = [], {"dice": 0.0, "bce": 0.0, "kl": 0.0, "obj": 0.0}
+        losses, terms = [], dict.fromkeys(LOSS_TERMS, 0.0)
         for value, answer, masks, pool in questions:
             loss, parts = self._answer(ep, feats, q_images, order, own, value, answer, masks,
                                        valid, pool, rng)
@@ -263,6 +268,8 @@ class Trainer:
                               for b in items])
             if ep.empty_support:
                 s_lab = np.zeros_like(s_lab)
+            if ep.support_view is not None:
+                s_img, s_lab = apply_view(ep.support_view, s_img, s_lab)
             s_images, s_masks, _ = to_model(s_img, s_lab, size)
             s_feats = self.seg.encode_images(s_images.to(self.device), len(items), grad=True)
             for i in range(len(items)):
@@ -278,7 +285,7 @@ class Trainer:
             labeled = {a}
         use_kl = cfg.use_pmg and cfg.use_pma and self.model.pma is not None
         losses = []
-        terms = {"dice": 0.0, "bce": 0.0, "kl": 0.0, "obj": 0.0}
+        terms = dict.fromkeys(LOSS_TERMS, 0.0)
         predicted = len(order) - len(labeled)
         for j, out in self.seg.run_sweep(feats, order, ep.reverse, labeled, memories, self.opts,
                                          lambda j: q_images[j:j + 1], grad=True):
@@ -290,7 +297,8 @@ class Trainer:
             if cfg.use_pma and out.final_object_logits is not None:
                 obj.append(out.final_object_logits)
             parts = sgp_loss(out.final_high, out.pseudo_low if use_kl else None,
-                             q_masks[j:j + 1], valid, self.weights, obj)
+                             q_masks[j:j + 1], valid, self.weights, obj,
+                             out.pseudo_low if cfg.use_pmg else None)
             losses.append(parts["loss"])
             for name in terms:
                 terms[name] += float(parts[name]) / predicted
