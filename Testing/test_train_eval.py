@@ -527,6 +527,22 @@ def test_resume_state_loads_without_arbitrary_unpickling(tiny_2d, tmp_path, caps
     assert "arbitrary code ran" not in capsys.readouterr().out
 
 
+def test_a_cut_off_resume_state_is_refused_with_what_to_do(tmp_path):
+    from SlicerSGP.errors import SGPInputError
+    from SlicerSGP.training.checkpoints import read_state
+
+    whole = tmp_path / "whole.state.pt"
+    torch.save({"step": 3, "model": {"w": torch.ones(64, 64)}}, whole)
+    assert read_state(whole)["step"] == 3
+    cut = tmp_path / "cut.state.pt"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(SGPInputError, match="damaged or incomplete.*intact copy.*without --resume"):
+        read_state(cut)
+    (tmp_path / "empty.state.pt").write_bytes(b"")
+    with pytest.raises(SGPInputError, match="damaged or incomplete"):
+        read_state(tmp_path / "empty.state.pt")
+
+
 def test_pseudo_mask_term_supervises_the_pseudo_mask_only_when_weighted():
     y = _disk()
     final = _logits(_disk(r=7.0))

@@ -90,6 +90,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     o.add_argument("--loss-kl", type=float, default=1.0)
     o.add_argument("--loss-obj", type=float, default=1.0,
                    help="weight of SAM2's object-score loss (auxiliary, not in eq. 9; 0 = off)")
+    o.add_argument("--loss-pseudo", type=float, default=0.0,
+                   help="weight of a Dice + BCE on PMG's pseudo-mask (not in eq. 9, whose PMG is "
+                        "pretrained; for a PMG trained from random weights; 0 = off)")
     m = p.add_argument_group("method")
     m.add_argument("--seq-len", type=int, default=4, help="slices per volume episode")
     m.add_argument("--own-support", type=float, default=0.5,
@@ -138,7 +141,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         seq_len=args.seq_len, own_support=args.own_support, top_k=args.top_k, memory_size=args.memory_size,
         memory_policy=args.memory_policy, use_pmg=not args.no_pmg, use_pma=not args.no_pma,
         use_3d_memory=not args.no_3d_memory, loss_dice=args.loss_dice, loss_ce=args.loss_ce,
-        loss_kl=args.loss_kl, loss_obj=args.loss_obj, structures=args.structures,
+        loss_kl=args.loss_kl, loss_obj=args.loss_obj,
+        loss_pseudo=args.loss_pseudo, structures=args.structures,
         targets=args.targets, hold_out=args.hold_out,
         own_image_support=args.own_image_support, absent_share=args.absent_share,
         paired_targets=args.paired_targets, axis=axis, intensity=args.intensity,

@@ -5,6 +5,7 @@ pooled-embedding cache, history), from which a resumed run continues exactly."""
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,14 @@ def read_state(path: Path) -> dict[str, Any]:
             f"Cannot resume from {path}: it holds objects other than tensors and plain values "
             f"(written by an older version, or not by sgp train), and it is not unpickled for "
             f"safety ({err}). Delete it and start afresh without --resume.") from err
+    except (FileNotFoundError, PermissionError):
+        raise  # their own message says what is wrong
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
+        # torch.save writes a zip archive; a cut-off or overwritten copy has no central directory.
+        raise SGPInputError(
+            f"Cannot resume from {path}: the file is damaged or incomplete (copied while being "
+            f"written, or cut off: {err}). Resume from an intact copy, or delete it and start "
+            "afresh without --resume.") from err
 
 
 def restore_state(trainer: Any, state: dict[str, Any]) -> None:
