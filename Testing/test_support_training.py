@@ -275,9 +275,9 @@ def test_trainer_gives_volume_support_the_query_runs_view(tmp_path):
     answers, fed = [], []
     real_answer, real_memory = t._answer, t.seg.support_memory
 
-    def spy_answer(ep, feats, q_images, order, own, value, answer, masks, *rest):
-        answers.append((ep.support_view, centre(masks[0].detach().numpy())))
-        return real_answer(ep, feats, q_images, order, own, value, answer, masks, *rest)
+    def spy_answer(run, question, rng):
+        answers.append((run.episode.support_view, centre(question.masks[0].detach().numpy())))
+        return real_answer(run, question, rng)
 
     def spy_memory(feats, i, mask_model, *args, **kw):
         fed.append(centre(mask_model.detach().numpy()))

@@ -35,6 +35,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ from SlicerSGP.training.config import TrainConfig, checkpoint_path, state_path
 from SlicerSGP.training.distributed import Dist, all_reduce_grads, init_distributed
 from SlicerSGP.training.episodes import (
     BankItem,
+    Episode,
     apply_view,
     augment,
     build_support_bank,
@@ -74,6 +76,29 @@ __all__ = ["Dist", "StepCallback", "Trainer", "train"]
 
 LOSS_TERMS = ("dice", "bce", "kl", "obj", "pseudo")
 """The loss terms each step records (unweighted, averaged over the run's predicted slices)."""
+
+
+@dataclass
+class _Run:
+    """One step's query run as the network sees it (shared by the episode's questions)."""
+
+    episode: Episode
+    feats: Any
+    images: torch.Tensor
+    order: list[int]
+    own: bool
+    """The run's first slice is labeled support, as at inference."""
+    valid: torch.Tensor
+
+
+@dataclass
+class _Question:
+    """A target asked of the run: its answer (image and model space) and its support pool."""
+
+    value: Any
+    answer: np.ndarray
+    masks: torch.Tensor
+    pool: list[BankItem]
 
 
 class Trainer:
@@ -222,16 +247,16 @@ class Trainer:
         # As at inference, a slice the user labeled in this volume may start the sweep and be
         # support itself (the other episodes use other cases only).
         own = len(order) > 1 and not ep.empty_support and rng.random() < cfg.own_support
-        questions = [(ep.value, ep.masks, q_masks, ep.pool)]
+        run = _Run(ep, feats, q_images, order, own, valid)
+        questions = [_Question(ep.value, ep.masks, q_masks, ep.pool)]
         if ep.partner is not None:
             # The same features asked for another target: one backward over both answers.
             _, p_masks, _ = to_model(ep.images, ep.partner.masks, size)
-            questions.append((ep.partner.value, ep.partner.masks, p_masks.to(self.device),
-                              ep.partner.pool))
+            questions.append(_Question(ep.partner.value, ep.partner.masks,
+                                       p_masks.to(self.device), ep.partner.pool))
         losses, terms = [], dict.fromkeys(LOSS_TERMS, 0.0)
-        for value, answer, masks, pool in questions:
-            loss, parts = self._answer(ep, feats, q_images, order, own, value, answer, masks,
-                                       valid, pool, rng)
+        for question in questions:
+            loss, parts = self._answer(run, question, rng)
             losses.append(loss)
             for name in terms:
                 terms[name] += parts[name] / len(questions)
@@ -252,10 +277,12 @@ class Trainer:
         self.history.append(rec)
         return rec
 
-    def _answer(self, ep, feats, q_images: torch.Tensor, order: list[int], own: bool, value,
-                answer: np.ndarray, q_masks: torch.Tensor, valid: torch.Tensor,
-                pool: list[BankItem], rng: np.random.Generator):
-        """Support of ``value`` from ``pool``, the sweep over the episode's run, its loss."""
+    def _answer(self, run: _Run, question: _Question, rng: np.random.Generator):
+        """Support of the question's target from its pool, the sweep over the run, its loss."""
+        ep, feats, q_images, order, own, valid = (run.episode, run.feats, run.images, run.order,
+                                                  run.own, run.valid)
+        value, answer, q_masks, pool = (question.value, question.answer, question.masks,
+                                        question.pool)
         cfg = self.cfg
         size = self.seg.image_size
         memories = []
