@@ -158,10 +158,21 @@ class SupportCue:
     outside: torch.Tensor  # (m, C) unit vectors outside it
 
 
+def centred_cells(features: torch.Tensor) -> torch.Tensor:
+    """``features`` (1, C, g, g) -> (C, g*g), minus the image's mean feature.
+
+    The cells of one image share a large common component (more so as training goes on:
+    cosine similarities of 0.98-1.0 between any two cells of a CT slice were measured), which
+    squeezes every similarity map into a sliver; without it, foreground and background cells
+    of the same slice differ by 0.5-1.0 instead of 0.02-0.2."""
+    f = features[0].float().flatten(1)
+    return f - f.mean(dim=1, keepdim=True)
+
+
 def support_cue(features: torch.Tensor, mask: torch.Tensor) -> SupportCue:
     """``features`` (1, C, g, g), ``mask`` (1, 1, S, S) in [0, 1] -> the item's cue."""
     m = F.interpolate(mask.to(features.dtype), size=features.shape[-2:], mode="area")[0, 0]
-    f = features[0].float().flatten(1)  # (C, g*g)
+    f = centred_cells(features)  # (C, g*g)
     w = m.float().flatten()
     sums = torch.stack([f @ w, f @ (1 - w)])
     areas = torch.stack([w.sum(), (1 - w).sum()])
@@ -188,6 +199,12 @@ class SupportPrior(nn.Module):
     """
 
     CHANNELS = 5
+    GAIN = 40.0
+    """The maps are scaled up before the projection: an optimizer step moves each weight by
+    about the learning rate, so at unit scale the prior took hundreds of steps to matter at all
+    (on 8 CT organs from random, a 150-step run matched one without the prior to three
+    decimals; with 10 the Dice loss fell from 0.95 to 0.60 by step 210, with 40 to 0.5-0.6 by
+    step 100)."""
 
     def __init__(self, dim: int = 256):
         super().__init__()
@@ -199,7 +216,7 @@ class SupportPrior(nn.Module):
         """``query`` (1, C, g, g) -> (1, 5, g, g): prototype similarity (fg, bg), nearest-cell
         similarity (fg, bg), and whether any support item shows the structure at all."""
         g = query.shape[-1]
-        q = F.normalize(query[0].float().flatten(1).t(), dim=1)  # (g*g, C)
+        q = F.normalize(centred_cells(query).t(), dim=1)  # (g*g, C)
         sums = torch.stack([cue.sums for cue in cues]).sum(0)
         areas = torch.stack([cue.areas for cue in cues]).sum(0)
         out = []
@@ -218,7 +235,7 @@ class SupportPrior(nn.Module):
                 cues: list[SupportCue]) -> torch.Tensor:
         """Memory-conditioned ``features`` (1, C, g, g) plus the projected prior of ``query``."""
         prior = self.maps(query, cues).to(self.proj.weight.dtype)
-        return features + self.proj(prior).to(features.dtype)
+        return features + self.proj(prior * self.GAIN).to(features.dtype)
 
 
 BOX_MARGIN = 0.05
