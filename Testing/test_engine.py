@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from synthetic import make_objects_visible, synthetic_volume
 
 from SlicerSGP import Cancelled, SGPInputError, SupportItem
+from SlicerSGP.errors import SGPWeightsError
 from SlicerSGP.method.model import (
     ModelConfig,
     build_model,
@@ -356,3 +359,25 @@ def test_a_checkpoint_written_before_the_support_paths_still_loads(tmp_path, pre
     loaded = load_sgp_checkpoint(path)
     module = getattr(loaded, prefix.rstrip("."))
     assert float(module.proj.weight.abs().sum()) == 0.0
+
+
+def test_a_checkpoint_of_an_earlier_support_prior_is_refused_with_what_to_do(tmp_path):
+    """Maps computed another way make a trained projection wrong: refused, never run."""
+    model = build_model("tiny", weights="random", image_size=SIZE, mode="trained", lora_rank=2)
+    torch.nn.init.normal_(model.support_prior.proj.weight, std=0.1)  # a trained prior
+    path = save_sgp_checkpoint(model, tmp_path / "m.safetensors", base={"weights": "random"})
+    assert json.loads(path.with_suffix(".json").read_text())["support_prior"] == \
+        SupportPrior.VERSION
+    load_sgp_checkpoint(path)  # this version's own checkpoint loads
+    state = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["sgp"])
+    del meta["support_prior"]  # as written before the marker: version 1
+    save_file(state, str(path), metadata={"sgp": json.dumps(meta)})
+    with pytest.raises(SGPWeightsError, match="version 1 of the support prior.*Retrain"):
+        load_sgp_checkpoint(path)
+    # without a trained prior (all zero: never used) the version does not matter
+    state = {k: (torch.zeros_like(v) if k.startswith("support_prior.") else v)
+             for k, v in state.items()}
+    save_file(state, str(path), metadata={"sgp": json.dumps(meta)})
+    load_sgp_checkpoint(path)

@@ -194,6 +194,7 @@ def save_sgp_checkpoint(model: SGPModel, path: str | Path, *, base: dict[str, An
         "config": asdict(model.config),
         "base": base,
         "full_state": full_state,
+        "support_prior": SupportPrior.VERSION,
         **(extra or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -280,6 +281,13 @@ def load_sgp_checkpoint(path: str | Path, *, weights: str | None = None,
             "incomplete or from another configuration. Use the checkpoint `sgp train` wrote "
             "(re-run it with --resume if it was interrupted)."
         )
+    prior = [v for k, v in state.items() if k.startswith("support_prior.")]
+    written = meta.get("support_prior", 1)
+    if written != SupportPrior.VERSION and any(bool(v.any()) for v in prior):
+        raise SGPWeightsError(
+            f"{path} was trained with version {written} of the support prior, whose maps this "
+            f"version ({SupportPrior.VERSION}) computes differently (centred features, scaled), "
+            "so its segmentations would be wrong. Retrain it with this version (sgp train).")
     model.load_state_dict(state, strict=False)
     return model
 

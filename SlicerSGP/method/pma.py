@@ -199,6 +199,9 @@ class SupportPrior(nn.Module):
     """
 
     CHANNELS = 5
+    VERSION = 2
+    """How the maps are computed, written into checkpoints: 1 = uncentred at unit scale (before
+    :func:`centred_cells` and :attr:`GAIN`); a projection trained on one is wrong for another."""
     GAIN = 40.0
     """The maps are scaled up before the projection: an optimizer step moves each weight by
     about the learning rate, so at unit scale the prior took hundreds of steps to matter at all
