@@ -10,8 +10,8 @@ Beside it, on the very same drawn slices: Segment Editor's Fill between slices (
 morphological contour interpolation) and copying the nearest drawn slice. Variants: the 3D bank
 of K vs 1 memory, the hysteresis stop on vs off, quality-weighted fusion on vs off.
 
-    python benchmarks/learning_check_3d.py              # ~10-15 min on 2 CPU cores
-    python benchmarks/learning_check_3d.py --steps 40   # a smoke run
+    python benchmarks/learning_check_3d.py --seen --threads 1   # ~40 min on one core
+    python benchmarks/learning_check_3d.py --steps 40            # a smoke run
 
 A tiny model trained for minutes on one CT volume: the figures say whether the pieces work
 together and how they compare on the same drawn slices, not what a full-size model would do.
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from SlicerSGP.types import SegmentOptions
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=5e-4,
                    help="as the 2D check: from random weights sgp train's 1e-4 (a fine-tuning "
