@@ -352,14 +352,17 @@ def test_sgp_train_command(tiny_2d, tmp_path, capsys):
     out = tmp_path / "cmd.safetensors"
     rc = cli.main(["train", str(tiny_2d), "--out", str(out), "--model", "cpu-mini", "--weights",
                    "random", "--image-size", "256", "--lora-rank", "2", "--steps", "2",
-                   "--top-k", "2", "--quiet", "--device", "cpu"])
+                   "--top-k", "2", "--quiet", "--device", "cpu", "--loss-pseudo", "0.5"])
     assert rc == 0, capsys.readouterr().err
     text = capsys.readouterr().out
     assert "step 2/2" in text and "all weights" in text
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["training"]["config"]["loss_pseudo"] == 0.5 and meta["support_prior"] == 2
     assert out.is_file() and out.with_suffix(".json").is_file() and state_path(out).is_file()
     rc = cli.main(["train", str(tiny_2d), "--out", str(out), "--model", "cpu-mini", "--weights",
                    "random", "--image-size", "256", "--lora-rank", "2", "--steps", "3",
-                   "--top-k", "2", "--quiet", "--device", "cpu", "--resume"])
+                   "--top-k", "2", "--quiet", "--device", "cpu", "--resume",
+                   "--loss-pseudo", "0.5"])
     assert rc == 0
     assert "resumed from" in capsys.readouterr().out
     assert json.loads(out.with_suffix(".json").read_text())["training"]["steps"] == 3
