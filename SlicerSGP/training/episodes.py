@@ -15,6 +15,7 @@ here"), so that an empty support set gives an empty prediction.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -257,3 +258,27 @@ def support_pool(bank: dict[TargetKey, list[BankItem]], value: TargetKey, case: 
         raise SGPInputError("The support bank holds no slice outside the query: training "
                             "needs at least two labeled cases (or slices).")
     return others
+
+
+@dataclass
+class Run:
+    """One step's query run as the network sees it (shared by the episode's questions)."""
+
+    episode: Episode
+    feats: Any
+    """The run's encoded slices (``EncodedSlices``)."""
+    images: torch.Tensor
+    order: list[int]
+    own: bool
+    """The run's first slice is labeled support, as at inference."""
+    valid: torch.Tensor
+
+
+@dataclass
+class Question:
+    """A target asked of the run: its answer (image and model space) and its support pool."""
+
+    value: TargetKey
+    answer: np.ndarray
+    masks: torch.Tensor
+    pool: list[BankItem]

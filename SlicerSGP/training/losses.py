@@ -43,6 +43,10 @@ DICE_SMOOTH = 1.0
 """Additive smoothing of the soft Dice: an empty target with an empty prediction costs 0."""
 
 
+LOSS_TERMS = ("dice", "bce", "kl", "obj", "pseudo")
+"""The unweighted terms :func:`sgp_loss` reports (beside ``loss``), as each step records them."""
+
+
 @dataclass(frozen=True)
 class LossWeights:
     dice: float = 1.0
@@ -150,4 +154,4 @@ def sgp_loss(final_logits: torch.Tensor, pseudo_logits: torch.Tensor | None,
             "obj": o.detach(), "pseudo": q.detach()}
 
 
-__all__ = ["LossWeights", "bce_loss", "bernoulli_kl", "dice_loss", "object_loss", "sgp_loss"]
+__all__ = ["LOSS_TERMS", "LossWeights", "bce_loss", "bernoulli_kl", "dice_loss", "object_loss", "sgp_loss"]

@@ -35,7 +35,6 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +57,8 @@ from SlicerSGP.training.config import TrainConfig, checkpoint_path, state_path
 from SlicerSGP.training.distributed import Dist, all_reduce_grads, init_distributed
 from SlicerSGP.training.episodes import (
     BankItem,
-    Episode,
+    Question,
+    Run,
     apply_view,
     augment,
     build_support_bank,
@@ -69,36 +69,10 @@ from SlicerSGP.training.episodes import (
     target_name,
     to_model,
 )
-from SlicerSGP.training.losses import LossWeights, sgp_loss
+from SlicerSGP.training.losses import LOSS_TERMS, LossWeights, sgp_loss
 from SlicerSGP.types import CancelCheck, SegmentOptions
 
 __all__ = ["Dist", "StepCallback", "Trainer", "train"]
-
-LOSS_TERMS = ("dice", "bce", "kl", "obj", "pseudo")
-"""The loss terms each step records (unweighted, averaged over the run's predicted slices)."""
-
-
-@dataclass
-class _Run:
-    """One step's query run as the network sees it (shared by the episode's questions)."""
-
-    episode: Episode
-    feats: Any
-    images: torch.Tensor
-    order: list[int]
-    own: bool
-    """The run's first slice is labeled support, as at inference."""
-    valid: torch.Tensor
-
-
-@dataclass
-class _Question:
-    """A target asked of the run: its answer (image and model space) and its support pool."""
-
-    value: Any
-    answer: np.ndarray
-    masks: torch.Tensor
-    pool: list[BankItem]
 
 
 class Trainer:
@@ -247,12 +221,12 @@ class Trainer:
         # As at inference, a slice the user labeled in this volume may start the sweep and be
         # support itself (the other episodes use other cases only).
         own = len(order) > 1 and not ep.empty_support and rng.random() < cfg.own_support
-        run = _Run(ep, feats, q_images, order, own, valid)
-        questions = [_Question(ep.value, ep.masks, q_masks, ep.pool)]
+        run = Run(ep, feats, q_images, order, own, valid)
+        questions = [Question(ep.value, ep.masks, q_masks, ep.pool)]
         if ep.partner is not None:
             # The same features asked for another target: one backward over both answers.
             _, p_masks, _ = to_model(ep.images, ep.partner.masks, size)
-            questions.append(_Question(ep.partner.value, ep.partner.masks,
+            questions.append(Question(ep.partner.value, ep.partner.masks,
                                        p_masks.to(self.device), ep.partner.pool))
         losses, terms = [], dict.fromkeys(LOSS_TERMS, 0.0)
         for question in questions:
@@ -277,17 +251,15 @@ class Trainer:
         self.history.append(rec)
         return rec
 
-    def _answer(self, run: _Run, question: _Question, rng: np.random.Generator):
+    def _answer(self, run: Run, question: Question, rng: np.random.Generator):
         """Support of the question's target from its pool, the sweep over the run, its loss."""
-        ep, feats, q_images, order, own, valid = (run.episode, run.feats, run.images, run.order,
-                                                  run.own, run.valid)
-        value, answer, q_masks, pool = (question.value, question.answer, question.masks,
-                                        question.pool)
+        ep, feats, order, value, q_masks = (run.episode, run.feats, run.order, question.value,
+                                            question.masks)
         cfg = self.cfg
         size = self.seg.image_size
         memories = []
         by_shape: dict[tuple, list[BankItem]] = {}
-        for b in self._preselect(feats.pooled, pool):
+        for b in self._preselect(feats.pooled, question.pool):
             by_shape.setdefault(self.cases[b.case].slices01.shape[1:3], []).append(b)
         for items in by_shape.values():
             s_img = np.stack([self.cases[b.case].slices01[b.slice] for b in items])
@@ -304,9 +276,9 @@ class Trainer:
                                                         grad=True))
         if len(order) == 1 and cfg.own_image_support and not ep.empty_support and \
                 rng.random() < cfg.own_image_support:
-            memories.append(self._own_image_memory(ep.images, answer, rng))
+            memories.append(self._own_image_memory(ep.images, question.answer, rng))
         labeled: set[int] = set()
-        if own:
+        if run.own:
             a = order[0]
             memories.insert(0, self.seg.support_memory(feats, a, q_masks[a:a + 1], a, grad=True))
             labeled = {a}
@@ -315,7 +287,7 @@ class Trainer:
         terms = dict.fromkeys(LOSS_TERMS, 0.0)
         predicted = len(order) - len(labeled)
         for j, out in self.seg.run_sweep(feats, order, ep.reverse, labeled, memories, self.opts,
-                                         lambda j: q_images[j:j + 1], grad=True):
+                                         lambda j: run.images[j:j + 1], grad=True):
             if out is None:
                 continue  # the labeled slice: support, not a prediction
             obj = []
@@ -324,7 +296,7 @@ class Trainer:
             if cfg.use_pma and out.final_object_logits is not None:
                 obj.append(out.final_object_logits)
             parts = sgp_loss(out.final_high, out.pseudo_low if use_kl else None,
-                             q_masks[j:j + 1], valid, self.weights, obj,
+                             q_masks[j:j + 1], run.valid, self.weights, obj,
                              out.pseudo_low if cfg.use_pmg else None)
             losses.append(parts["loss"])
             for name in terms:
