@@ -7,8 +7,9 @@ The checkpoint (1.1M parameters) is trained from random weights on images holdin
 The test session trains it into the weights cache where it is not there yet, so this runs in CI.
 What made it learn *which* structure (measured, 1200 steps): without paired episodes, or
 without the support pointer's masked-average features, most seeds gave the same output for disk
-and square support; with both and the support prior, seeds 1 and 2 follow fully, seed 0 gives
-the disk for either (README, the disk/square table); the checkpoint is trained with seed 1.
+and square support; with both and support prior version 1, seeds 1 and 2 followed fully and
+seed 0 gave the disk for either; with version 2 (centred, scaled) seeds 0, 1 and 2 all follow
+(README, the disk/square table). The checkpoint is trained with seed 1.
 """
 
 from __future__ import annotations
