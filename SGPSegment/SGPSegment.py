@@ -62,8 +62,10 @@ Segment structures through a whole volume from a few slices you drew, with SAM2 
 support-set guided prompting (SAM2-SGP). Needs 3D Slicer 5.10 or later.
 <ol>
 <li>Select the volume and the segmentation; draw each structure on a few slices in the
-Segment Editor, all in one orientation (a slice you draw on counts as fully labeled:
-structures not drawn there are taken as absent).</li>
+Segment Editor, all in one orientation. A structure's support is the slices where you drew
+that structure; a slice drawn for one structure says nothing about the others (it teaches
+"absent here" only if marked complete: <code>complete_slices</code> in the Logic's
+<code>run</code>, or <code>sgp segment --complete-slices</code>).</li>
 <li>Select the segments and the orientation you drew in (Axial (K), Coronal (J) or
 Sagittal (I)); optionally add reference cases (other segmented volumes in the scene) or a
 saved support set (Support library section: slices drawn on earlier cases, saved, exported and

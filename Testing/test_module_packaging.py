@@ -259,6 +259,33 @@ def test_module_file_loads_on_old_slicer_python_to_show_the_version_message():
     assert "getDefaultModuleDocumentationLink" not in source
 
 
+def moduleHelpText() -> str:
+    """The literal text of ``self.parent.helpText`` in class ``SGPSegment``, whitespace joined."""
+    tree = ast.parse(MODULE_FILE.read_text())
+    module = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SGPSegment")
+    for node in ast.walk(module):
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Attribute) and t.attr == "helpText" for t in node.targets
+        ):
+            parts = [
+                c.value
+                for c in ast.walk(node.value)
+                if isinstance(c, ast.Constant) and isinstance(c.value, str)
+            ]
+            return " ".join(" ".join(parts).split())
+    raise AssertionError("SGPSegment sets no self.parent.helpText")
+
+
+def test_help_text_states_the_per_structure_support_rule():
+    """A drawn slice is support only for the structure drawn there; it teaches "absent here"
+    for the others only when marked complete (the rule before was: every drawn slice is fully
+    labeled, and structures not drawn there are absent)."""
+    text = moduleHelpText()
+    assert "fully labeled" not in text and "taken as absent" not in text, text
+    assert "slices where you drew that structure" in text, text
+    assert "says nothing about the others" in text and "marked complete" in text, text
+
+
 def test_module_follows_the_scripted_module_template():
     tree = ast.parse(MODULE_FILE.read_text())
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
