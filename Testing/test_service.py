@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from synthetic import synthetic_volume
 
+from SlicerSGP.cli.serve import read_token
 from SlicerSGP.errors import Cancelled, SGPInputError, SGPServiceError
 from SlicerSGP.method.segmenter import Segmenter
 from SlicerSGP.service import protocol
@@ -26,6 +27,7 @@ from SlicerSGP.service.client import EngineClient, connect_engine
 from SlicerSGP.service.launcher import LocalEngine
 from SlicerSGP.types import Geometry, SegmentationResult, SegmentOptions, SupportItem
 
+ROOT = Path(__file__).resolve().parents[1]
 MODEL_ARGS = ["--model", "tiny", "--weights", "random", "--image-size", "256", "--device", "cpu",
               "--seed", "0"]
 MAX_UPLOAD_MB = 1
@@ -295,6 +297,48 @@ def test_non_loopback_host_without_token_exits_2():
     assert proc.returncode == 2
     assert "without a token" in proc.stderr and "--token-file" in proc.stderr
     assert proc.stdout == ""
+
+
+def test_token_file_that_is_not_a_token_exits_2_with_the_fix(tmp_path):
+    """`sgp serve --token-file IMAGE` (a real process, the installed `sgp` command): a message
+    that names the problem and the fix, exit code 2, no traceback, and nothing served."""
+    sgp = Path(sys.executable).with_name("sgp")
+    assert sgp.is_file(), f"the sgp command is not installed beside {sys.executable}"
+    png = tmp_path / "scan.png"
+    png.write_bytes((ROOT / "Resources" / "Icons" / "SGPSegmentation.png").read_bytes())
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png.chmod(0o600)
+    proc = subprocess.run([str(sgp), "serve", "--token-file", str(png), *MODEL_ARGS],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == "", proc.stderr
+    err = proc.stderr
+    assert err.startswith("error: ") and str(png) in err and "is not a token file" in err, err
+    assert "text file" in err and "printable ASCII" in err and "16" in err, err
+    assert "secrets.token_urlsafe" in err, err
+
+
+@pytest.mark.parametrize("content", [
+    bytes(range(256)) * 2,                 # binary
+    "t0k3n-\u00e9\u00e8aaaaaaaaaaaaaaaa".encode(),  # not ASCII
+    b"first-line-aaaaaaaaaa\nsecond-line-aaaaaaaaaa\n",  # two lines
+    b"a" * 5000,                           # far too long for a token
+])
+def test_read_token_refuses_what_is_not_a_token(tmp_path, content):
+    path = tmp_path / "token"
+    path.write_bytes(content)
+    with pytest.raises(SGPInputError, match="is not a token file.*printable ASCII"):
+        read_token(path)
+
+
+def test_read_token_keeps_a_text_token_and_ignores_surrounding_whitespace(tmp_path):
+    path = tmp_path / "token"
+    path.write_bytes(b"  t0k3n-" + b"a" * 26 + b"\r\n")
+    path.chmod(0o600)
+    assert read_token(path) == "t0k3n-" + "a" * 26
+    path.write_bytes(b"short\n")
+    with pytest.raises(SGPInputError, match="too short"):
+        read_token(path)
 
 
 def test_dead_server_is_a_clear_service_error():

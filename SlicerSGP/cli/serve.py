@@ -49,13 +49,35 @@ def add_service_options(p: argparse.ArgumentParser) -> None:
                         "never outlives it)")
 
 
+TOKEN_MAX_BYTES = 4096
+"""A token file larger than this is not a token (e.g. an image named by mistake)."""
+
+
 def read_token(path: Path) -> str:
+    """The token in ``path``: one line of printable ASCII, at least 16 characters;
+    surrounding whitespace and a final newline are ignored. Anything else (a binary
+    file, an image, non-ASCII text) is refused with what to do, never with a traceback."""
+    fix = f"Use a text file holding only the token. Create one with: {TOKEN_HELP}"
     try:
-        token = path.read_text().strip()
+        with open(path, "rb") as f:
+            raw = f.read(TOKEN_MAX_BYTES + 1)
         mode = path.stat().st_mode
     except OSError as e:
         raise SGPInputError(f"Cannot read --token-file {path}: {e.strerror}. Create it with: "
                             f"{TOKEN_HELP}") from None
+    if len(raw) > TOKEN_MAX_BYTES:
+        raise SGPInputError(f"--token-file {path} is not a token file: it is over "
+                            f"{TOKEN_MAX_BYTES} bytes (a token is one line of 16 or more "
+                            f"printable ASCII characters). {fix}")
+    try:
+        token = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        token = None
+    if token is None or any(not (" " <= ch <= "~") for ch in token):
+        raise SGPInputError(f"--token-file {path} is not a token file: it holds bytes that are "
+                            "not printable ASCII on one line (binary data, an image, non-ASCII "
+                            "text or several lines?). A token is one line of 16 or more "
+                            f"printable ASCII characters. {fix}")
     if len(token) < 16:
         raise SGPInputError(f"The token in {path} is {'empty' if not token else 'too short'} "
                             f"(at least 16 characters). Create one with: {TOKEN_HELP}")
