@@ -401,6 +401,57 @@ def test_ui_parameter_bindings_match_the_parameter_node(compiledUi):
 # ------------------------------------------------------------------------------- metadata
 
 
+def _requirementsInDependenciesPy() -> tuple[list[str], list[str]]:
+    """(BASE_REQUIREMENTS + SGP_CHECKPOINT_REQUIREMENTS, every string literal anywhere in
+    SGPSegmentLib/dependencies.py that is a torch requirement), read without importing it."""
+    tree = ast.parse((MODULE_DIR / "SGPSegmentLib" / "dependencies.py").read_text())
+    listed: list[str] = []
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = {t.id for t in targets if isinstance(t, ast.Name)}
+            if names & {"BASE_REQUIREMENTS", "SGP_CHECKPOINT_REQUIREMENTS"}:
+                listed += list(ast.literal_eval(node.value))
+    torchStrings = [
+        n.value
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant)
+        and isinstance(n.value, str)
+        and re.fullmatch(r"torch\s*[<>=!~].*", n.value)
+    ]
+    return listed, torchStrings
+
+
+def test_engine_requirements_agree_between_pyproject_and_the_module_installer():
+    """What the module installs into the engine's Python (dependencies.py) asks for the same
+    versions as the package (pyproject.toml), and the torch floor is at least sam2's own."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    # [project] dependencies, read without tomllib (not in Python 3.10, which the package
+    # supports): one quoted requirement per item.
+    block = re.search(
+        r"^\[project\].*?^dependencies = \[(.*?)^\]", (ROOT / "pyproject.toml").read_text(),
+        re.M | re.S,
+    ).group(1)
+    items = re.findall(r'"([^"]+)"', re.sub(r"#[^\n]*", "", block))
+    assert len(items) >= 10, items
+    pyproject = {Requirement(r).name.lower(): Requirement(r) for r in items}
+    listed, torchStrings = _requirementsInDependenciesPy()
+    module = {Requirement(r).name.lower(): Requirement(r) for r in listed}
+    assert set(module) == set(pyproject), set(module) ^ set(pyproject)
+    for name, req in pyproject.items():
+        assert module[name].specifier == req.specifier, (name, str(module[name]), str(req))
+    torch = pyproject["torch"]
+    assert torchStrings, "dependencies.py names no torch requirement"
+    for text in torchStrings:  # e.g. the light-the-torch install line
+        assert Requirement(text).specifier == torch.specifier, (text, str(torch))
+    # sam2 1.1.0 itself requires torch>=2.5.1: a lower floor lets pip keep a torch sam2
+    # cannot run with.
+    floors = [Version(s.version) for s in torch.specifier if s.operator in (">=", "==", "~=")]
+    assert floors and max(floors) >= Version("2.5.1"), str(torch)
+
+
 def test_extension_metadata_and_catalog_entry_agree():
     top = cmakeSets(ROOT / "CMakeLists.txt")
     text = (ROOT / "CMakeLists.txt").read_text()
