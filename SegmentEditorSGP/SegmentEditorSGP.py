@@ -1,8 +1,10 @@
 """Registers the "SGP" Segment Editor effect when Slicer has started (a hidden module, as
 Slicer's extension template for editor effects does).
 
-The effect lives in ``SegmentEditorSGPLib/SegmentEditorEffect.py``; its behaviour is the SGP
-Segment module's Logic (``SGPSegmentLib.preview``), with that module's engine and settings.
+The effect lives in ``SegmentEditorSGPLib/SegmentEditorEffect.py`` (Slicer loads that file as
+the module ``SegmentEditorSGPLib``: the folder is no package), its options panel in the package
+``SegmentEditorSGPWidgets``; its behaviour is the SGP Segment module's Logic
+(``SGPSegmentLib.preview``), with that module's engine and settings.
 This file parses as Python 3.9, so an old Slicer still loads it and the effect shows the
 "needs Slicer 5.10" message.
 """
@@ -77,7 +79,12 @@ class SegmentEditorSGPTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(effect)
         self.assertEqual(effect.name, EFFECT_NAME)
         panel = effect.self().panel
-        if panel is not None:  # None on a Slicer older than 5.10 (the panel says why)
+        if effect.self().versionProblem:  # a Slicer older than 5.10: a label says why
+            self.assertIsNone(panel)
+        else:
+            self.assertIsNotNone(panel, "the SGP effect built no options panel")
+            self.assertEqual(type(panel).__module__, "SegmentEditorSGPWidgets.panel")
+            self.assertIsNotNone(panel.ui.previewButton)
             self.assertEqual(panel.chosenIds, [segmentId])
         editor.setActiveEffect(None)
         self.delayDisplay("Test passed")

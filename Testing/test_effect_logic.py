@@ -591,5 +591,5 @@ def test_effect_uses_only_widgets_its_ui_has_and_cmake_installs_everything():
     module = (EFFECT_DIR / "SegmentEditorSGP.py").read_text()
     assert 'connect("startupCompleted()", self.registerEditorEffect)' in module
     assert "SegmentEditorSGPLib" in module and "SegmentEditorEffect.py" in module
-    panel = (EFFECT_DIR / "SegmentEditorSGPLib" / "panel.py").read_text()
+    panel = (EFFECT_DIR / "SegmentEditorSGPWidgets" / "panel.py").read_text()
     assert "saveStateForUndo()" in panel and "rulesFromEditorNode" in panel

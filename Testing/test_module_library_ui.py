@@ -368,7 +368,7 @@ def test_panels_call_only_logic_members_that_exist_and_widgets_their_ui_has():
 
     core = SGPSegmentCoreLogic()
     module = ROOT / "SGPSegment" / "SGPSegment.py"
-    panel = ROOT / "SegmentEditorSGP" / "SegmentEditorSGPLib" / "panel.py"
+    panel = ROOT / "SegmentEditorSGP" / "SegmentEditorSGPWidgets" / "panel.py"
     library = {"supportSetChoices", "setSupportSet", "supportSetName", "supportSetDetails",
                "saveSupportSetFromParameterNode", "renameSupportSet", "deleteSupportSet",
                "importSupportSet", "exportSupportSet", "supportLibraryTitle"}  # fmt: skip

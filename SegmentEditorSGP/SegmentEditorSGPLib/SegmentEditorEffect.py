@@ -7,7 +7,12 @@ the editor's undo; Cancel removes it.
 
 Thin by design: every decision is in ``SGPSegmentLib.preview.PreviewLogic`` (Qt-free, tested
 with slicer-core and a real engine). This file is the effect's interface to the editor
-(name, icon, help, parameters, clicks in slice views); :mod:`.panel` wires its options panel.
+(name, icon, help, parameters, clicks in slice views); ``SegmentEditorSGPWidgets.panel``
+wires its options panel.
+
+Slicer loads this file as a module named after its folder (``SegmentEditorSGPLib``), not as
+part of a package: it imports nothing relative to its folder, only installed top-level packages
+(``SGPSegmentLib``, ``SegmentEditorSGPWidgets``).
 Engine, model and device are the SGP Segment module's settings (one place). Nothing heavy is
 imported at module level, and the file parses as Python 3.9 so that an old Slicer shows the
 "needs Slicer 5.10" message instead of failing.
@@ -62,9 +67,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.scriptedEffect.addOptionsWidget(label)
             return
         # Imported here: the Lib needs Python >= 3.10 (Slicer 5.10).
+        from SegmentEditorSGPWidgets.panel import PreviewPanel
         from SGPSegmentLib.preview import PreviewLogic
-
-        from SegmentEditorSGPLib.panel import PreviewPanel
 
         moduleLogic = slicer.util.getModuleLogic("SGPSegment")  # shared engine and settings
         self.panel = PreviewPanel(self.scriptedEffect, PreviewLogic(moduleLogic), moduleLogic)
