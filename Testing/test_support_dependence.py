@@ -9,7 +9,7 @@ What made it learn *which* structure (measured, 1200 steps): without paired epis
 without the support pointer's masked-average features, most seeds gave the same output for disk
 and square support; with both and support prior version 1, seeds 1 and 2 followed fully and
 seed 0 gave the disk for either; with version 2 (centred, scaled) seeds 0, 1 and 2 all follow
-(README, the disk/square table). The checkpoint is trained with seed 1.
+(docs/training-and-evaluation.md, the disk/square table). The checkpoint is trained with seed 1.
 """
 
 from __future__ import annotations
