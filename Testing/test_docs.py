@@ -1,5 +1,5 @@
 """The README front page and the pages under docs/: the two commands CI and new users rely on,
-links that resolve, the set-up without building that registers the effect too."""
+links that resolve, the set-up without building that registers the effect too, the picture."""
 
 from __future__ import annotations
 
@@ -67,3 +67,14 @@ def test_set_up_without_building_names_both_module_folders():
         part = text[text.index("Without building"):][:600]
         assert "`SGPSegment/`" in part and "`SegmentEditorSGP/`" in part, (page.name, part)
         assert "Additional module paths" in part, part
+
+
+def test_readme_shows_a_committed_screenshot_with_a_caption():
+    text = README.read_text()
+    pictures = re.findall(r"!\[[^\]]+\]\((Resources/Screenshots/[\w\-.]+\.png)\)", text)
+    assert pictures, "the README's top shows a screenshot"
+    head = text[: text.index("## The two commands")]
+    assert pictures[0] in head
+    png = ROOT / pictures[0]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size < 400 * 1024
