@@ -469,9 +469,31 @@ def test_extension_metadata_and_catalog_entry_agree():
     ):
         assert top.get(key), key
     assert "5.10" in " ".join(top["EXTENSION_DESCRIPTION"])
-    # A screenshot URL must point at a file that exists (the index checks it).
-    for url in top.get("EXTENSION_SCREENSHOTURLS", []):
-        assert (ROOT / url.split("/main/", 1)[1]).is_file(), url
+    # Slicer's extension template: cmake_minimum_required(VERSION 3.20.6...3.22.6).
+    required = re.search(
+        r"^cmake_minimum_required\(VERSION (\d+(?:\.\d+)*)(?:\.\.\.(\d+(?:\.\d+)*))? FATAL_ERROR\)", text, re.M
+    )
+    assert required, "cmake_minimum_required(VERSION MIN...MAX FATAL_ERROR) comes first"
+    low, high = (
+        tuple(int(x) for x in (v or required.group(1)).split(".")) for v in required.groups()
+    )
+    assert low >= (3, 20, 6) and high >= max(low, (3, 22, 6)), required.group(0)
+    # The index needs at least one screenshot URL and checks that each exists: a PNG committed
+    # in this repository, at a raw URL of the same repository and branch as the icon.
+    shots = top.get("EXTENSION_SCREENSHOTURLS", [])
+    assert shots, "EXTENSION_SCREENSHOTURLS is required by the Extensions Index check"
+    rawBase = top["EXTENSION_ICONURL"][0].split("/main/", 1)[0] + "/main/"
+    assert rawBase.startswith("https://raw.githubusercontent.com/"), rawBase
+    for url in shots:
+        assert url.startswith(rawBase), (url, rawBase)
+        shot = ROOT / url[len(rawBase):]
+        assert shot.is_file(), f"{url}: {shot} is not committed"
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size < 1024**2
+        tracked = subprocess.run(
+            ["git", "ls-files", "--error-unmatch", str(shot.relative_to(ROOT))],
+            cwd=ROOT, capture_output=True,
+        )
+        assert tracked.returncode == 0 or not (ROOT / ".git").exists(), f"{shot} is not in git"
 
     catalog = ROOT / f"{name}.json"
     assert catalog.is_file(), f"the catalog entry must be named after the extension: {catalog.name}"
@@ -493,6 +515,11 @@ def test_extension_metadata_and_catalog_entry_agree():
     assert sorted(entry["build_dependencies"]) == sorted(depends)
     assert entry["category"] == "Segmentation"
     assert entry["build_subdirectory"] == top["EXTENSION_BUILD_SUBDIRECTORY"][0]
+    # The catalog's repository is the one the icon and screenshot URLs are served from.
+    owner_repo = rawBase.removeprefix("https://raw.githubusercontent.com/").removesuffix("/main/")
+    assert entry["scm_url"] == f"https://github.com/{owner_repo}.git", entry["scm_url"]
+    assert entry.get("scm_revision", "main") == "main"
+    assert top["EXTENSION_HOMEPAGE"][0].startswith(f"https://github.com/{owner_repo}")
 
     iconPath = top["EXTENSION_ICONURL"][0].split("/main/", 1)[1]
     icon = ROOT / iconPath
