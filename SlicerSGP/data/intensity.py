@@ -45,6 +45,8 @@ def intensity_range(volume: np.ndarray, mode: str = "auto",
     * ``'none'``: min..max of the volume.
     * a CT preset (:data:`CT_PRESETS`): ``center -/+ width / 2``.
 
+    A bool volume is a binary image: ``(0, 1)`` in every mode but a CT preset.
+
     A window that would be empty (constant volume) is widened to ``(lo, lo + 1)``.
     """
     if mode not in INTENSITY_MODES:
@@ -58,6 +60,9 @@ def intensity_range(volume: np.ndarray, mode: str = "auto",
     arr = np.asarray(volume)
     if arr.size == 0:
         raise SGPInputError("Cannot compute an intensity range of an empty volume.")
+    if arr.dtype == np.bool_:
+        # A binary image (e.g. a thresholded scan): False is 0, True is 1, whatever the mode.
+        return 0.0, 1.0
     if mode == "auto":
         if arr.dtype == np.uint8:
             return 0.0, 255.0

@@ -90,7 +90,8 @@ def validate_volume(volume: np.ndarray, axis: int = 0, *, min_size: int = MIN_SL
         )
     if volume.size == 0:
         raise SGPInputError(f"Volume is empty (shape {shape}); load a volume with voxels in it.")
-    if not (np.issubdtype(volume.dtype, np.number) or volume.dtype == np.bool_):
+    if not (np.issubdtype(volume.dtype, np.number) or volume.dtype == np.bool_) or \
+            volume.dtype.kind == "m":  # timedelta64 counts as a number to numpy
         raise SGPInputError(
             f"Volume has a non-numeric data type ({volume.dtype}); convert it to a numeric array."
         )
