@@ -13,11 +13,17 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
+import re
+import threading
+import types
+import typing
+import zipfile
 from typing import Any
 
 import numpy as np
 
-from SlicerSGP.errors import SGPInputError
+from SlicerSGP.errors import SGPError, SGPInputError
 from SlicerSGP.types import Geometry, SegmentationResult, SegmentOptions, SupportItem
 
 PROTOCOL_VERSION = 1
@@ -26,6 +32,22 @@ PROTOCOL_HEADER = "X-SGP-Protocol"
 GEOMETRY_HEADER = "X-SGP-Geometry"
 NPZ = "application/x-npz"
 NPY = "application/x-npy"
+
+
+class LimitExceeded(SGPError):
+    """A request refused by one of the server's limits before any work: HTTP ``status`` (413:
+    the request is too large; 429: the queue is full; 503: the server is busy), a message
+    naming the limit and the option that raises it, and ``retry_after`` seconds where waiting
+    helps (sent as Retry-After)."""
+
+    def __init__(self, status: int, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.status, self.retry_after = status, retry_after
+
+
+ARCHIVE_MAX_DIRECTORY = 2**20
+"""Largest zip directory read from a request (about 15,000 arrays): parsing it costs memory per
+entry before any entry's size can be checked."""
 
 
 # --------------------------------------------------------------------------- archives
@@ -40,16 +62,90 @@ def pack(arrays: dict[str, np.ndarray], meta: dict[str, Any], compress: bool = F
     return buf.getvalue()
 
 
-def unpack(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Inverse of :func:`pack`; a malformed archive is an input error naming the problem."""
+def unpack(data: bytes, *, structured: bool = False, max_bytes: int | None = None
+           ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Inverse of :func:`pack`; a malformed archive is an input error naming the problem.
+
+    ``max_bytes`` (the server's ``--max-upload-mb``) bounds what the archive inflates to: the
+    sizes its zip directory declares must add up to at most that, checked before anything is
+    inflated (a 200 KB body of zeros can declare 200 MB), and no member is inflated past its
+    declared size (:func:`_read_member`). LimitExceeded (413) otherwise.
+
+    Members are read with :func:`npy_from_bytes` (never numpy's ``ast``-based header reader:
+    see :func:`npy_header`); structured arrays (a result's slice scores) only where
+    ``structured`` (the client reading a result), with numpy's reader under a lock.
+    """
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays: dict[str, np.ndarray] = {}
+        if max_bytes is not None:
+            _check_directory_size(data)
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            if max_bytes is not None:
+                _check_inflated_size(z.infolist(), max_bytes)
+            for info in z.infolist():
+                name = info.filename.removesuffix(".npy")
+                raw = _read_member(z, info)
+                what = f"Array {name!r} of the archive"
+                if structured and re.search(rb"'descr'\s*:\s*\[", bytes(raw[:NPY_HEADER_LIMIT])):
+                    with _NUMPY_READER_LOCK:
+                        arrays[name] = np.lib.format.read_array(io.BytesIO(raw),
+                                                                allow_pickle=False)
+                else:
+                    arrays[name] = npy_from_bytes(raw, what)
         meta = json.loads(arrays.pop("meta").tobytes().decode()) if "meta" in arrays else {}
-    except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
+    except SGPInputError:
+        raise
+    except (ValueError, OSError, KeyError, EOFError, NotImplementedError, zipfile.BadZipFile,
+            zipfile.LargeZipFile) as e:  # json.JSONDecodeError and UnicodeError are ValueErrors
         raise SGPInputError(f"The request body is not a SlicerSGP .npz archive ({e}); use "
                             "SlicerSGP.service.client to talk to the server.") from None
     return arrays, meta
+
+
+def _check_directory_size(data: bytes) -> None:
+    """Refuse an archive whose zip directory is larger than ARCHIVE_MAX_DIRECTORY, read from
+    its end record (and the zip64 one, which zipfile prefers) before zipfile parses it."""
+    end = data.rfind(b"PK\x05\x06", max(0, len(data) - 65557))
+    if end < 0 or end + 22 > len(data):
+        return  # not a zip: zipfile says so
+    size = int.from_bytes(data[end + 12:end + 16], "little")
+    if end >= 76 and data[end - 20:end - 16] == b"PK\x06\x07" and \
+            data[end - 76:end - 72] == b"PK\x06\x06":
+        size = max(size, int.from_bytes(data[end - 36:end - 28], "little"))
+    if size > ARCHIVE_MAX_DIRECTORY:
+        raise LimitExceeded(413, f"The request's archive lists {size / 2**20:.1f} MB of entries "
+                            f"(at most {ARCHIVE_MAX_DIRECTORY / 2**20:g} MB, about 15,000 "
+                            "arrays): send fewer arrays per request.")
+
+
+def _check_inflated_size(infos: list[zipfile.ZipInfo], max_bytes: int) -> None:
+    total = sum(max(0, info.file_size) for info in infos)
+    if total > max_bytes:
+        raise LimitExceeded(413, f"The request's arrays inflate to {total / 2**20:.1f} MB (as "
+                            "its archive declares) but this server accepts at most "
+                            f"{max_bytes / 2**20:g} MB per request: restart it with a larger "
+                            "--max-upload-mb, or send less (fewer labeled slices or support "
+                            "items).")
+
+
+_NUMPY_READER_LOCK = threading.Lock()
+
+
+def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytearray:
+    """A member's bytes in a bytearray (so the array read from it is writable, no copy)."""
+    buf = bytearray(info.file_size)
+    view, got = memoryview(buf), 0
+    with z.open(info) as f:
+        while got < len(buf):
+            n = f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        if f.read(1):
+            raise SGPInputError(f"Archive member {info.filename!r} is longer than it declares.")
+    view.release()
+    del buf[got:]
+    return buf
 
 
 def volume_to_npy(volume: np.ndarray) -> bytes:
@@ -59,11 +155,94 @@ def volume_to_npy(volume: np.ndarray) -> bytes:
 
 
 def volume_from_npy(data: bytes) -> np.ndarray:
+    """The volume in an uploaded .npy body (see :func:`npy_from_bytes`)."""
+    return npy_from_bytes(data, "The uploaded volume")
+
+
+# --------------------------------------------------------------------------- strict .npy
+
+NPY_MAGIC = b"\x93NUMPY"
+NPY_HEADER_LIMIT = 16384
+"""Longest .npy header accepted (numpy writes ~120 bytes for a plain array)."""
+NPY_MAX_DIMS = 16
+_NPY_ENTRY = re.compile(
+    r"\s*'(descr|fortran_order|shape)'\s*:\s*"
+    r"('[^'\\]{1,64}'|True|False|\(\s*(?:\d{1,19}\s*,\s*)*(?:\d{1,19}\s*)?\))\s*(?:,|$)")
+
+
+def npy_header(data: bytes | memoryview, what: str) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """(dtype, shape, fortran_order, data offset) of a .npy, parsed strictly here.
+
+    numpy's own reader evaluates the header with ``ast.literal_eval``, which on some Python
+    3.11 releases (3.11.7 among them) fails at random when threads parse at once ("AST
+    constructor recursion depth mismatch"); the server reads requests on many threads. This
+    parser accepts exactly what ``numpy.lib.format`` writes for a plain (non-object,
+    non-structured) array: format 1.0 to 3.0, a dict of descr, fortran_order and shape.
+    """
+    fix = "send it as numpy writes it (np.save / protocol.volume_to_npy) from a plain array."
+    head = bytes(data[:12])
+    if not head.startswith(NPY_MAGIC) or len(head) < 10 or head[6] not in (1, 2, 3):
+        raise SGPInputError(f"{what} is not a .npy array (no .npy signature at its start): "
+                            f"{fix}")
+    if head[6] == 1:
+        size, start = int.from_bytes(head[8:10], "little"), 10
+    else:
+        size, start = int.from_bytes(head[8:12], "little"), 12
+    if size > NPY_HEADER_LIMIT or start + size > len(data):
+        raise SGPInputError(f"{what} has a .npy header of {size} bytes (at most "
+                            f"{NPY_HEADER_LIMIT}, and within the body): {fix}")
     try:
-        return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise SGPInputError(f"The uploaded volume is not a .npy array without objects ({e}).") \
-            from None
+        text = bytes(data[start:start + size]).decode("latin-1" if head[6] < 3 else "utf-8")
+    except UnicodeDecodeError:
+        raise SGPInputError(f"{what} has a .npy header that is not text: {fix}") from None
+    text = text.strip()
+    if re.search(r"'descr'\s*:\s*\[", text):
+        raise SGPInputError(f"{what} is a structured (record) array: send a plain numeric "
+                            "array (one number per voxel).")
+    if not (text.startswith("{") and text.endswith("}")):
+        raise SGPInputError(f"{what} has a malformed .npy header: {fix}")
+    inner, entries, pos = text[1:-1].strip(), {}, 0
+    while pos < len(inner):
+        m = _NPY_ENTRY.match(inner, pos)
+        if m is None or m.group(1) in entries:
+            raise SGPInputError(f"{what} has a malformed .npy header: {fix}")
+        entries[m.group(1)] = m.group(2)
+        pos = m.end()
+    if set(entries) != {"descr", "fortran_order", "shape"} or \
+            not entries["descr"].startswith("'") or entries["fortran_order"] not in ("True",
+                                                                                     "False"):
+        raise SGPInputError(f"{what} has a malformed .npy header (it needs descr, "
+                            f"fortran_order and shape): {fix}")
+    descr = entries["descr"][1:-1]
+    try:
+        dtype = np.dtype(descr)
+    except (TypeError, ValueError):
+        raise SGPInputError(f"{what} has the unknown data type {descr!r}: send a numeric "
+                            "array.") from None
+    if dtype.hasobject or dtype.fields is not None or dtype.itemsize == 0:
+        raise SGPInputError(f"{what} has the data type {descr!r}, which holds no numbers: send "
+                            "a numeric array.")
+    shape = tuple(int(s) for s in re.findall(r"\d+", entries["shape"]))
+    if len(shape) > NPY_MAX_DIMS:
+        raise SGPInputError(f"{what} has {len(shape)} dimensions (at most {NPY_MAX_DIMS}).")
+    return dtype, shape, entries["fortran_order"] == "True", start + size
+
+
+def npy_from_bytes(data: bytes | bytearray, what: str = "The array") -> np.ndarray:
+    """The array in a .npy body, without numpy's header evaluator (see :func:`npy_header`);
+    the data must be exactly what the header declares, so a header that claims more voxels
+    than the body holds is refused before anything is allocated. The array is a view of
+    ``data`` (read-only for bytes, writable for a bytearray)."""
+    dtype, shape, fortran, offset = npy_header(data, what)
+    count = math.prod(shape)
+    held = len(data) - offset
+    if count * dtype.itemsize != held:
+        raise SGPInputError(
+            f"{what} does not hold what its .npy header declares: shape {shape} of {dtype} is "
+            f"{count * dtype.itemsize} bytes, the body has {held} after the header (cut off in "
+            "transit, or a forged header). Send it again with the client.")
+    flat = np.frombuffer(data, dtype, count=count, offset=offset)
+    return flat.reshape(shape, order="F" if fortran else "C")
 
 
 # --------------------------------------------------------------------------- volumes
@@ -76,11 +255,20 @@ def geometry_to_json(geometry: Geometry | None) -> dict[str, list[float]] | None
             "direction": [float(x) for x in geometry.direction]}
 
 
-def geometry_from_json(data: dict[str, list[float]] | None) -> Geometry | None:
+def geometry_from_json(data: Any, field: str = "geometry") -> Geometry | None:
+    """A Geometry from JSON, every number checked (finite; spacing positive)."""
     if data is None:
         return None
-    return Geometry(origin=tuple(data["origin"]), spacing=tuple(data["spacing"]),
-                    direction=tuple(data["direction"]))
+    _check_keys(_dict(data, field), field, required=("origin", "spacing", "direction"))
+    sizes = {"origin": 3, "spacing": 3, "direction": 9}
+    values = {}
+    for key, n in sizes.items():
+        items = _list(data[key], f"{field}.{key}", exact=n)
+        values[key] = tuple(_number(v, f"{field}.{key}[{i}]") for i, v in enumerate(items))
+    if min(values["spacing"]) <= 0:
+        raise _bad(f"{field}.spacing", "must be positive (voxel sizes in mm)",
+                   list(values["spacing"]))
+    return Geometry(**values)
 
 
 def volume_id(volume: np.ndarray, geometry: Geometry | None) -> str:
@@ -100,13 +288,18 @@ def options_to_json(options: SegmentOptions | None) -> dict[str, Any]:
     return dataclasses.asdict(options or SegmentOptions())
 
 
-def options_from_json(data: dict[str, Any] | None) -> SegmentOptions:
+def options_from_json(data: Any, field: str = "options") -> SegmentOptions:
+    """SegmentOptions from JSON, each value checked against the field's type (the engine then
+    checks the ranges)."""
+    if data is None:
+        return SegmentOptions()
     names = {f.name for f in dataclasses.fields(SegmentOptions)}
-    unknown = sorted(set(data or {}) - names)
+    unknown = sorted(set(_dict(data, field)) - names)
     if unknown:
         raise SGPInputError(f"Unknown option(s) {unknown}: the client is newer than the server; "
                             "update the server's SlicerSGP.")
-    return SegmentOptions(**(data or {}))
+    hints = typing.get_type_hints(SegmentOptions)
+    return SegmentOptions(**{k: _typed(v, hints[k], f"{field}.{k}") for k, v in data.items()})
 
 
 def labeled_slices_of(labels: np.ndarray, axis: int) -> dict[int, np.ndarray]:
@@ -145,24 +338,41 @@ def encode_labels(labels: np.ndarray | dict[int, np.ndarray] | None, axis: int,
             "slices": sorted(slices)}
 
 
-def decode_labels(desc: dict[str, Any] | None, arrays: dict[str, np.ndarray],
+def decode_labels(desc: Any, arrays: dict[str, np.ndarray],
                   volume_shape: tuple[int, ...]) -> np.ndarray | None:
-    """Rebuild the caller's label map: zeros with the labeled slices written back."""
+    """Rebuild the caller's label map: zeros with the labeled slices written back. Every
+    field is checked first, so a malformed description is an input error naming the field and
+    nothing larger than the volume is ever allocated."""
     if desc is None:
         return None
+    _dict(desc, "labels")
     if desc.get("full"):
-        return arrays["labels_full"]
-    shape = tuple(desc["shape"]) if desc.get("shape") is not None else tuple(volume_shape[:3])
-    labels = np.zeros(shape, np.dtype(desc["dtype"]))
-    view = np.moveaxis(labels, int(desc["axis"]), 0)
-    for k in desc["slices"]:
-        if not 0 <= int(k) < view.shape[0]:
-            raise SGPInputError(f"Labeled slice {k} is outside the volume (0..{view.shape[0] - 1}).")
-        part = arrays[f"label_{k}"]
+        _check_keys(desc, "labels", required=("full",), optional=("shape", "dtype"))
+        return _label_array(arrays, "labels_full", "labels.full")
+    _check_keys(desc, "labels", required=("dtype", "axis", "slices"), optional=("shape",))
+    spatial = tuple(int(s) for s in volume_shape[:3])
+    if desc.get("shape") is not None:
+        shape = tuple(_int(v, f"labels.shape[{i}]", 0)
+                      for i, v in enumerate(_list(desc["shape"], "labels.shape")))
+        if shape != spatial:
+            raise _bad("labels.shape", "must be the volume's shape: the label map shares the "
+                       f"image's voxel grid (resample the labels onto the image); the volume is "
+                       f"{list(spatial)}", list(shape))
+    dtype = _label_dtype(desc["dtype"], "labels.dtype")
+    axis = _int(desc["axis"], "labels.axis", 0, 2)
+    labels = np.zeros(spatial, dtype)
+    view = np.moveaxis(labels, axis, 0)
+    slices = _list(desc["slices"], "labels.slices", most=view.shape[0])
+    for i, k in enumerate(slices):
+        k = _int(k, f"labels.slices[{i}]")
+        if not 0 <= k < view.shape[0]:
+            raise SGPInputError(f"Labeled slice {k} is outside the volume (0..{view.shape[0] - 1}) "
+                                "(request field labels.slices).")
+        part = _label_array(arrays, f"label_{k}", f"labels.slices[{i}]")
         if part.shape != view.shape[1:]:
             raise SGPInputError(f"Labeled slice {k} has shape {part.shape}; slices of this "
                                 f"volume along the axis have shape {view.shape[1:]}.")
-        view[int(k)] = part
+        view[k] = part
     return labels
 
 
@@ -179,20 +389,209 @@ def encode_bank(bank: dict[int, list[SupportItem]] | None,
     return out
 
 
-def decode_bank(desc: dict[str, list[str]] | None,
+def decode_bank(desc: Any,
                 arrays: dict[str, np.ndarray]) -> dict[int, list[SupportItem]] | None:
     if desc is None:
         return None
-    return {int(v): [SupportItem(arrays[f"bank_{v}_{i}_image"], arrays[f"bank_{v}_{i}_mask"], src)
-                     for i, src in enumerate(sources)] for v, sources in desc.items()}
+    bank: dict[int, list[SupportItem]] = {}
+    for v, sources in _dict(desc, "bank").items():
+        value = _label_value(v, f"bank key {v!r}")
+        items = []
+        for i, src in enumerate(_list(sources, f"bank.{v}")):
+            where = f"bank.{v}[{i}]"
+            image = _array(arrays, f"bank_{v}_{i}_image", where, kinds="biuf", ndims=(2, 3))
+            mask = _array(arrays, f"bank_{v}_{i}_mask", where, kinds="biuf", ndims=(2,))
+            items.append(SupportItem(image, mask, _str(src, where)))
+        bank[value] = items
+    return bank
 
 
 def structures_to_json(structures: dict[int, str] | None) -> dict[str, str] | None:
     return None if structures is None else {str(int(k)): str(v) for k, v in structures.items()}
 
 
-def structures_from_json(data: dict[str, str] | None) -> dict[int, str] | None:
-    return None if data is None else {int(k): v for k, v in data.items()}
+def structures_from_json(data: Any) -> dict[int, str] | None:
+    if data is None:
+        return None
+    return {_label_value(k, f"structures key {k!r}"): _str(v, f"structures.{k}")
+            for k, v in _dict(data, "structures").items()}
+
+
+# --------------------------------------------------------------------------- request checks
+# Everything a client sends is checked here before the engine sees it: a malformed request is
+# an SGPInputError (HTTP 422) that names the field, never an engine fault (500).
+
+RUN_FIELDS = ("volume_id", "structures", "options", "support_slices", "labels", "bank")
+REFINE_FIELDS = ("volume_id", "slice_index", "points", "point_labels", "options")
+INT_LIMIT = 2**31
+"""Integers in a request (slice indices, label values) stay within +-2**31."""
+MAX_LIST = 100_000
+"""Longest list in a request's JSON (no volume has more slices, clicks or structures)."""
+
+
+def check_meta(meta: Any, fields: tuple[str, ...], required: tuple[str, ...]) -> dict[str, Any]:
+    """The request's ``meta`` as a dict with only known fields and the required ones."""
+    _check_keys(_dict(meta, "meta"), "meta", required=required,
+                optional=tuple(f for f in fields if f not in required))
+    if not isinstance(meta["volume_id"], str) or not re.fullmatch(r"[0-9a-f]{64}",
+                                                                  meta["volume_id"]):
+        raise _bad("meta.volume_id", "must be the 64 hex digits protocol.volume_id gives",
+                   meta["volume_id"])
+    return meta
+
+
+def slices_from_json(data: Any, field: str) -> list[int] | None:
+    if data is None:
+        return None
+    return [_int(v, f"{field}[{i}]") for i, v in enumerate(_list(data, field))]
+
+
+def refine_from_json(meta: Any) -> tuple[int, list[tuple[float, float]], list[int]]:
+    """(slice_index, points, point_labels) of a refine request, checked."""
+    meta = check_meta(meta, REFINE_FIELDS, ("volume_id", "slice_index", "points",
+                                            "point_labels"))
+    index = _int(meta["slice_index"], "slice_index", 0)
+    points = []
+    for i, p in enumerate(_list(meta["points"], "points")):
+        pair = _list(p, f"points[{i}]", exact=2)
+        points.append((_number(pair[0], f"points[{i}][0]"), _number(pair[1], f"points[{i}][1]")))
+    labels = [_int(v, f"point_labels[{i}]", 0, 1)
+              for i, v in enumerate(_list(meta["point_labels"], "point_labels"))]
+    if len(labels) != len(points):
+        raise _bad("point_labels", f"needs one label per click ({len(points)} points)",
+                   f"{len(labels)} labels")
+    return index, points, labels
+
+
+def refine_mask(arrays: dict[str, np.ndarray]) -> np.ndarray | None:
+    if "mask" not in arrays:
+        return None
+    return _array(arrays, "mask", "mask", kinds="biuf", ndims=(2,))
+
+
+def _bad(field: str, rule: str, got: Any) -> SGPInputError:
+    shown = repr(got)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return SGPInputError(f"Request field {field} {rule}; got {shown} ({type(got).__name__}). "
+                         "Requests are built by SlicerSGP.service.client (same version as the "
+                         "server).")
+
+
+def _dict(value: Any, field: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _bad(field, "must be a JSON object", value)
+    return value
+
+
+def _list(value: Any, field: str, *, exact: int | None = None,
+          most: int = MAX_LIST) -> list[Any]:
+    if not isinstance(value, list):
+        raise _bad(field, "must be a JSON list", value)
+    if exact is not None and len(value) != exact:
+        raise _bad(field, f"must hold {exact} values", value)
+    if len(value) > most:
+        raise _bad(field, f"must hold at most {most} values", f"{len(value)} values")
+    return value
+
+
+def _check_keys(data: dict[str, Any], field: str, required: tuple[str, ...] = (),
+                optional: tuple[str, ...] = ()) -> None:
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise _bad(field, f"lacks {', '.join(missing)}", sorted(data))
+    unknown = sorted(set(data) - set(required) - set(optional))
+    if unknown:
+        raise _bad(field, f"has unknown key(s) {unknown} (the client is newer than the server? "
+                   "update the server's SlicerSGP)", sorted(data))
+
+
+def _int(value: Any, field: str, lo: int = -INT_LIMIT, hi: int = INT_LIMIT) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(field, "must be an integer", value)
+    if not lo <= value <= hi:
+        raise _bad(field, f"must lie in {lo}..{hi}", value)
+    return value
+
+
+def _number(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value):
+        raise _bad(field, "must be a finite number", value)
+    return float(value)
+
+
+def _str(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise _bad(field, "must be a string", value)
+    return value
+
+
+def _label_value(key: Any, field: str) -> int:
+    """A label value given as a JSON object key (a string of digits)."""
+    try:
+        value = int(key)
+    except (TypeError, ValueError):
+        raise _bad(field, "must be a label value (an integer)", key) from None
+    return _int(value, field, 1)
+
+
+def _typed(value: Any, tp: Any, field: str) -> Any:
+    """``value`` checked against an option's type (int, float, bool, str, None, list[...],
+    dict[int, ...] and unions of them); dict keys from JSON become ints."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) == 1:
+            return _typed(value, kinds[0], field)
+        raise _bad(field, f"must be {tp}", value)  # no such option today
+    if origin is list:
+        return [_typed(v, args[0], f"{field}[{i}]") for i, v in enumerate(_list(value, field))]
+    if origin is dict:
+        return {_label_value(k, f"{field} key {k!r}"): _typed(v, args[1], f"{field}.{k}")
+                for k, v in _dict(value, field).items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _bad(field, "must be true or false", value)
+        return value
+    if tp is int:
+        return _int(value, field)
+    if tp is float:
+        return _number(value, field)
+    if tp is str:
+        return _str(value, field)
+    raise _bad(field, f"has a type this server cannot check ({tp})", value)
+
+
+def _array(arrays: dict[str, np.ndarray], name: str, field: str, *, kinds: str,
+           ndims: tuple[int, ...]) -> np.ndarray:
+    if name not in arrays:
+        raise SGPInputError(f"Request field {field} needs the array {name!r}, which the body "
+                            "lacks. Requests are built by SlicerSGP.service.client (same version "
+                            "as the server).")
+    arr = arrays[name]
+    if arr.dtype.kind not in kinds or arr.ndim not in ndims:
+        raise SGPInputError(f"Array {name!r} ({field}) is {arr.ndim}D {arr.dtype}; it must be "
+                            f"{' or '.join(f'{n}D' for n in ndims)} numbers (bool, integer or "
+                            "float).")
+    return arr
+
+
+def _label_array(arrays: dict[str, np.ndarray], name: str, field: str) -> np.ndarray:
+    ndims = (0, 1, 2, 3, 4, 5) if name == "labels_full" else (2,)
+    return _array(arrays, name, field, kinds="biuf", ndims=ndims)
+
+
+def _label_dtype(value: Any, field: str) -> np.dtype:
+    try:
+        dtype = np.dtype(_str(value, field))
+    except TypeError:
+        raise _bad(field, "must name a numpy integer, bool or float type (e.g. '|u1')",
+                   value) from None
+    if dtype.kind not in "biuf" or dtype.itemsize > 8:
+        raise _bad(field, "must name a numpy integer, bool or float type (e.g. '|u1')", value)
+    return dtype
 
 
 # --------------------------------------------------------------------------- results
@@ -228,7 +627,7 @@ def encode_result(result: SegmentationResult, probabilities: bool) -> bytes:
 
 
 def decode_result(data: bytes) -> SegmentationResult:
-    arrays, meta = unpack(data)
+    arrays, meta = unpack(data, structured=True)
     values: dict[str, Any] = {}
     for name, spec in meta["fields"].items():
         kind = spec["kind"]
@@ -259,6 +658,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-ERROR_TYPES = ("input", "weights", "device", "engine", "internal", "cancelled")
+ERROR_TYPES = ("input", "weights", "device", "engine", "internal", "cancelled", "busy",
+               "dropped")
 """``error_type`` of a failed run or a refused request; the client maps them back to the
-engine's exception classes."""
+engine's exception classes. ``busy``: refused for a full queue or store, or a click refinement
+that waited too long (429/503, try again); ``dropped``: a finished run whose result was freed
+before download to keep within --max-results-mb."""
