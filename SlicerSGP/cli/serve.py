@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import stat
 import sys
 from contextlib import redirect_stdout
@@ -10,6 +12,7 @@ from pathlib import Path
 
 from SlicerSGP.cli.common import add_model_options, model_spec, run_command
 from SlicerSGP.errors import SGPInputError
+from SlicerSGP.service.jobs import ServiceLimits
 
 TOKEN_HELP = ("python -c \"import secrets; print(secrets.token_urlsafe(32))\" > sgp.token && "
               "chmod 600 sgp.token")
@@ -37,26 +40,66 @@ def add_service_options(p: argparse.ArgumentParser) -> None:
                         "other address needs --token-file")
     g.add_argument("--port", type=int, default=0,
                    help="port (default 0: a free one, shown in the 'ready' line)")
-    g.add_argument("--token-file", type=Path, default=None,
-                   help="file holding the token clients must send (Authorization: Bearer)")
+    g.add_argument("--token-file", type=Path, action="append", default=None,
+                   help="file holding a token clients must send (Authorization: Bearer); "
+                        "readable by you only (chmod 600). Repeat it to accept several tokens: "
+                        "each is its own user, whose runs the others cannot see or cancel")
+    g.add_argument("--allow-shared-token-file", action="store_true",
+                   help="accept a token file that other users of this computer can read")
     g.add_argument("--max-upload-mb", type=float, default=2048,
                    help="largest volume or request accepted, in MB (default 2048)")
     g.add_argument("--cache-mb", type=float, default=None,
                    help="memory for the slice embeddings of recent volumes, in MB "
                         "(default: the engine's)")
+    add_limit_options(g)
     g.add_argument("--watch-stdin", action="store_true",
                    help="exit when standard input closes (how a launcher makes sure the server "
                         "never outlives it)")
+
+
+def add_limit_options(g: argparse._ArgumentGroup) -> None:
+    """What requests and the server's memory may cost; a request over a limit is refused (413,
+    429 or 503) with a message naming the option that raises it."""
+    d = ServiceLimits
+    g.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help="runs and click refinements that may wait for the engine; more are "
+                        f"refused with 429 and Retry-After (default {d.max_queue})")
+    g.add_argument("--max-volumes-mb", type=float, default=d.max_volumes_mb,
+                   help="memory for uploaded volumes, in MB; least recently used dropped first, "
+                        "never one a queued or running run needs (default "
+                        f"{d.max_volumes_mb:g})")
+    g.add_argument("--max-results-mb", type=float, default=d.max_results_mb,
+                   help="memory for finished results not yet downloaded, in MB, oldest dropped "
+                        "first; a run whose result alone would be larger is refused (default "
+                        f"{d.max_results_mb:g})")
+    g.add_argument("--max-voxels", type=float, default=d.max_voxels,
+                   help=f"voxels of one volume (default {d.max_voxels:.0e})")
+    g.add_argument("--max-structures", type=int, default=d.max_structures,
+                   help=f"structures segmented by one run (default {d.max_structures})")
+    g.add_argument("--refine-timeout", type=float, default=d.refine_timeout,
+                   help="seconds a click refinement may wait for and run on the engine before "
+                        f"it is answered 503 (default {d.refine_timeout:g})")
+
+
+def limits_from_args(args: argparse.Namespace) -> ServiceLimits:
+    limits = ServiceLimits(
+        max_queue=args.max_queue, max_volumes_mb=args.max_volumes_mb,
+        max_results_mb=args.max_results_mb, max_voxels=int(args.max_voxels),
+        max_structures=args.max_structures, refine_timeout=args.refine_timeout)
+    limits.check()
+    return limits
 
 
 TOKEN_MAX_BYTES = 4096
 """A token file larger than this is not a token (e.g. an image named by mistake)."""
 
 
-def read_token(path: Path) -> str:
+def read_token(path: Path, allow_shared: bool = False) -> str:
     """The token in ``path``: one line of printable ASCII, at least 16 characters;
     surrounding whitespace and a final newline are ignored. Anything else (a binary
-    file, an image, non-ASCII text) is refused with what to do, never with a traceback."""
+    file, an image, non-ASCII text) is refused with what to do, never with a traceback.
+    A file that other users can read (POSIX mode bits) is refused too, unless
+    ``allow_shared`` (then a warning)."""
     fix = f"Use a text file holding only the token. Create one with: {TOKEN_HELP}"
     try:
         with open(path, "rb") as f:
@@ -81,7 +124,13 @@ def read_token(path: Path) -> str:
     if len(token) < 16:
         raise SGPInputError(f"The token in {path} is {'empty' if not token else 'too short'} "
                             f"(at least 16 characters). Create one with: {TOKEN_HELP}")
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+    if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
+        if not allow_shared:
+            raise SGPInputError(
+                f"--token-file {path} can be read by other users of this computer (mode "
+                f"{stat.S_IMODE(mode):o}), who could then use the engine and read the volumes "
+                f"sent to it. Run: chmod 600 {path} (or add --allow-shared-token-file if they "
+                "may).")
         print(f"warning: {path} is readable by other users; run chmod 600 {path}",
               file=sys.stderr)
     return token
@@ -89,9 +138,9 @@ def read_token(path: Path) -> str:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here: `sgp --help` and the other subcommands need neither fastapi nor torch.
-    from SlicerSGP.service.server import is_loopback, serve, setup_logging
+    from SlicerSGP.service.server import bind_socket, is_loopback, serve, setup_logging
 
-    if args.token_file is None and not is_loopback(args.host):
+    if not args.token_file and not is_loopback(args.host):
         raise SGPInputError(
             f"Refusing to listen on {args.host} without a token: anyone who can reach this "
             f"port could run jobs and read the volumes sent. Create a token ({TOKEN_HELP}) and "
@@ -100,7 +149,20 @@ def run(args: argparse.Namespace) -> int:
         raise SGPInputError(f"--port {args.port} is out of range (0..65535; 0 = a free port).")
     if args.max_upload_mb <= 0:
         raise SGPInputError("--max-upload-mb must be positive.")
-    token = read_token(args.token_file) if args.token_file is not None else None
+    limits = limits_from_args(args)
+    # Each token file is one user, named by its path (see server.Users).
+    tokens = {str(path): read_token(path, args.allow_shared_token_file)
+              for path in args.token_file or []}
+    try:  # before the model loads: a busy port fails at once
+        sock = bind_socket(args.host, args.port)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise SGPInputError(
+                f"Port {args.port} on {args.host} is already in use (another sgp serve, or "
+                "another program): pick another --port, or --port 0 for any free one.") from None
+        raise SGPInputError(f"Cannot listen on {args.host}:{args.port}: "
+                            f"{e.strerror or e}. Pick another --port (0 = any free one) or "
+                            "--host.") from None
     setup_logging()
     from SlicerSGP.method.segmenter import Segmenter  # torch + sam2: only when a model runs
 
@@ -108,8 +170,9 @@ def run(args: argparse.Namespace) -> int:
     with redirect_stdout(sys.stderr):
         segmenter = Segmenter(args.model, **model_spec(args), cache_mb=args.cache_mb)
     try:
-        serve(segmenter, host=args.host, port=args.port, token=token,
-              max_upload_mb=args.max_upload_mb, watch_stdin=args.watch_stdin)
+        serve(segmenter, host=args.host, port=args.port, tokens=tokens, sock=sock,
+              max_upload_mb=args.max_upload_mb, watch_stdin=args.watch_stdin,
+              limits=limits)
     except OSError as e:
         raise SGPInputError(f"Cannot listen on {args.host}:{args.port}: {e.strerror}. Pick "
                             "another --port (0 = any free one) or --host.") from None

@@ -4,6 +4,12 @@ Every use of the ``Segmenter`` happens on the worker thread, one job at a time (
 caches are not thread-safe, and one device gains nothing from running two jobs at once). Runs
 go in arrival order; a point-prompt refinement, which a user waits for with the mouse, goes
 before queued runs but never interrupts the running one.
+
+What the server holds is bounded by :class:`ServiceLimits` (``sgp serve`` options): the queue
+(runs and refinements waiting, ``--max-queue``), the volumes (``--max-volumes-mb``, least
+recently used dropped first, never one a queued or running run needs) and the finished results
+(``--max-results-mb``, oldest dropped first). A request over a limit is refused with
+:class:`protocol.LimitExceeded` (HTTP 413/429/503) naming the limit and its option.
 """
 
 from __future__ import annotations
@@ -28,11 +34,39 @@ from SlicerSGP.errors import (
     SGPInputError,
     SGPWeightsError,
 )
+from SlicerSGP.service.protocol import LimitExceeded
 from SlicerSGP.types import Geometry, SegmentationResult, SegmentOptions, SupportItem
 
 log = logging.getLogger("SlicerSGP.service")
 
 TERMINAL = ("done", "failed", "cancelled")
+MB = 2**20
+RETRY_AFTER = 5
+"""Seconds a client refused for a full queue or store is told to wait (Retry-After)."""
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """What one request, and the server as a whole, may cost (``sgp serve`` options)."""
+
+    max_queue: int = 16
+    """Runs and click refinements waiting for the engine (the running one not counted)."""
+    max_volumes_mb: float = 4096
+    """Uploaded volumes kept, in MB."""
+    max_results_mb: float = 8192
+    """Finished results kept until downloaded, in MB; also the largest result of one run."""
+    max_voxels: int = 1_000_000_000
+    """Voxels of one volume."""
+    max_structures: int = 128
+    """Structures segmented by one run."""
+    refine_timeout: float = 25.0
+    """Seconds a click refinement may wait for, and run on, the engine."""
+
+    def check(self) -> None:
+        for name in ("max_queue", "max_volumes_mb", "max_results_mb", "max_voxels",
+                     "max_structures", "refine_timeout"):
+            if not getattr(self, name) > 0:
+                raise SGPInputError(f"--{name.replace('_', '-')} must be positive.")
 
 
 def error_type(exc: BaseException) -> str:
@@ -65,49 +99,103 @@ class StoredVolume:
 
 
 class VolumeStore:
-    """Uploaded volumes by content id, least recently used dropped first beyond the bounds.
+    """Uploaded volumes by content id, least recently used dropped first beyond ``max_bytes``.
 
-    A run holds its own reference to its volume, so dropping one here never breaks a queued run;
-    the client just uploads it again next time.
+    A volume that a queued or running run (or a pending refinement) needs is *pinned*
+    (:meth:`acquire` .. :meth:`release`) and never dropped, so the bound holds for every volume
+    in memory. An upload that does not fit beside the pinned volumes is refused (503, try
+    again once runs finish); one larger than the whole store is refused (413).
     """
 
-    def __init__(self, max_bytes: int, max_count: int = 8):
-        self.max_bytes, self.max_count = max_bytes, max_count
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
         self._items: OrderedDict[str, StoredVolume] = OrderedDict()
+        self._pins: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def get(self, volume_id: str) -> StoredVolume | None:
         with self._lock:
-            item = self._items.pop(volume_id, None)
+            return self._touch_locked(volume_id)
+
+    def acquire(self, volume_id: str) -> StoredVolume | None:
+        """The volume, pinned until :meth:`release` (None if not held)."""
+        with self._lock:
+            item = self._touch_locked(volume_id)
             if item is not None:
-                self._items[volume_id] = item
+                self._pins[volume_id] = self._pins.get(volume_id, 0) + 1
             return item
 
-    def put(self, volume_id: str, item: StoredVolume) -> None:
+    def release(self, volume_id: str) -> None:
         with self._lock:
-            self._items.pop(volume_id, None)
+            left = self._pins.get(volume_id, 0) - 1
+            if left > 0:
+                self._pins[volume_id] = left
+            else:
+                self._pins.pop(volume_id, None)
+
+    def check_size(self, nbytes: int) -> None:
+        """LimitExceeded (413) for a volume larger than the whole store."""
+        if nbytes > self.max_bytes:
+            raise LimitExceeded(413, f"The volume is {nbytes / MB:.1f} MB but this server keeps "
+                                f"at most {self.max_bytes / MB:g} MB of volumes: restart it "
+                                "with a larger --max-volumes-mb, or crop the volume.")
+
+    def put(self, volume_id: str, item: StoredVolume) -> StoredVolume:
+        """Store ``item`` (or return the copy already held), dropping least recently used
+        unpinned volumes to make room; LimitExceeded if it cannot fit."""
+        limit = f"{self.max_bytes / MB:g} MB"
+        self.check_size(item.nbytes)
+        with self._lock:
+            held = self._touch_locked(volume_id)
+            if held is not None:
+                return held
+            used = self.nbytes_locked()
+            free = [k for k in self._items if k not in self._pins]
+            pinned = used - sum(self._items[k].nbytes for k in free)
+            if pinned + item.nbytes > self.max_bytes:
+                raise LimitExceeded(
+                    503, f"The server's volume store is full: {pinned / MB:.1f} MB of its "
+                    f"{limit} (--max-volumes-mb) hold volumes that queued or running runs need, "
+                    f"and this volume is {item.nbytes / MB:.1f} MB. Try again once those runs "
+                    "finish, or restart the server with a larger --max-volumes-mb.", RETRY_AFTER)
+            for key in free:  # oldest use first
+                if used + item.nbytes <= self.max_bytes:
+                    break
+                used -= self._items.pop(key).nbytes
             self._items[volume_id] = item
-            while len(self._items) > 1 and (len(self._items) > self.max_count or
-                                            self.nbytes_locked() > self.max_bytes):
-                self._items.popitem(last=False)
+            return item
+
+    def _touch_locked(self, volume_id: str) -> StoredVolume | None:
+        item = self._items.pop(volume_id, None)
+        if item is not None:
+            self._items[volume_id] = item
+        return item
 
     def nbytes_locked(self) -> int:
         return sum(v.nbytes for v in self._items.values())
 
     def summary(self) -> dict[str, Any]:
         with self._lock:
-            return {"count": len(self._items), "mb": round(self.nbytes_locked() / 2**20, 1)}
+            pinned = sum(v.nbytes for k, v in self._items.items() if k in self._pins)
+            return {"count": len(self._items), "mb": round(self.nbytes_locked() / MB, 1),
+                    "pinned": len(self._pins), "pinned_mb": round(pinned / MB, 1),
+                    "budget_mb": round(self.max_bytes / MB, 1)}
 
 
 @dataclass
 class RunRequest:
     volume_id: str
     volume: StoredVolume
-    labels: np.ndarray | None
+    labels: np.ndarray | Callable[[], np.ndarray | None] | None
+    """The label map, or a function that builds it when the run starts (a queued run then
+    holds only the labeled slices it was sent, not a volume-sized map)."""
     structures: dict[int, str] | None
     options: SegmentOptions
     support_slices: list[int] | None
     support_bank: dict[int, list[SupportItem]] | None
+
+    def label_map(self) -> np.ndarray | None:
+        return self.labels() if callable(self.labels) else self.labels
 
 
 @dataclass
@@ -122,6 +210,7 @@ class Run:
     created: float = field(default_factory=time.monotonic)
     finished: float | None = None
     result: SegmentationResult | None = None
+    result_nbytes: int = 0
     cancel_requested: threading.Event = field(default_factory=threading.Event)
 
     def status(self, position: int | None) -> dict[str, Any]:
@@ -130,16 +219,47 @@ class Run:
                 "error_type": self.error_type, "queue_position": position}
 
 
+def result_nbytes(result: SegmentationResult) -> int:
+    """Memory held by a result's arrays."""
+    total = int(result.labels.nbytes)
+    for group in (result.probabilities, result.pseudo_masks, result.slice_scores):
+        total += sum(int(np.asarray(a).nbytes) for a in group.values())
+    return total
+
+
+def estimate_result_nbytes(shape: tuple[int, ...], axis: int, values: list[int],
+                           keep_pseudo_masks: bool) -> int:
+    """What a run's result will hold (:func:`result_nbytes`), from its request alone: the label
+    map, a float32 probability map per structure (and a pseudo-mask one if kept), a score row
+    per slice and structure."""
+    from SlicerSGP.method.assembly import SCORE_DTYPE, label_dtype
+
+    voxels = int(np.prod([int(s) for s in shape[:3]], dtype=np.int64))
+    per_structure = voxels * 4 * (2 if keep_pseudo_masks else 1) + \
+        int(shape[axis]) * SCORE_DTYPE.itemsize
+    try:
+        label_bytes = label_dtype(list(values)).itemsize
+    except SGPInputError:
+        label_bytes = 8
+    return voxels * label_bytes + len(values) * per_structure
+
+
 class JobQueue:
     """Runs and refinements, done one at a time on a worker thread; results kept for a while.
 
-    A finished run's result is kept until it is downloaded (then freed), at most
-    ``result_ttl`` seconds, and only for the newest ``max_results`` finished runs.
+    At most ``max_queue`` runs and refinements wait (the running one not counted); more are
+    refused with 429. A finished run's result is kept until it is downloaded (then freed), at
+    most ``result_ttl`` seconds, only for the newest ``max_results`` finished runs, and within
+    ``max_result_bytes`` in all (oldest dropped first). Volumes that runs need are pinned in
+    ``volumes`` from :meth:`submit` (the caller acquired them) until the run ends.
     """
 
-    def __init__(self, segmenter: Any, *, result_ttl: float = 600.0, max_results: int = 16):
-        self.segmenter = segmenter
+    def __init__(self, segmenter: Any, volumes: VolumeStore | None = None, *,
+                 result_ttl: float = 600.0, max_results: int = 16,
+                 max_result_bytes: int | None = None, max_queue: int | None = None):
+        self.segmenter, self.volumes = segmenter, volumes
         self.result_ttl, self.max_results = result_ttl, max_results
+        self.max_result_bytes, self.max_queue = max_result_bytes, max_queue
         self.runs: dict[str, Run] = {}
         self._queue: deque[Run] = deque()
         self._urgent: deque[tuple[Callable[[], Any], Future]] = deque()
@@ -147,27 +267,64 @@ class JobQueue:
         self._current: Run | None = None
         self._closed = False
         self.completed = 0
+        self.refused = 0
+        """Requests refused because the queue was full."""
         self._thread = threading.Thread(target=self._work, name="sgp-engine-worker", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ requests
 
     def submit(self, request: RunRequest) -> Run:
+        """Queue a run (LimitExceeded, 429, when the queue is full). The run releases its
+        volume's pin when it ends; on refusal the caller still holds it."""
         run = Run(id=uuid.uuid4().hex, request=request)
         with self._cond:
+            self._check_room_locked("run")
             self._prune_locked()
             self.runs[run.id] = run
             self._queue.append(run)
             self._cond.notify_all()
         return run
 
-    def call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
-        """Run ``fn`` on the worker thread (before queued runs) and return its result."""
+    def call_soon(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on the worker thread before queued runs; its Future. LimitExceeded (429)
+        when the queue is full. A caller that stops waiting calls :meth:`withdraw`."""
         fut: Future = Future()
         with self._cond:
+            self._check_room_locked("click refinement")
             self._urgent.append((fn, fut))
             self._cond.notify_all()
-        return fut.result(timeout)
+        return fut
+
+    def call(self, fn: Callable[[], Any], timeout: float) -> Any:
+        """:meth:`call_soon` and wait at most ``timeout`` seconds for the result (TimeoutError,
+        and ``fn`` withdrawn if it has not started)."""
+        fut = self.call_soon(fn)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            self.withdraw(fut)
+            raise
+
+    def withdraw(self, fut: Future) -> bool:
+        """Take a waiting call off the queue (True), or False if it started already."""
+        with self._cond:
+            for entry in self._urgent:
+                if entry[1] is fut:
+                    self._urgent.remove(entry)
+                    fut.cancel()
+                    return True
+        return False
+
+    def _check_room_locked(self, what: str) -> None:
+        waiting = len(self._queue) + len(self._urgent)
+        if self.max_queue is not None and waiting >= self.max_queue:
+            self.refused += 1
+            raise LimitExceeded(
+                429, f"The engine's queue is full: {waiting} runs and click refinements are "
+                f"waiting, the most this server takes (--max-queue {self.max_queue}). This "
+                f"{what} was not queued: try again in a few seconds, or restart the server "
+                "with a larger --max-queue.", RETRY_AFTER)
 
     def status(self, run_id: str) -> dict[str, Any] | None:
         with self._cond:
@@ -203,6 +360,18 @@ class JobQueue:
         with self._cond:
             return len(self._queue) + (self._current is not None)
 
+    def waiting(self) -> dict[str, int]:
+        with self._cond:
+            return {"runs": len(self._queue), "refinements": len(self._urgent)}
+
+    def results_summary(self) -> dict[str, Any]:
+        with self._cond:
+            held = [r for r in self.runs.values() if r.result is not None]
+            return {"count": len(held),
+                    "mb": round(sum(r.result_nbytes for r in held) / MB, 1),
+                    "budget_mb": None if self.max_result_bytes is None else
+                    round(self.max_result_bytes / MB, 1)}
+
     def running(self) -> str | None:
         with self._cond:
             return None if self._current is None else self._current.id
@@ -213,6 +382,9 @@ class JobQueue:
             for run in list(self._queue):
                 self._finish_locked(run, "cancelled", "The server is shutting down.", "cancelled")
             self._queue.clear()
+            for _, fut in self._urgent:
+                fut.cancel()
+            self._urgent.clear()
             if self._current is not None:
                 self._current.cancel_requested.set()
             self._cond.notify_all()
@@ -248,9 +420,10 @@ class JobQueue:
         def progress(stage: str, fraction: float) -> None:
             run.stage, run.fraction = stage, float(fraction)
 
+        nbytes = 0
         try:
             result = self.segmenter.segment(
-                req.volume.array, req.labels, req.structures, req.options,
+                req.volume.array, req.label_map(), req.structures, req.options,
                 support_slices=req.support_slices, support_bank=req.support_bank,
                 geometry=req.volume.geometry, progress=progress,
                 cancel=run.cancel_requested.is_set)
@@ -263,20 +436,34 @@ class JobQueue:
             outcome, result = ("failed", describe_failure(e), error_type(e)), None
         else:
             outcome = ("done", None, None)
+            nbytes = result_nbytes(result)
+            if self.max_result_bytes is not None and nbytes > self.max_result_bytes:
+                outcome, result = ("failed", self._too_big(nbytes), "input"), None
         with self._cond:
-            run.result = result
+            run.result, run.result_nbytes = result, nbytes
             self._finish_locked(run, *outcome)
             self._current = None
             self.completed += 1
+            self._prune_locked()
+
+    def _too_big(self, nbytes: int) -> str:
+        return (f"The run's result is {nbytes / MB:.1f} MB, more than the "
+                f"{(self.max_result_bytes or 0) / MB:g} MB of results this server keeps "
+                "(--max-results-mb): segment fewer structures at once, crop the volume, or "
+                "restart the server with a larger --max-results-mb.")
 
     def _finish_locked(self, run: Run, state: str, error: str | None, etype: str | None) -> None:
         run.state, run.error, run.error_type = state, error, etype
         if state == "done":
             run.fraction = 1.0
         run.finished = time.monotonic()
+        if run.request is not None and self.volumes is not None:
+            self.volumes.release(run.request.volume_id)
         run.request = None  # the volume and labels are no longer needed
 
     def _prune_locked(self) -> None:
+        """Forget old finished runs (count, age) and drop the oldest results beyond
+        ``max_result_bytes``; a dropped result's run says why."""
         now = time.monotonic()
         done = [r for r in self.runs.values() if r.finished is not None]
         done.sort(key=lambda r: r.finished or 0.0)
@@ -284,3 +471,17 @@ class JobQueue:
         for i, r in enumerate(done):
             if i < excess or now - (r.finished or now) > self.result_ttl:
                 del self.runs[r.id]
+        if self.max_result_bytes is None:
+            return
+        held = [r for r in done if r.result is not None and r.id in self.runs]
+        total = sum(r.result_nbytes for r in held)
+        for r in held[:-1]:  # never the newest
+            if total <= self.max_result_bytes:
+                break
+            total -= r.result_nbytes
+            r.result, r.result_nbytes = None, 0
+            r.state, r.error_type = "failed", "dropped"
+            r.error = (f"The run's result was dropped before it was downloaded, to keep the "
+                       f"server's results within {self.max_result_bytes / MB:g} MB "
+                       "(--max-results-mb): run it again, download results sooner, or restart "
+                       "the server with a larger --max-results-mb.")
