@@ -154,7 +154,7 @@ def _engine(args: argparse.Namespace):
         if args.token_file:
             raise SGPInputError("--token-file goes with --server URL.")
         return segmenter_from_args(args)
-    token = read_token(args.token_file) if args.token_file else None
+    token = read_token(args.token_file, allow_shared=True) if args.token_file else None
     return connect_engine(args.server, token, _expected_model(args))
 
 
