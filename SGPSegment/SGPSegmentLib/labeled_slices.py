@@ -1,8 +1,7 @@
 """Which slices of a segment the user drew, per segment and per slicing axis.
 
 A slice counts as labeled (support) along an axis only if the user drew it in that
-orientation. The record lives in a segment tag (saved with the segmentation, restored by undo)
-and is updated from edits, never re-derived from the voxels once it exists:
+orientation. The record is updated from edits, never re-derived from the voxels once it exists:
 
 * First sight of a segment no run has written: its voxels are all the user's. The slices
   they occupy are recorded along the axis with the fewest occupied slices (the orientation the
@@ -17,8 +16,12 @@ and is updated from edits, never re-derived from the voxels once it exists:
   each, to have them count).
 * A run's result is written by the Logic, which then only moves the baseline.
 
-The baseline is a hash per slice along each axis, stored with the record, so edits made while
-the module was not watching (or before a scene was saved and reloaded) are still found.
+Where it lives: the Logic keeps the records in memory (:mod:`.edit_watch`) and writes one into
+its segment's tag only when a run uses it (a run or preview that sends those slices, a written
+result), because ``vtkSegment::SetTag`` marks the segmentation modified. In the tag it is saved
+with the scene and restored by undo; a record found in a tag is read and used. The tag holds a
+baseline, a hash per slice along each axis, so edits made while the module was not watching
+(or before a scene was saved and reloaded) are still found.
 """
 
 from __future__ import annotations
@@ -58,9 +61,27 @@ class LabeledSegment:
 
 
 def sliceHashes(mask: np.ndarray, axis: int) -> list[int]:
-    """One CRC32 per slice of a bool ``(K, J, I)`` mask along ``axis``."""
-    slicesFirst = np.moveaxis(np.asarray(mask, dtype=bool), axis, 0)
-    return [zlib.crc32(np.packbits(np.ascontiguousarray(s)).tobytes()) for s in slicesFirst]
+    """One CRC32 per slice of a bool ``(K, J, I)`` mask along ``axis``: of the slice's bits
+    packed in C order (``np.packbits`` of the flattened slice). Packed before the slices are
+    gathered, so that no large strided copy is made."""
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    k, j, i = mask.shape
+    if axis == 0:
+        packed = np.packbits(mask.reshape(k, j * i), axis=1)
+    elif axis == 2:
+        # Slice i is column i of the (k * j, i) matrix: transpose it in cache-sized tiles.
+        rows = mask.reshape(k * j, i)
+        columns = np.empty((i, k * j), dtype=bool)
+        for first in range(0, k * j, 1024):
+            columns[:, first : first + 1024] = rows[first : first + 1024].T
+        packed = np.packbits(columns, axis=1)
+    elif i % 8 == 0:
+        # Rows of whole bytes: pack each row, then put the rows of slice j together.
+        packed = np.ascontiguousarray(np.packbits(mask, axis=2).transpose(1, 0, 2))
+        packed = packed.reshape(j, -1)
+    else:
+        packed = np.packbits(np.ascontiguousarray(mask.transpose(1, 0, 2)).reshape(j, -1), axis=1)
+    return [zlib.crc32(row) for row in packed]
 
 
 def checksum(mask: np.ndarray) -> int:
@@ -97,11 +118,14 @@ class LabeledSliceRecord:
 
     @classmethod
     def read(cls, segment, shape) -> LabeledSliceRecord | None:
-        holder = vtk.reference("")
-        if not (segment.HasTag(TAG) and segment.GetTag(TAG, holder)):
+        return cls.fromText(tagText(segment), shape)
+
+    @classmethod
+    def fromText(cls, text: str | None, shape) -> LabeledSliceRecord | None:
+        if text is None:
             return None
         try:
-            data = json.loads(str(holder))
+            data = json.loads(text)
             if tuple(data["shape"]) != tuple(shape):
                 return None  # recorded on another grid: not this volume's slices
             slices = {int(a): [int(s) for s in v] for a, v in data["slices"].items()}
@@ -109,20 +133,27 @@ class LabeledSliceRecord:
         except (ValueError, KeyError, TypeError):
             return None
 
-    def write(self, segment) -> None:
+    def text(self) -> str:
+        """The record as the tag holds it (JSON)."""
         data = {
             "shape": list(self.shape),
             "slices": {str(a): sorted(int(s) for s in v) for a, v in self.slices.items()},
             "hashes": self.hashes,
             "written": self.written,
         }
-        segment.SetTag(TAG, json.dumps(data, separators=(",", ":")))
+        return json.dumps(data, separators=(",", ":"))
+
+    def write(self, segment) -> None:
+        """Into the segment's tag (marks the segmentation modified when the text changes)."""
+        segment.SetTag(TAG, self.text())
 
     def setBaseline(self, mask: np.ndarray) -> None:
         self.hashes = [sliceHashes(mask, a) for a in range(3)]
 
-    def changedSlices(self, mask: np.ndarray) -> list[set[int]]:
-        now = [sliceHashes(mask, a) for a in range(3)]
+    def changedSlices(self, mask: np.ndarray, now=None) -> list[set[int]]:
+        """Per axis, the slices whose hash differs from the baseline (``now``: the mask's
+        hashes, if already computed)."""
+        now = now if now is not None else [sliceHashes(mask, a) for a in range(3)]
         if any(len(h) != len(n) for h, n in zip(self.hashes, now, strict=True)):
             return [set(range(len(n))) for n in now]
         return [
@@ -132,47 +163,51 @@ class LabeledSliceRecord:
 
     def update(self, mask: np.ndarray, preferredAxis: int) -> bool:
         """Record the edits since the baseline; True if anything changed."""
-        changed = self.changedSlices(mask)
+        now = [sliceHashes(mask, a) for a in range(3)]
+        changed = self.changedSlices(mask, now)
         if not any(changed):
             return False
         drawn = classifyEdit(changed, preferredAxis)
         if drawn is not None:
             axis, slices = drawn
             self.slices[axis] |= slices
-        self.setBaseline(mask)
+        self.hashes = now
         return True
 
 
-def seedRecord(mask: np.ndarray) -> LabeledSliceRecord:
-    """First sight of a segment no run has written: its voxels are the user's drawing."""
+def occupiedSlices(mask: np.ndarray) -> list[list[int]]:
+    """Per array axis, the slices where ``mask`` has a voxel."""
+    others = ((1, 2), (0, 2), (0, 1))
+    return [[int(s) for s in np.flatnonzero(mask.any(axis=others[a]))] for a in range(3)]
+
+
+def seedRecord(mask: np.ndarray, baseline: bool = True) -> LabeledSliceRecord:
+    """First sight of a segment no run has written: its voxels are the user's drawing
+    (``baseline`` False: no hashes, the caller keeps the baseline)."""
     record = LabeledSliceRecord(mask.shape)
-    occupied = [
-        [int(s) for s in np.flatnonzero(np.moveaxis(mask, a, 0).reshape(mask.shape[a], -1).any(1))]
-        for a in range(3)
-    ]
+    occupied = occupiedSlices(mask)
     if occupied[0]:
         axis = min(range(3), key=lambda a: (len(occupied[a]), a))
         record.slices[axis] = set(occupied[axis])
-    record.setBaseline(mask)
+    if baseline:
+        record.setBaseline(mask)
     return record
 
 
-def refreshRecord(segment, mask: np.ndarray, preferredAxis: int) -> LabeledSliceRecord:
-    """The segment's record brought up to date with ``mask`` (its content now); saved if changed."""
-    record = LabeledSliceRecord.read(segment, mask.shape)
-    if record is None:
-        record = seedRecord(mask)
-        record.write(segment)
-    elif record.update(mask, preferredAxis):
-        record.write(segment)
-    return record
+def tagText(segment) -> str | None:
+    """The record's tag as text (None when the segment has none)."""
+    holder = vtk.reference("")
+    if not (segment.HasTag(TAG) and segment.GetTag(TAG, holder)):
+        return None
+    return str(holder)
 
 
-def labeledSegment(segmentId, segment, value, mask, axis, preferredAxis=None) -> LabeledSegment:
-    """The user's labeled slices of one segment along ``axis``, with voxel counts."""
-    record = refreshRecord(segment, mask, axis if preferredAxis is None else preferredAxis)
+def labeledSegment(segmentId, segment, value, mask, axis, record) -> LabeledSegment:
+    """The user's labeled slices of one segment along ``axis`` (from its ``record``, brought up
+    to date with ``mask``), with voxel counts."""
     slices = sorted(record.slices[axis])
-    counts = np.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1).sum(axis=1)
+    others = ((1, 2), (0, 2), (0, 1))[axis]
+    counts = mask.sum(axis=others) if slices else []
     return LabeledSegment(
         segmentId=segmentId,
         name=segment.GetName(),
@@ -180,38 +215,3 @@ def labeledSegment(segmentId, segment, value, mask, axis, preferredAxis=None) ->
         slices=slices,
         voxelCounts=[int(counts[s]) for s in slices],
     )
-
-
-def markWritten(segment, mask: np.ndarray, labeledAlong: dict[int, list[int]]) -> None:
-    """After a run wrote ``mask``: keep the record's slices, move the baseline, flag as written."""
-    record = LabeledSliceRecord.read(segment, mask.shape) or LabeledSliceRecord(mask.shape)
-    for axis, slices in labeledAlong.items():
-        record.slices[axis] |= {int(s) for s in slices}
-    record.written = True
-    record.setBaseline(mask)
-    record.write(segment)
-
-
-def markDrawn(segment, mask: np.ndarray, axis: int, slices) -> None:
-    """After the Logic wrote ``mask`` whose ``slices`` along ``axis`` are now the user's (a
-    click-corrected slice): record them as drawn there and move the baseline."""
-    record = LabeledSliceRecord.read(segment, mask.shape) or LabeledSliceRecord(mask.shape)
-    record.slices[int(axis)] |= {int(s) for s in slices}
-    record.setBaseline(mask)
-    record.write(segment)
-
-
-def moveBaseline(segment, before: np.ndarray, after: np.ndarray) -> None:
-    """Another segment lost voxels to a write (overwrite rules): that is no drawing, so only
-    the baseline moves (a segment seen for the first time is recorded from ``before``)."""
-    record = LabeledSliceRecord.read(segment, before.shape) or seedRecord(before)
-    record.setBaseline(after)
-    record.write(segment)
-
-
-def recordedSlices(segment, shape) -> dict[int, list[int]]:
-    """The drawn slices the record holds per axis (empty when there is no record yet)."""
-    record = LabeledSliceRecord.read(segment, shape)
-    if record is None:
-        return {0: [], 1: [], 2: []}
-    return {a: sorted(record.slices[a]) for a in range(3)}

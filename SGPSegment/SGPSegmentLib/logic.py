@@ -4,6 +4,7 @@ A thin facade over the parts:
 
 * :mod:`.request`: the user's nodes -> numpy (checks every input; reads MRML only),
 * :mod:`.labeled_slices`: which slices the user drew, per segment and axis,
+* :mod:`.edit_watch`: those records in memory, and what each stroke changed,
 * :mod:`.engine_connection`: the local or remote engine (``sgp serve``) and its client,
 * :mod:`.run`: start / poll / apply / cancel / undo,
 * :mod:`.outputs`: pseudo-masks, per-slice scores, least confident slices,
@@ -20,8 +21,9 @@ from __future__ import annotations
 import slicer
 import vtk
 
-from SGPSegmentLib import dependencies, labeled_slices, mrml_io, outputs, request, support_library
+from SGPSegmentLib import dependencies, mrml_io, outputs, request, support_library
 from SGPSegmentLib.constants import MODEL_SIZES
+from SGPSegmentLib.edit_watch import RecordStore
 from SGPSegmentLib.engine_connection import EngineConnection, ModelSettings, defaultPython
 from SGPSegmentLib.parameter_actions import ParameterNodeActions, describeSupportSet
 from SGPSegmentLib.run import Run, Runs, WriteReport
@@ -44,8 +46,11 @@ class SGPSegmentCoreLogic(ParameterNodeActions):
         self.runs = Runs()
         self.drawingAxis = 0
         """Axis a drawn dot or line (planar in several orientations) is recorded on."""
+        self.records = RecordStore()
+        """The drawn-slice records, in memory; a segment's tag gets its record when a run
+        uses it (see :mod:`.edit_watch`)."""
+        self.runs.records = self.records
         self._watched: dict[str, tuple] = {}
-        self._recording = False
         self.supportLibraryRoot = None
         """Folder of the saved support sets; None: the engine's (``sgp support`` uses it too)."""
 
@@ -53,11 +58,19 @@ class SGPSegmentCoreLogic(ParameterNodeActions):
 
     def labeledSlices(self, volumeNode, segmentationNode, segmentIds, axis=0):
         """Per selected segment, the slices along ``axis`` the user drew, with voxel counts."""
-        pairs = request.labeledSegments(volumeNode, segmentationNode, list(segmentIds), axis)
+        pairs = request.labeledSegments(
+            volumeNode, segmentationNode, list(segmentIds), axis, self.records
+        )
         return [item for item, _ in pairs]
 
     def watchEdits(self, segmentationNode, volumeNode) -> None:
-        """Record the user's strokes as they happen (see :mod:`.labeled_slices`)."""
+        """Record the user's strokes as they happen (see :mod:`.labeled_slices`). Writes
+        nothing to the scene: the records stay in memory until a run uses them."""
+        entry = self._watched.get(segmentationNode.GetID()) if segmentationNode else None
+        if entry is not None and entry[0] is segmentationNode and entry[2] is volumeNode:
+            # Watched already: only look at the segments now (edits since count as one).
+            self.records.sync(segmentationNode, volumeNode, None, self.drawingAxis)
+            return
         self.stopWatching()
         if segmentationNode is None or volumeNode is None or volumeNode.GetImageData() is None:
             return
@@ -66,17 +79,26 @@ class SGPSegmentCoreLogic(ParameterNodeActions):
         def onSegmentModified(caller, event, segmentId=None):
             self._onSegmentModified(segmentationNode, volumeNode, segmentId)
 
-        tag = segmentationNode.AddObserver(
-            slicer.vtkSegmentation.SegmentModified, onSegmentModified
+        def onLabelmapModified(caller, event):
+            self._onSegmentModified(segmentationNode, volumeNode, None)
+
+        # A Paint/Draw stroke changes the shared labelmap in place: only the source
+        # representation's event fires (no segment ID). Replacing a segment's labelmap, its
+        # tags or an undo fire SegmentModified.
+        tags = (
+            segmentationNode.AddObserver(slicer.vtkSegmentation.SegmentModified, onSegmentModified),
+            segmentationNode.AddObserver(
+                slicer.vtkSegmentation.SourceRepresentationModified, onLabelmapModified
+            ),
         )
-        self._watched[segmentationNode.GetID()] = (segmentationNode, tag, volumeNode)
+        self._watched[segmentationNode.GetID()] = (segmentationNode, tags, volumeNode)
         # Baseline (or first record) of every segment now, so the next stroke is seen alone.
-        for segmentId in segmentationNode.GetSegmentation().GetSegmentIDs():
-            self._onSegmentModified(segmentationNode, volumeNode, segmentId)
+        self.records.sync(segmentationNode, volumeNode, None, self.drawingAxis)
 
     def stopWatching(self) -> None:
-        for node, tag, _ in self._watched.values():
-            node.RemoveObserver(tag)
+        for node, tags, _ in self._watched.values():
+            for tag in tags:
+                node.RemoveObserver(tag)
         self._watched.clear()
 
     def ensureWatching(self, segmentationNode, volumeNode) -> None:
@@ -86,25 +108,23 @@ class SGPSegmentCoreLogic(ParameterNodeActions):
             self.watchEdits(segmentationNode, volumeNode)
 
     def _onSegmentModified(self, segmentationNode, volumeNode, segmentId) -> None:
-        if self.runs.applying or self._recording:
-            return
-        segmentation = segmentationNode.GetSegmentation()
-        # Shared-labelmap updates come without a segment ID: look at every segment then.
-        ids = [segmentId] if segmentId else list(segmentation.GetSegmentIDs())
-        self._recording = True  # writing the record's tag modifies the segment too
-        try:
-            for sid in ids:
-                segment = segmentation.GetSegment(sid)
-                if segment is None:
-                    continue
-                mask = mrml_io.segmentArray(segmentationNode, sid, volumeNode)
-                labeled_slices.refreshRecord(segment, mask, self.drawingAxis)
-        finally:
-            self._recording = False
+        # Shared-labelmap updates come without a segment ID: look at every segment then. A
+        # write of the Logic itself (a run's result, its undo) only moves the baselines.
+        self.records.sync(
+            segmentationNode,
+            volumeNode,
+            [segmentId] if segmentId else None,
+            self.drawingAxis,
+            record=not self.runs.applying,
+        )
 
     # ------------------------------------------------------------------------------ runs
 
-    prepareRun = staticmethod(request.prepareRun)
+    def prepareRun(self, volumeNode, segmentationNode, segmentIds=None, **kwargs):
+        """:func:`.request.prepareRun` with this Logic's drawn-slice records."""
+        kwargs.setdefault("records", self.records)
+        return request.prepareRun(volumeNode, segmentationNode, segmentIds, **kwargs)
+
 
     @staticmethod
     def modelSettings(
@@ -183,6 +203,7 @@ class SGPSegmentCoreLogic(ParameterNodeActions):
             self.runs.cancel(run)
         self.stopWatching()
         self.runs.clear()
+        self.records.clear()
 
     def shutdown(self) -> None:
         """Slicer exits: stop the local engine this module started."""
@@ -241,6 +262,7 @@ class SGPSegmentCoreLogic(ParameterNodeActions):
         """Save the segments' drawn slices as support set ``name``. ``kwargs``: drawnSlices
         (``{segmentId: [slices]}``), intensity, description, library, overwrite."""
         kwargs.setdefault("library", self.supportLibraryRoot)
+        kwargs.setdefault("records", self.records)
         return support_library.saveSupportSet(
             name, volumeNode, segmentationNode, segmentIds, axis=axis, **kwargs
         )

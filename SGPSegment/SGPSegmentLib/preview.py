@@ -155,7 +155,8 @@ class PreviewLogic:
             return mrml_io.checkAxis(axis)
         preferred = self.core.drawingAxis
         counts = [0, 0, 0]
-        for drawn in drawnSlicesAllAxes(volumeNode, segmentationNode, segmentIds, preferred):
+        records = self.core.records
+        for drawn in drawnSlicesAllAxes(volumeNode, segmentationNode, segmentIds, preferred, records):
             for a in range(3):
                 counts[a] += len(drawn[a])
         return max(range(3), key=lambda a: (counts[a], a == preferred, -a))

@@ -154,8 +154,8 @@ def refineClick(core, session, segmentId: str, ras, positive: bool, inPlane=None
     now = takeSlice(before, axis, k)
     clicks = session.clicks.get((segmentId, k))
     if clicks is None or clicks.writtenChecksum != labeled_slices.checksum(now):
-        segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
-        drawn = labeled_slices.recordedSlices(segment, before.shape)[axis]
+        records = core.records
+        drawn = records.recordedSlices(segmentationNode, volumeNode, segmentId, axis)[axis]
         clicks = SliceClicks(base=now.copy() if k in drawn else session.previewSlice(segmentId, k))
     clicks.points.append((row, col))
     clicks.labels.append(1 if positive else 0)
@@ -174,11 +174,10 @@ def refineClick(core, session, segmentId: str, ras, positive: bool, inPlane=None
     wasModifying = segmentationNode.StartModify()
     try:
         mrml_io.writeSegmentArray(mask, segmentationNode, segmentId, volumeNode)
-        segmentation = segmentationNode.GetSegmentation()
-        labeled_slices.markDrawn(segmentation.GetSegment(segmentId), mask, axis, [k])
+        core.records.markDrawn(segmentationNode, volumeNode, segmentId, mask, axis, [k])
         for otherId, (old, new) in others.items():
             mrml_io.writeSegmentArray(new, segmentationNode, otherId, volumeNode)
-            labeled_slices.moveBaseline(segmentation.GetSegment(otherId), old, new)
+            core.records.moveBaseline(segmentationNode, volumeNode, otherId, old, new)
     finally:
         segmentationNode.EndModify(wasModifying)
         core.runs.applying = False

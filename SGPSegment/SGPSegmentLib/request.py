@@ -1,7 +1,8 @@
 """Turn the user's nodes into what the engine needs (numpy), checking every input first.
 
-:func:`prepareRun` reads MRML only; nothing in the scene changes. The request it returns
-keeps the volume and the label slices until they are sent, then :meth:`RunRequest.release`
+:func:`prepareRun` reads MRML and changes nothing in the scene but the drawn-slice record of
+each selected segment, written into its tag when it holds more than the tag (the run uses it;
+see :mod:`.edit_watch`). The request it returns keeps the volume and the label slices until they are sent, then :meth:`RunRequest.release`
 drops them: afterwards only node IDs, checksums and small metadata stay in memory.
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from SGPSegmentLib import labeled_slices, mrml_io
+from SGPSegmentLib.edit_watch import RecordStore
 from SGPSegmentLib.labeled_slices import LabeledSegment
 from SGPSegmentLib.reference_cases import supportBankFromScene
 from SlicerSGP.data.support_library import MANIFEST, SupportLibrary
@@ -74,12 +76,15 @@ def _segmentIds(segmentationNode, segmentIds) -> list[str]:
     return ids
 
 
-def labeledSegments(volumeNode, segmentationNode, segmentIds, axis):
-    """``[(LabeledSegment, mask), ...]`` for the selected segments, records brought up to date."""
+def labeledSegments(volumeNode, segmentationNode, segmentIds, axis, records=None):
+    """``[(LabeledSegment, mask), ...]`` for the selected segments, records brought up to date
+    in ``records`` (the Logic's :class:`.edit_watch.RecordStore`; None: a new one). Nothing is
+    written to the scene."""
     mrml_io.checkVolume(volumeNode)
     if segmentationNode is None:
         raise SGPInputError("Select a segmentation.")
     axis = mrml_io.checkAxis(axis)
+    records = RecordStore() if records is None else records
     segmentation = segmentationNode.GetSegmentation()
     found = []
     for index, segmentId in enumerate(segmentIds):
@@ -89,15 +94,19 @@ def labeledSegments(volumeNode, segmentationNode, segmentIds, axis):
                 f"Segment '{segmentId}' is not in segmentation '{segmentationNode.GetName()}'."
             )
         mask = mrml_io.segmentArray(segmentationNode, segmentId, volumeNode)
-        item = labeled_slices.labeledSegment(segmentId, segment, index + 1, mask, axis)
+        record = records.refresh(segmentationNode, volumeNode, segmentId, axis)
+        item = labeled_slices.labeledSegment(segmentId, segment, index + 1, mask, axis, record)
         found.append((item, mask))
     return found
 
 
-def drawnSlicesAllAxes(volumeNode, segmentationNode, segmentIds, preferredAxis=0) -> list[dict]:
+def drawnSlicesAllAxes(
+    volumeNode, segmentationNode, segmentIds, preferredAxis=0, records=None
+) -> list[dict]:
     """Per segment, the slices the user drew along each axis (``{axis: [slices]}``), records
-    brought up to date (``preferredAxis``: where a dot-like edit is recorded)."""
+    brought up to date in ``records`` (``preferredAxis``: where a dot-like edit is recorded)."""
     mrml_io.checkVolume(volumeNode)
+    records = RecordStore() if records is None else records
     segmentation = segmentationNode.GetSegmentation()
     found = []
     for segmentId in segmentIds:
@@ -106,9 +115,9 @@ def drawnSlicesAllAxes(volumeNode, segmentationNode, segmentIds, preferredAxis=0
             raise SGPInputError(
                 f"Segment '{segmentId}' is not in segmentation '{segmentationNode.GetName()}'."
             )
-        mask = mrml_io.segmentArray(segmentationNode, segmentId, volumeNode)
-        record = labeled_slices.refreshRecord(segment, mask, preferredAxis)
-        found.append({a: sorted(record.slices[a]) for a in range(3)})
+        found.append(
+            records.recordedSlices(segmentationNode, volumeNode, segmentId, preferredAxis)
+        )
     return found
 
 
@@ -122,6 +131,7 @@ def prepareRun(
     supportSet: str | None = None,
     library=None,
     options: SegmentOptions | None = None,
+    records: RecordStore | None = None,
     **optionValues,
 ) -> RunRequest:
     """Check the inputs and turn the nodes into a :class:`RunRequest`.
@@ -130,7 +140,9 @@ def prepareRun(
     segments are matched to the selected ones by name. ``supportSet``: the name of a saved
     support set in ``library`` (default: the engine's library folder), its structures matched
     to the selected segments by name; a segment with no slice drawn is then segmented from
-    the set alone. ``optionValues``: SegmentOptions fields.
+    the set alone. ``records``: the Logic's drawn-slice records (None: read from the tags);
+    each selected segment's record is written into its tag (the run uses it). ``optionValues``:
+    SegmentOptions fields.
     """
     mrml_io.checkVolume(volumeNode)
     if segmentationNode is None:
@@ -149,7 +161,8 @@ def prepareRun(
                 "written result covers the volume only."
             )
 
-    pairs = labeledSegments(volumeNode, segmentationNode, ids, axis)
+    records = RecordStore() if records is None else records
+    pairs = labeledSegments(volumeNode, segmentationNode, ids, axis, records)
     items = [item for item, _ in pairs]
     drawnUnion = sorted({s for item in items for s in item.slices})
     volume = mrml_io.volumeArray(volumeNode)
@@ -192,6 +205,10 @@ def prepareRun(
         options = SegmentOptions(axis=axis, **optionValues)
     else:
         options.axis = axis
+    # The run sends these records' slices: save them with the segments (saved with the
+    # scene, restored by undo) now, and only now.
+    for item, mask in pairs:
+        records.flush(segmentationNode, volumeNode, item.segmentId, mask)
     return RunRequest(
         volumeNodeID=volumeNode.GetID(),
         segmentationNodeID=segmentationNode.GetID(),

@@ -26,6 +26,7 @@ import slicer
 
 from SGPSegmentLib import edit_rules, labeled_slices, mrml_io, outputs
 from SGPSegmentLib.edit_rules import EditRules
+from SGPSegmentLib.edit_watch import RecordStore
 from SGPSegmentLib.request import RunRequest
 from SGPSegmentLib.undo import RUN_CHECKSUM_TAG, RunHistory
 from SlicerSGP.errors import Cancelled, SGPError, SGPInputError
@@ -80,6 +81,8 @@ class Runs:
         self.lastRequest: RunRequest | None = None
         self.applying = False
         """True while a result is being written (edit observers ignore those events)."""
+        self.records = RecordStore()
+        """The drawn-slice records (the Logic gives its own): a written result updates them."""
 
     def clear(self) -> None:
         """Forget cached results and undo states (scene closed)."""
@@ -283,8 +286,7 @@ class Runs:
         report.timings["write"] = time.monotonic() - start
         return report
 
-    @staticmethod
-    def _write(request, segmentationNode, volumeNode, newMasks, others) -> None:
+    def _write(self, request, segmentationNode, volumeNode, newMasks, others) -> None:
         """Write the selected segments and the other segments that lose voxels (tagged too, so
         Undo notices a later edit of any of them)."""
         segmentation = segmentationNode.GetSegmentation()
@@ -292,12 +294,14 @@ class Runs:
             mrml_io.writeSegmentArray(newMasks[value], segmentationNode, segmentId, volumeNode)
             segment = segmentation.GetSegment(segmentId)
             item = next(i for i in request.labeledSegments if i.value == value)
-            labeled_slices.markWritten(segment, newMasks[value], {request.axis: item.slices})
+            self.records.markWritten(
+                segmentationNode, volumeNode, segmentId, newMasks[value], {request.axis: item.slices}
+            )
             segment.SetTag(RUN_CHECKSUM_TAG, str(labeled_slices.checksum(newMasks[value])))
         for segmentId, (old, new) in others.items():
             mrml_io.writeSegmentArray(new, segmentationNode, segmentId, volumeNode)
             segment = segmentation.GetSegment(segmentId)
-            labeled_slices.moveBaseline(segment, old, new)
+            self.records.moveBaseline(segmentationNode, volumeNode, segmentId, old, new)
             segment.SetTag(RUN_CHECKSUM_TAG, str(labeled_slices.checksum(new)))
 
     # ------------------------------------------------------------------------------ undo

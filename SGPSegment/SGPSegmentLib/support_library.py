@@ -23,10 +23,10 @@ from SlicerSGP.errors import SGPInputError
 from SlicerSGP.types import SupportItem, axis_label
 
 
-def _drawn(volumeNode, segmentationNode, ids: list[str], axis: int, drawnSlices):
+def _drawn(volumeNode, segmentationNode, ids: list[str], axis: int, drawnSlices, records=None):
     """``[(segmentId, name, slices, mask), ...]``: the given slices, else the recorded ones."""
     if drawnSlices is None:
-        pairs = labeledSegments(volumeNode, segmentationNode, ids, axis)
+        pairs = labeledSegments(volumeNode, segmentationNode, ids, axis, records)
         return [(item.segmentId, item.name, list(item.slices), mask) for item, mask in pairs]
     segmentation = segmentationNode.GetSegmentation()
     missing = [s for s in ids if s not in drawnSlices]
@@ -51,12 +51,13 @@ def saveSupportSet(
     description: str = "",
     library: str | os.PathLike | None = None,
     overwrite: bool = False,
+    records=None,
 ) -> SupportSetSummary:
     """Save the selected segments' drawn slices (``drawnSlices``: ``{segmentId: [slice, ...]}``
     along ``axis``; default: the slices recorded as drawn) as support set ``name``.
 
     ``segmentIds`` None: every segment drawn along ``axis``. The segmentation is not changed
-    (beyond the drawn-slice record every read of it keeps up to date)."""
+    (``records``: the Logic's drawn-slice records, kept in memory)."""
     mrml_io.checkVolume(volumeNode)
     if segmentationNode is None:
         raise SGPInputError("Select the segmentation whose drawn slices to save.")
@@ -70,7 +71,7 @@ def saveSupportSet(
                 f"Segment '{segmentId}' is not in segmentation '{segmentationNode.GetName()}'."
             )
     mrml_io.checkSameGrid(volumeNode, segmentationNode, ids)
-    found = _drawn(volumeNode, segmentationNode, ids, axis, drawnSlices)
+    found = _drawn(volumeNode, segmentationNode, ids, axis, drawnSlices, records)
     undrawn = [segName for _, segName, slices, mask in found if not slices]
     if explicit and undrawn:
         raise SGPInputError(
