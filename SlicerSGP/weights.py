@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from tqdm import tqdm
-
 from SlicerSGP.errors import SGPError, SGPWeightsError
 from SlicerSGP.weights_registry import (
     ALIASES,
@@ -91,6 +89,26 @@ def _offline_hint(info: CheckpointInfo, url: str) -> str:
     )
 
 
+class _NoBar(contextlib.AbstractContextManager):
+    def update(self, n: int) -> None:
+        pass
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm byte bar, imported only when shown: this module must import without tqdm (Slicer
+    does not ship it, and its process reads the registry through this module)."""
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
+
+
 def _install(
     open_source: Callable[[], tuple[BinaryIO, int]],
     target: Path,
@@ -113,14 +131,7 @@ def _install(
         with (
             contextlib.closing(reader),
             open(part, "wb") as out,
-            tqdm(
-                total=total,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=info.filename,
-                disable=not progress,
-            ) as bar,
+            _progress_bar(total, info.filename, progress) as bar,
         ):
             while block := reader.read(chunk):
                 done += len(block)
