@@ -233,9 +233,9 @@ def test_run_writes_segments_and_keeps_the_drawn_slices(mrml, logic):  # noqa: F
 
     request = logic.prepareRun(volume, segmentation, ids, axis=0)
     run = logic.startRun(request, logic.modelSettings(**RUN))
-    assert request.volume is None  # the volume copy is dropped once sent
     logic.runs.wait(run, describeFailure=logic.engine.describeFailure)
     assert run.state == "done", run.error
+    assert request.volume is None  # the volume copy is dropped once sent
     result, report = logic.lastResult, run.report
     assert result.geometry is not None and result.probabilities == {}  # big arrays released
     assert report.labeledSlices == list(LABELED)

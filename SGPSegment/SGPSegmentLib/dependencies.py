@@ -4,8 +4,10 @@ Checks read installed distributions' metadata (``importlib.metadata``), so nothi
 imported: Slicer's process never imports torch. The local engine may run in another Python the
 user names; then the check runs there, in a short subprocess.
 
-Installing never happens without the user's confirmation (the module's self-test never
-installs). ``sam2`` is a third-party source distribution: it is downloaded, its sha256 checked
+Every process of the engine's Python runs in the environment :mod:`.processes` gives it
+(another Python never sees Slicer's ``PYTHONHOME``/``PYTHONPATH``). Installing never happens
+without the user's confirmation (the module's self-test never installs) and never blocks Slicer:
+:func:`installTask` is a :class:`~SGPSegmentLib.processes.Task` the Widget's timer polls. ``sam2`` is a third-party source distribution: it is downloaded, its sha256 checked
 against the pinned value, and only then installed, without build isolation and dependencies and
 without its optional CUDA extension (DESIGN.md, "Facts about the dependencies"). ``peft`` is
 needed only by trained SGP checkpoints (LoRA adapters) and is installed only for them.
@@ -16,19 +18,28 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.version import InvalidVersion, Version
 
+from SGPSegmentLib.processes import (
+    Step,
+    Task,
+    isOwnPython,
+    popenOptions,
+    pythonEnvironment,
+    runPython,
+)
 from SlicerSGP.errors import SGPError
 
+TORCH_REQUIREMENT = "torch>=2.5.1"
+"""sam2 1.1.0's own floor (a lower one lets pip keep a torch sam2 cannot run with)."""
+
 BASE_REQUIREMENTS = (
-    "torch>=2.3",
+    "torch>=2.5.1",
     "numpy>=1.24",
     "hydra-core>=1.3.2",
     "iopath>=0.1.10",
@@ -69,8 +80,9 @@ def requirements(sgpCheckpoint: bool = False) -> list[str]:
 
 
 def installedVersions(names, python: str | None = None) -> dict[str, str | None]:
-    """``{distribution: version or None}`` in this Python, or in ``python`` (a subprocess)."""
-    if not python or Path(python).resolve() == Path(sys.executable).resolve():
+    """``{distribution: version or None}`` in this Python, or in another ``python`` (a short
+    subprocess in that Python's own, clean environment)."""
+    if isOwnPython(python):
         out = {}
         for name in names:
             try:
@@ -78,15 +90,20 @@ def installedVersions(names, python: str | None = None) -> dict[str, str | None]
             except importlib.metadata.PackageNotFoundError:
                 out[name] = None
         return out
-    proc = subprocess.run(
-        [python, "-c", _VERSIONS_SCRIPT, *names], capture_output=True, text=True, timeout=60
+    proc = runPython(python, ["-c", _VERSIONS_SCRIPT, *names])
+    return _parseVersions(python, proc.returncode, proc.stdout, proc.stderr)
+
+
+def _parseVersions(python, code: int, stdout: str, stderr: str = "") -> dict[str, str | None]:
+    try:
+        if code == 0:
+            return json.loads(stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        pass
+    raise SGPError(
+        f"Could not run the engine's Python {python!r} ({(stderr or stdout).strip()[-300:]}); "
+        "choose a working Python executable or leave the setting empty for Slicer's own."
     )
-    if proc.returncode != 0:
-        raise SGPError(
-            f"Could not run the engine's Python {python!r} ({proc.stderr.strip()[-300:]}); "
-            "choose a working Python executable or leave the setting empty for Slicer's own."
-        )
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def problems(reqs, versions: dict[str, str | None]) -> list[str]:
@@ -134,9 +151,16 @@ def verifySam2(path: Path) -> None:
 
 
 def runPip(python: str, args: list[str], env: dict[str, str] | None = None) -> str:
-    """``python -m pip ARGS``; raises SGPError with pip's last lines when it fails."""
+    """``python -m pip ARGS``, waiting (console and scripts; the panel uses
+    :func:`installTask`); raises SGPError with pip's last lines when it fails."""
     proc = subprocess.run(
-        [python, "-m", "pip", *args], capture_output=True, text=True, env=env, timeout=3600
+        [python, "-m", "pip", *args],
+        capture_output=True,
+        text=True,
+        env=env or pythonEnvironment(python),
+        timeout=3600,
+        stdin=subprocess.DEVNULL,
+        **popenOptions(),
     )
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
@@ -146,27 +170,36 @@ def runPip(python: str, args: list[str], env: dict[str, str] | None = None) -> s
 
 def installSam2(python: str, pip=runPip) -> None:
     """Download the sam2 sdist, check its sha256, then install it (no deps, no CUDA build)."""
-    env = dict(os.environ, SAM2_BUILD_CUDA="0")
+    env = dict(pythonEnvironment(python), SAM2_BUILD_CUDA="0")
     with tempfile.TemporaryDirectory(prefix="sgp-sam2-") as tmp:
-        pip(
-            python,
-            [
-                "download",
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-                "--no-build-isolation",
-                "-d",
-                tmp,
-                SAM2_REQUIREMENT,
-            ],
-            env,
-        )
-        sdist = Path(tmp) / SAM2_SDIST
-        if not sdist.is_file():
-            raise SGPError(f"pip did not download {SAM2_SDIST}; nothing was installed.")
-        verifySam2(sdist)
-        pip(python, ["install", "--no-build-isolation", "--no-deps", str(sdist)], env)
+        pip(python, _sam2DownloadArgs(tmp), env)
+        pip(python, _sam2InstallArgs(_checkedSam2(tmp)), env)
+
+
+def _sam2DownloadArgs(folder) -> list[str]:
+    return [
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--no-build-isolation",
+        "-d",
+        str(folder),
+        SAM2_REQUIREMENT,
+    ]
+
+
+def _sam2InstallArgs(sdist: Path) -> list[str]:
+    return ["install", "--no-build-isolation", "--no-deps", str(sdist)]
+
+
+def _checkedSam2(folder) -> Path:
+    """The downloaded sdist in ``folder``, after its sha256 matched the pinned one."""
+    sdist = Path(folder) / SAM2_SDIST
+    if not sdist.is_file():
+        raise SGPError(f"pip did not download {SAM2_SDIST}; nothing was installed.")
+    verifySam2(sdist)
+    return sdist
 
 
 def installTorch(python: str, pip=runPip) -> None:
@@ -174,27 +207,75 @@ def installTorch(python: str, pip=runPip) -> None:
     Slicer's PyTorch extension does), in a subprocess: this process never imports torch."""
     pip(python, ["install", "light-the-torch>=0.7"])
     proc = subprocess.run(
-        [python, "-m", "light_the_torch", "install", "torch>=2.3"],
+        [python, "-m", "light_the_torch", "install", TORCH_REQUIREMENT],
         capture_output=True,
         text=True,
         timeout=3600,
+        env=pythonEnvironment(python),
+        stdin=subprocess.DEVNULL,
+        **popenOptions(),
     )
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise SGPError(f"Installing PyTorch failed:\n{tail}")
 
 
-def install(problemLines: list[str], python: str, sgpCheckpoint: bool = False, pip=runPip) -> None:
-    """Install what :func:`missing` reported, into ``python``'s environment."""
+def installSteps(problemLines: list[str], python: str, sgpCheckpoint: bool = False) -> list[Step]:
+    """The steps that install what :func:`missing` reported into ``python``'s environment:
+    torch through light-the-torch, the other packages, sam2 (checked against its pinned sha256
+    before it is installed), then a check that nothing is missing any more."""
     names = {line.split(":", 1)[0] for line in problemLines}
     reqs = [r for r in requirements(sgpCheckpoint) if Requirement(r).name in names]
+    env = pythonEnvironment(python)
+    pip = [python, "-m", "pip"]
+    steps = []
     if "torch" in names:
-        installTorch(python, pip)
+        steps.append(Step("installing light-the-torch", [*pip, "install", "light-the-torch>=0.7"]))
+        steps.append(
+            Step(
+                "installing PyTorch (over 1 GB with CUDA)",
+                [python, "-m", "light_the_torch", "install", TORCH_REQUIREMENT],
+            )
+        )
     others = [r for r in reqs if Requirement(r).name not in ("torch", "sam2")]
     if others:
-        pip(python, ["install", *others])
+        steps.append(Step("installing " + ", ".join(others), [*pip, "install", *others]))
     if "sam2" in names:
-        installSam2(python, pip)
-    still = missing(sgpCheckpoint, python)
-    if still:
-        raise SGPError("Some packages are still missing or too old: " + "; ".join(still))
+        folder = Path(tempfile.mkdtemp(prefix="sgp-sam2-"))
+        sam2Env = dict(env, SAM2_BUILD_CUDA="0")
+        steps += [
+            Step("downloading sam2", [*pip, *_sam2DownloadArgs(folder)], env=sam2Env),
+            # A failed check ends the task here: the install step never runs.
+            Step("checking sam2's sha256", action=lambda: _checkedSam2(folder)),
+            Step("installing sam2", [*pip, *_sam2InstallArgs(folder / SAM2_SDIST)], env=sam2Env),
+        ]
+    allNames = [Requirement(r).name for r in requirements(sgpCheckpoint)]
+
+    def stillMissing(output: str) -> None:
+        versions = _parseVersions(python, 0, output)
+        still = problems(requirements(sgpCheckpoint), versions)
+        if still:
+            raise SGPError("Some packages are still missing or too old: " + "; ".join(still))
+
+    steps.append(
+        Step(
+            "checking the installed packages",
+            [python, "-c", _VERSIONS_SCRIPT, *allNames],
+            after=stillMissing,
+        )
+    )
+    return steps
+
+
+def installTask(problemLines: list[str], python: str, sgpCheckpoint: bool = False) -> Task:
+    """A started :class:`Task` installing what :func:`missing` reported (poll it, or
+    ``.wait()`` in the console); ends 'done' only when every requirement is met afterwards."""
+    steps = installSteps(problemLines, python, sgpCheckpoint)
+    return Task("Installing Python packages", steps, env=pythonEnvironment(python)).start()
+
+
+def install(problemLines: list[str], python: str, sgpCheckpoint: bool = False) -> None:
+    """Install what :func:`missing` reported, into ``python``'s environment, waiting (console)."""
+    task = installTask(problemLines, python, sgpCheckpoint).wait()
+    if task.state != "done":
+        raise SGPError(task.error or f"Installing Python packages: {task.state}.")

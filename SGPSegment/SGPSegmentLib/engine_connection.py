@@ -9,19 +9,19 @@
 * Remote: a ``sgp serve`` the user runs elsewhere, reached with its URL and token. The
   version handshake and the model check name what differs.
 
+Starting a local engine never blocks Slicer: :meth:`EngineConnection.ready` launches it and
+answers None until it is ready (the Widget's timer, a run's poll and the effect's poll call it
+again); :meth:`EngineConnection.client` waits in a loop (console, scripts).
+
 Only the service client (stdlib + numpy) is imported: Slicer's process never imports torch.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import SlicerSGP
+from SGPSegmentLib import processes
 from SlicerSGP.errors import SGPError, SGPServiceError
 from SlicerSGP.service.client import connect_engine
 from SlicerSGP.service.launcher import LocalEngine
@@ -62,19 +62,14 @@ class ModelSettings:
         return expected
 
 
-def defaultPython() -> str:
-    """Slicer's own Python launcher when there is one (``PythonSlicer``), else this one."""
-    return shutil.which("PythonSlicer") or sys.executable
+defaultPython = processes.defaultPython
 
 
-def engineEnvironment() -> dict[str, str]:
-    """What a local engine's environment adds: the SlicerSGP package this module ships on the
-    path (in Slicer it sits in the qt-scripted-modules folder, which a plain Python does not
-    see), so that client and server are the same version."""
-    packageParent = str(Path(SlicerSGP.__file__).resolve().parents[1])
-    return {
-        "PYTHONPATH": os.pathsep.join(p for p in (packageParent, os.environ.get("PYTHONPATH")) if p)
-    }
+def engineEnvironment(python: str | None = None) -> dict[str, str]:
+    """The local engine's whole environment for ``python`` (None: Slicer's own): see
+    :func:`SGPSegmentLib.processes.pythonEnvironment`. The SlicerSGP package this module
+    ships comes first on the path, so that client and server are the same version."""
+    return processes.pythonEnvironment(python)
 
 
 class EngineConnection:
@@ -128,21 +123,59 @@ class EngineConnection:
         )
         return self._client
 
-    def _localClient(self, settings: ModelSettings):
+    def _localClient(self, settings: ModelSettings, timeout: float = START_TIMEOUT_S):
+        """Wait for a local engine running ``settings`` (console, scripts, tests)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            client = self.ready(settings)
+            if client is not None:
+                return client
+            if time.monotonic() > deadline:  # the engine's own deadline normally comes first
+                raise SGPServiceError(f"The engine did not become ready within {timeout:g} s.")
+            time.sleep(0.05)
+
+    def ready(self, settings: ModelSettings):
+        """A client of an engine running ``settings``' model, or None while a local one is
+        starting (it is launched or relaunched here); never waits for a local engine. Raises
+        when it cannot start (its reason: the log's last lines)."""
+        if self.mode == "remote":
+            return self._remote(settings)
         python = self.python or defaultPython()
         key = (python, tuple(settings.serveArguments()))
         if self._local is not None and self._localKey != key:
             self.stop()  # other model settings: a fresh engine with the new ones
         if self._local is None:
             self._local = LocalEngine(
-                python=python, extra_args=list(key[1]), env=engineEnvironment()
+                python=python, extra_args=list(key[1]), base_env=engineEnvironment(python)
             )
             self._localKey = key
-            self._client = self._local.start(timeout=START_TIMEOUT_S)
-        elif not self._local.alive:
-            self._client = self._local.ensure_running(timeout=START_TIMEOUT_S)
+            self._local.launch(timeout=START_TIMEOUT_S)
+        elif self._local.client is not None and not self._local.alive:
+            # It was ready and died (out of memory, killed): a fresh one. One that dies while
+            # starting is reported by poll_ready below instead.
+            self._local.relaunch(timeout=START_TIMEOUT_S)
             self.lastRestartReason = str(self._local.exit_reason or "")
-        return self._client
+            self._client = None
+        try:
+            client = self._local.poll_ready()
+        except BaseException:
+            self.stop()  # the next call starts afresh
+            raise
+        if client is not None:
+            self._client = client
+        return client
+
+    def lastLogLine(self) -> str:
+        """The local engine's last log line (what it is doing while it starts), or ''."""
+        if self.mode != "local" or self._local is None:
+            return ""
+        lines = [line for line in self._local.log_tail() if line.strip()]
+        return lines[-1][-200:] if lines else ""
+
+    @property
+    def starting(self) -> bool:
+        """A local engine was launched and is not ready yet."""
+        return self.mode == "local" and self._local is not None and self._local.starting
 
     def deathReason(self) -> str:
         """Why the local engine stopped ('' while it runs or for a remote engine)."""

@@ -9,7 +9,8 @@ A thin facade over the parts:
 * :mod:`.run`: start / poll / apply / cancel / undo,
 * :mod:`.outputs`: pseudo-masks, per-slice scores, least confident slices,
 * :mod:`.support_library`: drawn slices saved as named support sets, reused on new cases,
-* :mod:`.dependencies`: the engine's packages.
+* :mod:`.dependencies`, :mod:`.engine_weights`: the engine's packages and weights, installed
+  and downloaded by :mod:`.processes` tasks that the Widget's timer polls.
 
 No threads and no torch in this process: a run is queued on the engine with quick HTTP calls,
 the Widget's timer calls :meth:`SGPSegmentCoreLogic.poll`, and the result is written when the
@@ -21,11 +22,19 @@ from __future__ import annotations
 import slicer
 import vtk
 
-from SGPSegmentLib import dependencies, mrml_io, outputs, request, support_library
+from SGPSegmentLib import (
+    dependencies,
+    engine_weights,
+    mrml_io,
+    outputs,
+    request,
+    support_library,
+)
 from SGPSegmentLib.constants import MODEL_SIZES
 from SGPSegmentLib.edit_watch import RecordStore
 from SGPSegmentLib.engine_connection import EngineConnection, ModelSettings, defaultPython
 from SGPSegmentLib.parameter_actions import ParameterNodeActions, describeSupportSet
+from SGPSegmentLib.processes import Task
 from SGPSegmentLib.run import Run, Runs, WriteReport
 from SlicerSGP.data.support_library import SupportLibrary, SupportSetSummary
 from SlicerSGP.errors import SGPError
@@ -53,6 +62,7 @@ class SGPSegmentCoreLogic(ParameterNodeActions):
         self._watched: dict[str, tuple] = {}
         self.supportLibraryRoot = None
         """Folder of the saved support sets; None: the engine's (``sgp support`` uses it too)."""
+        self._weightsStatus: dict[tuple[str, str], str] = {}
 
     # ------------------------------------------------------------------- labeled slices
 
@@ -141,10 +151,18 @@ class SGPSegmentCoreLogic(ParameterNodeActions):
     def startRun(
         self, runRequest, settings: ModelSettings, keepPseudoMasks: bool = False, preview=False
     ) -> Run:
-        """Queue a prepared run on the engine (starting the local engine if needed); a
-        ``preview`` run keeps its result instead of writing it."""
+        """Queue a prepared run on the engine; a ``preview`` run keeps its result instead of
+        writing it. Never waits for a local engine to start: the run then shows the stage
+        'starting engine' and is queued by the :meth:`poll` that finds the engine ready."""
         try:
-            client = self.engine.client(settings)
+            client = self.engine.ready(settings)
+            if client is None:
+                return self.runs.pending(
+                    runRequest,
+                    lambda: self.engine.ready(settings),
+                    keepPseudoMasks=keepPseudoMasks,
+                    preview=preview,
+                )
             return self.runs.start(
                 runRequest, client, keepPseudoMasks=keepPseudoMasks, preview=preview
             )
@@ -341,51 +359,52 @@ class SGPSegmentCoreLogic(ParameterNodeActions):
     # --------------------------------------------------------------- dependencies, weights
 
     def dependencyProblems(self, model: str = "tiny") -> list[str]:
+        """What the engine's Python lacks for ``model`` (checked in that Python)."""
         return dependencies.missing(model not in MODEL_SIZES, self.engine.python or None)
 
-    def installDependencies(self, model: str, problemLines: list[str]) -> None:
+    def installDependencies(self, model: str, problemLines: list[str]) -> Task:
+        """Start installing into the engine's Python: a :class:`Task` to poll from a timer
+        (:meth:`pollTask`), or to ``.wait()`` for in the console."""
         python = self.engine.python or defaultPython()
-        dependencies.install(problemLines, python, model not in MODEL_SIZES)
+        return dependencies.installTask(problemLines, python, model not in MODEL_SIZES)
 
-    @staticmethod
-    def weightsStatus(model: str) -> str:
-        """'cached', 'missing', 'checkpoint' (a trained SGP file) or 'unknown'."""
+    def weightsStatus(self, model: str) -> str:
+        """'cached', 'missing', 'checkpoint' (a trained SGP file) or 'unknown', as the engine's
+        Python sees its cache (remembered per Python and model until :meth:`refreshSetup`)."""
         if model not in MODEL_SIZES:
             return "checkpoint"
-        try:
-            # Lazy: SlicerSGP.weights needs tqdm, missing until the engine's packages are in.
-            from SlicerSGP import weights
-        except Exception:  # missing or broken packages must not stop the panel from building
-            return "unknown"
-        return (
-            "cached"
-            if weights.cached_checkpoint_path(weights.resolve_model_name(model)).is_file()
-            else "missing"
-        )
+        key = (self.engine.python or defaultPython(), model)
+        if key not in self._weightsStatus:
+            self._weightsStatus[key] = engine_weights.status(model, self.engine.python or None)
+        return self._weightsStatus[key]
 
-    @staticmethod
-    def downloadWeights(model: str, progress=None):
-        """Fetch the official SAM2.1 checkpoint into the cache (checksum verified)."""
-        from SlicerSGP import weights  # lazy: see weightsStatus
+    def refreshSetup(self) -> None:
+        """Forget what was seen of the weights cache (after a download, on entering)."""
+        self._weightsStatus.clear()
 
-        def callback(done, total):
-            if progress is not None:
-                progress("downloading weights", done / total if total else 0.0)
+    def downloadWeights(self, model: str) -> Task:
+        """Start fetching the official SAM2.1 checkpoint into the engine's cache (checksum
+        verified), in the engine's Python: a :class:`Task` (``.wait()`` in the console)."""
+        self.refreshSetup()
+        return engine_weights.fetchTask(model, self.engine.python or None)
 
-        info = weights.resolve_model_name(model)
-        return weights.download_checkpoint(info, progress=False, progress_callback=callback)
+    def importWeights(self, model: str, path) -> Task:
+        """Start checking and copying a local copy of the official checkpoint (offline
+        machines) into the engine's cache: a :class:`Task`."""
+        self.refreshSetup()
+        return engine_weights.fetchTask(model, self.engine.python or None, file=path)
 
-    @staticmethod
-    def importWeights(model: str, path, progress=None):
-        """Copy a local copy of the official checkpoint (offline machines) into the cache."""
-        from SlicerSGP import weights  # lazy: see weightsStatus
+    def pollTask(self, task: Task) -> Task:
+        """Advance an install or download (call from a timer); never waits."""
+        task.poll()
+        if task.done():
+            self.refreshSetup()
+        return task
 
-        def callback(done, total):
-            if progress is not None:
-                progress("checking weights", done / total if total else 0.0)
-
-        info = weights.resolve_model_name(model)
-        return weights.import_checkpoint(path, info, progress=False, progress_callback=callback)
+    def cancelTask(self, task: Task) -> None:
+        """Stop an install or download: its processes are killed, nothing more runs."""
+        task.cancel()
+        self.refreshSetup()
 
 
 __all__ = ["SGPSegmentCoreLogic", "WriteReport", "Run"]

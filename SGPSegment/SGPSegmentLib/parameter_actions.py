@@ -11,7 +11,7 @@ from pathlib import Path
 
 from SGPSegmentLib import outputs
 from SGPSegmentLib.constants import AXIS_DISPLAY, AXIS_NAMES, MODEL_SIZES
-from SGPSegmentLib.engine_connection import describeServer
+from SGPSegmentLib.engine_connection import ModelSettings, describeServer
 from SlicerSGP.data.support_library import SupportSetSummary
 from SlicerSGP.errors import SGPError, SGPInputError
 
@@ -73,8 +73,17 @@ class ParameterNodeActions:
     def settingsFromParameterNode(self, pn):
         return self.modelSettings(self.modelArgument(pn), None, pn.device, pn.imageSize, 0)
 
+    def pollConnection(self, pn) -> tuple[str, list] | None:
+        """The Connect button, from a timer: None while the local engine starts (never
+        waits), then what :meth:`testConnection` says."""
+        settings = self.settingsFromParameterNode(pn) if pn is not None else None
+        if self.engine.mode == "local" and self.engine.ready(settings or ModelSettings()) is None:
+            return None
+        return self.testConnection(pn)
+
     def testConnection(self, pn) -> tuple[str, list]:
-        """(description for people, the server's devices) for the Connect button."""
+        """(description for people, the server's devices) for the Connect button (waits for a
+        local engine to start: console; the Widget uses :meth:`pollConnection`)."""
         info = self.engine.connect(self.settingsFromParameterNode(pn) if pn is not None else None)
         text = "Connected: " + describeServer(info)
         if self.engine.lastRestartReason:
@@ -220,8 +229,10 @@ class ParameterNodeActions:
             else "Missing or too old: " + "; ".join(problems)
         )
 
-    def ensureDependencies(self, pn, confirm) -> bool:
-        """Install the local engine's missing packages after ``confirm(message)`` says yes."""
+    def ensureDependencies(self, pn, confirm):
+        """Packages of the local engine: True when all are there, False when ``confirm(message)``
+        said no, else the started :class:`~SGPSegmentLib.processes.Task` installing them (poll
+        it with :meth:`pollTask`; ask again once it is done)."""
         if self.engine.mode == "remote":
             return True
         problems = self.dependencyProblems(self.modelArgument(pn))
@@ -231,11 +242,11 @@ class ParameterNodeActions:
             "The local engine needs these Python packages:\n\n  "
             + "\n  ".join(problems)
             + "\n\nDownload and install them now? This can take several minutes (PyTorch with "
-            "CUDA is over 1 GB). sam2 is checked against its pinned sha256 before installing."
+            "CUDA is over 1 GB); Slicer stays usable and Cancel stops it. sam2 is checked against "
+            "its pinned sha256 before installing."
         ):
             return False
-        self.installDependencies(self.modelArgument(pn), problems)
-        return True
+        return self.installDependencies(self.modelArgument(pn), problems)
 
     def weightsStatusText(self, pn) -> str:
         status = self.weightsStatus(self.modelArgument(pn))
@@ -246,18 +257,43 @@ class ParameterNodeActions:
             "unknown": "Weights: unknown until the Python packages are installed.",
         }[status]
 
-    def ensureReady(self, pn, confirm, progress=None) -> bool:
-        """Packages and weights for a local run, each installed only after ``confirm``."""
-        if not self.ensureDependencies(pn, confirm):
-            return False
+    def ensureReady(self, pn, confirm):
+        """Packages and weights for a local run, each installed only after ``confirm``: True
+        when ready, False when declined, else the started task that installs or downloads
+        what is missing (nothing waits: poll it with :meth:`pollTask`, then ask again)."""
+        ready = self.ensureDependencies(pn, confirm)
+        if ready is not True:
+            return ready
         if self.engine.mode == "remote" or pn.model not in MODEL_SIZES:
             return True
-        if self.weightsStatus(pn.model) == "cached":
+        status = self.weightsStatus(pn.model)
+        if status in ("cached", "unknown"):  # unknown: the engine says what is wrong, if any
             return True
         if not confirm(
             f"The SAM2.1 '{pn.model}' weights are not downloaded yet. Download them now into "
             "the cache (checksum verified)? On an offline machine use 'Use local file...' instead."
         ):
             return False
-        self.downloadWeights(pn.model, progress=progress)
-        return True
+        return self.downloadWeights(pn.model)
+
+    def taskMessage(self, task) -> str:
+        """What became of an install or download, for people."""
+        if task.state == "done":
+            return f"{task.title}: done."
+        if task.state == "cancelled":
+            return (
+                f"{task.title}: cancelled. Packages or files may be partly there; the status "
+                "shown is checked again (nothing is taken as installed)."
+            )
+        if task.state == "failed":
+            return f"{task.title} failed:\n{task.error}"
+        return task.describe()
+
+    def progressOf(self, item) -> tuple[str, float | None, str]:
+        """(stage, fraction done or None for a busy bar, last output line) of a run or a task,
+        for the panel's progress bar and the line under it."""
+        if hasattr(item, "steps"):  # a Task
+            return item.stage, item.fraction, item.lastLine
+        if not item.runId and not item.done():  # the local engine is starting
+            return item.stage, None, self.engine.lastLogLine()
+        return item.stage, item.fraction, ""

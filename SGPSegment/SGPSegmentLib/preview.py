@@ -207,6 +207,7 @@ class PreviewLogic:
             return "idle"
         if not run.done():
             self.core.poll(run)
+            session.volumeId = run.volumeId or session.volumeId  # queued once the engine is up
         if run.state == "done" and run.result is not None and session.request is not run.request:
             session.request, session.result = run.request, run.result
             self._showPreview(session)

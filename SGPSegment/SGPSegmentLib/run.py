@@ -67,6 +67,9 @@ class Run:
     """The engine's result of a preview run, once done (nothing written)."""
     error: BaseException | None = None
     startTime: float = field(default_factory=time.monotonic)
+    engineReady: Any = None
+    """While the local engine starts: ``engineReady() -> client or None``; the run is queued
+    on the engine by the first :meth:`Runs.poll` that gets a client (``runId`` '' until then)."""
 
     def done(self) -> bool:
         return self.state != "running"
@@ -96,7 +99,24 @@ class Runs:
         self, request: RunRequest, client, *, keepPseudoMasks: bool = False, preview: bool = False
     ) -> Run:
         """Upload the volume if the engine lacks it and queue the run (quick HTTP calls)."""
-        request.options.keep_pseudo_masks = bool(keepPseudoMasks)
+        run = Run(request, client, "", "", keepPseudoMasks=keepPseudoMasks, preview=preview)
+        self._queue(run, client)
+        return run
+
+    @staticmethod
+    def pending(
+        request: RunRequest, engineReady, *, keepPseudoMasks: bool = False, preview: bool = False
+    ) -> Run:
+        """A run that waits for the local engine to start (nothing waits: :meth:`poll` asks
+        ``engineReady()`` and queues the run once it gives a client)."""
+        run = Run(request, None, "", "", keepPseudoMasks=keepPseudoMasks, preview=preview)
+        run.stage, run.engineReady = "starting engine", engineReady
+        return run
+
+    @staticmethod
+    def _queue(run: Run, client) -> None:
+        request = run.request
+        request.options.keep_pseudo_masks = bool(run.keepPseudoMasks)
         volumeId = client.ensure_volume(request.volume, request.geometry)
         runId = client.start_run(
             volumeId,
@@ -110,9 +130,8 @@ class Runs:
             support_bank=request.supportBank,
         )
         request.release()
-        return Run(
-            request, client, runId, volumeId, keepPseudoMasks=keepPseudoMasks, preview=preview
-        )
+        run.client, run.runId, run.volumeId = client, runId, volumeId
+        run.engineReady, run.stage = None, "queued"
 
     def poll(self, run: Run, describeFailure=None) -> Run:
         """Update ``run`` from the engine; when it is done, write the result (main thread).
@@ -124,6 +143,11 @@ class Runs:
         if run.done():
             return run
         try:
+            if not run.runId:
+                client = run.engineReady()
+                if client is None:
+                    return run  # the engine is still starting
+                self._queue(run, client)
             status = run.client.run_status(run.runId)
             run.stage = str(status.get("stage") or status.get("state") or "")
             run.fraction = float(min(max(status.get("fraction") or 0.0, 0.0), 1.0))
@@ -161,6 +185,8 @@ class Runs:
         if run.done():
             return
         run.state = "cancelled"
+        if not run.runId:
+            return  # not queued yet (the engine was starting): nothing runs
         try:
             run.client.cancel_run(run.runId)
         except SGPError:
