@@ -13,6 +13,7 @@ node wrapper reads the class annotations as real types. One file by Slicer's scr
 convention (the self-test must live here for ``slicer_add_python_unittest``), hence over 400 lines.
 """
 
+import contextlib
 import pathlib
 from typing import Annotated
 
@@ -119,6 +120,10 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._run = None
+        self._task = None
+        """An install or download in progress (polled by the timer, like a run)."""
+        self._afterTask = None
+        self._connecting = False
         self._timer = None
         self._worstIndex = 0
 
@@ -188,6 +193,8 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         if self._run is not None and self.logic is not None:
             self.logic.cancel(self._run)
+        if self._task is not None and self.logic is not None:
+            self.logic.cancelTask(self._task)
         if self._timer is not None:
             self._timer.stop()
         if self.logic is not None:
@@ -196,6 +203,7 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         if not VERSION_PROBLEM:
+            self.logic.refreshSetup()  # weights fetched meanwhile (e.g. with `sgp weights`)
             self.initializeParameterNode()
             self.updateSupportSets()  # sets saved meanwhile (e.g. with `sgp support`)
 
@@ -260,7 +268,7 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.syncReferenceCases(self.logic.referenceCaseNodes(pn.parameterNode))
         self.ui.checkpointPathLineEdit.setEnabled(pn.model == "SGP checkpoint")
         self.ui.weightsStatusLabel.text = self.logic.weightsStatusText(pn)
-        running = self._run is not None
+        running = self._run is not None or self._task is not None or self._connecting
         canRun, reason = self.logic.canRun(pn)
         self.ui.runButton.enabled = canRun and not running
         self.ui.runButton.toolTip = reason or "Segment the selected structures through the volume."
@@ -391,9 +399,9 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         if not name:
             return
-        with slicer.util.tryWithErrorDisplay("The support set was not saved.", waitCursor=True):
+        with self.errorsShown("The support set was not saved.", waitCursor=True):
             summary = self.logic.saveSupportSetFromParameterNode(
-                self._parameterNode, name, confirm=slicer.util.confirmYesNoDisplay
+                self._parameterNode, name, confirm=self.confirmYesNo
             )
             if summary is not None:
                 self.updateSupportSets(show=summary.name)
@@ -406,15 +414,15 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         if not name or not newName or newName == name:
             return
-        with slicer.util.tryWithErrorDisplay("The support set was not renamed.", waitCursor=True):
+        with self.errorsShown("The support set was not renamed.", waitCursor=True):
             newName = self.logic.renameSupportSet(name, newName, self._parameterNode.parameterNode)
             self.updateSupportSets(show=newName)
 
     def onDeleteSupportSet(self) -> None:
         name = self.ui.supportSetComboBox.currentData
-        with slicer.util.tryWithErrorDisplay("The support set was not deleted.", waitCursor=True):
+        with self.errorsShown("The support set was not deleted.", waitCursor=True):
             if name and self.logic.deleteSupportSet(
-                name, self._parameterNode.parameterNode, confirm=slicer.util.confirmYesNoDisplay
+                name, self._parameterNode.parameterNode, confirm=self.confirmYesNo
             ):
                 self.updateSupportSets(show="")
 
@@ -433,9 +441,9 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         if not name:
             return
-        with slicer.util.tryWithErrorDisplay("The support set was not imported.", waitCursor=True):
+        with self.errorsShown("The support set was not imported.", waitCursor=True):
             summary = self.logic.importSupportSet(
-                path, name, confirm=slicer.util.confirmYesNoDisplay
+                path, name, confirm=self.confirmYesNo
             )
             if summary is not None:
                 self.updateSupportSets(show=summary.name)
@@ -450,7 +458,7 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # The file dialog asked before replacing the file it returns; not one with .zip added.
         overwrite = path.lower().endswith(".zip")
         path = path if overwrite else path + ".zip"
-        with slicer.util.tryWithErrorDisplay("The support set was not exported.", waitCursor=True):
+        with self.errorsShown("The support set was not exported.", waitCursor=True):
             out = self.logic.exportSupportSet(name, path, overwrite=overwrite)
             slicer.util.showStatusMessage(f"Exported support set '{name}' to {out}.", 5000)
 
@@ -483,28 +491,47 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateDependencyStatus()
 
     def onConnect(self) -> None:
+        """Connect (a local engine is started first: the timer polls it, nothing waits)."""
         self.ui.engineStatusLabel.text = "Connecting..."
-        slicer.app.processEvents()
-        try:
-            with slicer.util.tryWithErrorDisplay("Could not reach the engine.", waitCursor=True):
-                text, devices = self.logic.testConnection(self._parameterNode)
-                self.ui.engineStatusLabel.text = text
-                self.populateDevices(devices)
-                self.updateGUIFromParameterNode()
-        finally:
-            if self.ui.engineStatusLabel.text == "Connecting...":
-                self.ui.engineStatusLabel.text = "Not connected."
+        self._connecting = True
+        self.updateGUIFromParameterNode()
+        self.pollConnection()
+        if self._connecting:
+            self._timer.start()
+
+    def pollConnection(self) -> None:
+        answer = None
+        with self.errorsShown("Could not reach the engine."):
+            try:
+                answer = self.logic.pollConnection(self._parameterNode)
+            except Exception:
+                self._connecting = False
+                raise
+        if answer is None and self._connecting:  # the local engine is starting
+            self.showProgress("starting engine", None, self.logic.engine.lastLogLine())
+            return
+        self._connecting = False
+        self.endRun()
+        if answer is None:
+            self.ui.engineStatusLabel.text = "Not connected."
+            return
+        text, devices = answer
+        self.ui.engineStatusLabel.text = text
+        self.populateDevices(devices)
+        self.updateGUIFromParameterNode()
 
     # ------------------------------------------------------------------------------ run
 
     def onRunButton(self) -> None:
         pn = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Could not start SGP segmentation.", waitCursor=True):
-            if not self.logic.ensureReady(
-                pn, confirm=slicer.util.confirmOkCancelDisplay, progress=self.onProgress
-            ):
+        with self.errorsShown("Could not start SGP segmentation."):
+            ready = self.logic.ensureReady(pn, confirm=self.confirmOkCancel)
+            if ready is not True:
+                if ready:  # installing packages or downloading weights first, then the run
+                    self.startTask(ready, then=self.onRunButton)
                 return
-            self._run = self.logic.startRunFromParameterNode(pn)
+            with self.errorsShown("Could not start SGP segmentation.", waitCursor=True):
+                self._run = self.logic.startRunFromParameterNode(pn)
         if self._run is None:
             return
         self._worstIndex = 0
@@ -515,13 +542,27 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUIFromParameterNode()
         self._timer.start()
 
-    def onProgress(self, stage: str, fraction: float) -> None:
-        self.ui.progressBar.setVisible(True)
-        self.ui.progressBar.format = f"{stage}: %p%"
-        self.ui.progressBar.value = int(round(100 * fraction))
-        slicer.app.processEvents()
+    def showProgress(self, stage, fraction, line="") -> None:
+        """The progress bar (busy when ``fraction`` is None) and the last output line."""
+        bar = self.ui.progressBar
+        bar.setVisible(True)
+        if fraction is None:
+            bar.setRange(0, 0)
+        else:
+            bar.setRange(0, 100)
+            bar.value = int(round(100 * fraction))
+        bar.format = f"{stage}: %p%"
+        bar.toolTip = stage
+        self.ui.taskOutputLabel.text = line
 
     def onPollRun(self) -> None:
+        """The timer: the install or download, the connection, or the run in progress."""
+        if self._task is not None:
+            self.pollTask()
+            return
+        if self._connecting:
+            self.pollConnection()
+            return
         run = self._run
         if run is None:
             self._timer.stop()
@@ -532,8 +573,7 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.endRun()
             slicer.util.errorDisplay(f"SGP segmentation failed; nothing was written.\n\n{exc}")
             return
-        self.ui.progressBar.format = f"{run.stage}: %p%"
-        self.ui.progressBar.value = int(round(100 * run.fraction))
+        self.showProgress(*self.logic.progressOf(run))
         if not run.done():
             return
         self.endRun()
@@ -546,14 +586,21 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateLabeledSlices()
 
     def endRun(self) -> None:
-        if self._timer is not None:
-            self._timer.stop()
         self._run = None
-        self.ui.cancelButton.setEnabled(False)
-        self.ui.progressBar.setVisible(False)
+        if self._task is None and not self._connecting:  # else the timer still polls those
+            if self._timer is not None:
+                self._timer.stop()
+            self.ui.cancelButton.setEnabled(False)
+            self.ui.progressBar.setRange(0, 100)
+            self.ui.progressBar.setVisible(False)
+            self.ui.taskOutputLabel.text = ""
         self.updateGUIFromParameterNode()
 
     def onCancelButton(self) -> None:
+        if self._task is not None:
+            self.logic.cancelTask(self._task)
+            self.pollTask()
+            return
         if self._run is not None:
             self.logic.cancel(self._run)
             slicer.util.showStatusMessage("SGP segmentation cancelled; nothing was written.", 5000)
@@ -561,13 +608,13 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onUndoButton(self) -> None:
         pn = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Undo was not done.", waitCursor=True):
+        with self.errorsShown("Undo was not done.", waitCursor=True):
             self.logic.undoLastRun(pn.segmentation, pn.inputVolume)
         self.updateLabeledSlices()
         self.updateGUIFromParameterNode()
 
     def onJumpLeastConfident(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Could not jump to the slice."):
+        with self.errorsShown("Could not jump to the slice."):
             self.ui.leastConfidentLabel.text = self.logic.jumpToLeastConfident(
                 self._parameterNode, self._worstIndex
             )
@@ -580,17 +627,16 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.dependenciesLabel.text = self.logic.dependencyStatus(self._parameterNode)
 
     def onInstallDependencies(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Installing Python packages failed.", waitCursor=True):
-            self.logic.ensureDependencies(
-                self._parameterNode, confirm=slicer.util.confirmOkCancelDisplay
-            )
+        with self.errorsShown("Installing Python packages failed."):
+            task = self.logic.ensureDependencies(self._parameterNode, confirm=self.confirmOkCancel)
+            if task not in (True, False):
+                self.startTask(task)
         self.updateDependencyStatus()
         self.updateGUIFromParameterNode()
 
     def onDownloadWeights(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Downloading weights failed.", waitCursor=True):
-            self.logic.downloadWeights(self._parameterNode.model, progress=self.onProgress)
-        self.ui.progressBar.setVisible(False)
+        with self.errorsShown("Downloading weights failed."):
+            self.startTask(self.logic.downloadWeights(self._parameterNode.model))
         self.updateGUIFromParameterNode()
 
     def onImportWeights(self) -> None:
@@ -599,10 +645,62 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         if not path:
             return
-        with slicer.util.tryWithErrorDisplay("The checkpoint could not be used.", waitCursor=True):
-            self.logic.importWeights(self._parameterNode.model, path, progress=self.onProgress)
-        self.ui.progressBar.setVisible(False)
+        with self.errorsShown("The checkpoint could not be used."):
+            self.startTask(self.logic.importWeights(self._parameterNode.model, path))
         self.updateGUIFromParameterNode()
+
+    def startTask(self, task, then=None) -> None:
+        """Show an install or download the Logic started, poll it, offer Cancel; ``then`` runs
+        when it ends well (e.g. the run that needed it)."""
+        self._task, self._afterTask = task, then
+        self.ui.cancelButton.setEnabled(True)
+        self.showProgress(*self.logic.progressOf(task))
+        self.updateGUIFromParameterNode()
+        self._timer.start()
+
+    def pollTask(self) -> None:
+        task = self.logic.pollTask(self._task)
+        self.showProgress(*self.logic.progressOf(task))
+        if not task.done():
+            return
+        then, self._task, self._afterTask = self._afterTask, None, None
+        self.endRun()
+        message = self.logic.taskMessage(task)
+        if task.state == "failed":
+            slicer.util.errorDisplay(message)
+        else:
+            slicer.util.showStatusMessage(message, 8000)
+        self.updateDependencyStatus()
+        self.updateGUIFromParameterNode()
+        if task.state == "done" and then is not None:
+            then()
+
+    # ------------------------------------------------------------------------- helpers
+
+    @contextlib.contextmanager
+    def errorsShown(self, message, waitCursor=False):
+        """``slicer.util.tryWithErrorDisplay``, which shows the error and raises it again: here
+        it ends at the display, so that what follows the block (status updates) still runs."""
+        try:
+            with slicer.util.tryWithErrorDisplay(message, waitCursor=waitCursor):
+                yield
+        except Exception:
+            pass  # shown to the user (and in the log)
+
+    @staticmethod
+    def _asked(ask, message) -> bool:
+        # The normal cursor over the question, even inside a wait-cursor block.
+        slicer.app.setOverrideCursor(qt.QCursor(qt.Qt.ArrowCursor))
+        try:
+            return bool(ask(message))
+        finally:
+            slicer.app.restoreOverrideCursor()
+
+    def confirmOkCancel(self, message) -> bool:
+        return self._asked(slicer.util.confirmOkCancelDisplay, message)
+
+    def confirmYesNo(self, message) -> bool:
+        return self._asked(slicer.util.confirmYesNoDisplay, message)
 
 
 class SGPSegmentLogic(ScriptedLoadableModuleLogic, SGPSegmentCoreLogic):
