@@ -25,6 +25,7 @@ class PreviewPanel:
         self.moduleLogic = moduleLogic
         self.ui = None
         self.session = None
+        self.setupTask = None  # packages or weights being installed before a preview
         self.chosenIds = []
         self.items = []  # the slices to check shown in the list
         self.observed = None
@@ -59,6 +60,8 @@ class PreviewPanel:
         self.ui.progressBar.setVisible(False)
 
     def cleanup(self):
+        if self.setupTask is not None:  # nobody would poll it any more
+            self.moduleLogic.cancelTask(self.setupTask)
         self.debounceTimer.stop()
         self.pollTimer.stop()
         self.debounceTimer.disconnect("timeout()", self.onDebounce)
@@ -95,7 +98,7 @@ class PreviewPanel:
         pn = self.moduleLogic.getParameterNode()
         self.ui.engineLabel.text = self.moduleLogic.engineSummary(pn)
         self.refreshSupportSets(pn)
-        running = self.session is not None and self.session.running
+        running = (self.session is not None and self.session.running) or bool(self.setupTask)
         canApply, reason = self.logic.canApply(self.session)
         self.ui.applyButton.enabled = canApply and not running
         self.ui.applyButton.toolTip = reason or "Write the preview into the segments."
@@ -169,7 +172,11 @@ class PreviewPanel:
         pn = self.moduleLogic.getParameterNode()
         volumeNode, segmentationNode = self.nodes()
         with slicer.util.tryWithErrorDisplay("SGP preview could not start.", waitCursor=True):
-            if not self.moduleLogic.ensureReady(pn, confirm=slicer.util.confirmOkCancelDisplay):
+            ready = self.moduleLogic.ensureReady(pn, confirm=slicer.util.confirmOkCancelDisplay)
+            if ready is not True:  # False: declined; else an install or download, polled below
+                self.setupTask = ready or None
+                if self.setupTask is not None:
+                    self.pollTimer.start()
                 return
             if self.session is not None:
                 self.logic.cancel(self.session)
@@ -214,6 +221,20 @@ class PreviewPanel:
         self.updateGUI()
 
     def onPoll(self):
+        if self.setupTask is not None:  # then Preview again once it is done
+            task = self.moduleLogic.pollTask(self.setupTask)
+            self.ui.progressBar.format = f"{task.stage}: %p%"
+            self.ui.progressBar.value = int(round(100 * (task.fraction or 0.0)))
+            self.ui.statusLabel.text = self.moduleLogic.taskMessage(task)
+            if task.done():
+                self.setupTask = None
+                self.pollTimer.stop()
+                if task.state == "done":
+                    self.onPreview()
+                elif task.state == "failed":
+                    slicer.util.errorDisplay(self.moduleLogic.taskMessage(task))
+            self.updateGUI()
+            return
         session = self.session
         try:
             state = self.logic.poll(session) if session is not None else "idle"
@@ -244,6 +265,8 @@ class PreviewPanel:
                 self.logic.jumpTo(self.session, self.items[row])
 
     def onStop(self):
+        if self.setupTask is not None:
+            self.moduleLogic.cancelTask(self.setupTask)  # the next poll says so
         self.logic.stop(self.session)
         self.updateGUI()
 
