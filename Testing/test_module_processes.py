@@ -396,3 +396,29 @@ def test_progress_lines_give_fractions():
     assert processes.fractionOf("Progress 3 of 4") == 0.75
     assert processes.fractionOf("Downloading torch.whl  42%") == 0.42
     assert processes.fractionOf("Collecting torch") is None
+
+
+def test_no_console_window_on_windows(monkeypatch, tmp_path):
+    """On Windows every process of the engine's Python is started with CREATE_NO_WINDOW (as
+    slicer.util.launchConsoleProcess hides its console): the checks, the tasks and the engine."""
+    import SlicerSGP.service.launcher as launcher
+    from SlicerSGP.errors import SGPServiceError
+
+    seen = []
+
+    def fakePopen(args, **kwargs):
+        seen.append(kwargs)
+        raise OSError(2, "not really started")
+
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert processes.popenOptions()["creationflags"] & processes.CREATE_NO_WINDOW
+    monkeypatch.setattr(subprocess, "Popen", fakePopen)
+    task = processes.Task("t", [processes.Step("step", ["python", "-V"])]).start()
+    assert task.state == "failed"
+    with pytest.raises(SGPServiceError, match="Cannot start the engine"):
+        launcher.LocalEngine(python="python", log_dir=tmp_path).launch()
+    with pytest.raises(Exception, match="Could not run the engine's Python"):
+        processes.runPython("python", ["-V"])
+    assert len(seen) == 3
+    for kwargs in seen:
+        assert kwargs["creationflags"] & 0x08000000 and "start_new_session" not in kwargs

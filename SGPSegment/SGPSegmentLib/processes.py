@@ -38,6 +38,8 @@ TAIL_LINES = 15
 
 CREATE_NO_WINDOW = 0x08000000
 """Windows: start a console program without opening a console window."""
+CREATE_NEW_PROCESS_GROUP = 0x00000200
+"""Windows: the child heads a process group of its own (``subprocess`` has it on Windows only)."""
 
 
 # ------------------------------------------------------------------------ which Python
@@ -113,7 +115,7 @@ def popenOptions() -> dict:
     ``slicer.util.launchConsoleProcess`` does), a process group of its own elsewhere (so that
     cancel can end the whole tree)."""
     if sys.platform == "win32":
-        return {"creationflags": CREATE_NO_WINDOW | subprocess.CREATE_NEW_PROCESS_GROUP}
+        return {"creationflags": CREATE_NO_WINDOW | CREATE_NEW_PROCESS_GROUP}
     return {"start_new_session": True}
 
 
