@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import logging
 import types
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def widgetHelpers(slicer):
         Qt=types.SimpleNamespace(ArrowCursor=ARROW),
         QCursor=lambda shape: types.SimpleNamespace(shape=shape),
     )
-    namespace = {"contextlib": contextlib, "slicer": slicer, "qt": qt}
+    namespace = {"contextlib": contextlib, "logging": logging, "slicer": slicer, "qt": qt}
     exec(compile(module, str(SOURCE), "exec"), namespace)
     return namespace["Helpers"]()
 
