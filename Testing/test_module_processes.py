@@ -394,6 +394,8 @@ def test_weights_module_imports_without_tqdm(tmp_path):
 def test_progress_lines_give_fractions():
     assert processes.fractionOf("progress 50 200") == 0.25
     assert processes.fractionOf("Progress 3 of 4") == 0.75
+    assert processes.fractionOf("Progress 5 of 10 bytes") == 0.5  # pip >= 25.2
+    assert processes.fractionOf("Progress 5 of ? bytes") is None
     assert processes.fractionOf("Downloading torch.whl  42%") == 0.42
     assert processes.fractionOf("Collecting torch") is None
 
@@ -422,3 +424,14 @@ def test_no_console_window_on_windows(monkeypatch, tmp_path):
     assert len(seen) == 3
     for kwargs in seen:
         assert kwargs["creationflags"] & 0x08000000 and "start_new_session" not in kwargs
+
+
+def test_pip_prints_its_progress_as_lines_when_it_can():
+    problems = ["numpy: not installed", "sam2: not installed", "torch: not installed"]
+    new = dependencies.installSteps(problems, "python", pipVersion="25.1.1")
+    old = dependencies.installSteps(problems, "python", pipVersion="23.2.1")
+    pipCalls = [s.command for s in new if s.command and s.command[1:3] == ["-m", "pip"]]
+    assert len(pipCalls) == 4  # light-the-torch, numpy, sam2's download and install
+    assert all("raw" in c for c in pipCalls[:3])
+    assert not any("raw" in (s.command or []) for s in old)
+    assert [s.label for s in new] == [s.label for s in old]

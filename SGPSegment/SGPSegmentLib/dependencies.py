@@ -220,17 +220,31 @@ def installTorch(python: str, pip=runPip) -> None:
         raise SGPError(f"Installing PyTorch failed:\n{tail}")
 
 
-def installSteps(problemLines: list[str], python: str, sgpCheckpoint: bool = False) -> list[Step]:
+RAW_PROGRESS_PIP = Version("24.1")
+"""pip's ``--progress-bar raw`` (``Progress DONE of TOTAL`` lines: the panel's fraction)."""
+
+
+def installSteps(
+    problemLines: list[str], python: str, sgpCheckpoint: bool = False, pipVersion=None
+) -> list[Step]:
     """The steps that install what :func:`missing` reported into ``python``'s environment:
     torch through light-the-torch, the other packages, sam2 (checked against its pinned sha256
-    before it is installed), then a check that nothing is missing any more."""
+    before it is installed), then a check that nothing is missing any more. A pip of
+    ``pipVersion`` >= 24.1 prints its download progress as lines the panel reads."""
     names = {line.split(":", 1)[0] for line in problemLines}
     reqs = [r for r in requirements(sgpCheckpoint) if Requirement(r).name in names]
     env = pythonEnvironment(python)
+    try:
+        raw = pipVersion is not None and Version(pipVersion) >= RAW_PROGRESS_PIP
+    except InvalidVersion:
+        raw = False
     pip = [python, "-m", "pip"]
+    bar = ["--progress-bar", "raw"] if raw else []
     steps = []
     if "torch" in names:
-        steps.append(Step("installing light-the-torch", [*pip, "install", "light-the-torch>=0.7"]))
+        steps.append(
+            Step("installing light-the-torch", [*pip, "install", *bar, "light-the-torch>=0.7"])
+        )
         steps.append(
             Step(
                 "installing PyTorch (over 1 GB with CUDA)",
@@ -239,12 +253,12 @@ def installSteps(problemLines: list[str], python: str, sgpCheckpoint: bool = Fal
         )
     others = [r for r in reqs if Requirement(r).name not in ("torch", "sam2")]
     if others:
-        steps.append(Step("installing " + ", ".join(others), [*pip, "install", *others]))
+        steps.append(Step("installing " + ", ".join(others), [*pip, "install", *bar, *others]))
     if "sam2" in names:
         folder = Path(tempfile.mkdtemp(prefix="sgp-sam2-"))
         sam2Env = dict(env, SAM2_BUILD_CUDA="0")
         steps += [
-            Step("downloading sam2", [*pip, *_sam2DownloadArgs(folder)], env=sam2Env),
+            Step("downloading sam2", [*pip, *_sam2DownloadArgs(folder), *bar], env=sam2Env),
             # A failed check ends the task here: the install step never runs.
             Step("checking sam2's sha256", action=lambda: _checkedSam2(folder)),
             Step("installing sam2", [*pip, *_sam2InstallArgs(folder / SAM2_SDIST)], env=sam2Env),
@@ -270,7 +284,11 @@ def installSteps(problemLines: list[str], python: str, sgpCheckpoint: bool = Fal
 def installTask(problemLines: list[str], python: str, sgpCheckpoint: bool = False) -> Task:
     """A started :class:`Task` installing what :func:`missing` reported (poll it, or
     ``.wait()`` in the console); ends 'done' only when every requirement is met afterwards."""
-    steps = installSteps(problemLines, python, sgpCheckpoint)
+    try:
+        pipVersion = installedVersions(["pip"], python).get("pip")
+    except SGPError:
+        pipVersion = None  # the first step says what is wrong with that Python
+    steps = installSteps(problemLines, python, sgpCheckpoint, pipVersion)
     return Task("Installing Python packages", steps, env=pythonEnvironment(python)).start()
 
 
