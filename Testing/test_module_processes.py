@@ -42,6 +42,25 @@ def _gone(pid: int) -> bool:
         return False
 
 
+def _deepest(pid: int) -> int:
+    """The last process of ``pid``'s chain of children (Linux; elsewhere ``pid``)."""
+    proc = Path("/proc")
+    while proc.is_dir():
+        children = []
+        for entry in proc.iterdir():
+            try:
+                if entry.name.isdigit():
+                    fields = (entry / "stat").read_text().rsplit(") ", 1)[1].split()
+                    if int(fields[1]) == pid:
+                        children.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+        if not children:
+            break
+        pid = children[0]
+    return pid
+
+
 def _pollUntil(poll, condition, timeout=60.0):
     deadline = time.monotonic() + timeout
     while True:
@@ -186,7 +205,9 @@ def test_engine_start_never_blocks_a_run_waits_for_it(mrml, tmp_path, monkeypatc
     try:
         volume, segmentation, ids = makeScene(mrml)
         began = time.monotonic()
-        run = logic.startRun(logic.prepareRun(volume, segmentation, ids), logic.modelSettings(**RUN))
+        run = logic.startRun(
+            logic.prepareRun(volume, segmentation, ids), logic.modelSettings(**RUN)
+        )
         assert time.monotonic() - began < 2.0
         assert run.stage == "starting engine" and not run.runId and not run.done()
         assert logic.engine.starting
@@ -201,7 +222,9 @@ def test_engine_start_never_blocks_a_run_waits_for_it(mrml, tmp_path, monkeypatc
 
         # Cancel of a start: stopping the engine ends its process.
         logic.engine.stop()
-        run = logic.startRun(logic.prepareRun(volume, segmentation, ids), logic.modelSettings(**RUN))
+        run = logic.startRun(
+            logic.prepareRun(volume, segmentation, ids), logic.modelSettings(**RUN)
+        )
         assert not run.runId
         pid = logic.engine._local.pid
         logic.cancel(run)
@@ -281,7 +304,10 @@ def test_other_python_environment_is_the_clean_one_plus_the_package(pollutedEnvi
     assert (Path(env["PYTHONPATH"]) / "SlicerSGP" / "__init__.py").is_file()
     own = processes.pythonEnvironment(sys.executable)  # Slicer's own: its environment is right
     assert own["PYTHONHOME"] == os.environ["PYTHONHOME"]
-    assert own["PYTHONPATH"].split(os.pathsep) == [processes.packageFolder(), str(pollutedEnvironment)]
+    assert own["PYTHONPATH"].split(os.pathsep) == [
+        processes.packageFolder(),
+        str(pollutedEnvironment),
+    ]
     if sys.platform != "win32":
         assert processes.popenOptions() == {"start_new_session": True}
 
@@ -321,9 +347,7 @@ def test_package_check_and_weights_status_run_in_the_engine_python(
     assert proc.stdout.strip() == "0.0.1"
 
 
-def test_local_engine_in_another_python_imports_its_own_packages(
-    secondPython, pollutedEnvironment
-):
+def test_local_engine_in_another_python_imports_its_own_packages(secondPython, pollutedEnvironment):
     logic = SGPSegmentCoreLogic()
     logic.engine.configure("local", python=secondPython)
     try:
@@ -385,8 +409,13 @@ def test_weights_module_imports_without_tqdm(tmp_path):
         print('ok')
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=60, cwd=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(Path(__file__).resolve().parents[1]),
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["refused:", "True", "ok"]
 
@@ -435,3 +464,41 @@ def test_pip_prints_its_progress_as_lines_when_it_can():
     assert all("raw" in c for c in pipCalls[:3])
     assert not any("raw" in (s.command or []) for s in old)
     assert [s.label for s in new] == [s.label for s in old]
+
+
+def test_a_killed_engine_of_slicers_own_python_is_reported_as_killed(tmp_path, monkeypatch):
+    """Inside Slicer ``sys.executable`` is the PythonSlicer launcher, which would turn a killed
+    engine into exit code 1. The engine runs python-real beside it instead, so a kill (the
+    kernel's out-of-memory killer sends SIGKILL) is named in the message."""
+    if not POSIX:
+        pytest.skip("SIGKILL and #! scripts")
+    import signal
+
+    from SlicerSGP.errors import SGPServiceError
+
+    launcher = tmp_path / "PythonSlicer"
+    launcher.write_text(  # what CTKAppLauncher does with a crashed child
+        f"#!{sys.executable}\n"
+        "import os, subprocess, sys\n"
+        "real = os.path.join(os.path.dirname(__file__), 'python-real')\n"
+        "sys.exit(1 if subprocess.call([real, *sys.argv[1:]]) != 0 else 0)\n"
+    )
+    real = tmp_path / "python-real"  # this Python, under the name Slicer installs it with
+    real.write_text(
+        f"#!{sys.executable}\nimport os, sys\nos.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n"
+    )
+    for path in (launcher, real):
+        path.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(launcher))
+    logic = SGPSegmentCoreLogic()
+    try:
+        client = logic.engine.client(logic.modelSettings(**RUN))
+        assert client.info()["model"]["model"] == "tiny"
+        local = logic.engine._local
+        assert local.python == str(real)
+        os.kill(_deepest(local.pid), signal.SIGKILL)  # the process that holds the model
+        _pollUntil(lambda: local.alive, lambda alive: not alive, timeout=10)
+        failure = logic.engine.describeFailure(SGPServiceError("connection reset"))
+        assert "killed (SIGKILL), e.g. out of memory" in str(failure), failure
+    finally:
+        logic.shutdown()
