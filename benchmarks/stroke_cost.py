@@ -148,6 +148,10 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=[300, 512, 512], help="K J I")
     parser.add_argument("--strokes", type=int, default=30)
     parser.add_argument("--old-strokes", type=int, default=5, help="0: skip the old path")
+    parser.add_argument(
+        "--growth-strokes", type=int, default=10,
+        help="strokes on a new segment, each outside the layer's extent so far (0: skip)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     shape = tuple(args.shape)
@@ -203,6 +207,42 @@ def main() -> None:
         print(f"      Slicer's own merge per stroke: median {statistics.median(merge) * 1000:.1f} ms")
         copyMiB = layer.GetPointData().GetScalars().GetDataSize() / 2**20
         print(f"      memory: one copy of the layer, {copyMiB:.0f} MiB, shared by its segments")
+        # The stroke's cost is bound by memory bandwidth (both copies are read once): for
+        # scale, one plain copy of the layer on this machine now.
+        from vtk.util.numpy_support import vtk_to_numpy
+
+        values = vtk_to_numpy(layer.GetPointData().GetScalars())
+        target = np.empty_like(values)
+        copies = []
+        for _ in range(5):
+            t = time.perf_counter()
+            np.copyto(target, values)
+            copies.append(time.perf_counter() - t)
+        print(f"      for scale: one copy of the layer (np.copyto) takes "
+              f"{statistics.median(copies) * 1000:.1f} ms here now")
+
+        if args.growth_strokes:
+            # A new segmentation: its layer starts empty and grows with each stroke.
+            import slicer
+
+            grown = env.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "new segmentation")
+            grown.CreateDefaultDisplayNodes()
+            grown.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+            kidney = grown.GetSegmentation().AddEmptySegment("", "kidney")
+            logic.watchEdits(grown, volume)
+            logic._onSegmentModified = timed
+            growTimes = []
+            count = args.growth_strokes
+            for n in range(count):
+                observed.clear()
+                k = int(10 + n * (shape[0] - 20) / max(count - 1, 1))
+                center = (int(40 + n * (shape[1] - 80) / max(count - 1, 1)),
+                          int(40 + n * (shape[2] - 80) / max(count - 1, 1)))  # fmt: skip
+                stroke(grown, volume, kidney, k, center)
+                growTimes.append(sum(observed))
+            extent = grown.GetBinaryLabelmapInternalRepresentation(kidney).GetExtent()
+            logic.stopWatching()
+            print(summary("grow", growTimes) + f" (layer extent at the end {extent})")
 
         if args.old_strokes:
             logic.records = RecordStore()

@@ -11,18 +11,22 @@ an undo restored: the tag then differs from the one last seen) is read and used 
 
 What an edit changed is found against a copy of each labelmap layer as last seen (segments that
 share a layer share the copy; the copy is the baseline). When the layer still has the copy's
-extent, both are compared as 64-bit words, only the few differing words are looked at, the
-changed voxels' coordinates give the changed slices along each axis (and the voxels for the
-undo check below), and the copy is updated where it changed. When the extent changed (a stroke
-outside it grows the layer) the copy is put on the union of both extents first. When a segment
-left its copy's layer (an undo restores saved layers; another label value) its old and new
-voxels are compared on the volume's grid. A segment not on the volume's voxel lattice keeps the
-per-slice hashes of :mod:`.labeled_slices` (the segmentation logic resamples it each time).
+extent, the C library's memcmp finds the 64 KiB blocks that differ, within them 64-bit words
+and then bytes locate the changed voxels, whose coordinates give the changed slices along each
+axis (and the voxels for the undo check below), and the copy is updated where it changed. When
+the extent changed (a stroke outside it grows the layer) the copy is put on the union of both
+extents first. When a segment left its copy's layer (an undo restores saved layers; another
+label value) its old and new voxels are compared on the union of their boxes. A segment not on
+the volume's voxel lattice keeps the per-slice hashes of :mod:`.labeled_slices` (resampled by
+the segmentation logic each time). A layer whose modified time did not change is not compared.
 
 Undo of a stroke: the Segment Editor's undo restores a stroke's voxels, and the tag as it was
 when the state was saved; the tag no longer changes with each stroke, so an edit that changes
 exactly the voxels the segment's last recorded edit changed is taken as its undo (the slices
-that edit added are removed again), and one that repeats an undone edit as its redo.
+that edit added are removed again), and one that repeats an undone edit as its redo. A
+restore takes a segment's labelmap away for a moment (``vtkSegmentationHistory`` copies the
+saved segment in): while it is gone the old voxels stay the baseline, so that the restore is
+compared as one edit.
 
 Memory: one copy of each seen layer (its scalar type, one byte a voxel for Slicer's labelmaps:
 75 MiB for a 512 x 512 x 300 layer, shared by the segments in it), kept for the
@@ -70,6 +74,8 @@ class _Layer:
 
 _OFF_GRID = "off-grid"
 _MISSING = "missing"
+_EMPTY = ("empty",)
+"""A pending baseline with no voxels."""
 """The segment has no labelmap at all: an undo or redo is restoring it (in steps)."""
 
 
@@ -111,9 +117,9 @@ class _Entry:
     """Changed since ``tagText``: written at the next :meth:`RecordStore.flush`."""
     undo: list = field(default_factory=list)
     redo: list = field(default_factory=list)
-    pendingOld: np.ndarray | None = None
-    """Its voxels (volume mask) before a restore took its labelmap away; the baseline until
-    the labelmap is back (so the restore is seen as one edit)."""
+    pendingOld: tuple | None = None
+    """Its voxels (a block) before a restore took its labelmap away; the baseline until the
+    labelmap is back (so the restore is seen as one edit)."""
 
 
 _OFFSETS: dict[tuple, object] = {}
@@ -170,15 +176,6 @@ def _overlap(start, dims, shape):
         volume.append(slice(low, high))
         block.append(slice(low - start[a], high - start[a]))
     return tuple(volume), tuple(block)
-
-
-def gridMask(labels, start, value, shape) -> np.ndarray:
-    """Bool ``shape`` mask of ``labels == value`` placed at ``start`` (cropped to the volume)."""
-    mask = np.zeros(shape, dtype=bool)
-    where = None if labels is None else _overlap(start, labels.shape, shape)
-    if where is not None:
-        np.equal(labels[where[1]], value, out=mask[where[0]])
-    return mask
 
 
 def _libcMemcmp():
@@ -247,12 +244,49 @@ def _changeFromCoords(coords, shape) -> Change:
     )
 
 
-def maskChange(old: np.ndarray | None, new: np.ndarray | None, shape) -> Change:
-    """The change between two bool volume masks (None = empty)."""
-    if old is None and new is None:
+def _block(labels, start, value):
+    """A segment's voxels as a block: (bool array of ``labels == value``, its start)."""
+    return (np.equal(labels, value), tuple(start))
+
+
+def _toGrid(block, shape) -> np.ndarray:
+    """A block (None: empty) as a bool volume mask (cropped to the volume)."""
+    mask = np.zeros(shape, dtype=bool)
+    where = None if block is None else _overlap(block[1], block[0].shape, shape)
+    if where is not None:
+        mask[where[0]] = block[0][where[1]]
+    return mask
+
+
+def blockChange(old, new, shape) -> Change:
+    """The change between two blocks (None = empty), on the union of their boxes (not the
+    whole volume); voxels outside the volume do not count."""
+    parts = [b for b in (old, new) if b is not None]
+    if not parts:
         return Change([set(), set(), set()], np.empty(0, dtype=np.int64))
-    differ = new if old is None else (old if new is None else old != new)
-    return _changeFromCoords(np.nonzero(differ), shape)
+    start = tuple(min(b[1][a] for b in parts) for a in range(3))
+    end = tuple(max(b[1][a] + b[0].shape[a] for b in parts) for a in range(3))
+    dims = tuple(e - s for e, s in zip(end, start, strict=True))
+
+    def placed(block):
+        if block[1] == start and block[0].shape == dims:
+            return block[0]
+        out = np.zeros(dims, dtype=bool)
+        index = tuple(
+            slice(b - s, b - s + n) for b, s, n in zip(block[1], start, block[0].shape, strict=True)
+        )
+        out[index] = block[0]
+        return out
+
+    if old is None or new is None:
+        differ = placed(parts[0])
+    else:
+        differ = placed(old) != placed(new)
+    coords = [c + s for c, s in zip(np.nonzero(differ), start, strict=True)]
+    inside = np.ones(coords[0].shape, dtype=bool)
+    for c, n in zip(coords, shape, strict=True):
+        inside &= (c >= 0) & (c < n)
+    return _changeFromCoords(tuple(c[inside] for c in coords), shape)
 
 
 class RecordStore:
@@ -346,14 +380,10 @@ class RecordStore:
             if owner != nodeId or entry.hashed:
                 continue
             copy = entry.copy
-            mask = entry.pendingOld
-            if mask is None:
-                mask = gridMask(
-                    None if copy is None else copy.labels,
-                    None if copy is None else copy.start,
-                    entry.value,
-                    entry.record.shape,
-                )
+            block = None if entry.pendingOld is _EMPTY else entry.pendingOld
+            if entry.pendingOld is None and copy is not None:
+                block = _block(copy.labels, copy.start, entry.value)
+            mask = _toGrid(block, entry.record.shape)
             entry.record.hashes = [sliceHashes(mask, a) for a in range(3)]
             entry.hashed, entry.copy, entry.pendingOld = True, None, None
             entry.undo.clear()
@@ -430,12 +460,7 @@ class RecordStore:
         if entry.hashed or entry.pendingOld is not None:
             return
         copy = entry.copy
-        entry.pendingOld = gridMask(
-            None if copy is None else copy.labels,
-            None if copy is None else copy.start,
-            entry.value,
-            entry.record.shape,
-        )
+        entry.pendingOld = _EMPTY if copy is None else _block(copy.labels, copy.start, entry.value)
         entry.copy = None
 
     def _adopt(
@@ -448,7 +473,8 @@ class RecordStore:
         key = (segmentationNode.GetID(), segmentId)
         self._entries.pop(key, None)
         entry = _Entry(LabeledSliceRecord(shape), segment.__this__, text)
-        mask = self._attach(entry, segmentationNode, volumeNode, segmentId, where, axis, record)
+        block = self._attach(entry, segmentationNode, volumeNode, segmentId, where, axis, record)
+        mask = _toGrid(block, shape)
         found = LabeledSliceRecord.fromText(text, shape)
         if found is None:
             found = labeled_slices.seedRecord(mask, baseline=entry.hashed)
@@ -462,23 +488,23 @@ class RecordStore:
         return entry
 
     def _attach(self, entry, segmentationNode, volumeNode, segmentId, where, axis, record):
-        """Make the segment's voxels now the entry's baseline; returns them as a volume mask."""
-        shape = entry.record.shape
+        """Make the segment's voxels now the entry's baseline; returns them as a block (None:
+        no voxels)."""
         entry.copy = None
         if isinstance(where, _Layer):
             copy = self._copyFor(where, segmentationNode, volumeNode, axis, record)
             entry.copy, entry.value, entry.hashed = copy, where.value, False
-            return gridMask(copy.labels, copy.start, where.value, shape)
+            return _block(copy.labels, copy.start, where.value)
         if where is None or where is _MISSING:
             entry.hashed = False
             entry.value = int(
                 segmentationNode.GetSegmentation().GetSegment(segmentId).GetLabelValue()
             )
-            return np.zeros(shape, dtype=bool)
+            return None
         mask = mrml_io.segmentArray(segmentationNode, segmentId, volumeNode)
         entry.hashed = True
         entry.record.hashes = [sliceHashes(mask, a) for a in range(3)]
-        return mask
+        return (mask, (0, 0, 0))
 
     def _copyFor(self, where: _Layer, segmentationNode, volumeNode, axis, record) -> _LayerCopy:
         """The up-to-date copy of layer ``where`` (its members' edits recorded first)."""
@@ -532,7 +558,7 @@ class RecordStore:
                     layer = where
                 else:
                     # Left this layer: its old voxels now, before the copy changes.
-                    old = gridMask(copy.labels, copy.start, entry.value, shape)
+                    old = _block(copy.labels, copy.start, entry.value)
                     entry.copy = None
                     leave.append((key, entry, segment, where, old))
             if stay:
@@ -621,18 +647,19 @@ class RecordStore:
         wasHashed = entry.hashed
         if entry.pendingOld is not None:
             old, entry.pendingOld = entry.pendingOld, None
-        elif old is None and not wasHashed:
-            copy = entry.copy
-            old = None if copy is None else gridMask(copy.labels, copy.start, entry.value, shape)
+            old = None if old is _EMPTY else old
+        elif old is None and not wasHashed and entry.copy is not None:
+            old = _block(entry.copy.labels, entry.copy.start, entry.value)
         hashes = entry.record.hashes
         new = self._attach(entry, segmentationNode, volumeNode, segmentId, where, axis, record)
         if wasHashed:
-            now = [sliceHashes(new, a) for a in range(3)]
+            mask = _toGrid(new, shape)
+            now = [sliceHashes(mask, a) for a in range(3)]
             entry.record.hashes = hashes
-            change = Change(entry.record.changedSlices(new, now))
+            change = Change(entry.record.changedSlices(mask, now))
             entry.record.hashes = now if entry.hashed else [[], [], []]
         else:
-            change = maskChange(old, new, shape)
+            change = blockChange(old, new, shape)
         self._apply(entry, change, axis, record)
 
     @staticmethod
@@ -674,8 +701,8 @@ class RecordStore:
     def _forWrite(self, segmentationNode, volumeNode, segmentId, before):
         segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
         shape = tuple(mrml_io.volumeShape(volumeNode))
-        entry = self._entries.get((segmentationNode.GetID(), segmentId))
-        if entry is None or entry.segment != segment.__this__ or entry.record.shape != shape:
+        entry = self._valid(segmentationNode, segmentId, segment, volumeNode)
+        if entry is None:
             text = labeled_slices.tagText(segment)
             found = LabeledSliceRecord.fromText(text, shape)
             if found is None:
@@ -707,4 +734,4 @@ class RecordStore:
             entry.record.hashes = [[], [], []]
 
 
-__all__ = ["Change", "RecordStore", "changedPositions", "gridMask", "maskChange"]
+__all__ = ["Change", "RecordStore", "blockChange", "changedPositions"]

@@ -280,6 +280,9 @@ class Runs:
         newMasks = {v: final[ids[v]] for v in newMasks}
         del before, final
 
+        # Edits of other segments made during the run are the user's: record them before the
+        # write moves the baselines (an observer has done so already when one watches).
+        self.records.sync(segmentationNode, volumeNode, None, request.axis)
         history = self.history.save(segmentationNode)
         self.applying = True
         wasModifying = segmentationNode.StartModify()
