@@ -60,6 +60,39 @@ class LabeledSegment:
         return f"{self.name}: {len(self.slices)} labeled slice(s){along}: {parts}"
 
 
+_TRANSPOSE8 = ((7, 0x00AA00AA00AA00AA), (14, 0x0000CCCC0000CCCC), (28, 0x00000000F0F0F0F0))
+"""Shifts and masks that transpose the 8 x 8 bit matrix held in a 64-bit word (8 bytes = 8
+rows, bit b of a byte = column b), in three exchanges of sub-blocks."""
+
+
+def _columnsPacked(rows: np.ndarray) -> np.ndarray:
+    """``np.packbits`` of each column of a bool ``(R, I)`` matrix, one row of bytes per column,
+    without moving single bits about: pack each row (8 columns a byte), transpose the 8 x 8
+    bit tiles inside 64-bit words, then transpose bytes in cache-sized pieces."""
+    r, i = rows.shape
+    groups = -(-r // 8)
+    packed = np.zeros((groups * 8, -(-i // 8)), dtype=np.uint8)
+    packed[:r] = np.packbits(rows, axis=1, bitorder="little")
+    width = packed.shape[1]
+    # A word per 8 rows x 8 columns, the rows' order reversed (MSB-first once transposed).
+    words = np.ascontiguousarray(packed.reshape(groups, 8, width)[:, ::-1, :].transpose(0, 2, 1))
+    x = words.view("<u8")
+    t = np.empty_like(x)
+    for shift, mask in _TRANSPOSE8:
+        shift, mask = np.uint64(shift), np.uint64(mask)
+        np.right_shift(x, shift, out=t)
+        t ^= x
+        t &= mask
+        x ^= t
+        t <<= shift
+        x ^= t
+    tiles = x.view(np.uint8).reshape(groups, width * 8)  # [row group, column]
+    columns = np.empty((i, groups), dtype=np.uint8)
+    for first in range(0, groups, 2048):
+        columns[:, first : first + 2048] = tiles[first : first + 2048, :i].T
+    return columns
+
+
 def sliceHashes(mask: np.ndarray, axis: int) -> list[int]:
     """One CRC32 per slice of a bool ``(K, J, I)`` mask along ``axis``: of the slice's bits
     packed in C order (``np.packbits`` of the flattened slice). Packed before the slices are
@@ -69,12 +102,8 @@ def sliceHashes(mask: np.ndarray, axis: int) -> list[int]:
     if axis == 0:
         packed = np.packbits(mask.reshape(k, j * i), axis=1)
     elif axis == 2:
-        # Slice i is column i of the (k * j, i) matrix: transpose it in cache-sized tiles.
-        rows = mask.reshape(k * j, i)
-        columns = np.empty((i, k * j), dtype=bool)
-        for first in range(0, k * j, 1024):
-            columns[:, first : first + 1024] = rows[first : first + 1024].T
-        packed = np.packbits(columns, axis=1)
+        # Slice i is column i of the (k * j, i) matrix.
+        packed = _columnsPacked(mask.reshape(k * j, i))
     elif i % 8 == 0:
         # Rows of whole bytes: pack each row, then put the rows of slice j together.
         packed = np.ascontiguousarray(np.packbits(mask, axis=2).transpose(1, 0, 2))
