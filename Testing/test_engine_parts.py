@@ -3,6 +3,10 @@ precision rule, the volume cache, click refinement and the description a service
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -157,3 +161,43 @@ def test_describe_names_what_is_loaded(segmenter):
     d = segmenter.describe()
     assert d["model"] == "tiny" and d["image_size"] == SIZE and d["device"] == "cpu"
     assert d["weights"] == "random" and d["seed"] == 0 and d["autocast"] == "float32"
+
+
+# ------------------------------------------------------------------------------ devices
+
+
+def test_auto_device_is_cuda_then_apple_mps_then_cpu(monkeypatch):
+    from SlicerSGP.errors import SGPDeviceError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runtime, "mps_available", lambda: False)
+    assert runtime.resolve_device("auto").type == "cpu"
+    with pytest.raises(SGPDeviceError, match="Apple"):
+        runtime.resolve_device("mps")
+    monkeypatch.setattr(runtime, "mps_available", lambda: True)
+    assert runtime.resolve_device("auto").type == "mps"
+    assert runtime.resolve_device("MPS").type == "mps"
+    assert runtime.autocast_dtype(torch.device("mps"), "auto") is None  # unmeasured: float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert runtime.resolve_device("auto").type == "cuda"
+
+
+def test_the_mps_cpu_fallback_is_asked_for_before_torch_is_imported():
+    """PyTorch reads PYTORCH_ENABLE_MPS_FALLBACK when it is imported: the command (and the
+    engine service, which runs through it) must set it first on macOS."""
+    probe = (
+        "import os, sys\n"
+        "sys.platform = 'darwin'\n"
+        "class Stop:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n"
+        "            print('AT_TORCH', os.environ.get('PYTORCH_ENABLE_MPS_FALLBACK'))\n"
+        "            raise SystemExit(0)\n"
+        "sys.meta_path.insert(0, Stop())\n"
+        "import SlicerSGP.cli\n"
+        "print('TORCH_NEVER_IMPORTED')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_ENABLE_MPS_FALLBACK"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert "AT_TORCH 1" in out.stdout, out.stdout + out.stderr

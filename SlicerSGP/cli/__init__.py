@@ -15,13 +15,19 @@ Exit codes: 0 success, 2 bad input (nothing written), 1 any other failure, 130 i
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from types import ModuleType
 
-from SlicerSGP import __version__
-from SlicerSGP.cli import bench, segment, serve, support, train, weights
-from SlicerSGP.cli import eval as eval_
-from SlicerSGP.cli.common import parse_axis, run_command
+# Before torch is imported (PyTorch reads it then), for `sgp` and `python -m SlicerSGP.service`
+# alike: an operator Apple's MPS lacks runs on the CPU instead of failing.
+if sys.platform == "darwin":
+    os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
+
+from SlicerSGP import __version__  # noqa: E402
+from SlicerSGP.cli import bench, segment, serve, support, train, weights  # noqa: E402
+from SlicerSGP.cli import eval as eval_  # noqa: E402
+from SlicerSGP.cli.common import parse_axis, run_command  # noqa: E402
 
 __all__ = ["build_parser", "main", "parse_axis"]
 

@@ -51,7 +51,9 @@ def add_model_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     parser.add_argument("--weights", default=None,
                         help="'random' (seeded, for tests), a registry name, or a .pt file; "
                              "default: the cached pretrained checkpoint (`sgp weights fetch NAME`)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA, else Apple MPS, else CPU), cpu, mps, cuda or cuda:N "
+                             "(default auto)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="model input size, multiple of 64 in 256..1024 (default 1024)")
     parser.add_argument("--dtype", default="auto",
@@ -61,13 +63,22 @@ def add_model_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
                         help="cached slice features: auto (bf16, half the memory) or float32 "
                              "(exact)")
     parser.add_argument("--seed", type=int, default=0, help="seed for --weights random")
+    parser.add_argument("--features-on", default="auto", choices=("auto", "device", "host"),
+                        help="where slice features are kept: on the GPU (device), in RAM and "
+                             "moved to the GPU a batch at a time (host), or auto: host when a "
+                             "volume's features would not fit the device budget (default)")
+    parser.add_argument("--device-budget-mb", type=float, default=None,
+                        help="GPU memory slice features may take (default: the GPU's free "
+                             "memory less 2 GB for the model's work; no limit on CPU)")
 
 
 def model_spec(args: argparse.Namespace) -> dict[str, Any]:
     """The Segmenter keyword arguments the model options give."""
     return {"weights": args.weights, "device": args.device, "image_size": args.image_size,
             "seed": args.seed, "dtype": args.dtype,
-            "feature_dtype": getattr(args, "feature_dtype", "auto")}
+            "feature_dtype": getattr(args, "feature_dtype", "auto"),
+            "features_on": getattr(args, "features_on", "auto"),
+            "device_budget_mb": getattr(args, "device_budget_mb", None)}
 
 
 def segmenter_from_args(args: argparse.Namespace):

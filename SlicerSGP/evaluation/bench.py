@@ -72,6 +72,8 @@ class Measurement:
     peak_device: int = 0
     stages: dict[str, float] = field(default_factory=dict)
     encodes: int = 0
+    quality: float | None = None
+    """Seconds of the run spent scoring slices by reverse propagation (the engine only)."""
 
 
 class StageHooks:
@@ -230,6 +232,7 @@ def run_engine(seg, vol: np.ndarray, lab: np.ndarray, support: list[int]) -> Mea
     m.stages["write_back"] = result.timings.get("stage:write_back", 0.0) + \
         result.timings.get("assemble", 0.0)
     m.encodes = seg.encode_count - before
+    m.quality = result.timings.get("stage:quality", 0.0)
     return m
 
 
@@ -265,6 +268,9 @@ def report(ms: list[Measurement], n: int, device: torch.device, note: str) -> st
         )
     a, b = ms
     lines.append("")
+    if b.quality is not None:
+        lines.append(f"{b.name}: reverse-propagation quality score {b.quality:.2f} s, "
+                     f"{100 * b.quality / max(b.wall, 1e-9):.1f}% of its wall time")
     lines.append(f"ratio (b)/(a): wall {b.wall / a.wall:.3f}, peak host memory "
                  f"{b.peak_host / max(a.peak_host, 1):.3f}"
                  + (f", peak device memory {b.peak_device / max(a.peak_device, 1):.3f}"

@@ -53,7 +53,7 @@ def evict(bank: list[Memory], feats: EncodedSlices, j: int, reverse: bool, size:
         return [m for m in bank if 1 <= (m.slice_index - j) * (1 if reverse else -1) <= size]
     bank = list(bank)
     while len(bank) > size:
-        sims = [float(torch.dot(feats.pooled[j], m.pooled)) for m in bank]
+        sims = [float(torch.dot(feats.pooled_of(j), m.pooled)) for m in bank]
         bank.pop(int(np.argmin(sims)))
     return bank
 

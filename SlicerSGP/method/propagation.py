@@ -295,13 +295,19 @@ class Propagator:
                      opts: SegmentOptions) -> float:
         """RevSAM2's quality of slice ``j``: its final mask, as the only support, re-predicts
         the drawn slice ``anchor`` (PMG); the Dice with the drawing. NaN where ``j``'s mask is
-        empty (an absent structure has nothing to propagate back)."""
+        empty (an absent structure has nothing to propagate back).
+
+        The mask enters as the memory the sweep already made of it for the 3D bank (the same
+        slice features, the same final mask and pointer), so scoring costs one memory-attention
+        step and one decode, not a second memory encoding; without a 3D memory the mask is
+        encoded here as a support item."""
         mask = (out.final_high > 0).float()
         if not bool(mask.any()):
             return float("nan")
         rt = self.rt
         with rt.timed("quality"), rt.mode(False), rt.autocast():
-            memory = self.support_encoder(feats, j, mask, j)
+            memory = out.memory if out.memory is not None else self.support_encoder(
+                feats, j, mask, j)
             back = self.predictor.step(feats, anchor, None, [memory], [], {}, anchor > j,
                                        len(feats), replace(opts, use_pma=False),
                                        encode_memory=False)

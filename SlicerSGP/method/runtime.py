@@ -19,13 +19,29 @@ from SlicerSGP.errors import SGPDeviceError, SGPInputError
 from SlicerSGP.method.model import SGPModel
 
 
+def mps_available() -> bool:
+    """Apple-silicon GPU (Metal) usable by this torch."""
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    """'auto' (CUDA, else Apple MPS, else CPU), 'cpu', 'mps', 'cuda' or 'cuda:N'."""
     name = str(device).strip().lower()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if mps_available() else torch.device("cpu")
     if name == "cpu":
         return torch.device("cpu")
+    if name == "mps":
+        if not mps_available():
+            raise SGPDeviceError(
+                f"--device mps was asked for, but torch {torch.__version__} sees no Apple GPU "
+                "(MPS needs an Apple-silicon Mac and macOS 12.3 or later). Use --device cpu or "
+                "--device auto."
+            )
+        return torch.device("mps")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise SGPDeviceError(
@@ -37,14 +53,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         try:
             index = int(index)
         except ValueError:
-            raise SGPInputError(f"Unknown device {device!r}: use auto, cpu, cuda or cuda:N.") from None
+            raise SGPInputError(
+                f"Unknown device {device!r}: use auto, cpu, mps, cuda or cuda:N.") from None
         if index >= torch.cuda.device_count():
             raise SGPDeviceError(
                 f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present "
                 f"(cuda:0..cuda:{torch.cuda.device_count() - 1})."
             )
         return torch.device(f"cuda:{index}")
-    raise SGPInputError(f"Unknown device {device!r}: use auto, cpu, cuda or cuda:N.")
+    raise SGPInputError(f"Unknown device {device!r}: use auto, cpu, mps, cuda or cuda:N.")
 
 
 @lru_cache(maxsize=1)
@@ -71,7 +88,8 @@ def cpu_has_native_bf16() -> bool:
 def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
     """The autocast dtype for ``dtype`` ('auto', 'float32', 'bfloat16'); None = float32.
 
-    'auto' is bf16 on CUDA and on CPUs with native bf16, float32 elsewhere.
+    'auto' is bf16 on CUDA and on CPUs with native bf16, float32 elsewhere (MPS included:
+    its mixed precision is unmeasured here).
     """
     if dtype in ("float32", "fp32"):
         return None

@@ -23,6 +23,7 @@ one responsibility:
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from typing import Any
 
@@ -32,7 +33,8 @@ import torch
 from SlicerSGP.data import preprocess
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.method.assembly import assemble, label_map_from_probabilities, restore_order
-from SlicerSGP.method.encoding import EncodedSlices, SliceEncoder
+from SlicerSGP.method.encoding import EncodedSlices, SliceEncoder, VolumeFeatures
+from SlicerSGP.method.feature_cache import FeatureCache
 from SlicerSGP.method.inputs import (
     check_clicks,
     check_labels,
@@ -68,7 +70,10 @@ class Segmenter:
     def __init__(self, model: str | SGPModel = "tiny", *, weights: str | None = None,
                  device: str | torch.device = "auto", image_size: int | None = None,
                  seed: int = 0, dtype: str = "auto", feature_dtype: str = "auto",
-                 cache_mb: float | None = None):
+                 cache_mb: float | None = None, features_on: str = "auto",
+                 device_budget_mb: float | None = None,
+                 feature_cache: str | os.PathLike | None = None,
+                 feature_cache_mb: float | None = None):
         dev = resolve_device(device)
         if isinstance(model, SGPModel):
             net = model
@@ -82,7 +87,11 @@ class Segmenter:
                           "weights": weights, "seed": seed, "dtype": dtype,
                           "feature_dtype": feature_dtype}
         self.runtime = Runtime(net.to(dev).eval(), dev, dtype, feature_dtype)
-        self.encoder = SliceEncoder(self.runtime, cache_mb)
+        self.encoder = SliceEncoder(self.runtime, cache_mb, features_on, device_budget_mb)
+        if feature_cache is not None:
+            # Encoded slices also go to disk, for a later Segmenter or process on the same
+            # volume and model (see SlicerSGP.method.feature_cache).
+            self.encoder.disk = FeatureCache(feature_cache, self.runtime, feature_cache_mb)
         self.support = SupportMemories(self.runtime, self.encoder)
         self.predictor = SlicePredictor(self.runtime)
         self.propagator = Propagator(self.runtime, self.predictor, self.support.memory)
@@ -129,6 +138,16 @@ class Segmenter:
     def encode_count(self) -> int:
         return self.encoder.encode_count
 
+    @property
+    def feature_cache(self) -> FeatureCache | None:
+        """Slice features on disk (``feature_cache=DIR``), or None."""
+        return self.encoder.disk
+
+    @property
+    def disk_loaded_slices(self) -> int:
+        """Slices whose features were loaded from the feature cache instead of encoded."""
+        return self.encoder.disk.loaded_slices if self.encoder.disk is not None else 0
+
     def describe(self) -> dict[str, Any]:
         """What is loaded, for a service's info endpoint and model-mismatch checks."""
         return {**self._identity, "image_size": self.image_size, "device": str(self.device),
@@ -137,10 +156,13 @@ class Segmenter:
 
     def clear_cache(self) -> None:
         """Forget cached slice features, support memories and last runs' slice results (e.g.
-        after changing weights)."""
+        after changing weights; features on disk are then looked up under the new weights'
+        fingerprint)."""
         self.encoder.clear()
         self.support.clear()
         self.reruns.clear()
+        if self.encoder.disk is not None:
+            self.encoder.disk.refresh()
 
     # ------------------------------------------------------------------ the building blocks
     # (training and the oracle tests drive these directly)
@@ -191,6 +213,8 @@ class Segmenter:
         t0 = time.perf_counter()
         self.runtime.stage_times = {}
         encoded_before = self.encode_count
+        loaded_before = self.disk_loaded_slices
+        self.encoder.peak_device_bytes = self.encoder.device_bytes()
 
         preprocess.validate_volume(volume, axis=opts.axis, min_size=16)
         if labels is not None:
@@ -228,6 +252,8 @@ class Segmenter:
         result.geometry, result.timings, result.notes = geometry, timings, notes
         result.stats = {"slices": n, "slices_encoded": self.encode_count,
                         "slices_encoded_this_run": self.encode_count - encoded_before,
+                        "slices_loaded_from_disk": self.disk_loaded_slices - loaded_before,
+                        "feature_device_peak_bytes": self.encoder.peak_device_bytes,
                         "support_slices": len(result.labeled_slices)}
         count_predictions(result, per_structure)
         if opts.multi_view and per_structure and any(per_structure.values()):
@@ -241,7 +267,8 @@ class Segmenter:
                        bank: dict[int, list[SupportItem]], opts: SegmentOptions,
                        report: ProgressCallback, stop: CancelCheck,
                        timings: dict[str, float]) -> dict[int, Accumulator]:
-        """Encode the volume once, then run both sweeps per structure on those features."""
+        """Both sweeps per structure on the volume's features (each slice encoded once, when
+        a sweep first reaches it)."""
         n, h, w = vol.shape[:3]
         drawn = vol[np.isin(lab, list(structures))] if lab is not None else None
         lo, hi = preprocess.intensity_range(vol, opts.intensity, drawn=drawn)
@@ -249,14 +276,33 @@ class Segmenter:
         slices01 = preprocess.normalize_intensity(vol, lo, hi)
         transform = preprocess.LetterboxTransform(h, w, self.image_size)
 
-        te = time.perf_counter()
-        feats = self.encoder.encode_volume(slices01, transform, self._batch_size(opts),
-                                           report, stop)
-        timings["encode"] = time.perf_counter() - te
+        # Slices are encoded as the sweeps reach them; the drawn ones first (support memories).
+        feats = self.encoder.volume(slices01, transform, self._batch_size(opts))
+        feats.stop = stop
+        try:
+            report("encode", 0.0)
+            feats.ensure(sorted({k for v in structures for k in labeled[v]}),
+                         lambda f: report("encode", f), stop)
+            report("encode", 1.0)
+            per_structure = self._propagate_structures(feats, slices01, transform, lab, labeled,
+                                                       structures, bank, opts, report, stop,
+                                                       timings)
+        finally:
+            feats.stop = None
+        timings["encode"] = self.stage_times.get("encode", 0.0)
+        return per_structure
 
+    def _propagate_structures(self, feats: VolumeFeatures, slices01: np.ndarray,
+                              transform: preprocess.LetterboxTransform, lab: np.ndarray | None,
+                              labeled: dict[int, list[int]], structures: dict[int, str],
+                              bank: dict[int, list[SupportItem]], opts: SegmentOptions,
+                              report: ProgressCallback, stop: CancelCheck,
+                              timings: dict[str, float]) -> dict[int, Accumulator]:
+        n, h, w = slices01.shape[:3]
         per_structure: dict[int, Accumulator] = {}
         runs: dict[int, StructureRun | None] = {}
         tp = time.perf_counter()
+        encoding_before = self.stage_times.get("encode", 0.0)
         for si, (value, name) in enumerate(structures.items()):
             masks = {k: (lab[k] == value) if lab is not None else np.zeros((h, w), bool)
                      for k in labeled[value]}
@@ -275,7 +321,9 @@ class Segmenter:
         # Only a run that completed becomes the one the next run compares with.
         for value, run in runs.items():
             self.reruns.commit(feats, value, opts, run)
-        timings["propagate"] = time.perf_counter() - tp
+        # Encoding done on the way is counted in timings["encode"], not twice.
+        encoding = self.stage_times.get("encode", 0.0) - encoding_before
+        timings["propagate"] = time.perf_counter() - tp - encoding
         return per_structure
 
     def refine_slice(self, volume: np.ndarray, slice_index: int,
@@ -296,8 +344,7 @@ class Segmenter:
             preprocess.intensity_range(vol, opts.intensity)
         slices01 = preprocess.normalize_intensity(vol, *window)
         transform = preprocess.LetterboxTransform(h, w, self.image_size)
-        feats = self.encoder.encode_volume(slices01, transform, self._batch_size(opts),
-                                           lambda s, f: None, lambda: False)
+        feats = self.encoder.volume(slices01, transform, self._batch_size(opts))
         return self.predictor.refine(feats, int(slice_index), transform, list(points),
                                      [int(v) for v in point_labels],
                                      None if mask is None else np.asarray(mask, bool))

@@ -120,7 +120,7 @@ class SlicePredictor:
             # labeled slice from it), so it carries its cue as a drawn one does.
             cue = None if rt.model.support_prior is None else support_cue(
                 feats.top_of(j), (memory_mask.detach() > 0).float())
-            memory = Memory(mem.to(MEMORY_DTYPE), obj_ptr, feats.pooled[j], j, cue)
+            memory = Memory(mem.to(MEMORY_DTYPE), obj_ptr, feats.pooled_of(j), j, cue)
         return StepOutput(pseudo_low, final_high.float(), memory,
                           float(final_iou.detach().float().reshape(-1)[0]),
                           float(torch.sigmoid(presence.detach().float()).reshape(-1)[0]),

@@ -69,7 +69,7 @@ class SupportMemories:
                 is_mask_from_pts=True,
             )
             cue = None if rt.model.support_prior is None else support_cue(feats.top_of(i), mask)
-        return Memory(mem.to(MEMORY_DTYPE), obj_ptr, feats.pooled[i], slice_index, cue)
+        return Memory(mem.to(MEMORY_DTYPE), obj_ptr, feats.pooled_of(i), slice_index, cue)
 
     def from_slices(self, feats: EncodedSlices, transform: preprocess.LetterboxTransform,
                     masks: dict[int, np.ndarray]) -> list[Memory]:
@@ -148,7 +148,7 @@ def select_top_k(feats: EncodedSlices, j: int, pool: list[Memory], k: int) -> li
     """Top-K by cosine similarity of pooled embeddings; ties go to the nearer slice."""
     if len(pool) <= k:
         return pool
-    query = feats.pooled[j]
+    query = feats.pooled_of(j)
     sims = torch.stack([torch.dot(query, m.pooled) for m in pool]).detach()
     sims = sims.float().cpu().numpy()
     dist = [abs(j - m.slice_index) if m.slice_index is not None else 10**9 for m in pool]
