@@ -20,7 +20,7 @@ import pytest
 from synthetic import synthetic_volume
 from test_service import MODEL_ARGS, start_server
 
-from SlicerSGP.errors import Cancelled, SGPInputError
+from SlicerSGP.errors import Cancelled, SGPInputError, SGPServiceError
 from SlicerSGP.service import protocol
 from SlicerSGP.service.client import EngineClient
 
@@ -246,3 +246,128 @@ def bomb_with_meta(archive: bytes, meta: np.ndarray) -> bytes:
         np.lib.format.write_array(member, meta)
         z.writestr("meta.npy", member.getvalue())
     return buf.getvalue()
+
+
+def test_queue_limit_answers_429_with_retry_after(server, client):
+    """With a run running and --max-queue 40 runs waiting, the next run is refused with 429,
+    Retry-After and a message naming --max-queue; nothing of it is kept, and cancelling the
+    waiting runs frees the volume they pinned."""
+    _, url, _ = server
+    vol, drawn = long_case(seed=31)
+    running = client.start_run(client.ensure_volume(vol), drawn, {1: "blob"})
+    wait_running(client, running)
+    small, lab = synthetic_volume(n=4, h=32, w=32, seed=32)
+    small_id = client.ensure_volume(small.astype(np.int16))
+    waiting = [client.start_run(small_id, lab, {1: "blob"}) for _ in range(40)]
+    assert client.info()["waiting"]["runs"] == 40
+    arrays: dict[str, np.ndarray] = {}
+    meta = {"volume_id": small_id, "labels": protocol.encode_labels(lab, 0, arrays)}
+    status, payload, headers, took = request(url, "POST", "/v1/runs",
+                                             body=protocol.pack(arrays, meta, compress=True))
+    assert status == 429 and payload["error_type"] == "busy", payload
+    assert "--max-queue 40" in payload["detail"] and "try again" in payload["detail"]
+    assert int(headers.get("Retry-After")) > 0 and took < 1.0
+    with pytest.raises(SGPServiceError, match="429.*--max-queue"):
+        client.start_run(small_id, lab, {1: "blob"})
+    info = client.info()
+    assert info["waiting"]["runs"] == 40 and info["volumes"]["pinned"] == 2
+    for run_id in waiting:
+        client.cancel_run(run_id)
+    end_run(client, running)
+    info = client.info()
+    assert info["waiting"] == {"runs": 0, "refinements": 0} and info["volumes"]["pinned"] == 0
+
+
+def test_store_never_drops_a_volume_a_run_needs(server, client):
+    """--max-volumes-mb 2: an upload drops the least recently used volume no run needs; one
+    that cannot fit beside the volumes of the running and the queued run is refused with 503,
+    Retry-After and the option's name, and fits once those runs end. A volume over
+    --max-voxels is refused with 413."""
+    _, url, _ = server
+    a_vol, a_drawn = long_case(seed=41)                      # 786,432 bytes
+    b_vol, b_drawn = long_case(seed=42)                      # 786,432 bytes
+    u_id = client.ensure_volume(small_volume(seed=43, n=8))  # 196,608 bytes, used by nothing
+    a_id = client.ensure_volume(a_vol)
+    run_a = client.start_run(a_id, a_drawn, {1: "blob"})
+    wait_running(client, run_a)
+    b_id = client.ensure_volume(b_vol)
+    run_b = client.start_run(b_id, b_drawn, {1: "blob"})
+    assert client.run_status(run_b)["state"] == "queued"
+
+    # 393,216 more bytes: only the unused volume can make room, and it goes.
+    c_id = client.ensure_volume(small_volume(seed=44, n=16))
+    assert not client.has_volume(u_id)
+    assert client.has_volume(a_id) and client.has_volume(b_id) and client.has_volume(c_id)
+
+    big = small_volume(seed=45, n=24)  # 589,824 bytes: no room beside A and B's 1.5 MB
+    big_id = protocol.volume_id(big, None)
+    status, payload, headers, _ = request(url, "PUT", f"/v1/volumes/{big_id}",
+                                          body=protocol.volume_to_npy(big))
+    assert status == 503 and "--max-volumes-mb" in payload["detail"], payload
+    assert "queued or running runs" in payload["detail"] and int(headers.get("Retry-After")) > 0
+    assert client.has_volume(a_id) and client.has_volume(b_id)
+
+    client.cancel_run(run_b)
+    end_run(client, run_a)
+    assert client.ensure_volume(big) == big_id and client.has_volume(big_id)
+    info = client.info()["volumes"]
+    assert info["mb"] <= LIMITS["--max-volumes-mb"] and info["pinned"] == 0, info
+
+    too_many = np.zeros((15, 200, 200), np.uint8)  # 600,000 voxels over --max-voxels 500000
+    with pytest.raises(SGPInputError, match="600,000 voxels.*--max-voxels"):
+        client.ensure_volume(too_many)
+
+
+def test_results_are_bounded_by_max_results_mb(server, client):
+    """--max-results-mb 4: a run whose result would be larger (two structures: 4.5 MB) is
+    refused up front with 413 naming the option, as is one over --max-structures; of two
+    finished 2.4 MB results the older is dropped before download, and says why."""
+    vol, lab = synthetic_volume(n=16, h=128, w=128, seed=51)  # every slice labeled: no model
+    vol_id = client.ensure_volume(vol.astype(np.int16))
+    two = lab.copy()
+    two[0, 0, 0] = 2
+    with pytest.raises(SGPInputError, match=r"result would be 4\.\d MB.*--max-results-mb"):
+        client.start_run(vol_id, two, None)
+    many = lab.copy()
+    many[0, 0, :9] = np.arange(1, 10)
+    with pytest.raises(SGPInputError, match="9 structures.*at most 8.*--max-structures"):
+        client.start_run(vol_id, many, None)
+
+    first = client.start_run(vol_id, lab, {1: "blob"})
+    while client.run_status(first)["state"] != "done":
+        time.sleep(0.05)
+    second = client.start_run(vol_id, lab, {1: "blob"})
+    while client.run_status(second)["state"] not in ("done", "failed"):
+        time.sleep(0.05)
+    assert client.run_status(second)["state"] == "done"
+    status = client.run_status(first)
+    assert status["state"] == "failed" and status["error_type"] == "dropped", status
+    assert "--max-results-mb" in status["error"]
+    with pytest.raises(SGPServiceError, match="dropped before it was downloaded"):
+        client.wait(first)
+    results = client.info()["results"]
+    assert results["count"] == 1 and 2 < results["mb"] <= LIMITS["--max-results-mb"], results
+    assert np.array_equal(client.wait(second).labels, lab)
+    assert client.info()["results"]["count"] == 0
+
+
+def test_archive_with_a_huge_directory_is_refused_before_it_is_parsed():
+    """12,000 empty members with long names (a 1.2 MB zip directory) would cost a Python object
+    each while the archive is opened: refused from the end record alone, with 413."""
+    import tracemalloc
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for i in range(12_000):
+            z.writestr(f"label_{i:040d}.npy", b"")
+    data = buf.getvalue()
+    tracemalloc.start()
+    try:
+        with pytest.raises(protocol.LimitExceeded, match="fewer arrays") as err:
+            protocol.unpack(data, max_bytes=64 * MB)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert err.value.status == 413 and peak < MB, peak
+    with pytest.raises(SGPInputError):  # without a limit (the client) it is still parsed
+        protocol.unpack(data)

@@ -9,8 +9,14 @@ in-process and through the service, side by side: the service's overhead in wall
 <= 5 %), and the bytes a re-run that changes one labeled slice sends relative to the first
 upload (target < 1 %).
 
+--burst N: control under a burst of click refinements. A run is running and N refinements
+wait for the engine; status, info, a wrong-token request and cancel are timed (target < 1 s
+each: they never wait behind engine work), one refinement more must get 429, and every
+refinement must be answered (a mask, or 503 once --refine-timeout passes).
+
     python benchmarks/service_load.py --clients 4 --runs 10 --threads 2
     python benchmarks/service_load.py --clinical --threads 2
+    python benchmarks/service_load.py --burst 40
 """
 
 from __future__ import annotations
@@ -20,10 +26,13 @@ import statistics
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import torch
 
+from SlicerSGP.errors import Cancelled
 from SlicerSGP.evaluation.bench import clinical_support_slices, synthetic_ct
 from SlicerSGP.method.segmenter import Segmenter
 from SlicerSGP.service.client import EngineClient
@@ -192,6 +201,102 @@ def clinical_mode(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def timed_get(url: str, path: str, token: str, method: str = "GET") -> tuple[int, float]:
+    req = urllib.request.Request(url + path, method=method,
+                                 headers={"Authorization": f"Bearer {token}"})
+    t = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            resp.read()
+            status = resp.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    return status, time.perf_counter() - t
+
+
+def burst_mode(args: argparse.Namespace) -> int:
+    n = args.burst
+    engine = LocalEngine(extra_args=[*model_args(args), "--max-queue", str(n),
+                                     "--refine-timeout", str(args.refine_timeout)],
+                         env={"OMP_NUM_THREADS": str(args.threads)})
+    t = time.perf_counter()
+    engine.start(timeout=600)
+    print(f"server ready in {time.perf_counter() - t:.1f} s at {engine.url}", flush=True)
+    url, token = engine.url, engine.client.token
+    client = EngineClient(url, token, timeout=120)
+    ok = True
+    try:
+        vol, lab = synthetic_ct(args.burst_slices, args.size, seed=0)
+        drawn = np.zeros_like(lab)
+        picks = clinical_support_slices(lab)[:1]
+        drawn[picks] = lab[picks]
+        run_id = client.start_run(client.ensure_volume(vol), drawn, {1: "organ"})
+        while client.run_status(run_id)["state"] == "queued":
+            time.sleep(0.02)
+        small = client.ensure_volume(synthetic_ct(4, 64, seed=1)[0])
+        outcomes: list[tuple[str, float]] = []
+
+        def click() -> None:
+            t0 = time.perf_counter()
+            try:
+                EngineClient(url, token, timeout=120).refine_slice(small, 1, [(30.0, 30.0)], [1],
+                                                                   None)
+                outcomes.append(("mask", time.perf_counter() - t0))
+            except Exception as e:  # counted by kind
+                kind = "503" if "--refine-timeout" in str(e) else type(e).__name__
+                outcomes.append((kind, time.perf_counter() - t0))
+
+        threads = [threading.Thread(target=click, daemon=True) for _ in range(n)]
+        t_burst = time.perf_counter()
+        for th in threads:
+            th.start()
+        deadline = time.monotonic() + 30
+        while client.info()["waiting"]["refinements"] < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        waiting = client.info()["waiting"]["refinements"]
+        still = client.run_status(run_id)["state"]
+        print(f"{waiting} refinements waiting behind a {still} run "
+              f"({args.burst_slices} slices of {args.size}^2)", flush=True)
+        times: dict[str, list[float]] = {"status": [], "info": [], "wrong token": [],
+                                         "refinement over --max-queue": [], "cancel": []}
+        extra = {}
+        for _ in range(args.samples):
+            times["status"].append(timed_get(url, f"/v1/runs/{run_id}", token)[1])
+            times["info"].append(timed_get(url, "/v1/info", token)[1])
+            times["wrong token"].append(timed_get(url, "/v1/info", "x" * 32)[1])
+        try:
+            t0 = time.perf_counter()
+            EngineClient(url, token, timeout=60).refine_slice(small, 1, [(30.0, 30.0)], [1], None)
+            extra["over"] = "answered"
+        except Exception as e:  # the expected refusal
+            extra["over"] = "429" if "429" in str(e) else f"{type(e).__name__}: {e}"
+        times["refinement over --max-queue"].append(time.perf_counter() - t0)
+        times["cancel"].append(timed_get(url, f"/v1/runs/{run_id}/cancel", token, "POST")[1])
+        print(f"{'request':30s} {'p50':>8s} {'max':>8s}  (target < 1 s)")
+        for name, values in times.items():
+            worst = max(values)
+            ok &= worst < 1.0
+            print(f"{name:30s} {1000 * statistics.median(values):6.0f}ms "
+                  f"{1000 * worst:6.0f}ms")
+        print(f"refinement over --max-queue {n}: {extra['over']}")
+        ok &= extra["over"] == "429" and waiting == n
+        try:
+            client.wait(run_id)
+        except Cancelled:
+            pass
+        for th in threads:
+            th.join(args.refine_timeout + 60)
+        kinds = {k: sum(1 for o, _ in outcomes if o == k) for k in {o for o, _ in outcomes}}
+        last = max((tt for _, tt in outcomes), default=0.0)
+        print(f"{len(outcomes)}/{n} refinements answered within {last:.1f} s of the burst "
+              f"({kinds}); burst to all answered {time.perf_counter() - t_burst:.1f} s")
+        ok &= len(outcomes) == n and set(kinds) <= {"mask", "503"}
+    finally:
+        engine.stop()
+    print("all targets met" if ok else "TARGET MISSED")
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clinical", action="store_true",
@@ -211,11 +316,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="--clinical: cold volumes measured (each a new seed)")
     p.add_argument("--max-seconds", type=float, default=900,
                    help="no new run starts after this (the load test stops by itself)")
+    p.add_argument("--burst", type=int, default=0,
+                   help="refinements sent at once during a run (control latency mode)")
+    p.add_argument("--burst-slices", type=int, default=48,
+                   help="--burst: slices of the running run's volume")
+    p.add_argument("--refine-timeout", type=float, default=20,
+                   help="--burst: the server's --refine-timeout")
+    p.add_argument("--samples", type=int, default=5, help="--burst: timings per request kind")
     args = p.parse_args(argv)
     if not (1 <= args.clients <= 32 and 1 <= args.runs <= 1000):
         p.error("--clients must be 1..32 and --runs 1..1000")
     args.image_size = args.image_size or (512 if args.clinical else 256)
     torch.set_num_threads(args.threads)
+    if args.burst:
+        return burst_mode(args)
     return clinical_mode(args) if args.clinical else load_mode(args)
 
 
