@@ -134,3 +134,13 @@ def test_auto_placement_follows_the_device_budget(case):
         assert seg.encoder.volume(*model_input(vol), 1).on_host is expect_host, budget_mb
     with pytest.raises(SGPInputError, match="placement"):
         Segmenter("tiny", weights="random", device="cpu", image_size=SIZE, features_on="gpu")
+
+
+def test_scaling_bench_encodes_the_structure_not_the_volume():
+    from SlicerSGP.evaluation import scaling_bench
+
+    seg = Segmenter("tiny", weights="random", device="cpu", image_size=SIZE, seed=0)
+    text = scaling_bench.main_scaling(seg, "tiny", 48, (40, 60))
+    rows = [line.split() for line in text.splitlines() if line.strip().startswith(("40 ", "60 "))]
+    assert [int(r[1]) for r in rows] == [scaling_bench.EXTENT] * 2, text
+    assert "extent plus twice the encoder's batch (42): yes" in text

@@ -9,13 +9,14 @@ import torch
 
 from SlicerSGP.cli.common import segmenter_from_args
 from SlicerSGP.errors import SGPInputError
-from SlicerSGP.evaluation import bench, rerun_bench
+from SlicerSGP.evaluation import bench, rerun_bench, scaling_bench
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="compare with SAM2's video predictor (time, memory); "
                        "--rerun: re-run after a correction vs the first run",
-                       description=f"{bench.__doc__}\n{rerun_bench.__doc__}",
+                       description=f"{bench.__doc__}\n{rerun_bench.__doc__}\n"
+                                   f"{scaling_bench.__doc__}",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny")
     p.add_argument("--weights", default="random")
@@ -40,6 +41,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--local-support", action="store_true",
                    help="--rerun with each slice's support picked among the drawn slices "
                         "bounding its interval (SegmentOptions.local_support)")
+    p.add_argument("--scaling", action="store_true",
+                   help="time the same 40-slice structure in volumes of --depths slices: "
+                        "slices encoded, wall time, peak memory per depth")
+    p.add_argument("--depths", default="100,200,400",
+                   help="volume depths for --scaling (comma-separated slice counts)")
+    p.add_argument("--features-on", default="auto", choices=("auto", "device", "host"),
+                   help="where slice features are kept (see sgp segment --help)")
+    p.add_argument("--device-budget-mb", type=float, default=None,
+                   help="device memory slice features may take (on CPU: simulated)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak bf16 TFLOP/s, to print the fraction of the compute bound")
     p.set_defaults(func=cmd_bench)
@@ -52,7 +62,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.rerun and args.drawn < 2:
         raise SGPInputError(f"--drawn {args.drawn}: the re-run bench needs at least 2 drawn "
                             "slices (the correction goes between two of them).")
+    try:
+        depths = tuple(int(d) for d in args.depths.split(","))
+    except ValueError:
+        raise SGPInputError(f"--depths {args.depths!r}: give slice counts such as "
+                            "100,200,400.") from None
+    if args.scaling and (not depths or min(depths) < scaling_bench.EXTENT):
+        raise SGPInputError(f"--depths {args.depths}: each volume needs at least "
+                            f"{scaling_bench.EXTENT} slices (the structure's extent).")
     seg = segmenter_from_args(args)
+    if args.scaling:
+        print(scaling_bench.main_scaling(seg, args.model, args.size, depths))
+        return 0
     if args.rerun:
         print(rerun_bench.main_rerun(seg, args.model, args.slices or 200, args.size, args.drawn,
                                      args.local_support))
