@@ -22,6 +22,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -302,7 +303,7 @@ class JobQueue:
         fut = self.call_soon(fn)
         try:
             return fut.result(timeout)
-        except TimeoutError:
+        except FutureTimeout:
             self.withdraw(fut)
             raise
 

@@ -208,6 +208,10 @@ def device_info() -> list[dict[str, Any]]:
             free, total = torch.cuda.mem_get_info(i)
             devices.append({"device": f"cuda:{i}", "name": torch.cuda.get_device_name(i),
                             "memory_total_mb": total // 2**20, "memory_free_mb": free // 2**20})
+    from SlicerSGP.method.runtime import mps_available
+
+    if mps_available():  # Apple silicon: the GPU shares the computer's memory
+        devices.append({"device": "mps", "name": "Apple GPU (Metal)"})
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -518,7 +522,7 @@ def create_app(segmenter: Any, *, token: str | None, max_upload_mb: float,
         try:
             mask, iou = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)),
                                                limits.refine_timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
             raise refine_timed_out(jobs.withdraw(fut)) from None
         return Response(protocol.pack({"mask": np.asarray(mask)}, {"iou": float(iou)}),
                         media_type=protocol.NPZ)
