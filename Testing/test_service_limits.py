@@ -371,3 +371,41 @@ def test_archive_with_a_huge_directory_is_refused_before_it_is_parsed():
     assert err.value.status == 413 and peak < MB, peak
     with pytest.raises(SGPInputError):  # without a limit (the client) it is still parsed
         protocol.unpack(data)
+
+
+def test_bodies_received_at_once_are_bounded(server, client):
+    """Two clients stall mid-upload with 1.9 MB bodies declared (--max-upload-mb 2: at most
+    4 MB received at once): a third upload is answered 503 with Retry-After before its body is
+    read, control requests are still served, and once the stalled clients hang up the upload
+    goes through."""
+    import socket
+
+    _, url, _ = server
+    host, port = url.removeprefix("http://").split(":")
+    stalled = []
+    for _ in range(2):
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        sock.sendall(f"PUT /v1/volumes/{'0' * 64} HTTP/1.1\r\nHost: {host}\r\n"
+                     f"Authorization: Bearer {TOKEN}\r\nContent-Length: 2000000\r\n\r\n"
+                     .encode() + bytes(1000))
+        stalled.append(sock)
+    vol = small_volume(seed=61, n=40)  # 983,040 bytes
+    vid = protocol.volume_id(vol, None)
+    body = protocol.volume_to_npy(vol)
+    deadline = time.monotonic() + 10
+    while client.info()["receiving_mb"] < 3.8 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.info()["receiving_mb"] == pytest.approx(2 * 2_000_000 / MB, abs=0.1)
+    status, payload, headers, took = request(url, "PUT", f"/v1/volumes/{vid}", body=body)
+    assert status == 503 and "--max-upload-mb" in payload["detail"], (status, payload)
+    assert int(headers.get("Retry-After")) > 0 and took < 1.0
+    assert client.info()["waiting"] == {"runs": 0, "refinements": 0}
+    for sock in stalled:
+        sock.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        status = request(url, "PUT", f"/v1/volumes/{vid}", body=body)[0]
+        if status != 503:
+            break
+        time.sleep(0.1)
+    assert status == 201 and client.has_volume(vid)

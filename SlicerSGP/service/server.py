@@ -191,6 +191,42 @@ class Shield:
                     scope, receive, send)
 
 
+class Receiving:
+    """ASGI middleware: request bodies being received and handled at once hold at most
+    ``limit`` bytes (twice --max-upload-mb), counted by their declared Content-Length (or
+    --max-upload-mb without one) from the first byte until the answer. A request that does not
+    fit is answered 503 with Retry-After before any of its body is read, so many clients
+    uploading at once cannot take the server's memory."""
+
+    def __init__(self, app: Any, limit: int, each: int, counter: dict[str, int]):
+        self.app, self.limit, self.each = app, limit, each
+        self.counter = counter
+        """``held``: bytes of the requests in hand (read by /v1/info)."""
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        lengths = [v for k, v in scope["headers"] if k == b"content-length"]
+        declared = lengths[0].decode("latin-1") if len(lengths) == 1 else ""
+        need = min(int(declared), self.each) if declared.isdigit() else self.each
+        held = self.counter["held"]
+        if need and held and held + need > self.limit:
+            mb = 2**20
+            await JSONResponse(
+                {"detail": f"The server is receiving {held / mb:.1f} MB of other requests, "
+                 f"and this one declares {need / mb:.1f} MB; it takes at most "
+                 f"{self.limit / mb:g} MB at once (twice --max-upload-mb). Try again in a few "
+                 "seconds.", "error_type": "busy"}, 503,
+                headers={"Retry-After": str(RETRY_AFTER)})(scope, receive, send)
+            return
+        self.counter["held"] += need
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.counter["held"] -= need
+
+
 def log_fault(what: str, exc: BaseException) -> None:
     """Log a real fault once: its type and stack, without its message (the message may hold
     data from the request; the client gets it in the answer)."""
@@ -288,6 +324,8 @@ def create_app(segmenter: Any, *, token: str | None, max_upload_mb: float,
                   "travel as .npy/.npz bodies; use SlicerSGP.service.client.EngineClient.")
     app.state.jobs, app.state.volumes = jobs, volumes
     app.add_middleware(Shield)
+    receiving = {"held": 0}
+    app.add_middleware(Receiving, limit=2 * max_upload, each=max_upload, counter=receiving)
     if not users:
         app.add_middleware(LocalOnly)
     api = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
@@ -322,6 +360,7 @@ def create_app(segmenter: Any, *, token: str | None, max_upload_mb: float,
                 "volumes": enc.cached_volumes()},
             "volumes": volumes.summary(), "max_upload_mb": max_upload_mb,
             "waiting": jobs.waiting(), "results": jobs.results_summary(),
+            "receiving_mb": round(receiving["held"] / 2**20, 1),
             "limits": {"max_queue": limits.max_queue, "max_volumes_mb": limits.max_volumes_mb,
                        "max_results_mb": limits.max_results_mb, "max_voxels": limits.max_voxels,
                        "max_structures": limits.max_structures,
