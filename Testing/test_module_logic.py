@@ -429,6 +429,8 @@ def test_panel_actions_from_the_parameter_node(mrml, logic, tmp_path):  # noqa: 
     assert logic.canRun(pn)[0] is False
     choices = logic.deviceChoices([{"device": "cuda:0", "name": "H100"}, {"device": "cpu"}])
     assert [c[0] for c in choices] == ["auto", "cuda:0", "cpu"]
+    mac = logic.deviceChoices([{"device": "mps", "name": "Apple GPU (Metal)"}, {"device": "cpu"}])
+    assert [c[0] for c in mac] == ["auto", "mps", "cpu"]
 
 
 # ----------------------------------------------------------------------------- dependencies

@@ -60,13 +60,13 @@ class ParameterNodeActions:
         return [item.describe(AXIS_DISPLAY[pn.axis]) for item in found]
 
     def deviceChoices(self, devices) -> list[tuple[str, str]]:
-        """``[(device, label)]``: auto, the engine's GPUs (once connected), CPU."""
-        choices = [("auto", "auto (first CUDA GPU, else CPU)")]
+        """``[(device, label)]``: auto, the engine's GPUs (once connected: CUDA, Apple MPS),
+        CPU."""
+        choices = [("auto", "auto (first CUDA GPU, else Apple GPU, else CPU)")]
         for device in devices:
-            if isinstance(device, dict) and str(device.get("device", "")).startswith("cuda"):
-                choices.append(
-                    (device["device"], f"{device['device']} - {device.get('name', 'GPU')}")
-                )
+            name = str(device.get("device", "")) if isinstance(device, dict) else ""
+            if name.startswith("cuda") or name == "mps":
+                choices.append((name, f"{name} - {device.get('name', 'GPU')}"))
         choices.append(("cpu", "CPU (slow: minutes per volume)"))
         return choices
 
