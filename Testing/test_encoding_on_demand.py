@@ -11,23 +11,15 @@ import numpy as np
 import pytest
 import torch
 from synthetic import make_objects_visible, synthetic_volume
-from test_rerun import assert_identical
+from test_rerun import SIZE, assert_identical, new_segmenter
 
 from SlicerSGP.data import preprocess
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.method.segmenter import Segmenter
 from SlicerSGP.types import SegmentOptions
 
-SIZE = 256
 N = 16
 DRAWN = 7
-
-
-def new_segmenter() -> Segmenter:
-    seg = Segmenter("tiny", weights="random", device="cpu", image_size=SIZE, seed=0,
-                    dtype="float32")
-    make_objects_visible(seg.model.sam)
-    return seg
 
 
 @pytest.fixture(scope="module")
