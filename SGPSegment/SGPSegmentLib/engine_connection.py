@@ -31,6 +31,10 @@ START_TIMEOUT_S = 180.0
 from a slow disk can take a minute)."""
 
 
+FEATURE_CACHE_MB = 4096
+"""Disk space for the local engine's encoded slice features (least recently used dropped)."""
+
+
 DEATH_GRACE_S = 2.0
 """How long a lost connection waits for the local engine's exit to show (to say why)."""
 
@@ -50,7 +54,16 @@ class ModelSettings:
         args += ["--seed", str(self.seed)]
         if self.weights:
             args += ["--weights", self.weights]
-        return args
+        # Slice features also on disk, beside the weights: a volume opened again (another
+        # session, an engine restart) is not encoded again. Keyed by content and weights.
+        from SlicerSGP.weights_registry import cache_dir  # stdlib only, no torch
+
+        try:
+            folder = cache_dir() / "features"
+        except SGPError:  # no writable cache folder: features stay in the engine's memory
+            return args
+        return args + ["--feature-cache", str(folder), "--feature-cache-mb",
+                       str(FEATURE_CACHE_MB)]
 
     def expected(self) -> dict:
         """What the server's model must match (keys of ``Segmenter.describe()``)."""

@@ -72,13 +72,40 @@ def add_model_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
                              "memory less 2 GB for the model's work; no limit on CPU)")
 
 
+FEATURE_CACHE_MB = 4096
+"""Default disk space for --feature-cache (the engine's DEFAULT_FEATURE_CACHE_MB; here so that
+`--help` needs no torch)."""
+
+
+def add_feature_cache_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--feature-cache DIR, --feature-cache-mb N (sgp segment, sgp serve)."""
+    parser.add_argument("--feature-cache", type=Path, metavar="DIR", default=None,
+                        help="keep encoded slice features in DIR too, so a volume opened again "
+                             "(a later run, another process, a restarted server) loads them "
+                             "instead of running the image encoder; keyed by the volume's "
+                             "content, a hash of the model's weights and the preprocessing, "
+                             "so other weights or settings never reuse them (default: memory "
+                             "only)")
+    parser.add_argument("--feature-cache-mb", type=float, default=None, metavar="N",
+                        help="disk space for --feature-cache, in MB; least recently used "
+                             f"batches deleted first (default {FEATURE_CACHE_MB})")
+
+
 def model_spec(args: argparse.Namespace) -> dict[str, Any]:
     """The Segmenter keyword arguments the model options give."""
-    return {"weights": args.weights, "device": args.device, "image_size": args.image_size,
+    spec = {"weights": args.weights, "device": args.device, "image_size": args.image_size,
             "seed": args.seed, "dtype": args.dtype,
             "feature_dtype": getattr(args, "feature_dtype", "auto"),
             "features_on": getattr(args, "features_on", "auto"),
             "device_budget_mb": getattr(args, "device_budget_mb", None)}
+    folder, cap = getattr(args, "feature_cache", None), getattr(args, "feature_cache_mb", None)
+    if cap is not None and folder is None:
+        raise SGPInputError("--feature-cache-mb is the size of --feature-cache DIR: give the "
+                            "folder too, or leave both out.")
+    if folder is not None:
+        spec["feature_cache"] = folder
+        spec["feature_cache_mb"] = FEATURE_CACHE_MB if cap is None else cap
+    return spec
 
 
 def segmenter_from_args(args: argparse.Namespace):

@@ -11,6 +11,7 @@ import numpy as np
 from SlicerSGP.cli.common import (
     OutputPlan,
     Progress,
+    add_feature_cache_options,
     add_model_options,
     cancel_on_sigterm,
     int_list,
@@ -56,6 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     # No default for --model: with --server, only the options given are checked against the
     # server's model; a local run uses tiny.
     add_model_options(g, model_default=None)
+    add_feature_cache_options(g)
     s = p.add_argument_group("engine service")
     s.add_argument("--server", metavar="URL",
                    help="run on an `sgp serve` engine at URL instead of loading the model here")
@@ -154,6 +156,10 @@ def _engine(args: argparse.Namespace):
         if args.token_file:
             raise SGPInputError("--token-file goes with --server URL.")
         return segmenter_from_args(args)
+    if args.feature_cache is not None or args.feature_cache_mb is not None:
+        raise SGPInputError("--feature-cache is for a run on this computer; a server keeps "
+                            "its own (sgp serve --feature-cache DIR). Leave it out with "
+                            "--server.")
     token = read_token(args.token_file, allow_shared=True) if args.token_file else None
     return connect_engine(args.server, token, _expected_model(args))
 
@@ -240,6 +246,11 @@ def _report(result, axis: int, load_s: float, engine, written: list[Path]) -> No
           f"({total / max(n, 1):.2f} s/slice; model load {load_s:.1f} s) on {device}")
     for note in getattr(result, "notes", None) or []:
         print(f"note: {note}")
+    disk = getattr(engine, "feature_cache", None)
+    if disk is not None:
+        print(f"slice features: {result.stats.get('slices_encoded_this_run', 0)} slices "
+              f"encoded, {result.stats.get('slices_loaded_from_disk', 0)} loaded from "
+              f"{disk.folder}")
     for v, table in result.slice_scores.items():
         predicted = table[table["source"] != "labeled"]
         if len(predicted):

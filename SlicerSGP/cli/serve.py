@@ -10,7 +10,12 @@ import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
-from SlicerSGP.cli.common import add_model_options, model_spec, run_command
+from SlicerSGP.cli.common import (
+    add_feature_cache_options,
+    add_model_options,
+    model_spec,
+    run_command,
+)
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.service.jobs import ServiceLimits
 
@@ -29,6 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_service_options(p)
     g = p.add_argument_group("model")
     add_model_options(g)
+    add_feature_cache_options(g)
     p.set_defaults(func=run)
     return p
 

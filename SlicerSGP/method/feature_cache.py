@@ -71,23 +71,7 @@ class FeatureCache:
                  max_mb: float | None = None):
         self.folder = Path(folder).expanduser()
         self.rt = runtime
-        max_mb = DEFAULT_FEATURE_CACHE_MB if max_mb is None else float(max_mb)
-        if not max_mb > 0:
-            raise SGPInputError(f"--feature-cache-mb {max_mb:g}: give the disk space for slice "
-                                "features in MB, a positive number (default "
-                                f"{DEFAULT_FEATURE_CACHE_MB}).")
-        self.max_bytes = int(max_mb * 2**20)
-        self.root = self.folder / FORMAT
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise SGPInputError(f"Cannot create the feature cache folder {self.root} "
-                                f"({exc.strerror or exc}): give --feature-cache a folder you "
-                                "can write to, or leave the option out.") from None
-        if not os.access(self.root, os.W_OK | os.X_OK):
-            raise SGPInputError(f"The feature cache folder {self.root} is not writable: give "
-                                "--feature-cache a folder you can write to, or leave the "
-                                "option out.")
+        self.root, self.max_bytes = prepare_folder(self.folder, max_mb)
         self.loaded_batches = 0
         """Batches read from disk instead of encoded, since this cache was made."""
         self.loaded_slices = 0
@@ -278,6 +262,35 @@ class FeatureCache:
 
 
 # --------------------------------------------------------------------------- helpers
+
+def prepare_folder(folder: str | os.PathLike, max_mb: float | None = None) -> tuple[Path, int]:
+    """Check the cap and make the cache's folder (before a model loads, so a bad option fails
+    at once): its root and the cap in bytes."""
+    max_mb = DEFAULT_FEATURE_CACHE_MB if max_mb is None else float(max_mb)
+    if not max_mb > 0:  # also NaN
+        raise SGPInputError(f"--feature-cache-mb {max_mb:g}: give the disk space for slice "
+                            "features in MB, a positive number (default "
+                            f"{DEFAULT_FEATURE_CACHE_MB}).")
+    folder = Path(folder).expanduser()
+    root = folder / FORMAT
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SGPInputError(f"--feature-cache {folder}: {probe} is a file, not a folder. Give "
+                            "a folder (it is created if missing), or leave the option out.")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SGPInputError(f"--feature-cache {folder}: cannot create {root} "
+                            f"({exc.strerror or exc}). Give a folder you can write to, or "
+                            "leave the option out.") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise SGPInputError(f"--feature-cache {folder}: {root} is not writable. Give a folder "
+                            "you can write to (or fix its permissions), or leave the option "
+                            "out.")
+    return root, int(max_mb * 2**20)
+
 
 def model_fingerprint(rt: Runtime) -> str:
     """A hash of everything a slice's features depend on besides the slice itself."""

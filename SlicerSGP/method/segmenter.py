@@ -34,7 +34,7 @@ from SlicerSGP.data import preprocess
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.method.assembly import assemble, label_map_from_probabilities, restore_order
 from SlicerSGP.method.encoding import EncodedSlices, SliceEncoder, VolumeFeatures
-from SlicerSGP.method.feature_cache import FeatureCache
+from SlicerSGP.method.feature_cache import FeatureCache, prepare_folder
 from SlicerSGP.method.inputs import (
     check_clicks,
     check_labels,
@@ -75,6 +75,8 @@ class Segmenter:
                  feature_cache: str | os.PathLike | None = None,
                  feature_cache_mb: float | None = None):
         dev = resolve_device(device)
+        if feature_cache is not None:  # a bad folder or cap fails before the model loads
+            prepare_folder(feature_cache, feature_cache_mb)
         if isinstance(model, SGPModel):
             net = model
         elif str(model).endswith(".safetensors"):
