@@ -409,3 +409,28 @@ def test_bodies_received_at_once_are_bounded(server, client):
             break
         time.sleep(0.1)
     assert status == 201 and client.has_volume(vid)
+
+
+def test_limit_options_are_documented_and_checked():
+    """`sgp serve --help` names every limit; a limit that is not a positive finite number is
+    refused with the option's name before anything starts."""
+    import argparse
+
+    from SlicerSGP.cli import serve
+
+    parser = argparse.ArgumentParser(prog="sgp")
+    sub = parser.add_subparsers()
+    cmd = serve.add_parser(sub)
+    text = cmd.format_help()
+    for option in ("--max-queue", "--max-volumes-mb", "--max-results-mb", "--max-voxels",
+                   "--max-structures", "--refine-timeout", "--max-upload-mb"):
+        assert option in text, option
+    assert "inflates" in text and "Retry-After" in text
+    for bad, name in (("--max-queue=0", "--max-queue"), ("--max-voxels=inf", "--max-voxels"),
+                      ("--refine-timeout=nan", "--refine-timeout"),
+                      ("--max-results-mb=-1", "--max-results-mb")):
+        args = parser.parse_args(["serve", bad])
+        with pytest.raises(SGPInputError, match=f"{name} must be a positive number"):
+            serve.limits_from_args(args)
+    limits = serve.limits_from_args(parser.parse_args(["serve", "--max-voxels", "2e6"]))
+    assert limits.max_voxels == 2_000_000 and isinstance(limits.max_voxels, int)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import os
 import stat
@@ -53,7 +54,8 @@ def add_service_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-shared-token-file", action="store_true",
                    help="accept a token file that other users of this computer can read")
     g.add_argument("--max-upload-mb", type=float, default=2048,
-                   help="largest volume or request accepted, in MB (default 2048)")
+                   help="largest volume or request accepted, in MB, counted as the request "
+                        "inflates (default 2048)")
     g.add_argument("--cache-mb", type=float, default=None,
                    help="memory for the slice embeddings of recent volumes, in MB "
                         "(default: the engine's)")
@@ -90,10 +92,10 @@ def add_limit_options(g: argparse._ArgumentGroup) -> None:
 def limits_from_args(args: argparse.Namespace) -> ServiceLimits:
     limits = ServiceLimits(
         max_queue=args.max_queue, max_volumes_mb=args.max_volumes_mb,
-        max_results_mb=args.max_results_mb, max_voxels=int(args.max_voxels),
+        max_results_mb=args.max_results_mb, max_voxels=args.max_voxels,
         max_structures=args.max_structures, refine_timeout=args.refine_timeout)
     limits.check()
-    return limits
+    return dataclasses.replace(limits, max_voxels=int(limits.max_voxels))
 
 
 TOKEN_MAX_BYTES = 4096

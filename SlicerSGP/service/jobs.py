@@ -15,6 +15,7 @@ recently used dropped first, never one a queued or running run needs) and the fi
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import traceback
@@ -66,8 +67,10 @@ class ServiceLimits:
     def check(self) -> None:
         for name in ("max_queue", "max_volumes_mb", "max_results_mb", "max_voxels",
                      "max_structures", "refine_timeout"):
-            if not getattr(self, name) > 0:
-                raise SGPInputError(f"--{name.replace('_', '-')} must be positive.")
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise SGPInputError(f"--{name.replace('_', '-')} must be a positive number "
+                                    f"(got {value}).")
 
 
 def error_type(exc: BaseException) -> str:
