@@ -43,6 +43,7 @@ import numpy as np
 
 from SlicerSGP.service import protocol
 from SlicerSGP.service.client import EngineClient
+from SlicerSGP.types import SegmentOptions
 
 MODEL_ARGS = ["--model", "tiny", "--weights", "random", "--image-size", "256", "--device", "cpu",
               "--seed", "0"]
@@ -401,14 +402,16 @@ def _store_kept(ctx: Context) -> str | None:
     return None if client.has_volume(ctx.volume_id) else "user A's volume left the store"
 
 
-def _user_a_run(ctx: Context) -> str:
-    """A run of user A that is queued or running for a while (a 24-slice volume)."""
+def _user_a_run(ctx: Context, fresh: bool = False) -> str:
+    """A run of user A that is queued or running for a while (a 24-slice volume). ``fresh``:
+    nothing reused from an earlier run of the same labels (which would end in milliseconds)."""
     client = EngineClient(ctx.main.url, ctx.token_a, timeout=CASE_TIMEOUT)
     if not ctx.long_volume_id:
         vol, drawn = small_case(n=24, seed=4)
         ctx.long_volume_id = client.ensure_volume(vol.astype(np.int16))
     drawn = small_case(n=24, seed=4)[1]
-    return client.start_run(ctx.long_volume_id, drawn, {1: "blob"})
+    options = SegmentOptions(reuse_results=False) if fresh else None
+    return client.start_run(ctx.long_volume_id, drawn, {1: "blob"}, options)
 
 
 def _ownership() -> list[Case]:
@@ -433,7 +436,7 @@ def _ownership() -> list[Case]:
 
     def delete_running(ctx: Context) -> Answer:
         client = EngineClient(ctx.main.url, ctx.token_a, timeout=CASE_TIMEOUT)
-        run_id = _user_a_run(ctx)
+        run_id = _user_a_run(ctx, fresh=True)
         deadline = time.monotonic() + CASE_TIMEOUT
         while client.run_status(run_id)["state"] == "queued" and time.monotonic() < deadline:
             time.sleep(0.02)
