@@ -135,7 +135,6 @@ class SGPSegmentCoreLogic(ParameterNodeActions):
         kwargs.setdefault("records", self.records)
         return request.prepareRun(volumeNode, segmentationNode, segmentIds, **kwargs)
 
-
     @staticmethod
     def modelSettings(
         model="tiny", weights=None, device="auto", imageSize=1024, seed=0
