@@ -434,3 +434,34 @@ def test_limit_options_are_documented_and_checked():
             serve.limits_from_args(args)
     limits = serve.limits_from_args(parser.parse_args(["serve", "--max-voxels", "2e6"]))
     assert limits.max_voxels == 2_000_000 and isinstance(limits.max_voxels, int)
+
+
+def test_an_engine_fault_in_a_run_is_logged_without_its_message(caplog):
+    """A run's internal error reaches its client in full; the server log gets its type and
+    stack only, since the message may quote the request (here: a structure name)."""
+    import logging
+
+    from SlicerSGP.service.jobs import JobQueue, RunRequest, StoredVolume
+    from SlicerSGP.types import SegmentOptions
+
+    class Faulty:
+        def segment(self, volume, labels, structures, options, **kwargs):
+            raise RuntimeError(f"engine fault near {structures[1]}")
+
+    queue = JobQueue(Faulty())
+    try:
+        with caplog.at_level(logging.ERROR, logger="SlicerSGP.service"):
+            run = queue.submit(RunRequest("v", StoredVolume(np.zeros((2, 8, 8), np.float32), None),
+                                          None, {1: "patient-name-in-a-label"}, SegmentOptions(),
+                                          None, None))
+            deadline = time.monotonic() + 30
+            while queue.status(run.id)["state"] in ("queued", "running"):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        status = queue.status(run.id)
+        assert status["state"] == "failed" and status["error_type"] == "internal"
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        assert "RuntimeError" in logged and "segment" in logged
+        assert "patient-name-in-a-label" not in logged
+    finally:
+        queue.close()

@@ -41,6 +41,13 @@ from SlicerSGP.types import Geometry, SegmentationResult, SegmentOptions, Suppor
 
 log = logging.getLogger("SlicerSGP.service")
 
+
+def log_fault(what: str, exc: BaseException) -> None:
+    """Log a real fault once: its type and stack, without its message (the message may hold
+    data from the request, e.g. structure names; the client gets it in the answer)."""
+    stack = "".join(traceback.format_tb(exc.__traceback__))
+    log.error("%s failed with %s:\n%s", what, type(exc).__name__, stack.rstrip())
+
 TERMINAL = ("done", "failed", "cancelled")
 MB = 2**20
 RETRY_AFTER = 5
@@ -436,7 +443,7 @@ class JobQueue:
             result = None
         except Exception as e:  # every failure is reported to the client, never lost
             if error_type(e) == "internal":
-                log.error("run %s failed:\n%s", run.id, traceback.format_exc())
+                log_fault(f"run {run.id}", e)
             outcome, result = ("failed", describe_failure(e), error_type(e)), None
         else:
             outcome = ("done", None, None)

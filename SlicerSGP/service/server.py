@@ -35,7 +35,6 @@ import platform
 import socket
 import sys
 import threading
-import traceback
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -61,6 +60,7 @@ from SlicerSGP.service.jobs import (
     describe_failure,
     error_type,
     estimate_result_nbytes,
+    log_fault,
 )
 
 log = logging.getLogger("SlicerSGP.service")
@@ -225,13 +225,6 @@ class Receiving:
             await self.app(scope, receive, send)
         finally:
             self.counter["held"] -= need
-
-
-def log_fault(what: str, exc: BaseException) -> None:
-    """Log a real fault once: its type and stack, without its message (the message may hold
-    data from the request; the client gets it in the answer)."""
-    stack = "".join(traceback.format_tb(exc.__traceback__))
-    log.error("%s failed with %s:\n%s", what, type(exc).__name__, stack.rstrip())
 
 
 def device_info() -> list[dict[str, Any]]:
