@@ -1,33 +1,20 @@
 """`sgp serve`: the HTTP API (FastAPI, under /v1, OpenAPI at /docs) around one loaded Segmenter.
 
+This file holds :func:`create_app` (the app, its info and volume routes) and :func:`serve`
+(binding, the ``ready`` line, uvicorn). Who may call the API is in access.py, the ASGI
+middleware and body reading in middleware.py, the run and refine routes in run_routes.py.
+
 Arrays travel as .npy/.npz bodies (see protocol.py). Every /v1 route needs
 ``Authorization: Bearer <token>`` when the server has a token; the check runs before anything
-else, so a refused request never touches a volume or the model.
-
-Who may do what:
-
-* Each accepted token is a *user* (today one per ``--token-file``, named by the file; the
-  multi-user server, ``--tokens FILE`` with user name -> token hash, adds users to the same
-  :class:`Users` table). A run belongs to the user who started it: its status, result, cancel
-  and delete answer 404 to every other user, exactly as for a run that does not exist, and
-  ``/v1/info`` shows another user's running run only as a count. Without a token there is one
-  user, ``local``.
-* A server without a token answers only programs on this computer: the ``Host`` header must
-  name a loopback address (localhost, 127.0.0.1, [::1], any port; a DNS-rebinding page sends
-  its own host name) and a request carrying a browser's ``Origin`` header is refused (a web page
-  can send simple cross-origin POSTs without reading the answer). 403 with a message.
-* Every request is checked field by field (protocol.py) before the engine sees it: malformed
-  input is 4xx naming the field; 500 is kept for faults of the engine itself, logged once
-  without the request's data.
+else, so a refused request never touches a volume or the model. Every request is checked field
+by field (protocol.py) before the engine sees it: malformed input is 4xx naming the field; 500
+is kept for faults of the engine itself, logged once without the request's data.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
-import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -40,191 +27,42 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-import numpy as np
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.background import BackgroundTask
-from starlette.requests import ClientDisconnect
 
 from SlicerSGP import __version__
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.service import protocol
-from SlicerSGP.service.jobs import (
-    RETRY_AFTER,
-    JobQueue,
-    RunRequest,
-    ServiceLimits,
-    StoredVolume,
-    VolumeStore,
-    describe_failure,
-    error_type,
-    estimate_result_nbytes,
-    log_fault,
+
+# Names that callers and tests import from this module, though they live in access.py and
+# middleware.py since the split; re-exported so those imports keep working.
+from SlicerSGP.service.access import (  # noqa: F401
+    LOCAL_USER,
+    LocalOnly,
+    ServiceError,
+    Users,
+    host_problem,
+    is_loopback,
+    make_authorize,
+    version_mismatch,
 )
+from SlicerSGP.service.jobs import JobQueue, ServiceLimits, StoredVolume, VolumeStore
+from SlicerSGP.service.middleware import (  # noqa: F401
+    DRAIN_LIMIT,
+    Receiving,
+    Shield,
+    guard,
+    read_limited,
+)
+from SlicerSGP.service.run_routes import add_run_routes
 
 log = logging.getLogger("SlicerSGP.service")
 
-DRAIN_LIMIT = 256 * 2**20
-"""How much of an oversize upload is read and dropped so that the client sees the 413 instead of
-a reset connection; past this the connection is simply closed."""
 WORK_THREADS = 2
 """Threads that parse, hash and encode request and result bodies. They are not the threads that
 answer status, cancel, info and the token check (starlette's pool), and no thread waits for the
 engine (a refinement's wait is awaited), so a burst of heavy requests never locks those out."""
-
-
-class ServiceError(Exception):
-    """An HTTP error with a message for the user and the protocol's error type."""
-
-    def __init__(self, status: int, message: str, etype: str = "input"):
-        super().__init__(message)
-        self.status, self.message, self.etype = status, message, etype
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-LOCAL_USER = "local"
-"""The one user of a server without a token."""
-
-
-class Users:
-    """Who sent a request: the user whose token it carries. Tokens are kept as SHA-256
-    digests and compared in constant time with every known one."""
-
-    def __init__(self, tokens: Mapping[str, str]):
-        self._digests = {name: hashlib.sha256(tok.encode()).digest()
-                         for name, tok in tokens.items()}
-
-    def __bool__(self) -> bool:
-        return bool(self._digests)
-
-    def identify(self, token: str) -> str | None:
-        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-        found = None
-        for name, known in self._digests.items():
-            if hmac.compare_digest(digest, known):
-                found = name
-        return found
-
-
-def host_problem(host: str | None, origin: str | None) -> str | None:
-    """Why a request may not reach a server without a token (None: it may)."""
-    if origin is not None:
-        return ("Refused: this engine server has no token, so it serves only programs on this "
-                "computer, and this request comes from a web page (it carries an Origin "
-                f"header, {origin[:60]!r}). Use SlicerSGP's client, or start the server with "
-                "--token-file.")
-    name = (host or "").strip().lower()
-    if name.startswith("["):
-        name, _, port = name[1:].partition("]")
-        port = port[1:] if port.startswith(":") else port
-    elif name.count(":") == 1:
-        name, port = name.split(":")
-    else:
-        port = ""
-    if not name or not is_loopback(name) or not (port == "" or port.isdigit()):
-        return (f"Refused: this engine server has no token, so it answers only requests "
-                f"addressed to this computer (Host localhost, 127.0.0.1 or [::1]); this one "
-                f"names Host {(host or '')[:80]!r}. Connect to http://127.0.0.1:PORT, or start "
-                "the server with --token-file to serve other names.")
-    return None
-
-
-class LocalOnly:
-    """ASGI middleware of a server without a token: loopback Host names only, no browser
-    Origin (see :func:`host_problem`)."""
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            hosts = [v for k, v in scope["headers"] if k == b"host"]
-            origins = [v for k, v in scope["headers"] if k == b"origin"]
-            host = hosts[0].decode("latin-1") if len(hosts) == 1 else None
-            origin = origins[0].decode("latin-1") if origins else None
-            problem = host_problem(host, origin)
-            if problem is not None:
-                await JSONResponse({"detail": problem, "error_type": "forbidden"}, 403)(
-                    scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-class Shield:
-    """ASGI middleware: an exception no handler took becomes one 500 JSON answer and one log
-    entry (type and stack, not the message, which may quote the request); a client that hung
-    up mid-request is one log line, not a traceback."""
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracked(message: dict) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracked)
-        except ClientDisconnect:
-            log.info("%s %s: the client hung up before sending the whole request",
-                     scope.get("method"), scope.get("path"))
-        except Exception as e:
-            log_fault(f"{scope.get('method')} {scope.get('path')}", e)
-            if not started:
-                await JSONResponse({"detail": "The server failed unexpectedly; its log has the "
-                                    "traceback.", "error_type": "internal"}, 500)(
-                    scope, receive, send)
-
-
-class Receiving:
-    """ASGI middleware: request bodies being received and handled at once hold at most
-    ``limit`` bytes (twice --max-upload-mb), counted by their declared Content-Length (or
-    --max-upload-mb without one) from the first byte until the answer. A request that does not
-    fit is answered 503 with Retry-After before any of its body is read, so many clients
-    uploading at once cannot take the server's memory."""
-
-    def __init__(self, app: Any, limit: int, each: int, counter: dict[str, int]):
-        self.app, self.limit, self.each = app, limit, each
-        self.counter = counter
-        """``held``: bytes of the requests in hand (read by /v1/info)."""
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        lengths = [v for k, v in scope["headers"] if k == b"content-length"]
-        declared = lengths[0].decode("latin-1") if len(lengths) == 1 else ""
-        need = min(int(declared), self.each) if declared.isdigit() else self.each
-        held = self.counter["held"]
-        if need and held and held + need > self.limit:
-            mb = 2**20
-            await JSONResponse(
-                {"detail": f"The server is receiving {held / mb:.1f} MB of other requests, "
-                 f"and this one declares {need / mb:.1f} MB; it takes at most "
-                 f"{self.limit / mb:g} MB at once (twice --max-upload-mb). Try again in a few "
-                 "seconds.", "error_type": "busy"}, 503,
-                headers={"Retry-After": str(RETRY_AFTER)})(scope, receive, send)
-            return
-        self.counter["held"] += need
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.counter["held"] -= need
 
 
 def device_info() -> list[dict[str, Any]]:
@@ -277,25 +115,10 @@ def create_app(segmenter: Any, *, token: str | None, max_upload_mb: float,
         return await anyio.to_thread.run_sync(functools.partial(guard, fn, *args),
                                               limiter=work_limiter[0])
     users = Users({**(tokens or {}), **({"token": token} if token else {})})
+    authorize = make_authorize(users)
     owners: dict[str, str] = {}
     """run id -> the user who started it."""
     owners_lock = threading.Lock()
-
-    def authorize(request: Request) -> str:
-        """The user the request comes from (after the token and protocol checks)."""
-        user = LOCAL_USER
-        if users:
-            given = request.headers.get("authorization", "")
-            scheme, _, value = given.partition(" ")
-            found = users.identify(value) if scheme.lower() == "bearer" else None
-            if found is None:
-                raise ServiceError(401, "Wrong or missing token: send the server's token as "
-                                   "'Authorization: Bearer <token>' (see --token-file).", "auth")
-            user = found
-        theirs = request.headers.get(protocol.PROTOCOL_HEADER)
-        if theirs is not None and theirs != str(protocol.PROTOCOL_VERSION):
-            raise ServiceError(409, version_mismatch(theirs), "protocol")
-        return user
 
     def own(run_id: str, user: str) -> None:
         with owners_lock:
@@ -417,210 +240,11 @@ def create_app(segmenter: Any, *, token: str | None, max_upload_mb: float,
         item = volumes.put(volume_id, await offload(load))
         return {"volume_id": volume_id, "nbytes": item.nbytes}
 
-    @api.post("/runs", status_code=202, summary="Queue a segmentation run (.npz body)",
-              description="Body: .npz with `meta` (JSON: volume_id, structures, options, "
-              "support_slices, labels, bank) and the labeled slices `label_<k>` along the axis. "
-              "Returns the run id; poll GET /v1/runs/{id}.")
-    async def start_run(request: Request, user: str = Depends(authorize)) -> dict[str, Any]:
-        body = await read_limited(request, max_upload)
-        arrays, meta = await offload(unpack, body)
-        meta = guard(protocol.check_meta, meta, protocol.RUN_FIELDS, ("volume_id",))
-        item = pinned_or_404(meta["volume_id"])  # never dropped while the run needs it
-
-        def build() -> RunRequest:
-            options = protocol.options_from_json(meta.get("options"))
-            desc, shape = meta.get("labels"), item.array.shape
-            labels = protocol.decode_labels(desc, arrays, shape)  # checks every field
-            structures = protocol.structures_from_json(meta.get("structures"))
-            bank = protocol.decode_bank(meta.get("bank"), arrays)
-            check_run_cost(item, labels, structures, bank, options)
-            del labels  # rebuilt when the run starts: a queued run holds only its slices
-            return RunRequest(
-                volume_id=meta["volume_id"], volume=item,
-                labels=None if desc is None else
-                functools.partial(protocol.decode_labels, desc, arrays, shape),
-                structures=structures, options=options,
-                support_slices=protocol.slices_from_json(meta.get("support_slices"),
-                                                         "support_slices"),
-                support_bank=bank)
-
-        try:
-            run = jobs.submit(await offload(build))
-        except BaseException:
-            volumes.release(meta["volume_id"])
-            raise
-        own(run.id, user)
-        return jobs.status(run.id) or {"run_id": run.id}
-
-    def check_run_cost(item: StoredVolume, labels: np.ndarray | None,
-                       structures: dict[int, str] | None,
-                       bank: dict[int, Any] | None, options: Any) -> None:
-        """413 for a run that asks for more structures, or a larger result, than the limits."""
-        if structures is not None:
-            values = sorted(structures)
-        else:  # the engine's rule: every value drawn, and every bank value with items
-            drawn = set() if labels is None else {int(v) for v in np.unique(labels)} - {0}
-            values = sorted(drawn | {int(v) for v, items in (bank or {}).items() if items})
-        if len(values) > limits.max_structures:
-            raise protocol.LimitExceeded(
-                413, f"This run asks for {len(values)} structures but this server segments at "
-                f"most {limits.max_structures} per run (--max-structures): segment them in "
-                "several runs, or restart the server with a larger --max-structures.")
-        shape = item.array.shape
-        axis = options.axis if options.axis in (0, 1, 2) else 0  # the engine reports a bad one
-        need = estimate_result_nbytes(shape, axis, values, options.keep_pseudo_masks)
-        if need > jobs.max_result_bytes:
-            raise protocol.LimitExceeded(
-                413, f"This run's result would be {need / 2**20:.1f} MB ({len(values)} "
-                f"structures of {int(np.prod(shape[:3])):,} voxels) but this server keeps at "
-                f"most {limits.max_results_mb:g} MB of results (--max-results-mb): segment "
-                "fewer structures at once, turn off keep_pseudo_masks, crop the volume, or "
-                "restart the server with a larger --max-results-mb.")
-
-    def run_or_404(run_id: str, user: str) -> dict[str, Any]:
-        """The run's status; 404 for a run of another user, as for one that does not exist."""
-        status = jobs.status(run_id) if owner_of(run_id) == user else None
-        if status is None:
-            raise ServiceError(404, f"Unknown run {run_id}: results are freed once downloaded "
-                               "and after a while; start the run again.", "run_missing")
-        return status
-
-    @api.get("/runs/{run_id}", summary="State (queued/running/done/failed/cancelled), stage, "
-             "fraction, error")
-    def run_status(run_id: str, user: str = Depends(authorize)) -> dict[str, Any]:
-        return run_or_404(run_id, user)
-
-    @api.post("/runs/{run_id}/cancel", summary="Cancel a queued or running run")
-    def cancel_run(run_id: str, user: str = Depends(authorize)) -> dict[str, Any]:
-        run_or_404(run_id, user)
-        return jobs.cancel(run_id) or {}
-
-    @api.delete("/runs/{run_id}", status_code=204, summary="Cancel a run and free its result",
-                description="A finished run's result is freed: 204. A queued run is cancelled "
-                "and freed: 204. A running run is asked to stop: 202 with its status; it ends "
-                "as cancelled and holds no result. 404 for an unknown run or another user's.")
-    def delete_run(run_id: str, user: str = Depends(authorize)) -> Response:
-        status = run_or_404(run_id, user)
-        if status["state"] in ("queued", "running"):
-            status = jobs.cancel(run_id) or status
-        if status["state"] == "running":
-            return JSONResponse(status, 202)
-        jobs.discard(run_id)
-        return Response(status_code=204)
-
-    @api.get("/runs/{run_id}/result", summary="The result as .npz (freed after download)",
-             description="labels, pseudo_<v>, scores_<v> and, with ?probabilities=true, "
-             "prob_<v>; `meta` holds structures, axis, labeled slices, geometry, timings, stats.")
-    async def run_result(run_id: str, probabilities: bool = False,
-                         user: str = Depends(authorize)) -> Response:
-        status = run_or_404(run_id, user)
-        run = jobs.peek(run_id)
-        if status["state"] in ("queued", "running"):
-            raise ServiceError(409, f"Run {run_id} is still {status['state']}.", "not_finished")
-        if status["state"] != "done" or run is None or run.result is None:
-            code = 422 if status["error_type"] == "input" else 500
-            code = 410 if status["state"] == "cancelled" else code
-            code = 404 if status["error_type"] == "dropped" else code
-            raise ServiceError(code, status["error"] or "The run produced no result.",
-                               status["error_type"] or "internal")
-        body = await offload(protocol.encode_result, run.result, probabilities)
-        return Response(body, media_type=protocol.NPZ,
-                        background=BackgroundTask(jobs.discard, run_id))
-
-    @api.post("/refine", summary="Correct one slice with point prompts (.npz body)",
-              description="Body: .npz with `meta` (volume_id, slice_index, points as (row, col), "
-              "point_labels, options) and optional `mask`. Returns .npz with `mask` and `meta` "
-              "{iou}. Runs on the model's worker before queued runs.")
-    async def refine(request: Request) -> Response:
-        body = await read_limited(request, max_upload)
-        arrays, meta = await offload(unpack, body)
-        index, points, point_labels = guard(protocol.refine_from_json, meta)
-        options = guard(protocol.options_from_json, meta.get("options"))
-        mask = guard(protocol.refine_mask, arrays)
-        item = pinned_or_404(meta["volume_id"])
-
-        def work() -> tuple[np.ndarray, float]:
-            return guard(segmenter.refine_slice, item.array, index, points, point_labels, mask,
-                         options)
-
-        try:
-            fut = jobs.call_soon(work)
-        except BaseException:
-            volumes.release(meta["volume_id"])
-            raise
-        fut.add_done_callback(lambda _: volumes.release(meta["volume_id"]))
-        # Awaited, not waited for on a thread: pending refinements hold no thread, and the
-        # wait has a limit.
-        try:
-            mask, iou = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)),
-                                               limits.refine_timeout)
-        except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
-            raise refine_timed_out(jobs.withdraw(fut)) from None
-        return Response(protocol.pack({"mask": np.asarray(mask)}, {"iou": float(iou)}),
-                        media_type=protocol.NPZ)
-
-    def refine_timed_out(withdrawn: bool) -> protocol.LimitExceeded:
-        wait = f"{limits.refine_timeout:g} s (--refine-timeout)"
-        if withdrawn:
-            running = " (a run is in progress)" if jobs.running() else ""
-            return protocol.LimitExceeded(
-                503, f"The engine stayed busy{running} for {wait}; this click refinement was "
-                "not run. Try again in a moment, or restart the server with a larger "
-                "--refine-timeout.", RETRY_AFTER)
-        return protocol.LimitExceeded(
-            503, f"This click refinement took longer than {wait} on the engine, so its answer "
-            "was dropped. Restart the server with a larger --refine-timeout, or a smaller "
-            "--image-size.", RETRY_AFTER)
-
+    add_run_routes(api, segmenter=segmenter, jobs=jobs, volumes=volumes, limits=limits,
+                   max_upload=max_upload, unpack=unpack, offload=offload, authorize=authorize,
+                   own=own, owner_of=owner_of, pinned_or_404=pinned_or_404)
     app.include_router(api)
     return app
-
-
-def version_mismatch(client_version: str) -> str:
-    return (f"Protocol mismatch: the client speaks SlicerSGP protocol {client_version}, this "
-            f"server (SlicerSGP {__version__}) speaks protocol {protocol.PROTOCOL_VERSION}. "
-            "Install the same SlicerSGP version on both sides.")
-
-
-def guard(fn: Any, *args: Any) -> Any:
-    """Call ``fn``; engine errors become HTTP errors carrying the engine's message."""
-    try:
-        return fn(*args)
-    except (ServiceError, protocol.LimitExceeded):
-        raise
-    except Exception as e:
-        etype = error_type(e)
-        if etype == "internal":
-            log_fault(getattr(fn, "__name__", "request"), e)
-        raise ServiceError(422 if etype == "input" else 500, describe_failure(e), etype) from e
-
-
-async def read_limited(request: Request, limit: int) -> bytes:
-    """The request body, or 413 once it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    size = int(declared) if declared and declared.isdigit() else None
-    chunks, total = [], 0
-    too_big = size is not None and size > limit
-    try:
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
-                too_big = True
-            if too_big:
-                if total > limit + DRAIN_LIMIT:
-                    break
-                continue
-            chunks.append(chunk)
-    except ClientDisconnect:
-        log.info("%s %s: the client hung up after %d bytes of the body", request.method,
-                 request.url.path, total)
-        raise ServiceError(400, "The request body was cut off (the client hung up).") from None
-    if too_big:
-        got = max(total, size or 0)
-        raise ServiceError(413, f"The upload is {got / 2**20:.1f} MB but this server accepts at "
-                           f"most {limit / 2**20:g} MB: restart it with a larger "
-                           "--max-upload-mb, or crop the volume.", "input")
-    return b"".join(chunks)
 
 
 class _Server(uvicorn.Server):
