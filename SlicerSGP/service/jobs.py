@@ -1,4 +1,4 @@
-"""The server's state: uploaded volumes, runs and the one worker thread that uses the model.
+"""The server's runs and the one worker thread that uses the model (volumes: store.py).
 
 Every use of the ``Segmenter`` happens on the worker thread, one job at a time (the model and its
 caches are not thread-safe, and one device gains nothing from running two jobs at once). Runs
@@ -9,18 +9,18 @@ What the server holds is bounded by :class:`ServiceLimits` (``sgp serve`` option
 (runs and refinements waiting, ``--max-queue``), the volumes (``--max-volumes-mb``, least
 recently used dropped first, never one a queued or running run needs) and the finished results
 (``--max-results-mb``, oldest dropped first). A request over a limit is refused with
-:class:`protocol.LimitExceeded` (HTTP 413/429/503) naming the limit and its option.
+:class:`protocol.LimitExceeded` (HTTP 413/429/503) naming the limit and its option. The volume
+store, the limits and the result size estimates are in store.py.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import traceback
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -36,8 +36,18 @@ from SlicerSGP.errors import (
     SGPInputError,
     SGPWeightsError,
 )
-from SlicerSGP.service.protocol import LimitExceeded
-from SlicerSGP.types import Geometry, SegmentationResult, SegmentOptions, SupportItem
+from SlicerSGP.service.request_checks import LimitExceeded
+
+# The names imported ``as`` themselves moved to store.py; they are imported back so that
+# ``jobs.<name>`` keeps working for every caller.
+from SlicerSGP.service.store import MB as MB
+from SlicerSGP.service.store import RETRY_AFTER as RETRY_AFTER
+from SlicerSGP.service.store import ServiceLimits as ServiceLimits
+from SlicerSGP.service.store import StoredVolume as StoredVolume
+from SlicerSGP.service.store import VolumeStore as VolumeStore
+from SlicerSGP.service.store import estimate_result_nbytes as estimate_result_nbytes
+from SlicerSGP.service.store import result_nbytes as result_nbytes
+from SlicerSGP.types import SegmentationResult, SegmentOptions, SupportItem
 
 log = logging.getLogger("SlicerSGP.service")
 
@@ -49,35 +59,6 @@ def log_fault(what: str, exc: BaseException) -> None:
     log.error("%s failed with %s:\n%s", what, type(exc).__name__, stack.rstrip())
 
 TERMINAL = ("done", "failed", "cancelled")
-MB = 2**20
-RETRY_AFTER = 5
-"""Seconds a client refused for a full queue or store is told to wait (Retry-After)."""
-
-
-@dataclass(frozen=True)
-class ServiceLimits:
-    """What one request, and the server as a whole, may cost (``sgp serve`` options)."""
-
-    max_queue: int = 16
-    """Runs and click refinements waiting for the engine (the running one not counted)."""
-    max_volumes_mb: float = 4096
-    """Uploaded volumes kept, in MB."""
-    max_results_mb: float = 8192
-    """Finished results kept until downloaded, in MB; also the largest result of one run."""
-    max_voxels: int = 1_000_000_000
-    """Voxels of one volume."""
-    max_structures: int = 128
-    """Structures segmented by one run."""
-    refine_timeout: float = 25.0
-    """Seconds a click refinement may wait for, and run on, the engine."""
-
-    def check(self) -> None:
-        for name in ("max_queue", "max_volumes_mb", "max_results_mb", "max_voxels",
-                     "max_structures", "refine_timeout"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise SGPInputError(f"--{name.replace('_', '-')} must be a positive number "
-                                    f"(got {value}).")
 
 
 def error_type(exc: BaseException) -> str:
@@ -97,100 +78,6 @@ def describe_failure(exc: BaseException) -> str:
         return (f"The engine ran out of memory ({text}). Use a smaller --image-size, crop the "
                 "volume, or a device with more memory.")
     return f"The engine failed unexpectedly ({text}); the server log has the traceback."
-
-
-@dataclass
-class StoredVolume:
-    array: np.ndarray
-    geometry: Geometry | None
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.array.nbytes)
-
-
-class VolumeStore:
-    """Uploaded volumes by content id, least recently used dropped first beyond ``max_bytes``.
-
-    A volume that a queued or running run (or a pending refinement) needs is *pinned*
-    (:meth:`acquire` .. :meth:`release`) and never dropped, so the bound holds for every volume
-    in memory. An upload that does not fit beside the pinned volumes is refused (503, try
-    again once runs finish); one larger than the whole store is refused (413).
-    """
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = int(max_bytes)
-        self._items: OrderedDict[str, StoredVolume] = OrderedDict()
-        self._pins: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def get(self, volume_id: str) -> StoredVolume | None:
-        with self._lock:
-            return self._touch_locked(volume_id)
-
-    def acquire(self, volume_id: str) -> StoredVolume | None:
-        """The volume, pinned until :meth:`release` (None if not held)."""
-        with self._lock:
-            item = self._touch_locked(volume_id)
-            if item is not None:
-                self._pins[volume_id] = self._pins.get(volume_id, 0) + 1
-            return item
-
-    def release(self, volume_id: str) -> None:
-        with self._lock:
-            left = self._pins.get(volume_id, 0) - 1
-            if left > 0:
-                self._pins[volume_id] = left
-            else:
-                self._pins.pop(volume_id, None)
-
-    def check_size(self, nbytes: int) -> None:
-        """LimitExceeded (413) for a volume larger than the whole store."""
-        if nbytes > self.max_bytes:
-            raise LimitExceeded(413, f"The volume is {nbytes / MB:.1f} MB but this server keeps "
-                                f"at most {self.max_bytes / MB:g} MB of volumes: restart it "
-                                "with a larger --max-volumes-mb, or crop the volume.")
-
-    def put(self, volume_id: str, item: StoredVolume) -> StoredVolume:
-        """Store ``item`` (or return the copy already held), dropping least recently used
-        unpinned volumes to make room; LimitExceeded if it cannot fit."""
-        limit = f"{self.max_bytes / MB:g} MB"
-        self.check_size(item.nbytes)
-        with self._lock:
-            held = self._touch_locked(volume_id)
-            if held is not None:
-                return held
-            used = self.nbytes_locked()
-            free = [k for k in self._items if k not in self._pins]
-            pinned = used - sum(self._items[k].nbytes for k in free)
-            if pinned + item.nbytes > self.max_bytes:
-                raise LimitExceeded(
-                    503, f"The server's volume store is full: {pinned / MB:.1f} MB of its "
-                    f"{limit} (--max-volumes-mb) hold volumes that queued or running runs need, "
-                    f"and this volume is {item.nbytes / MB:.1f} MB. Try again once those runs "
-                    "finish, or restart the server with a larger --max-volumes-mb.", RETRY_AFTER)
-            for key in free:  # oldest use first
-                if used + item.nbytes <= self.max_bytes:
-                    break
-                used -= self._items.pop(key).nbytes
-            self._items[volume_id] = item
-            return item
-
-    def _touch_locked(self, volume_id: str) -> StoredVolume | None:
-        item = self._items.pop(volume_id, None)
-        if item is not None:
-            self._items[volume_id] = item
-        return item
-
-    def nbytes_locked(self) -> int:
-        return sum(v.nbytes for v in self._items.values())
-
-    def summary(self) -> dict[str, Any]:
-        with self._lock:
-            pinned = sum(v.nbytes for k, v in self._items.items() if k in self._pins)
-            return {"count": len(self._items), "mb": round(self.nbytes_locked() / MB, 1),
-                    "pinned": len(self._pins), "pinned_mb": round(pinned / MB, 1),
-                    "budget_mb": round(self.max_bytes / MB, 1)}
 
 
 @dataclass
@@ -228,31 +115,6 @@ class Run:
         return {"run_id": self.id, "state": self.state, "stage": self.stage,
                 "fraction": round(self.fraction, 4), "error": self.error,
                 "error_type": self.error_type, "queue_position": position}
-
-
-def result_nbytes(result: SegmentationResult) -> int:
-    """Memory held by a result's arrays."""
-    total = int(result.labels.nbytes)
-    for group in (result.probabilities, result.pseudo_masks, result.slice_scores):
-        total += sum(int(np.asarray(a).nbytes) for a in group.values())
-    return total
-
-
-def estimate_result_nbytes(shape: tuple[int, ...], axis: int, values: list[int],
-                           keep_pseudo_masks: bool) -> int:
-    """What a run's result will hold (:func:`result_nbytes`), from its request alone: the label
-    map, a float32 probability map per structure (and a pseudo-mask one if kept), a score row
-    per slice and structure."""
-    from SlicerSGP.method.assembly import SCORE_DTYPE, label_dtype
-
-    voxels = int(np.prod([int(s) for s in shape[:3]], dtype=np.int64))
-    per_structure = voxels * 4 * (2 if keep_pseudo_masks else 1) + \
-        int(shape[axis]) * SCORE_DTYPE.itemsize
-    try:
-        label_bytes = label_dtype(list(values)).itemsize
-    except SGPInputError:
-        label_bytes = 8
-    return voxels * label_bytes + len(values) * per_structure
 
 
 class JobQueue:

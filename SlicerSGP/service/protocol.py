@@ -5,25 +5,58 @@ shapes, no pickle, readable by any numpy. JSON that goes with them rides in the 
 UTF-8 bytes of entry ``meta``. Label maps travel as their labeled slices only: the slices along
 the run's axis that hold any non-zero voxel. Every other slice is all zeros, so the server
 rebuilds exactly the caller's label map from them.
+
+Here: the wire constants and the encoding and decoding of volumes, run requests and results.
+The archive format is in archive.py, the strict .npy reader in npy.py, the field checks in
+request_checks.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
-import math
-import re
-import threading
-import types
 import typing
-import zipfile
 from typing import Any
 
 import numpy as np
 
-from SlicerSGP.errors import SGPError, SGPInputError
+from SlicerSGP.errors import SGPInputError
+
+# The names imported ``as`` themselves moved to archive, npy and request_checks; they are
+# imported back so that ``protocol.<name>`` keeps working for every caller.
+from SlicerSGP.service.archive import ARCHIVE_MAX_DIRECTORY as ARCHIVE_MAX_DIRECTORY
+from SlicerSGP.service.archive import pack, unpack
+from SlicerSGP.service.npy import NPY_HEADER_LIMIT as NPY_HEADER_LIMIT
+from SlicerSGP.service.npy import NPY_MAGIC as NPY_MAGIC
+from SlicerSGP.service.npy import NPY_MAX_DIMS as NPY_MAX_DIMS
+from SlicerSGP.service.npy import npy_from_bytes as npy_from_bytes
+from SlicerSGP.service.npy import npy_header as npy_header
+from SlicerSGP.service.npy import volume_from_npy as volume_from_npy
+from SlicerSGP.service.npy import volume_to_npy as volume_to_npy
+from SlicerSGP.service.request_checks import INT_LIMIT as INT_LIMIT
+from SlicerSGP.service.request_checks import MAX_LIST as MAX_LIST
+from SlicerSGP.service.request_checks import REFINE_FIELDS as REFINE_FIELDS
+from SlicerSGP.service.request_checks import RUN_FIELDS as RUN_FIELDS
+from SlicerSGP.service.request_checks import LimitExceeded as LimitExceeded
+from SlicerSGP.service.request_checks import (
+    _array,
+    _bad,
+    _check_keys,
+    _dict,
+    _int,
+    _label_array,
+    _label_dtype,
+    _label_value,
+    _list,
+    _number,
+    _str,
+    _typed,
+)
+from SlicerSGP.service.request_checks import check_meta as check_meta
+from SlicerSGP.service.request_checks import refine_from_json as refine_from_json
+from SlicerSGP.service.request_checks import refine_mask as refine_mask
+from SlicerSGP.service.request_checks import slices_from_json as slices_from_json
 from SlicerSGP.types import Geometry, SegmentationResult, SegmentOptions, SupportItem
 
 PROTOCOL_VERSION = 1
@@ -32,217 +65,6 @@ PROTOCOL_HEADER = "X-SGP-Protocol"
 GEOMETRY_HEADER = "X-SGP-Geometry"
 NPZ = "application/x-npz"
 NPY = "application/x-npy"
-
-
-class LimitExceeded(SGPError):
-    """A request refused by one of the server's limits before any work: HTTP ``status`` (413:
-    the request is too large; 429: the queue is full; 503: the server is busy), a message
-    naming the limit and the option that raises it, and ``retry_after`` seconds where waiting
-    helps (sent as Retry-After)."""
-
-    def __init__(self, status: int, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.status, self.retry_after = status, retry_after
-
-
-ARCHIVE_MAX_DIRECTORY = 2**20
-"""Largest zip directory read from a request (about 15,000 arrays): parsing it costs memory per
-entry before any entry's size can be checked."""
-
-
-# --------------------------------------------------------------------------- archives
-
-def pack(arrays: dict[str, np.ndarray], meta: dict[str, Any], compress: bool = False) -> bytes:
-    """An .npz holding ``arrays`` and ``meta`` (JSON). Compression pays for sparse label slices
-    only; results go uncompressed (float probabilities barely shrink and zlib costs seconds)."""
-    buf = io.BytesIO()
-    payload = dict(arrays)
-    payload["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-    (np.savez_compressed if compress else np.savez)(buf, **payload)
-    return buf.getvalue()
-
-
-def unpack(data: bytes, *, structured: bool = False, max_bytes: int | None = None
-           ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Inverse of :func:`pack`; a malformed archive is an input error naming the problem.
-
-    ``max_bytes`` (the server's ``--max-upload-mb``) bounds what the archive inflates to: the
-    sizes its zip directory declares must add up to at most that, checked before anything is
-    inflated (a 200 KB body of zeros can declare 200 MB), and no member is inflated past its
-    declared size (:func:`_read_member`). LimitExceeded (413) otherwise.
-
-    Members are read with :func:`npy_from_bytes` (never numpy's ``ast``-based header reader:
-    see :func:`npy_header`); structured arrays (a result's slice scores) only where
-    ``structured`` (the client reading a result), with numpy's reader under a lock.
-    """
-    try:
-        arrays: dict[str, np.ndarray] = {}
-        if max_bytes is not None:
-            _check_directory_size(data)
-        with zipfile.ZipFile(io.BytesIO(data)) as z:
-            if max_bytes is not None:
-                _check_inflated_size(z.infolist(), max_bytes)
-            for info in z.infolist():
-                name = info.filename.removesuffix(".npy")
-                raw = _read_member(z, info)
-                what = f"Array {name!r} of the archive"
-                if structured and re.search(rb"'descr'\s*:\s*\[", bytes(raw[:NPY_HEADER_LIMIT])):
-                    with _NUMPY_READER_LOCK:
-                        arrays[name] = np.lib.format.read_array(io.BytesIO(raw),
-                                                                allow_pickle=False)
-                else:
-                    arrays[name] = npy_from_bytes(raw, what)
-        meta = json.loads(arrays.pop("meta").tobytes().decode()) if "meta" in arrays else {}
-    except SGPInputError:
-        raise
-    except (ValueError, OSError, KeyError, EOFError, NotImplementedError, zipfile.BadZipFile,
-            zipfile.LargeZipFile) as e:  # json.JSONDecodeError and UnicodeError are ValueErrors
-        raise SGPInputError(f"The request body is not a SlicerSGP .npz archive ({e}); use "
-                            "SlicerSGP.service.client to talk to the server.") from None
-    return arrays, meta
-
-
-def _check_directory_size(data: bytes) -> None:
-    """Refuse an archive whose zip directory is larger than ARCHIVE_MAX_DIRECTORY, read from
-    its end record (and the zip64 one, which zipfile prefers) before zipfile parses it."""
-    end = data.rfind(b"PK\x05\x06", max(0, len(data) - 65557))
-    if end < 0 or end + 22 > len(data):
-        return  # not a zip: zipfile says so
-    size = int.from_bytes(data[end + 12:end + 16], "little")
-    if end >= 76 and data[end - 20:end - 16] == b"PK\x06\x07" and \
-            data[end - 76:end - 72] == b"PK\x06\x06":
-        size = max(size, int.from_bytes(data[end - 36:end - 28], "little"))
-    if size > ARCHIVE_MAX_DIRECTORY:
-        raise LimitExceeded(413, f"The request's archive lists {size / 2**20:.1f} MB of entries "
-                            f"(at most {ARCHIVE_MAX_DIRECTORY / 2**20:g} MB, about 15,000 "
-                            "arrays): send fewer arrays per request.")
-
-
-def _check_inflated_size(infos: list[zipfile.ZipInfo], max_bytes: int) -> None:
-    total = sum(max(0, info.file_size) for info in infos)
-    if total > max_bytes:
-        raise LimitExceeded(413, f"The request's arrays inflate to {total / 2**20:.1f} MB (as "
-                            "its archive declares) but this server accepts at most "
-                            f"{max_bytes / 2**20:g} MB per request: restart it with a larger "
-                            "--max-upload-mb, or send less (fewer labeled slices or support "
-                            "items).")
-
-
-_NUMPY_READER_LOCK = threading.Lock()
-
-
-def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytearray:
-    """A member's bytes in a bytearray (so the array read from it is writable, no copy)."""
-    buf = bytearray(info.file_size)
-    view, got = memoryview(buf), 0
-    with z.open(info) as f:
-        while got < len(buf):
-            n = f.readinto(view[got:])
-            if not n:
-                break
-            got += n
-        if f.read(1):
-            raise SGPInputError(f"Archive member {info.filename!r} is longer than it declares.")
-    view.release()
-    del buf[got:]
-    return buf
-
-
-def volume_to_npy(volume: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(volume), allow_pickle=False)
-    return buf.getvalue()
-
-
-def volume_from_npy(data: bytes) -> np.ndarray:
-    """The volume in an uploaded .npy body (see :func:`npy_from_bytes`)."""
-    return npy_from_bytes(data, "The uploaded volume")
-
-
-# --------------------------------------------------------------------------- strict .npy
-
-NPY_MAGIC = b"\x93NUMPY"
-NPY_HEADER_LIMIT = 16384
-"""Longest .npy header accepted (numpy writes ~120 bytes for a plain array)."""
-NPY_MAX_DIMS = 16
-_NPY_ENTRY = re.compile(
-    r"\s*'(descr|fortran_order|shape)'\s*:\s*"
-    r"('[^'\\]{1,64}'|True|False|\(\s*(?:\d{1,19}\s*,\s*)*(?:\d{1,19}\s*)?\))\s*(?:,|$)")
-
-
-def npy_header(data: bytes | memoryview, what: str) -> tuple[np.dtype, tuple[int, ...], bool, int]:
-    """(dtype, shape, fortran_order, data offset) of a .npy, parsed strictly here.
-
-    numpy's own reader evaluates the header with ``ast.literal_eval``, which on some Python
-    3.11 releases (3.11.7 among them) fails at random when threads parse at once ("AST
-    constructor recursion depth mismatch"); the server reads requests on many threads. This
-    parser accepts exactly what ``numpy.lib.format`` writes for a plain (non-object,
-    non-structured) array: format 1.0 to 3.0, a dict of descr, fortran_order and shape.
-    """
-    fix = "send it as numpy writes it (np.save / protocol.volume_to_npy) from a plain array."
-    head = bytes(data[:12])
-    if not head.startswith(NPY_MAGIC) or len(head) < 10 or head[6] not in (1, 2, 3):
-        raise SGPInputError(f"{what} is not a .npy array (no .npy signature at its start): "
-                            f"{fix}")
-    if head[6] == 1:
-        size, start = int.from_bytes(head[8:10], "little"), 10
-    else:
-        size, start = int.from_bytes(head[8:12], "little"), 12
-    if size > NPY_HEADER_LIMIT or start + size > len(data):
-        raise SGPInputError(f"{what} has a .npy header of {size} bytes (at most "
-                            f"{NPY_HEADER_LIMIT}, and within the body): {fix}")
-    try:
-        text = bytes(data[start:start + size]).decode("latin-1" if head[6] < 3 else "utf-8")
-    except UnicodeDecodeError:
-        raise SGPInputError(f"{what} has a .npy header that is not text: {fix}") from None
-    text = text.strip()
-    if re.search(r"'descr'\s*:\s*\[", text):
-        raise SGPInputError(f"{what} is a structured (record) array: send a plain numeric "
-                            "array (one number per voxel).")
-    if not (text.startswith("{") and text.endswith("}")):
-        raise SGPInputError(f"{what} has a malformed .npy header: {fix}")
-    inner, entries, pos = text[1:-1].strip(), {}, 0
-    while pos < len(inner):
-        m = _NPY_ENTRY.match(inner, pos)
-        if m is None or m.group(1) in entries:
-            raise SGPInputError(f"{what} has a malformed .npy header: {fix}")
-        entries[m.group(1)] = m.group(2)
-        pos = m.end()
-    if set(entries) != {"descr", "fortran_order", "shape"} or \
-            not entries["descr"].startswith("'") or entries["fortran_order"] not in ("True",
-                                                                                     "False"):
-        raise SGPInputError(f"{what} has a malformed .npy header (it needs descr, "
-                            f"fortran_order and shape): {fix}")
-    descr = entries["descr"][1:-1]
-    try:
-        dtype = np.dtype(descr)
-    except (TypeError, ValueError):
-        raise SGPInputError(f"{what} has the unknown data type {descr!r}: send a numeric "
-                            "array.") from None
-    if dtype.hasobject or dtype.fields is not None or dtype.itemsize == 0:
-        raise SGPInputError(f"{what} has the data type {descr!r}, which holds no numbers: send "
-                            "a numeric array.")
-    shape = tuple(int(s) for s in re.findall(r"\d+", entries["shape"]))
-    if len(shape) > NPY_MAX_DIMS:
-        raise SGPInputError(f"{what} has {len(shape)} dimensions (at most {NPY_MAX_DIMS}).")
-    return dtype, shape, entries["fortran_order"] == "True", start + size
-
-
-def npy_from_bytes(data: bytes | bytearray, what: str = "The array") -> np.ndarray:
-    """The array in a .npy body, without numpy's header evaluator (see :func:`npy_header`);
-    the data must be exactly what the header declares, so a header that claims more voxels
-    than the body holds is refused before anything is allocated. The array is a view of
-    ``data`` (read-only for bytes, writable for a bytearray)."""
-    dtype, shape, fortran, offset = npy_header(data, what)
-    count = math.prod(shape)
-    held = len(data) - offset
-    if count * dtype.itemsize != held:
-        raise SGPInputError(
-            f"{what} does not hold what its .npy header declares: shape {shape} of {dtype} is "
-            f"{count * dtype.itemsize} bytes, the body has {held} after the header (cut off in "
-            "transit, or a forged header). Send it again with the client.")
-    flat = np.frombuffer(data, dtype, count=count, offset=offset)
-    return flat.reshape(shape, order="F" if fortran else "C")
 
 
 # --------------------------------------------------------------------------- volumes
@@ -417,183 +239,6 @@ def structures_from_json(data: Any) -> dict[int, str] | None:
             for k, v in _dict(data, "structures").items()}
 
 
-# --------------------------------------------------------------------------- request checks
-# Everything a client sends is checked here before the engine sees it: a malformed request is
-# an SGPInputError (HTTP 422) that names the field, never an engine fault (500).
-
-RUN_FIELDS = ("volume_id", "structures", "options", "support_slices", "labels", "bank")
-REFINE_FIELDS = ("volume_id", "slice_index", "points", "point_labels", "options")
-INT_LIMIT = 2**31
-"""Integers in a request (slice indices, label values) stay within +-2**31."""
-MAX_LIST = 100_000
-"""Longest list in a request's JSON (no volume has more slices, clicks or structures)."""
-
-
-def check_meta(meta: Any, fields: tuple[str, ...], required: tuple[str, ...]) -> dict[str, Any]:
-    """The request's ``meta`` as a dict with only known fields and the required ones."""
-    _check_keys(_dict(meta, "meta"), "meta", required=required,
-                optional=tuple(f for f in fields if f not in required))
-    if not isinstance(meta["volume_id"], str) or not re.fullmatch(r"[0-9a-f]{64}",
-                                                                  meta["volume_id"]):
-        raise _bad("meta.volume_id", "must be the 64 hex digits protocol.volume_id gives",
-                   meta["volume_id"])
-    return meta
-
-
-def slices_from_json(data: Any, field: str) -> list[int] | None:
-    if data is None:
-        return None
-    return [_int(v, f"{field}[{i}]") for i, v in enumerate(_list(data, field))]
-
-
-def refine_from_json(meta: Any) -> tuple[int, list[tuple[float, float]], list[int]]:
-    """(slice_index, points, point_labels) of a refine request, checked."""
-    meta = check_meta(meta, REFINE_FIELDS, ("volume_id", "slice_index", "points",
-                                            "point_labels"))
-    index = _int(meta["slice_index"], "slice_index", 0)
-    points = []
-    for i, p in enumerate(_list(meta["points"], "points")):
-        pair = _list(p, f"points[{i}]", exact=2)
-        points.append((_number(pair[0], f"points[{i}][0]"), _number(pair[1], f"points[{i}][1]")))
-    labels = [_int(v, f"point_labels[{i}]", 0, 1)
-              for i, v in enumerate(_list(meta["point_labels"], "point_labels"))]
-    if len(labels) != len(points):
-        raise _bad("point_labels", f"needs one label per click ({len(points)} points)",
-                   f"{len(labels)} labels")
-    return index, points, labels
-
-
-def refine_mask(arrays: dict[str, np.ndarray]) -> np.ndarray | None:
-    if "mask" not in arrays:
-        return None
-    return _array(arrays, "mask", "mask", kinds="biuf", ndims=(2,))
-
-
-def _bad(field: str, rule: str, got: Any) -> SGPInputError:
-    shown = repr(got)
-    shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    return SGPInputError(f"Request field {field} {rule}; got {shown} ({type(got).__name__}). "
-                         "Requests are built by SlicerSGP.service.client (same version as the "
-                         "server).")
-
-
-def _dict(value: Any, field: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise _bad(field, "must be a JSON object", value)
-    return value
-
-
-def _list(value: Any, field: str, *, exact: int | None = None,
-          most: int = MAX_LIST) -> list[Any]:
-    if not isinstance(value, list):
-        raise _bad(field, "must be a JSON list", value)
-    if exact is not None and len(value) != exact:
-        raise _bad(field, f"must hold {exact} values", value)
-    if len(value) > most:
-        raise _bad(field, f"must hold at most {most} values", f"{len(value)} values")
-    return value
-
-
-def _check_keys(data: dict[str, Any], field: str, required: tuple[str, ...] = (),
-                optional: tuple[str, ...] = ()) -> None:
-    missing = [k for k in required if k not in data]
-    if missing:
-        raise _bad(field, f"lacks {', '.join(missing)}", sorted(data))
-    unknown = sorted(set(data) - set(required) - set(optional))
-    if unknown:
-        raise _bad(field, f"has unknown key(s) {unknown} (the client is newer than the server? "
-                   "update the server's SlicerSGP)", sorted(data))
-
-
-def _int(value: Any, field: str, lo: int = -INT_LIMIT, hi: int = INT_LIMIT) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(field, "must be an integer", value)
-    if not lo <= value <= hi:
-        raise _bad(field, f"must lie in {lo}..{hi}", value)
-    return value
-
-
-def _number(value: Any, field: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            not math.isfinite(value):
-        raise _bad(field, "must be a finite number", value)
-    return float(value)
-
-
-def _str(value: Any, field: str) -> str:
-    if not isinstance(value, str):
-        raise _bad(field, "must be a string", value)
-    return value
-
-
-def _label_value(key: Any, field: str) -> int:
-    """A label value given as a JSON object key (a string of digits)."""
-    try:
-        value = int(key)
-    except (TypeError, ValueError):
-        raise _bad(field, "must be a label value (an integer)", key) from None
-    return _int(value, field, 1)
-
-
-def _typed(value: Any, tp: Any, field: str) -> Any:
-    """``value`` checked against an option's type (int, float, bool, str, None, list[...],
-    dict[int, ...] and unions of them); dict keys from JSON become ints."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        kinds = [a for a in args if a is not type(None)]
-        if len(kinds) == 1:
-            return _typed(value, kinds[0], field)
-        raise _bad(field, f"must be {tp}", value)  # no such option today
-    if origin is list:
-        return [_typed(v, args[0], f"{field}[{i}]") for i, v in enumerate(_list(value, field))]
-    if origin is dict:
-        return {_label_value(k, f"{field} key {k!r}"): _typed(v, args[1], f"{field}.{k}")
-                for k, v in _dict(value, field).items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise _bad(field, "must be true or false", value)
-        return value
-    if tp is int:
-        return _int(value, field)
-    if tp is float:
-        return _number(value, field)
-    if tp is str:
-        return _str(value, field)
-    raise _bad(field, f"has a type this server cannot check ({tp})", value)
-
-
-def _array(arrays: dict[str, np.ndarray], name: str, field: str, *, kinds: str,
-           ndims: tuple[int, ...]) -> np.ndarray:
-    if name not in arrays:
-        raise SGPInputError(f"Request field {field} needs the array {name!r}, which the body "
-                            "lacks. Requests are built by SlicerSGP.service.client (same version "
-                            "as the server).")
-    arr = arrays[name]
-    if arr.dtype.kind not in kinds or arr.ndim not in ndims:
-        raise SGPInputError(f"Array {name!r} ({field}) is {arr.ndim}D {arr.dtype}; it must be "
-                            f"{' or '.join(f'{n}D' for n in ndims)} numbers (bool, integer or "
-                            "float).")
-    return arr
-
-
-def _label_array(arrays: dict[str, np.ndarray], name: str, field: str) -> np.ndarray:
-    ndims = (0, 1, 2, 3, 4, 5) if name == "labels_full" else (2,)
-    return _array(arrays, name, field, kinds="biuf", ndims=ndims)
-
-
-def _label_dtype(value: Any, field: str) -> np.dtype:
-    try:
-        dtype = np.dtype(_str(value, field))
-    except TypeError:
-        raise _bad(field, "must name a numpy integer, bool or float type (e.g. '|u1')",
-                   value) from None
-    if dtype.kind not in "biuf" or dtype.itemsize > 8:
-        raise _bad(field, "must name a numpy integer, bool or float type (e.g. '|u1')", value)
-    return dtype
-
-
 # --------------------------------------------------------------------------- results
 
 def encode_result(result: SegmentationResult, probabilities: bool) -> bytes:
@@ -664,3 +309,4 @@ ERROR_TYPES = ("input", "weights", "device", "engine", "internal", "cancelled", 
 engine's exception classes. ``busy``: refused for a full queue or store, or a click refinement
 that waited too long (429/503, try again); ``dropped``: a finished run whose result was freed
 before download to keep within --max-results-mb."""
+
