@@ -98,8 +98,7 @@ class _NoBar(contextlib.AbstractContextManager):
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):
-    """A tqdm byte bar, imported only when shown: this module must import without tqdm (Slicer
-    does not ship it, and its process reads the registry through this module)."""
+    """A tqdm byte bar, imported only when shown (Slicer ships no tqdm and reads the registry)."""
     if not enabled:
         return _NoBar()
     try:

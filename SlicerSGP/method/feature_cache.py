@@ -32,23 +32,20 @@ every slice of every volume) and ``DIR/sgp-features-v1/<model>/<volume>/<start>-
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import time
 import uuid
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.method.encoding import EncodedSlices
+from SlicerSGP.method.feature_identity import FORMAT, model_fingerprint
+from SlicerSGP.method.feature_identity import tensor_digest as _digest
 from SlicerSGP.method.runtime import Runtime
-
-FORMAT = "sgp-features-v1"
-"""The layout and file format; part of every key and the name of the folder inside DIR."""
 
 DEFAULT_FEATURE_CACHE_MB = 4096
 """Disk space for features when no cap is given (a 200-slice volume at 1024 px in bf16 takes
@@ -292,40 +289,6 @@ def prepare_folder(folder: str | os.PathLike, max_mb: float | None = None) -> tu
     return root, int(max_mb * 2**20)
 
 
-def model_fingerprint(rt: Runtime) -> str:
-    """A hash of everything a slice's features depend on besides the slice itself."""
-    import SlicerSGP
-
-    model, sam = rt.model, rt.sam
-    h = hashlib.sha256()
-    try:
-        from importlib.metadata import version
-
-        sam2_version = version("sam2")
-    except Exception:  # not installed as a distribution (a source checkout)
-        sam2_version = "unknown"
-    device = rt.device.type
-    if device == "cuda":
-        device += "|" + torch.cuda.get_device_name(rt.device)
-    config = getattr(model, "config", None)
-    header = {"format": FORMAT, "slicersgp": SlicerSGP.__version__, "torch": torch.__version__,
-              "sam2": sam2_version, "device": device, "image_size": rt.image_size,
-              "autocast": str(rt.autocast_dtype), "features": str(rt.feature_dtype),
-              "config": asdict(config) if config is not None else None,
-              "sam": type(sam).__name__, "encoder": repr(sam.image_encoder)}
-    h.update(json.dumps(header, sort_keys=True, default=str).encode())
-    parts = [("image_encoder", sam.image_encoder)]
-    if getattr(sam, "use_high_res_features_in_sam", False):
-        parts += [("conv_s0", sam.sam_mask_decoder.conv_s0),
-                  ("conv_s1", sam.sam_mask_decoder.conv_s1)]
-    with torch.no_grad():
-        for prefix, module in parts:
-            for name, t in module.state_dict().items():
-                h.update(f"|{prefix}.{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-                h.update(_bytes(t))
-    return h.hexdigest()
-
-
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and
     ``os.replace``: readers see the old file or the whole new one, never a part."""
@@ -389,20 +352,6 @@ def _check(data: bytes, meta: dict[str, str],
 def _is_channels_last(t: torch.Tensor) -> bool:
     return (t.dim() == 4 and not t.is_contiguous()
             and t.is_contiguous(memory_format=torch.channels_last))
-
-
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name]
-        h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(_bytes(t))
-    return h.hexdigest()
-
-
-def _bytes(t: torch.Tensor) -> memoryview:
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
 def _safe(key: str) -> str:

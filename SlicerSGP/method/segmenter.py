@@ -65,6 +65,8 @@ class Segmenter:
 
     Keep one for the session: a re-run on the same volume (after correcting a slice, or for
     another structure) reuses the slice embeddings, and its last run's unaffected slices.
+    Long because it is the one public entry point: what callers read, the building blocks
+    training and the oracle tests drive, and the two entry points, each delegating.
     """
 
     def __init__(self, model: str | SGPModel = "tiny", *, weights: str | None = None,
