@@ -192,6 +192,22 @@ def allSegments(segmentation, volume) -> dict[str, np.ndarray]:
     return {s: segmentArray(segmentation, s, volume) for s in ids}
 
 
+def saveAndReload(mrml, segmentation, path) -> tuple:
+    """Write ``segmentation`` as a .seg.nrrd and read it into a new node, as another session
+    would: (the new node, the IDs of its "liver" and "spleen" segments)."""
+    import slicer
+
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.WriteData(segmentation)
+    reloaded = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reloaded")
+    reader = slicer.vtkMRMLSegmentationStorageNode()
+    reader.SetFileName(str(path))
+    assert reader.ReadData(reloaded)
+    ids = [reloaded.GetSegmentation().GetSegmentIdBySegmentName(n) for n in ("liver", "spleen")]
+    return reloaded, ids
+
+
 @pytest.fixture(scope="module")
 def engineLogic():
     """One Logic per test file with its local engine (a real `sgp serve` subprocess on

@@ -20,7 +20,7 @@ import zlib
 
 import numpy as np
 import pytest
-from module_fixtures import makeScene, mrml  # noqa: F401
+from module_fixtures import makeScene, mrml, saveAndReload  # noqa: F401
 
 SHAPE = (12, 40, 36)  # (K, J, I); I not a multiple of 8 on purpose
 
@@ -205,8 +205,6 @@ def test_undo_and_redo_of_a_stroke(mrml, logic):  # noqa: F811
 
 
 def test_the_record_reaches_the_tag_when_a_run_uses_it(mrml, logic, tmp_path):  # noqa: F811
-    import slicer
-
     volume, segmentation, ids = plainScene(mrml)
     logic.watchEdits(segmentation, volume)
     paint(segmentation, volume, ids[0], disk(SHAPE, 0, 3, (20, 18), 6))
@@ -226,15 +224,7 @@ def test_the_record_reaches_the_tag_when_a_run_uses_it(mrml, logic, tmp_path):  
     assert segmentation.GetSegmentation().GetSegment(ids[0]).GetMTime() == mtime
 
     # Saved and reloaded as .seg.nrrd: another session reads the records from the tags.
-    path = str(tmp_path / "case.seg.nrrd")
-    storage = slicer.vtkMRMLSegmentationStorageNode()
-    storage.SetFileName(path)
-    assert storage.WriteData(segmentation)
-    reloaded = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reloaded")
-    reader = slicer.vtkMRMLSegmentationStorageNode()
-    reader.SetFileName(path)
-    assert reader.ReadData(reloaded)
-    newIds = [reloaded.GetSegmentation().GetSegmentIdBySegmentName(n) for n in ("liver", "spleen")]
+    reloaded, newIds = saveAndReload(mrml, segmentation, tmp_path / "case.seg.nrrd")
     other = type(logic)()
     other.watchEdits(reloaded, volume)
     assert other.records.recordedSlices(reloaded, volume, newIds[0]) == {0: [3], 1: [25], 2: []}

@@ -23,6 +23,7 @@ from module_fixtures import (  # noqa: F401  (mrml, engineLogic: fixtures)
     ijkToRASMatrix,
     makeScene,
     mrml,
+    saveAndReload,
     segmentArray,
     truth,
 )
@@ -207,15 +208,7 @@ def test_a_run_and_an_axis_change_do_not_make_predictions_labeled(mrml, logic): 
 def test_labeled_slice_records_are_saved_with_the_segmentation(mrml, logic, tmp_path):  # noqa: F811
     volume, segmentation, ids = makeScene(mrml)
     logic.run(volume, segmentation, ids, **RUN)
-    path = str(tmp_path / "seg.seg.nrrd")
-    storage = slicer.vtkMRMLSegmentationStorageNode()
-    storage.SetFileName(path)
-    assert storage.WriteData(segmentation)
-    reloaded = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reloaded")
-    reader = slicer.vtkMRMLSegmentationStorageNode()
-    reader.SetFileName(path)
-    assert reader.ReadData(reloaded)
-    newIds = [reloaded.GetSegmentation().GetSegmentIdBySegmentName(n) for n in ("liver", "spleen")]
+    reloaded, newIds = saveAndReload(mrml, segmentation, tmp_path / "seg.seg.nrrd")
     found = logic.labeledSlices(volume, reloaded, newIds, axis=0)
     assert [f.slices for f in found] == [list(LABELED)] * 2
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from SlicerSGP.errors import SGPError
+from SlicerSGP.service.launcher import read_appended
 
 TAIL_LINES = 15
 
@@ -326,12 +327,8 @@ class Task:
     def _read(self, final: bool = False) -> None:
         if self._log is None:
             return
-        try:
-            with open(self._log, "rb") as f:
-                f.seek(self._offset)
-                data = f.read()
-                self._offset = f.tell()
-        except OSError:
+        data, self._offset = read_appended(self._log, self._offset)
+        if data is None:
             return
         text = self._partial + data.decode("utf-8", errors="replace")
         # Progress bars rewrite their line with '\r': each is a line of its own here.

@@ -34,6 +34,19 @@ CREATE_NO_WINDOW = 0x08000000
 """Windows: start the server without a console window."""
 
 
+def read_appended(path: str | os.PathLike, offset: int) -> tuple[bytes | None, int]:
+    """What a child process appended to its output file since ``offset``, and the new offset
+    (None and the same offset when the file cannot be read): output is polled from files, not
+    pipes, since reader threads barely run inside Slicer."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+            return data, f.tell()
+    except OSError:
+        return None, offset
+
+
 class LocalEngine:
     """A `sgp serve` subprocess on loopback, restarted when it dies, stopped at exit."""
 
@@ -232,12 +245,8 @@ class LocalEngine:
 
     def _read_log(self) -> None:
         """Take the log's new lines into the tail; keep the file under LOG_LIMIT."""
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(self._log_offset)
-                data = f.read()
-                self._log_offset = f.tell()
-        except OSError:
+        data, self._log_offset = read_appended(self.log_path, self._log_offset)
+        if data is None:
             return
         lines = (self._log_partial + data).split(b"\n")
         self._log_partial = lines.pop()
