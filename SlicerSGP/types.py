@@ -55,6 +55,32 @@ class SupportItem:
 
 
 @dataclass
+class SlicePrompt:
+    """A structure's prompt on one slice: a box, clicks and/or its current mask there.
+
+    Coordinates are voxel column ``x`` and row ``y`` of the 2D slice
+    ``np.moveaxis(volume, axis, 0)[slice_index]`` of the ``(K, J, I)`` array (rows J and columns
+    I along axis 0, rows K and columns I along axis 1, rows K and columns J along axis 2), the
+    frame ``Segmenter.refine_slice`` uses. The slice's mask is made by SAM2's prompt encoder and
+    mask decoder on its features (a single box or a single click alone: SAM2's three masks, the
+    one with the highest predicted IoU) and becomes a drawn slice of structure ``value``.
+    """
+
+    value: int
+    """Label value of the structure (it need not be drawn anywhere)."""
+    slice_index: int
+    """Slice along the run's axis."""
+    box: tuple[float, float, float, float] | None = None
+    """``(x0, y0, x1, y1)``: columns and rows of the top-left and bottom-right corner voxels,
+    inclusive (``x0 <= x1``, ``y0 <= y1``)."""
+    points: list[tuple[float, float, bool]] = field(default_factory=list)
+    """Clicks ``(x, y, positive)``: positive adds, negative says "not here"."""
+    mask: np.ndarray | None = None
+    """``(rows, columns)`` bool: the structure's current mask on the slice (SAM2's dense
+    prompt), or None."""
+
+
+@dataclass
 class SegmentOptions:
     """Everything about how a run is done that is not the data itself."""
 
@@ -110,6 +136,13 @@ class SegmentOptions:
     they depend on is unchanged (exact: the result is the same as without; a new drawn slice
     then redoes only the two intervals beside it and the slices whose support picks it).
     False recomputes every slice."""
+    exclude: list[int] | None = None
+    """Label values of the label map that are "not here" for every structure of the run: they
+    are not segmented themselves (nor returned), and their voxels, on every slice exactly as
+    given, are removed from each structure's mask on every predicted slice before that mask
+    becomes the slice's memory (a leak into a neighbour is not carried on) and from the result;
+    on a prompted slice each one present gives a negative point (its deepest voxel in the box).
+    Drawn slices stay as drawn. A structure's last run is not reused while this is set."""
 
 
 @dataclass
@@ -141,3 +174,6 @@ class SegmentationResult:
     is predicted from both sides and counts twice)."""
     slices_reused: dict[int, int] = field(default_factory=dict)
     """Per structure value: slice predictions taken unchanged from its last run on the volume."""
+    prompted_by_structure: dict[int, list[int]] = field(default_factory=dict)
+    """Per structure value: its slices made from prompts (:class:`SlicePrompt`); they count as
+    labeled (in ``labeled_by_structure``), their score rows say ``prompted``."""
