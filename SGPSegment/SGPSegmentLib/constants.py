@@ -45,3 +45,11 @@ def slicerVersionProblem(major: int, minor: int) -> str:
         f"{major}.{minor}): the segmentation engine needs Python 3.10 or later, which Slicer "
         "ships from 5.10 on. Install a current Slicer from download.slicer.org."
     )
+
+PROMPT_MODES = ("box", "scribble")
+"""What a left drag does in a slice view with the SGP effect: a box, or a scribble (a click is
+a click in both)."""
+
+PROMPT_MODE_KEYS = {"x": "box", "s": "scribble"}
+"""Keys (mouse over a slice view) that choose a mode; keys Slicer's slice views and Segment
+Editor already use (b, f, g, r, t, v, i, q, w, z, y, digits, space) are avoided."""

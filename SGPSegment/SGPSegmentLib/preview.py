@@ -8,6 +8,11 @@ through a node reference on the user's segmentation) and never touch the user's 
 the Segment Editor's masking rules. :meth:`PreviewLogic.cancel` removes the preview and writes
 nothing. The effect calls :meth:`PreviewLogic.update` after the user draws (debounced): the run
 in flight is cancelled and a new one starts from the slices drawn now.
+
+Boxes, clicks and scribbles (:mod:`.prompting`) live in the session as prompts sent with every
+run; a preview can start from one (:meth:`PreviewLogic.startFromPrompt`). "Not here"
+(``notHere``: 'off', 'all' or 'visible') sends the other segments of the segmentation as
+voxels the previewed ones must not take.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from typing import Any
 import numpy as np
 import slicer
 
-from SGPSegmentLib import labeled_slices, mrml_io, outputs, refinement
+from SGPSegmentLib import edit_rules, labeled_slices, mrml_io, outputs, prompting, refinement
+from SGPSegmentLib import slice_geometry as geometry
 from SGPSegmentLib.constants import AXIS_DISPLAY, AXIS_NAMES
 from SGPSegmentLib.edit_rules import EditRules
 from SGPSegmentLib.engine_connection import ModelSettings
@@ -70,6 +76,15 @@ class PreviewSession:
     """The volume's id on the engine (click refinement sends only the clicks)."""
     runsStarted: int = 0
     clicks: dict[tuple[str, int], refinement.SliceClicks] = field(default_factory=dict)
+    prompts: dict[prompting.PromptKey, prompting.PromptedSlice] = field(default_factory=dict)
+    """Boxes, clicks and scribbles on slices along :attr:`axis` (see :mod:`.prompting`)."""
+    promptVersion: int = 0
+    """Bumped by every change of :attr:`prompts`; a run's request records the one it sent."""
+    notHere: str = "off"
+    """Other segments as "not here": 'off', 'all' or 'visible' (the editor's overwrite)."""
+
+    def promptsChanged(self) -> None:
+        self.promptVersion += 1
 
     @property
     def running(self) -> bool:
@@ -111,10 +126,14 @@ class PreviewLogic:
         sliceRange=None,
         referenceCases=(),
         supportSet=None,
+        prompts=None,
+        notHere="off",
         **options,
     ) -> PreviewSession:
         """Check the inputs and start the first preview run (nothing is written).
-        ``supportSet``: the name of a saved support set (in the core Logic's library)."""
+        ``supportSet``: the name of a saved support set (in the core Logic's library);
+        ``prompts``: ``{(segmentId, slice): PromptedSlice}`` along ``axis``; ``notHere``:
+        'off', 'all' or 'visible' (see :func:`notHereMode`)."""
         mrml_io.checkVolume(volumeNode)
         if segmentationNode is None:
             raise SGPInputError("Select a segmentation.")
@@ -133,6 +152,8 @@ class PreviewLogic:
             [(v.GetID(), s.GetID()) for v, s in referenceCases],
             str(supportSet or ""),
         )
+        session.prompts = dict(prompts or {})
+        session.notHere = checkNotHere(notHere)
         self.update(session)
         return session
 
@@ -174,9 +195,13 @@ class PreviewLogic:
     def update(self, session: PreviewSession, onlyIfChanged: bool = False) -> Run | None:
         """Start a run from the slices drawn now, cancelling the one in flight. With
         ``onlyIfChanged``, nothing happens when no selected segment changed since the last."""
-        if onlyIfChanged and not self.changedSegments(session):
-            return None
         volumeNode, segmentationNode = session.nodes()
+        if prompting.dropOverdrawn(session.prompts, segmentationNode, volumeNode, session.axis):
+            session.promptVersion += 1  # drawn over: the drawing wins
+        latest = session.run.request if session.run is not None else session.request
+        promptsNew = latest is None or latest.promptVersion != session.promptVersion
+        if onlyIfChanged and not promptsNew and not self.changedSegments(session):
+            return None
         scene = slicer.mrmlScene
         references = [
             (scene.GetNodeByID(v), scene.GetNodeByID(s)) for v, s in session.referenceCaseIDs
@@ -191,8 +216,11 @@ class PreviewLogic:
             supportSet=session.supportSet or None,
             library=self.core.supportLibraryRoot,
             slice_limits=limits,
+            prompts=prompting.promptsBySegment(session.prompts),
+            exclude=notHereSegments(segmentationNode, session.segmentIds, session.notHere),
             **session.options,
         )
+        request.promptVersion = session.promptVersion
         self.stop(session)
         session.run = self.core.startRun(request, session.settings, preview=True)
         session.volumeId = session.run.volumeId
@@ -258,6 +286,8 @@ class PreviewLogic:
         stale = self.changedSegments(session, session.request)
         if stale:
             return False, f"Segment(s) {', '.join(stale)} changed since; the preview is updating."
+        if session.request.promptVersion != session.promptVersion:
+            return False, "Boxes, clicks or scribbles changed since; the preview is updating."
         return True, ""
 
     def apply(self, session: PreviewSession, rules: EditRules | None = None) -> WriteReport:
@@ -272,6 +302,11 @@ class PreviewLogic:
                 f"Segment(s) {', '.join(repr(n) for n in stale)} changed after the preview shown "
                 "was computed, so it would undo those edits; nothing was written. Wait for the "
                 "preview to update (or press Preview), then Apply."
+            )
+        if request.promptVersion != session.promptVersion:
+            raise SGPInputError(
+                "The preview shown was computed before the last box, click or scribble; nothing "
+                "was written. Wait for the preview to update, then Apply."
             )
         self.stop(session)
         report = self.core.runs.apply(request, session.result, rules=rules or EditRules())
@@ -292,6 +327,8 @@ class PreviewLogic:
             slicer.mrmlScene.RemoveNode(node)
         session.result, session.request = None, None
         session.clicks.clear()
+        session.prompts.clear()
+        session.promptsChanged()
 
     # -------------------------------------------------------------- review and correction
 
@@ -320,6 +357,104 @@ class PreviewLogic:
         self.stop(session)  # the engine would serve the click only after the run in flight
         return refinement.refineClick(self.core, session, segmentId, ras, positive, inPlane, rules)
 
+    # ------------------------------------------------------------ boxes, clicks, scribbles
+
+    def startFromPrompt(self, kind, volumeNode, segmentationNode, segmentIds, segmentId,
+                        positions, inPlane, positive=True, **startArguments) -> PreviewSession:  # fmt: skip
+        """Start a preview from a first ``kind`` ('box': two corners, 'click': one position,
+        'scribble': a stroke's positions) of ``segmentId`` in a view with in-plane directions
+        ``inPlane``; the preview's axis is the view's. ``startArguments``: :meth:`start`'s."""
+        mrml_io.checkVolume(volumeNode)
+        axis = geometry.viewAxis(volumeNode, positions[0], inPlane)
+        key, prompt = _newPrompt(kind, volumeNode, segmentationNode, segmentId, axis, positions,
+                                 inPlane, positive)  # fmt: skip
+        ids = [str(s) for s in segmentIds or []]
+        ids += [segmentId] if segmentId not in ids else []
+        startArguments.pop("axis", None)
+        return self.start(volumeNode, segmentationNode, ids, axis=axis, prompts={key: prompt},
+                          **startArguments)  # fmt: skip
+
+    def box(self, session: PreviewSession, segmentId, rasStart, rasEnd, inPlane=None) -> str:
+        """A box dragged on a slice: that slice's prompt becomes the box (nothing written)."""
+        volumeNode, segmentationNode = self._promptTarget(session, segmentId)
+        key, prompt = _newPrompt("box", volumeNode, segmentationNode, segmentId, session.axis,
+                                 (rasStart, rasEnd), inPlane, True)  # fmt: skip
+        session.prompts[key] = prompt
+        session.promptsChanged()
+        return f"Box on slice {key[1]}; propagating..."
+
+    def click(self, session: PreviewSession, segmentId, ras, positive=True, inPlane=None,
+              rules=None) -> str:  # fmt: skip
+        """A click: a point of that slice's prompt when it has one (or no preview is shown
+        yet); on a slice of a preview shown, the correction of :meth:`refine` (written)."""
+        volumeNode, segmentationNode = self._promptTarget(session, segmentId)
+        k, row, col = geometry.pointOnSlice(volumeNode, session.axis, ras, inPlane)
+        key = (segmentId, k)
+        if key not in session.prompts and session.result is not None:
+            return self.refine(session, segmentId, ras, positive, inPlane, rules).describe()
+        base = prompting.userSliceChecksum(segmentationNode, volumeNode, segmentId, session.axis, k)
+        previous = session.prompts.get(key)
+        session.prompts[key] = prompting.withClick(previous, row, col, positive, base)
+        session.promptsChanged()
+        return f"Slice {k}: {session.prompts[key].describe()}; propagating..."
+
+    def scribble(self, session: PreviewSession, segmentId, rasPoints, positive=True,
+                 inPlane=None) -> str:  # fmt: skip
+        """A stroke: the points sampled along it and the slice's current mask give its new
+        mask at once; the voxels it crosses are set (``positive``) or cleared."""
+        volumeNode, segmentationNode = self._promptTarget(session, segmentId)
+        axis = session.axis
+        stroke = geometry.strokeOnSlice(volumeNode, axis, rasPoints, inPlane)
+        key = (segmentId, stroke.slice)
+        current = self.currentSlice(session, segmentId, stroke.slice)
+        self.stop(session)  # the engine would answer only after the run in flight
+        client = self.core.engine.client(session.settings)
+        engineMask, _, session.volumeId = prompting.refineOnEngine(
+            client, session.volumeId, volumeNode, axis,
+            session.options.get("intensity", "auto"), stroke.slice, stroke.points,
+            [1 if positive else 0] * len(stroke.points), current,
+        )  # fmt: skip
+        base = prompting.userSliceChecksum(segmentationNode, volumeNode, segmentId, axis,
+                                           stroke.slice)  # fmt: skip
+        fixed = prompting.scribbledMask(current, stroke, positive, engineMask)
+        session.prompts[key] = prompting.PromptedSlice(fixed=fixed, baseChecksum=base)
+        session.promptsChanged()
+        what = "added" if positive else "removed"
+        return f"Slice {stroke.slice}: scribble {what} ({len(stroke.points)} points); propagating..."
+
+    def currentSlice(self, session: PreviewSession, segmentId, k: int) -> np.ndarray:
+        """What slice ``k`` of ``segmentId`` shows now: a scribble's mask, else the preview's,
+        else the user's segment there."""
+        prompt = session.prompts.get((segmentId, k))
+        if prompt is not None and prompt.fixed is not None:
+            return prompt.fixed.copy()
+        if session.result is not None and segmentId in session.request.segmentIds.values():
+            return session.previewSlice(segmentId, k)
+        volumeNode, segmentationNode = session.nodes()
+        mask = mrml_io.segmentArray(segmentationNode, segmentId, volumeNode)
+        return refinement.takeSlice(mask, session.axis, k)
+
+    def setNotHere(self, session: PreviewSession, mode) -> Run | None:
+        """Other segments as "not here" from now on ('off', 'all', 'visible'); an open
+        preview updates at once."""
+        mode = checkNotHere(mode)
+        if session is None or mode == session.notHere:
+            return None
+        session.notHere = mode
+        session.promptsChanged()  # a new run is needed even though no segment changed
+        return self.update(session)
+
+    @staticmethod
+    def _promptTarget(session: PreviewSession, segmentId):
+        if session is None:
+            raise SGPInputError("No preview: start one with a box or a click.")
+        if segmentId not in session.segmentIds:
+            raise SGPInputError(
+                "Boxes, clicks and scribbles work on the segments of the preview; select one of "
+                "them (or Cancel and start again with this segment selected)."
+            )
+        return session.nodes()
+
     # ------------------------------------------------------------------------ preview node
 
     def _showPreview(self, session: PreviewSession) -> None:
@@ -339,10 +474,72 @@ class PreviewLogic:
             if target.GetSegment(segmentId) is None:
                 target.AddEmptySegment(segmentId, segment.GetName(), segment.GetColor())
             mask = labels == value
-            own = [int(s) for s in drawn.get(value, [])]
+            made = set((session.result.prompted_by_structure or {}).get(value, []))
+            made |= set(session.request.givenSlices.get(value, {}))
+            own = [int(s) for s in drawn.get(value, []) if int(s) not in made]
             if own:  # the user's own slices show in the user's segmentation, unchanged
                 mask = refinement.putSlice(mask, session.axis, own, False)
             mrml_io.writeSegmentArray(mask, node, segmentId, volumeNode)
+
+
+NOT_HERE_MODES = ("off", "all", "visible")
+
+
+def checkNotHere(mode) -> str:
+    mode = str(mode or "off").lower()
+    if mode not in NOT_HERE_MODES:
+        raise SGPInputError(f"'Not here' must be one of {', '.join(NOT_HERE_MODES)}; got {mode!r}.")
+    return mode
+
+
+def notHereMode(enabled: bool, editorNode) -> str:
+    """The "not here" mode for the effect's option: 'off' unless ``enabled``; then the
+    visible other segments when the editor overwrites only visible ones, else all."""
+    if not enabled:
+        return "off"
+    rules = edit_rules.rulesFromEditorNode(editorNode)
+    return "visible" if rules.overwrite == "visible" else "all"
+
+
+def notHereDefault(editorNode) -> bool:
+    """The option's default: on when the Segment Editor's Masking overwrites other segments
+    (its "Modify other segments" is not "Allow overlap")."""
+    return edit_rules.rulesFromEditorNode(editorNode).overwrite != "none"
+
+
+def notHereSegments(segmentationNode, segmentIds, mode) -> list[str]:
+    """The other segments sent as "not here" for ``segmentIds`` in ``mode``."""
+    mode = checkNotHere(mode)
+    if mode == "off":
+        return []
+    targets = edit_rules.overwriteTargets(edit_rules.EditRules(mode), segmentationNode, segmentIds)
+    segmentation = segmentationNode.GetSegmentation()
+    # An empty segment is not sent (nothing to keep out; it would cost a label value).
+    return [s for s in targets if segmentation.GetSegment(s) is not None]
+
+
+def _newPrompt(kind, volumeNode, segmentationNode, segmentId, axis, positions, inPlane, positive):
+    """``(key, PromptedSlice)`` of a first box, click or stroke (a stroke: its points)."""
+    if kind == "box":
+        box = geometry.boxFromCorners(volumeNode, axis, positions[0], positions[1], inPlane)
+        k, prompt = box.slice, None
+    elif kind == "click":
+        k, row, col = geometry.pointOnSlice(volumeNode, axis, positions[0], inPlane)
+    elif kind == "scribble":
+        stroke = geometry.strokeOnSlice(volumeNode, axis, positions, inPlane)
+        k = stroke.slice
+    else:
+        raise SGPInputError(f"Unknown prompt {kind!r}: box, click or scribble.")
+    base = prompting.userSliceChecksum(segmentationNode, volumeNode, segmentId, axis, k)
+    if kind == "box":
+        prompt = prompting.boxPrompt(box, base)
+    elif kind == "click":
+        prompt = prompting.withClick(None, row, col, positive, base)
+    else:
+        prompt = prompting.PromptedSlice(
+            points=[(c, r, bool(positive)) for r, c in stroke.points], baseChecksum=base
+        )
+    return (segmentId, k), prompt
 
 
 def previewNode(segmentationNode, create: bool = False):
@@ -367,9 +564,13 @@ def previewNode(segmentationNode, create: bool = False):
 
 
 __all__ = [
+    "NOT_HERE_MODES",
     "PREVIEW_REFERENCE_ROLE",
     "PreviewLogic",
     "PreviewSession",
     "SliceToCheck",
+    "notHereDefault",
+    "notHereMode",
+    "notHereSegments",
     "previewNode",
 ]

@@ -15,13 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from SGPSegmentLib import edit_rules, labeled_slices, mrml_io
-from SGPSegmentLib.constants import AXIS_DISPLAY, AXIS_NAMES
+from SGPSegmentLib import edit_rules, labeled_slices, mrml_io, slice_geometry
+from SGPSegmentLib.slice_geometry import axisText, isAligned
 from SlicerSGP.errors import SGPInputError, SGPServiceError
 from SlicerSGP.types import SegmentOptions
-
-ALIGNED_TOLERANCE = 1e-3
-"""Largest out-of-plane part (relative) of a view's in-plane direction for an aligned view."""
 
 
 @dataclass
@@ -53,37 +50,10 @@ class RefineReport:
         )
 
 
-def _axisText(axis: int) -> str:
-    return AXIS_DISPLAY[AXIS_NAMES[axis]]
-
-
-def isAligned(volumeNode, axis: int, ras, inPlane) -> bool:
-    """Whether a view whose in-plane directions (world) are ``inPlane`` shows slices along
-    array ``axis`` of the volume (no oblique or other-orientation view)."""
-    for direction in inPlane:
-        d = mrml_io.directionInArrayAxes(volumeNode, ras, direction)
-        norm = float(np.linalg.norm(d))
-        if norm == 0.0 or abs(d[axis]) / norm > ALIGNED_TOLERANCE:
-            return False
-    return True
-
-
 def clickOnSlice(volumeNode, axis: int, ras, inPlane=None) -> tuple[int, int, int]:
     """``(slice, row, col)`` of a world click: the slice along ``axis`` and the pixel in it
     (the slice's array without ``axis``, as the engine slices it)."""
-    axis = mrml_io.checkAxis(axis)
-    if inPlane is not None and not isAligned(volumeNode, axis, ras, inPlane):
-        raise SGPInputError(
-            f"Click in a view that shows {_axisText(axis)} slices, the orientation of the "
-            "preview (this view is another orientation or oblique)."
-        )
-    index = np.round(mrml_io.rasToArrayIndex(volumeNode, ras)).astype(int)
-    shape = mrml_io.volumeShape(volumeNode)
-    if any(not 0 <= index[a] < shape[a] for a in range(3)):
-        raise SGPInputError("The click lies outside the volume.")
-    k = int(index[axis])
-    row, col = (int(index[a]) for a in range(3) if a != axis)
-    return k, row, col
+    return slice_geometry.pointOnSlice(volumeNode, axis, ras, inPlane)
 
 
 def sliceIndexFromViews(volumeNode, axis: int, sliceToRASMatrices) -> int:
@@ -99,12 +69,12 @@ def sliceIndexFromViews(volumeNode, axis: int, sliceToRASMatrices) -> int:
         k = int(np.round(mrml_io.rasToArrayIndex(volumeNode, origin)[axis]))
         if not 0 <= k < shape[axis]:
             raise SGPInputError(
-                f"The view shows {_axisText(axis)} position {k}, outside the volume "
+                f"The view shows {axisText(axis)} position {k}, outside the volume "
                 f"(0..{shape[axis] - 1})."
             )
         return k
     raise SGPInputError(
-        f"No slice view shows {_axisText(axis)} slices of the volume; set one to that "
+        f"No slice view shows {axisText(axis)} slices of the volume; set one to that "
         "orientation or type the slice number."
     )
 

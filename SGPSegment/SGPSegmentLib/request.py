@@ -19,7 +19,7 @@ from SGPSegmentLib.labeled_slices import LabeledSegment
 from SGPSegmentLib.reference_cases import supportBankFromScene
 from SlicerSGP.data.support_library import MANIFEST, SupportLibrary
 from SlicerSGP.errors import SGPInputError
-from SlicerSGP.types import Geometry, SegmentOptions, SupportItem, axis_label
+from SlicerSGP.types import Geometry, SegmentOptions, SlicePrompt, SupportItem, axis_label
 
 
 @dataclass
@@ -46,6 +46,15 @@ class RunRequest:
     """Name of the saved support set used as extra support ('' when none)."""
     notes: list[str] = field(default_factory=list)
     """Things the user should know about the inputs (e.g. a segment cropped to the volume)."""
+    prompts: list[SlicePrompt] = field(default_factory=list)
+    """Boxes and clicks of the effect's preview (each prompted slice becomes a drawn slice)."""
+    givenSlices: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)
+    """Per structure value, slices whose mask the preview gives (scribbled; sent as drawn):
+    Apply writes them, not the user's voxels there."""
+    excluded: dict[int, str] = field(default_factory=dict)
+    """Label value -> segment ID of the segments sent as "not here" (never written)."""
+    promptVersion: int = 0
+    """The preview's prompt version this request was made with (a newer one: stale)."""
 
     @property
     def axis(self) -> int:
@@ -56,6 +65,8 @@ class RunRequest:
         self.volume = None
         self.labels = None
         self.supportBank = None
+        for prompt in self.prompts:
+            prompt.mask = None
 
 
 def _segmentIds(segmentationNode, segmentIds) -> list[str]:
@@ -132,6 +143,8 @@ def prepareRun(
     library=None,
     options: SegmentOptions | None = None,
     records: RecordStore | None = None,
+    prompts: dict | None = None,
+    exclude=None,
     **optionValues,
 ) -> RunRequest:
     """Check the inputs and turn the nodes into a :class:`RunRequest`.
@@ -141,8 +154,11 @@ def prepareRun(
     support set in ``library`` (default: the engine's library folder), its structures matched
     to the selected segments by name; a segment with no slice drawn is then segmented from
     the set alone. ``records``: the Logic's drawn-slice records (None: read from the tags);
-    each selected segment's record is written into its tag (the run uses it). ``optionValues``:
-    SegmentOptions fields.
+    each selected segment's record is written into its tag (the run uses it). ``prompts``:
+    ``{segmentId: {slice: PromptedSlice}}`` (see :mod:`.prompting`), the effect's boxes, clicks
+    and scribbles; a segment with a prompt needs no drawn slice. ``exclude``: IDs of other
+    segments whose voxels are "not here" for the selected ones (sent with their own label
+    values, listed in the options' ``exclude``). ``optionValues``: SegmentOptions fields.
     """
     mrml_io.checkVolume(volumeNode)
     if segmentationNode is None:
@@ -192,8 +208,14 @@ def prepareRun(
                 if (bank or {}).get(v) or extra.get(v)}  # fmt: skip
         notes.extend(_supportSetNotes(setName, items, extra))
 
+    prompted = {item.value: (prompts or {}).get(item.segmentId, {}) for item in items}
+    slicePrompts, given = _placePrompts(labelsFirst, prompted)
+    excluded = _placeExcluded(
+        labels, volumeNode, segmentationNode, [s for s in exclude or [] if s not in ids],
+        firstValue=len(items) + 1,
+    )  # fmt: skip
     for item in items:
-        if not item.slices and not (bank and bank.get(item.value)):
+        if not item.slices and not prompted[item.value] and not (bank and bank.get(item.value)):
             raise SGPInputError(
                 f"Segment '{item.name}' has no slice drawn along {axis_label(axis)} and no "
                 "reference case or support set provides it. Draw it on at least one "
@@ -205,6 +227,7 @@ def prepareRun(
         options = SegmentOptions(axis=axis, **optionValues)
     else:
         options.axis = axis
+    options.exclude = sorted(excluded) or None
     # The run sends these records' slices: save them with the segments (saved with the
     # scene, restored by undo) now, and only now.
     for item, mask in pairs:
@@ -225,7 +248,47 @@ def prepareRun(
         supportBank=bank,
         supportSet=setName,
         notes=notes,
+        prompts=slicePrompts,
+        givenSlices=given,
+        excluded=excluded,
     )
+
+
+def _placePrompts(labelsFirst, prompted) -> tuple[list[SlicePrompt], dict]:
+    """SlicePrompts of the boxes and clicks; scribbled slices go into the label map as drawn
+    (replacing the structure's drawing there)."""
+    slicePrompts: list[SlicePrompt] = []
+    given: dict[int, dict[int, np.ndarray]] = {}
+    for value, slices in prompted.items():
+        for k, prompt in sorted(slices.items()):
+            if prompt.fixed is None:
+                slicePrompts.append(prompt.toSlicePrompt(value, k))
+                continue
+            plane = labelsFirst[k]
+            if prompt.fixed.shape != plane.shape:
+                raise SGPInputError(
+                    f"A scribbled slice ({prompt.fixed.shape}) does not fit the volume's slices "
+                    f"{plane.shape}; Cancel the preview and scribble again."
+                )
+            plane[plane == value] = 0
+            plane[prompt.fixed & (plane == 0)] = value
+            given.setdefault(value, {})[int(k)] = np.asarray(prompt.fixed, dtype=bool)
+    return slicePrompts, given
+
+
+def _placeExcluded(labels, volumeNode, segmentationNode, segmentIds, firstValue) -> dict[int, str]:
+    """The "not here" segments into the label map with their own values (where no selected
+    segment is drawn); returns value -> segment ID."""
+    if not segmentIds:
+        return {}
+    ids = _segmentIds(segmentationNode, segmentIds)
+    mrml_io.checkSameGrid(volumeNode, segmentationNode, ids)
+    excluded = {}
+    for value, segmentId in enumerate(ids, start=firstValue):
+        mask = mrml_io.segmentArray(segmentationNode, segmentId, volumeNode)
+        labels[mask & (labels == 0)] = value
+        excluded[value] = segmentId
+    return excluded
 
 
 def supportSetFolder(name, library=None):

@@ -128,6 +128,8 @@ class Runs:
             # (complete slices, if any, come in the options).
             support_slices=None,
             support_bank=request.supportBank,
+            # Only when there are prompts: an engine without them still serves every other run.
+            **({"prompts": request.prompts} if request.prompts else {}),
         )
         request.release()
         run.client, run.runId, run.volumeId = client, runId, volumeId
@@ -258,16 +260,29 @@ class Runs:
         axis = request.axis
         drawn = {item.value: set(item.slices) for item in request.labeledSegments}
         byStructure = getattr(result, "labeled_by_structure", {}) or {}
+        prompted = getattr(result, "prompted_by_structure", {}) or {}
         newMasks: dict[int, np.ndarray] = {}
+        madeHere: dict[int, list[int]] = {}
         for value in request.segmentIds:
             mask = np.asarray(result.labels) == value
+            # Slices the preview's prompts made: the engine's mask there (prompted) or the
+            # scribbled mask; they count as drawn from now on.
+            given = request.givenSlices.get(value, {})
+            made = {int(s) for s in prompted.get(value, [])} | set(given)
+            madeHere[value] = sorted(made)
             # Only this segment's own drawn slices keep what the user drew: a slice drawn for
             # another segment is predicted for this one (support semantics).
-            labeled = sorted(drawn.get(value, set()) | {int(s) for s in byStructure.get(value, [])})
+            labeled = sorted(
+                (drawn.get(value, set()) | {int(s) for s in byStructure.get(value, [])}) - made
+            )
             if labeled:
                 index = [slice(None)] * 3
                 index[axis] = labeled
                 mask[tuple(index)] = before[value][tuple(index)]
+            for k, plane in given.items():
+                index = [slice(None)] * 3
+                index[axis] = k
+                mask[tuple(index)] = plane
             newMasks[value] = mask
         ids = request.segmentIds
         final, others = edit_rules.applyRules(
@@ -287,7 +302,7 @@ class Runs:
         self.applying = True
         wasModifying = segmentationNode.StartModify()
         try:
-            self._write(request, segmentationNode, volumeNode, newMasks, others)
+            self._write(request, segmentationNode, volumeNode, newMasks, others, madeHere)
         except Exception:
             history.RestorePreviousState()
             raise
@@ -315,7 +330,7 @@ class Runs:
         report.timings["write"] = time.monotonic() - start
         return report
 
-    def _write(self, request, segmentationNode, volumeNode, newMasks, others) -> None:
+    def _write(self, request, segmentationNode, volumeNode, newMasks, others, madeHere) -> None:
         """Write the selected segments and the other segments that lose voxels (tagged too, so
         Undo notices a later edit of any of them)."""
         segmentation = segmentationNode.GetSegmentation()
@@ -323,8 +338,9 @@ class Runs:
             mrml_io.writeSegmentArray(newMasks[value], segmentationNode, segmentId, volumeNode)
             segment = segmentation.GetSegment(segmentId)
             item = next(i for i in request.labeledSegments if i.value == value)
+            slices = sorted(set(item.slices) | set(madeHere.get(value, [])))
             self.records.markWritten(
-                segmentationNode, volumeNode, segmentId, newMasks[value], {request.axis: item.slices}
+                segmentationNode, volumeNode, segmentId, newMasks[value], {request.axis: slices}
             )
             segment.SetTag(RUN_CHECKSUM_TAG, str(labeled_slices.checksum(newMasks[value])))
         for segmentId, (old, new) in others.items():

@@ -2,13 +2,14 @@
 
 Only wiring: what to preview, when to re-run (a single-shot timer restarted by every edit, so
 a burst of modified events makes one run about a second after the last), progress polling,
-Apply (after the editor's saveStateForUndo) and Cancel. Decisions are the Logic's.
+Apply (after the editor's saveStateForUndo) and Cancel, the slice-view mode (box / click or
+scribble) and the "not here" option. Decisions are the Logic's.
 """
 
 import qt
 import slicer
 from SGPSegmentLib import edit_rules
-from SGPSegmentLib.constants import AXIS_DISPLAY, AXIS_NAMES
+from SGPSegmentLib.constants import AXIS_DISPLAY, AXIS_NAMES, PROMPT_MODES
 
 DEBOUNCE_MS = 1000
 """Wait after the last edit before re-running (a stroke sends several modified events)."""
@@ -29,6 +30,7 @@ class PreviewPanel:
         self.chosenIds = []
         self.items = []  # the slices to check shown in the list
         self.observed = None
+        self.pendingPrompt = None  # a first box, click or scribble waiting for its preview
         self.debounceTimer = qt.QTimer()
         self.debounceTimer.setSingleShot(True)
         self.debounceTimer.setInterval(DEBOUNCE_MS)
@@ -53,6 +55,9 @@ class PreviewPanel:
         self.ui.lastFromViewButton.connect("clicked()", lambda: self.onRangeFromView(False))
         self.ui.slicesToCheckList.connect("itemClicked(QListWidgetItem*)", self.onSliceToCheck)
         self.ui.autoUpdateCheckBox.connect("toggled(bool)", self.updateMRML)
+        self.ui.boxModeButton.connect("toggled(bool)", self.updateMRML)
+        self.ui.scribbleModeButton.connect("toggled(bool)", self.updateMRML)
+        self.ui.notHereCheckBox.connect("toggled(bool)", self.onNotHereToggled)
         self.ui.supportSetComboBox.connect("currentIndexChanged(int)", self.onSupportSetChosen)
         self.ui.openModuleButton.connect(
             "clicked()", lambda: slicer.util.selectModule("SGPSegment")
@@ -75,6 +80,18 @@ class PreviewPanel:
 
     def updateMRML(self, *args):
         self.scriptedEffect.setParameter("SGPAutoUpdate", int(self.ui.autoUpdateCheckBox.checked))
+        mode = "scribble" if self.ui.scribbleModeButton.checked else "box"
+        self.scriptedEffect.setParameter("SGPPromptMode", mode)
+
+    @property
+    def mode(self):
+        mode = self.scriptedEffect.parameter("SGPPromptMode")
+        return mode if mode in PROMPT_MODES else PROMPT_MODES[0]
+
+    def setMode(self, mode):
+        """A mode's key was pressed over a slice view."""
+        self.scriptedEffect.setParameter("SGPPromptMode", mode)
+        self.updateGUI()
 
     def updateGUI(self):
         editorNode = self.scriptedEffect.parameterSetNode()
@@ -89,6 +106,11 @@ class PreviewPanel:
             self.scriptedEffect.integerParameter("SGPAutoUpdate") != 0
         )
         self.ui.autoUpdateCheckBox.blockSignals(wasBlocked)
+        for button, mode in ((self.ui.boxModeButton, "box"), (self.ui.scribbleModeButton, "scribble")):
+            wasBlocked = button.blockSignals(True)
+            button.checked = self.mode == mode
+            button.blockSignals(wasBlocked)
+        self.refreshNotHere(editorNode)
         try:
             self.ui.rulesLabel.text = edit_rules.describe(
                 edit_rules.rulesFromEditorNode(editorNode)
@@ -156,6 +178,34 @@ class PreviewPanel:
         finally:
             self.updateGUI()  # shows the module's choice again if the set was refused
 
+    def notHereEnabled(self, editorNode):
+        """The option's state: the user's choice, else on when Masking overwrites."""
+        from SGPSegmentLib.preview import notHereDefault
+
+        chosen = self.scriptedEffect.parameter("SGPNotHere")
+        if chosen in ("0", "1"):
+            return chosen == "1"
+        return editorNode is not None and notHereDefault(editorNode)
+
+    def refreshNotHere(self, editorNode):
+        enabled = self.notHereEnabled(editorNode)
+        wasBlocked = self.ui.notHereCheckBox.blockSignals(True)
+        self.ui.notHereCheckBox.checked = enabled
+        self.ui.notHereCheckBox.blockSignals(wasBlocked)
+        if self.session is not None and editorNode is not None:
+            self.applyNotHere(editorNode, enabled)
+
+    def applyNotHere(self, editorNode, enabled):
+        from SGPSegmentLib.preview import notHereMode
+
+        with slicer.util.tryWithErrorDisplay("SGP preview could not change 'not here'."):
+            if self.logic.setNotHere(self.session, notHereMode(enabled, editorNode)) is not None:
+                self.pollTimer.start()
+
+    def onNotHereToggled(self, checked):
+        self.scriptedEffect.setParameter("SGPNotHere", "1" if checked else "0")
+        self.updateGUI()
+
     def onSegmentChecked(self, item):
         segmentId = item.data(qt.Qt.UserRole)
         self.chosenIds = [s for s in self.chosenIds if s != segmentId]
@@ -171,6 +221,7 @@ class PreviewPanel:
     def onPreview(self):
         pn = self.moduleLogic.getParameterNode()
         volumeNode, segmentationNode = self.nodes()
+        editorNode = self.scriptedEffect.parameterSetNode()
         with slicer.util.tryWithErrorDisplay("SGP preview could not start.", waitCursor=True):
             ready = self.moduleLogic.ensureReady(pn, confirm=slicer.util.confirmOkCancelDisplay)
             if ready is not True:  # False: declined; else an install or download, polled below
@@ -178,20 +229,35 @@ class PreviewPanel:
                 if self.setupTask is not None:
                     self.pollTimer.start()
                 return
-            if self.session is not None:
+            axis = self.ui.orientationComboBox.currentData
+            carried = {}
+            if self.session is not None:  # its boxes, clicks and scribbles go on
+                carried, axis = dict(self.session.prompts), self.session.axis
                 self.logic.cancel(self.session)
                 self.session = None
             first, last = self.ui.firstSliceSpinBox.value, self.ui.lastSliceSpinBox.value
             self.ui.statusLabel.text = "Starting the engine and the run..."
             slicer.app.processEvents()
-            self.session = self.logic.start(
-                volumeNode,
-                segmentationNode,
-                self.chosenIds,
-                axis=self.ui.orientationComboBox.currentData,
+            from SGPSegmentLib.preview import notHereMode
+
+            arguments = dict(
                 sliceRange=(first, last) if self.ui.limitRangeCheckBox.checked else None,
+                notHere=notHereMode(self.notHereEnabled(editorNode), editorNode),
                 **self.moduleLogic.previewArguments(pn, segmentationNode),
             )
+            pending, self.pendingPrompt = self.pendingPrompt, None
+            if pending is not None:
+                kind, segmentId, positions, positive, inPlane = pending
+                self.session = self.logic.startFromPrompt(
+                    kind, volumeNode, segmentationNode, self.chosenIds, segmentId, positions,
+                    inPlane, positive, **arguments,
+                )  # fmt: skip
+                self.chosenIds = list(self.session.segmentIds)
+            else:
+                self.session = self.logic.start(
+                    volumeNode, segmentationNode, self.chosenIds, axis=axis,
+                    prompts=carried, **arguments,
+                )  # fmt: skip
             self.observe(segmentationNode)
             self.pollTimer.start()
         self.updateGUI()
@@ -307,20 +373,29 @@ class PreviewPanel:
             (self.ui.firstSliceSpinBox if first else self.ui.lastSliceSpinBox).value = k
             self.ui.limitRangeCheckBox.checked = True
 
-    # ------------------------------------------------------------------ click refinement
+    # ------------------------------------------------------- boxes, clicks and scribbles
 
-    def click(self, ras, positive, inPlane):
-        """A click on the preview: the editor's undo state, the Logic's correction, then one
-        re-run after the clicks stop (the debounce)."""
+    def prompt(self, kind, positions, positive, inPlane):
+        """A box ('box': two corners), click or stroke ('scribble': its positions) in a slice
+        view, in world coordinates: without a preview it starts one; else the Logic adds it
+        and the preview updates after the debounce."""
         editorNode = self.scriptedEffect.parameterSetNode()
-        selected = editorNode.GetSelectedSegmentID()
-        ids = self.session.segmentIds
-        segmentId = selected if selected in ids else ids[0]
-        with slicer.util.tryWithErrorDisplay(
-            "The click did not correct the slice.", waitCursor=True
-        ):
-            rules = edit_rules.rulesFromEditorNode(editorNode)
-            self.scriptedEffect.saveStateForUndo()
-            report = self.logic.refine(self.session, segmentId, ras, positive, inPlane, rules)
-            self.ui.statusLabel.text = report.describe()
+        segmentId = editorNode.GetSelectedSegmentID() if editorNode else None
+        with slicer.util.tryWithErrorDisplay(f"The {kind} was not used.", waitCursor=True):
+            if not segmentId:
+                raise ValueError("Select the segment to draw (add one in the segment list).")
+            if self.session is None:
+                self.pendingPrompt = (kind, segmentId, positions, positive, inPlane)
+                self.onPreview()  # (after installing the engine if it must: then the prompt)
+                return
+            if kind == "box":
+                text = self.logic.box(self.session, segmentId, positions[0], positions[1], inPlane)
+            elif kind == "click":
+                rules = edit_rules.rulesFromEditorNode(editorNode)
+                self.scriptedEffect.saveStateForUndo()  # a click on a predicted slice writes it
+                text = self.logic.click(self.session, segmentId, positions[0], positive, inPlane,
+                                        rules)  # fmt: skip
+            else:
+                text = self.logic.scribble(self.session, segmentId, positions, positive, inPlane)
+            self.ui.statusLabel.text = text
             self.debounceTimer.start()
