@@ -158,3 +158,13 @@ def test_not_here_follows_the_segment_editors_overwrite_setting(mrml):  # noqa: 
     with pytest.raises(SGPInputError, match="must be one of off, all, visible"):
         notHereSegments(segmentation, [liver], "some")
     assert SHAPE[0] == slicer.util.arrayFromVolume(volume).shape[0]
+
+
+def test_a_prompt_in_a_view_of_another_orientation_than_the_preview_is_refused(volume):
+    from SGPSegmentLib.preview import PreviewLogic
+
+    ras = rasOf(volume, *VOXEL)
+    assert PreviewLogic.promptAxis(volume, ras, inPlane(volume, 2)) == 2
+    assert PreviewLogic.promptAxis(volume, ras, inPlane(volume, 1), previewAxis=1) == 1
+    with pytest.raises(SGPInputError, match=r"runs along Axial \(K\) slices"):
+        PreviewLogic.promptAxis(volume, ras, inPlane(volume, 1), previewAxis=0)

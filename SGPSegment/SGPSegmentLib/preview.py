@@ -360,19 +360,41 @@ class PreviewLogic:
     # ------------------------------------------------------------ boxes, clicks, scribbles
 
     def startFromPrompt(self, kind, volumeNode, segmentationNode, segmentIds, segmentId,
-                        positions, inPlane, positive=True, **startArguments) -> PreviewSession:  # fmt: skip
+                        positions, inPlane, positive=True, carried=None, carriedAxis=None,
+                        **startArguments) -> PreviewSession:  # fmt: skip
         """Start a preview from a first ``kind`` ('box': two corners, 'click': one position,
         'scribble': a stroke's positions) of ``segmentId`` in a view with in-plane directions
-        ``inPlane``; the preview's axis is the view's. ``startArguments``: :meth:`start`'s."""
+        ``inPlane``; the preview's axis is the view's. ``carried``: the prompts of the preview
+        this one replaces (along ``carriedAxis``). ``startArguments``: :meth:`start`'s."""
         mrml_io.checkVolume(volumeNode)
-        axis = geometry.viewAxis(volumeNode, positions[0], inPlane)
+        axis = self.promptAxis(volumeNode, positions[0], inPlane, carriedAxis if carried else None)
         key, prompt = _newPrompt(kind, volumeNode, segmentationNode, segmentId, axis, positions,
                                  inPlane, positive)  # fmt: skip
         ids = [str(s) for s in segmentIds or []]
         ids += [segmentId] if segmentId not in ids else []
         startArguments.pop("axis", None)
-        return self.start(volumeNode, segmentationNode, ids, axis=axis, prompts={key: prompt},
+        prompts = {**(carried or {}), key: prompt}
+        return self.start(volumeNode, segmentationNode, ids, axis=axis, prompts=prompts,
                           **startArguments)  # fmt: skip
+
+    @staticmethod
+    def promptAxis(volumeNode, ras, inPlane, previewAxis=None) -> int:
+        """The axis a prompt drawn in a view (in-plane directions ``inPlane``) starts a preview
+        along; refused when an open preview (``previewAxis``) runs along another."""
+        axis = geometry.viewAxis(volumeNode, ras, inPlane)
+        if previewAxis is not None and int(previewAxis) != axis:
+            raise SGPInputError(
+                f"The preview runs along {geometry.axisText(int(previewAxis))} slices: draw in a "
+                "view of that orientation, or Cancel the preview first."
+            )
+        return axis
+
+    def clickWrites(self, session: PreviewSession, segmentId, ras, inPlane=None) -> bool:
+        """Whether :meth:`click` would write into the segment (a correction of a predicted
+        slice) rather than add a point to a prompt (the effect saves the undo state first)."""
+        volumeNode, _ = self._promptTarget(session, segmentId)
+        k = geometry.pointOnSlice(volumeNode, session.axis, ras, inPlane)[0]
+        return (segmentId, k) not in session.prompts and session.result is not None
 
     def box(self, session: PreviewSession, segmentId, rasStart, rasEnd, inPlane=None) -> str:
         """A box dragged on a slice: that slice's prompt becomes the box (nothing written)."""

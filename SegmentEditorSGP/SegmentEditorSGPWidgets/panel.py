@@ -231,6 +231,9 @@ class PreviewPanel:
                 return
             axis = self.ui.orientationComboBox.currentData
             carried = {}
+            pending, self.pendingPrompt = self.pendingPrompt, None
+            if pending is not None and self.session is not None:  # before the preview goes
+                self.logic.promptAxis(volumeNode, pending[2][0], pending[4], self.session.axis)
             if self.session is not None:  # its boxes, clicks and scribbles go on
                 carried, axis = dict(self.session.prompts), self.session.axis
                 self.logic.cancel(self.session)
@@ -245,12 +248,11 @@ class PreviewPanel:
                 notHere=notHereMode(self.notHereEnabled(editorNode), editorNode),
                 **self.moduleLogic.previewArguments(pn, segmentationNode),
             )
-            pending, self.pendingPrompt = self.pendingPrompt, None
             if pending is not None:
                 kind, segmentId, positions, positive, inPlane = pending
                 self.session = self.logic.startFromPrompt(
                     kind, volumeNode, segmentationNode, self.chosenIds, segmentId, positions,
-                    inPlane, positive, **arguments,
+                    inPlane, positive, carried=carried, carriedAxis=axis, **arguments,
                 )  # fmt: skip
                 self.chosenIds = list(self.session.segmentIds)
             else:
@@ -384,15 +386,18 @@ class PreviewPanel:
         with slicer.util.tryWithErrorDisplay(f"The {kind} was not used.", waitCursor=True):
             if not segmentId:
                 raise ValueError("Select the segment to draw (add one in the segment list).")
-            if self.session is None:
+            if self.session is None or segmentId not in self.session.segmentIds:
+                # A new preview (another segment joins it): after installing the engine if it
+                # must, with this prompt and the open preview's ones.
                 self.pendingPrompt = (kind, segmentId, positions, positive, inPlane)
-                self.onPreview()  # (after installing the engine if it must: then the prompt)
+                self.onPreview()
                 return
             if kind == "box":
                 text = self.logic.box(self.session, segmentId, positions[0], positions[1], inPlane)
             elif kind == "click":
                 rules = edit_rules.rulesFromEditorNode(editorNode)
-                self.scriptedEffect.saveStateForUndo()  # a click on a predicted slice writes it
+                if self.logic.clickWrites(self.session, segmentId, positions[0], inPlane):
+                    self.scriptedEffect.saveStateForUndo()  # the editor's Undo takes it back
                 text = self.logic.click(self.session, segmentId, positions[0], positive, inPlane,
                                         rules)  # fmt: skip
             else:
