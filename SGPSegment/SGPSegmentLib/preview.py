@@ -534,10 +534,7 @@ def notHereSegments(segmentationNode, segmentIds, mode) -> list[str]:
     mode = checkNotHere(mode)
     if mode == "off":
         return []
-    targets = edit_rules.overwriteTargets(edit_rules.EditRules(mode), segmentationNode, segmentIds)
-    segmentation = segmentationNode.GetSegmentation()
-    # An empty segment is not sent (nothing to keep out; it would cost a label value).
-    return [s for s in targets if segmentation.GetSegment(s) is not None]
+    return edit_rules.overwriteTargets(edit_rules.EditRules(mode), segmentationNode, segmentIds)
 
 
 def _newPrompt(kind, volumeNode, segmentationNode, segmentId, axis, positions, inPlane, positive):

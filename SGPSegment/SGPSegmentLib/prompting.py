@@ -9,8 +9,10 @@ records them as drawn: from then on they are the user's slices like any other (e
 any effect).
 
 * A **box** replaces the slice's prompt (a new box on the same slice starts afresh).
-* A **click** adds a point to the slice's prompt (left: here, Shift or right: not here); on a
-  slice without a prompt it starts one (a structure can start from one click).
+* A **click** adds a point to the slice's prompt (left: here, Shift or right: not here); before
+  any preview is shown it starts one (a structure can start from one click). A click on a
+  slice of a preview shown that has no prompt is a correction (:mod:`.refinement`), written
+  into the segment at once as before.
 * A **scribble** is a stroke: the points sampled along it, with the slice's current mask as
   SAM2's dense prompt, give the slice's new mask at once (the engine's ``refine_slice``), and
   every voxel the stroke crosses is set (left stroke) or cleared (Shift stroke): a stroke over
