@@ -397,6 +397,40 @@ def installStandIns():
 # -------------------------------------------------------------------------------- main
 
 
+def pressKeys(effect, panel) -> dict:
+    """Keys pressed over a slice view, as the editor hands them to the effect: for each, whether
+    the effect took it and the mode parameter after it. The panel's refresh is skipped: its
+    widgets are stand-ins here."""
+    import vtk
+
+    class Interactor:
+        def __init__(self, key):
+            self.key = key
+
+        def GetKeySym(self):
+            return self.key
+
+        def GetControlKey(self):
+            return False
+
+        GetAltKey = GetShiftKey = GetControlKey
+
+        def GetEventPosition(self):
+            return (0, 0)
+
+    class SliceWidget:
+        def className(self):
+            return "qMRMLSliceWidget"
+
+    panel.updateGUI = lambda: None
+    view = SliceWidget()
+    pressed = {}
+    for key in ("s", "x", "b"):
+        taken = effect.processInteractionEvents(Interactor(key), vtk.vtkCommand.KeyPressEvent, view)
+        pressed[key] = [bool(taken), effect.scriptedEffect.parameter("SGPPromptMode")]
+    return pressed
+
+
 def main(folder: Path) -> dict:
     sys.path.insert(0, str(folder))
     slicer = installStandIns()
@@ -434,6 +468,7 @@ def main(folder: Path) -> dict:
                 "logic": type(panel.logic).__name__,
                 "moduleLogic": type(panel.moduleLogic).__name__,
                 "uiWidgets": names,
+                "keys": callFromCpp(pressKeys, effect.self(), panel),
             }
     report["sysModules"] = {
         name: getattr(sys.modules[name], "__file__", None)

@@ -4,7 +4,8 @@ The files the CMake lists install (both modules and the engine package) are laid
 temporary ``lib/Slicer-5.10/qt-scripted-modules`` folder, as an installed extension holds
 them, and loaded in a fresh Python by ``slicer_loader.py``, which follows Slicer's own loading
 rules (its docstring names them). Then the SGP effect is registered at start-up, cloned as the
-Segment Editor does, and its options panel must be built from the installed files.
+Segment Editor does, and its options panel must be built from the installed files; keys pressed
+over a slice view reach it as the editor passes them (the mode keys).
 
 An effect that imports ``SegmentEditorSGPLib.<anything>`` fails here as it does in Slicer:
 Slicer loads the effect's file itself as the module ``SegmentEditorSGPLib``.
@@ -98,6 +99,10 @@ def test_the_effect_registers_and_builds_its_panel_from_installed_files(installe
     for name in ("previewButton", "applyButton", "cancelButton", "segmentsList", "progressBar"):
         assert name in panel["uiWidgets"], name
     assert effect["parameters"].get("SGPAutoUpdate") == "1"
+    assert effect["parameters"].get("SGPPromptMode") == "box"
+    # Mode keys over a slice view: S scribble, X box; a key the slice view uses (B: previous
+    # slice) goes on to the view.
+    assert panel["keys"] == {"s": [True, "scribble"], "x": [True, "box"], "b": [False, "box"]}
 
 
 def test_a_package_import_from_the_effect_folder_fails_as_in_slicer(tmp_path):
