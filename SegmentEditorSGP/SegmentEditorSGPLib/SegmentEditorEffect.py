@@ -113,9 +113,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         panel = self.panel
         if panel is None or viewWidget.className() != "qMRMLSliceWidget":
             return False
-        if callerInteractor.GetControlKey() or callerInteractor.GetAltKey():
-            return False
         command = vtk.vtkCommand
+        starts = (command.KeyPressEvent, command.LeftButtonPressEvent, command.RightButtonPressEvent)
+        if eventId in starts and (callerInteractor.GetControlKey() or callerInteractor.GetAltKey()):
+            return False  # the view's own Ctrl/Alt actions; a drag already begun still ends here
         xy = callerInteractor.GetEventPosition()
         if eventId == command.KeyPressEvent:
             mode = PROMPT_MODE_KEYS.get(callerInteractor.GetKeySym())
