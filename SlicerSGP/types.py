@@ -140,9 +140,11 @@ class SegmentOptions:
     """Label values of the label map that are "not here" for every structure of the run: they
     are not segmented themselves (nor returned), and their voxels, on every slice exactly as
     given, are removed from each structure's mask on every predicted slice before that mask
-    becomes the slice's memory (a leak into a neighbour is not carried on) and from the result;
-    on a prompted slice each one present gives a negative point (its deepest voxel in the box).
-    Drawn slices stay as drawn. A structure's last run is not reused while this is set."""
+    becomes the slice's memory (a leak into a neighbour is not carried on), from the drawn
+    slices' memories, and from the result; on a prompted slice each one present gives a
+    negative point (its deepest voxel in the box). Drawn slices stay as drawn. Structures of one
+    run never overlap in ``labels`` (with or without this). A structure's last run is not
+    reused while this is set."""
 
 
 @dataclass
@@ -158,7 +160,7 @@ class SegmentationResult:
     slice_scores: dict[int, np.ndarray]
     """Per structure value: structured array with one row per slice along ``axis`` (fields:
     slice, confidence, predicted_iou, object_score, pseudo_final_dice, quality, area_px,
-    source)."""
+    source: labeled, prompted, forward, backward, fused, seed or absent)."""
     structures: dict[int, str]
     axis: int
     labeled_slices: list[int]

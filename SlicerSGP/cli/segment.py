@@ -18,8 +18,15 @@ from SlicerSGP.cli.common import (
     parse_axis,
     segmenter_from_args,
 )
+from SlicerSGP.cli.prompt_args import (
+    add_prompt_options,
+    exclude_from_args,
+    names_from_args,
+    prompts_from_args,
+)
 from SlicerSGP.cli.serve import read_token
 from SlicerSGP.data import io, preprocess
+from SlicerSGP.data.prompt_checks import check_prompts
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.evaluation.reports import montage_tile, write_montage
 from SlicerSGP.service.client import connect_engine
@@ -91,6 +98,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     m.add_argument("--threshold", type=float, default=0.5)
     m.add_argument("--batch-size", type=int, default=None,
                    help="slices per encoder batch (default 1 on CPU, 8 on CUDA)")
+    add_prompt_options(p)
     o = p.add_argument_group("extra outputs")
     o.add_argument("--pseudo-masks", type=Path, help="write the PMG pseudo-masks (.seg.nrrd)")
     o.add_argument("--probabilities", type=Path,
@@ -126,13 +134,14 @@ def plan_outputs(args: argparse.Namespace) -> OutputPlan:
     return plan
 
 
-def _structures(args, labels: np.ndarray | None, bank: dict | None,
-                names: dict[int, str]) -> dict[int, str] | None:
-    """Which structures to segment, named from the labels' / bank's names files."""
+def _structures(args, labels: np.ndarray | None, bank: dict | None, names: dict[int, str],
+                prompted: set[int], exclude: list[int] | None) -> dict[int, str] | None:
+    """Which structures to segment, named by --name or the labels' / bank's names files."""
     if args.label_values:
         values = [int(v) for v in args.label_values]
-    elif labels is not None:
-        values = sorted(int(v) for v in np.unique(labels) if v != 0)
+    elif labels is not None or prompted:
+        drawn = {int(v) for v in np.unique(labels)} if labels is not None else set()
+        values = sorted((drawn - {0} - set(exclude or [])) | prompted)
     elif bank:
         values = sorted(int(v) for v in bank)
     else:
@@ -166,9 +175,11 @@ def _engine(args: argparse.Namespace):
 
 def cmd_segment(args: argparse.Namespace) -> int:
     axis = parse_axis(args.axis)
-    if args.labels is None and args.support_bank is None:
-        raise SGPInputError("Give the labeled slices with --labels LABELS (or other cases with "
-                            "--support-bank DIR).")
+    prompts, exclude = prompts_from_args(args), exclude_from_args(args)
+    if args.labels is None and args.support_bank is None and not prompts:
+        raise SGPInputError("Give the labeled slices with --labels LABELS, a box or clicks on "
+                            "a slice with --box / --point (or other cases with --support-bank "
+                            "DIR).")
     with plan_outputs(args) as plan:
         volume, geometry = io.read_image(args.image)
         labels, names = None, {}
@@ -180,7 +191,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
             bank = io.load_support_sets(args.support_bank, structures=args.label_values,
                                         axis=axis, intensity=args.intensity)
             names = {**io.support_bank_names(args.support_bank), **names}
-        structures = _structures(args, labels, bank, names)
+        spatial = volume.shape[:3]  # the prompts' slices, checked before the model loads
+        check_prompts(prompts, (spatial[axis], *(spatial[a] for a in range(3) if a != axis)),
+                      axis, exclude)
+        names = {**names, **names_from_args(args)}
+        structures = _structures(args, labels, bank, names, {p.value for p in prompts},
+                                 exclude)
         if args.probabilities and structures:
             for name in structures.values():
                 plan.file(args.probabilities / probability_name(name),
@@ -195,7 +211,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             complete_slices=args.complete_slices, multi_view=args.multi_view,
             stop_after_absent=args.stop_after_absent, slice_limits=_slice_limits(args),
             reverse_quality=not args.no_reverse_quality,
-            quality_fusion=not args.no_quality_fusion,
+            quality_fusion=not args.no_quality_fusion, exclude=exclude,
         )
         t0 = time.perf_counter()
         engine = _engine(args)
@@ -205,7 +221,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             with cancel_on_sigterm() as cancel:
                 result = engine.segment(volume, labels, structures, opts,
                                         support_slices=args.support_slices, support_bank=bank,
-                                        geometry=geometry, progress=progress.stage,
+                                        prompts=prompts or None, geometry=geometry, progress=progress.stage,
                                         cancel=cancel)
         finally:
             progress.close()
@@ -252,7 +268,11 @@ def _report(result, axis: int, load_s: float, engine, written: list[Path]) -> No
               f"encoded, {result.stats.get('slices_loaded_from_disk', 0)} loaded from "
               f"{disk.folder}")
     for v, table in result.slice_scores.items():
-        predicted = table[table["source"] != "labeled"]
+        predicted = table[~np.isin(table["source"], ("labeled", "prompted"))]
+        prompted = (getattr(result, "prompted_by_structure", None) or {}).get(v)
+        if prompted:
+            print(f"  {result.structures[v]}: slices {prompted} made from prompts, "
+                  f"{int((predicted['source'] != 'absent').sum())} slices propagated")
         if len(predicted):
             worst = [int(k) for k in predicted[predicted["confidence"].argsort()[:3]]["slice"]]
             print(f"  {result.structures[v]}: mean confidence "
@@ -274,7 +294,7 @@ def write_overlay(path: Path, volume, labels, result, opts, max_tiles: int = 12)
         pseudo = result.pseudo_masks.get(v)
         pseudo = preprocess.reorient(pseudo, opts.axis) if pseudo is not None else None
         table = result.slice_scores[v]
-        predicted = table[table["source"] != "labeled"]
+        predicted = table[~np.isin(table["source"], ("labeled", "prompted"))]
         worst = predicted[np.argsort(predicted["confidence"])]["slice"].tolist()
         chosen = list(result.labeled_slices[:2]) + worst[:per_structure // 2]
         rest = [k for k in predicted["slice"].tolist() if k not in chosen]

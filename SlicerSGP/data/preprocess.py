@@ -212,18 +212,28 @@ class LetterboxTransform:
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=down)
         return self._pad(x)
 
-    def mask_to_model(self, masks: torch.Tensor) -> torch.Tensor:
+    def mask_to_model(self, masks: torch.Tensor, cover: bool = False) -> torch.Tensor:
         """``[N, 1, H, W]`` binary masks -> ``[N, 1, size, size]`` binary float masks.
 
         As SAM2's video predictor does for a mask prompt: bilinear with antialias, then
-        ``>= 0.5``; the padding is background (0).
+        ``>= 0.5``; the padding is background (0). With ``cover``, every model pixel the mask
+        touches at all (``> 0``): a region to keep clear, never a voxel of it missed.
         """
         x = self._check(masks, "masks")
         h, w = self.resized_h, self.resized_w
         if (h, w) != (self.height, self.width):
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-        x = (x >= 0.5).to(x.dtype)
+        x = ((x > 0) if cover else (x >= 0.5)).to(x.dtype)
         return self._pad(x)
+
+    def points_to_model(self, xy: np.ndarray) -> np.ndarray:
+        """``[N, 2]`` voxel (column, row) of the slice -> SAM2's (x, y) prompt coordinates in
+        model pixels (clicks and box corners). The voxel centre ``(c + 0.5, r + 0.5)`` lies at
+        ``(c + 0.5) * resized / original`` in model space; SAM2's prompt encoder adds 0.5 to
+        every coordinate it gets (a pixel index to its centre), so that is taken off here."""
+        xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+        scale = np.array([self.resized_w / self.width, self.resized_h / self.height])
+        return (xy + 0.5) * scale - 0.5
 
     def logits_to_image(self, logits: torch.Tensor) -> torch.Tensor:
         """``[N, C, s, s]`` model-space maps at any resolution ``s`` -> ``[N, C, H, W]``.

@@ -44,11 +44,13 @@ def label_map_from_probabilities(probabilities: dict[int, np.ndarray], threshold
     return out
 
 
-def score_table(acc: Accumulator | None, n: int, labeled: list[int]) -> np.ndarray:
+def score_table(acc: Accumulator | None, n: int, labeled: list[int],
+                prompted: dict[int, float] | None = None) -> np.ndarray:
     """One row per slice: confidence = SAM2's predicted IoU x presence x reverse-propagation
-    quality (where scored), pseudo/final agreement, source ("labeled", "forward", "backward",
-    "fused", "seed", or "absent" where no sweep reached the slice: past the structure's end or
-    outside its slice limits)."""
+    quality (where scored), pseudo/final agreement, source ("labeled", "prompted" (made from a
+    prompt, its predicted IoU SAM2's), "forward", "backward", "fused", "seed", or "absent"
+    where no sweep reached the slice: past the structure's end or outside its slice limits)."""
+    prompted = prompted or {}
     table = np.zeros(n, SCORE_DTYPE)
     table["slice"] = np.arange(n)
     drawn = set(labeled)
@@ -57,6 +59,9 @@ def score_table(acc: Accumulator | None, n: int, labeled: list[int]) -> np.ndarr
             for name in ("confidence", "quality", *SCORE_FIELDS):
                 table[j][name] = 1.0
             table[j]["source"] = "labeled"
+            if j in prompted:
+                table[j]["source"] = "prompted"
+                table[j]["predicted_iou"] = prompted[j]
             continue
         entries = acc.scores.get(j, []) if acc is not None else []
         tw = sum(w for w, _ in entries) or 1.0
@@ -75,10 +80,12 @@ def score_table(acc: Accumulator | None, n: int, labeled: list[int]) -> np.ndarr
 
 def assemble(per_structure: dict[int, Accumulator | None], structures: dict[int, str],
              lab: np.ndarray | None, labeled: dict[int, list[int]], opts: SegmentOptions,
-             shape: tuple[int, int, int]) -> SegmentationResult:
+             shape: tuple[int, int, int],
+             prompted: dict[int, dict[int, float]] | None = None) -> SegmentationResult:
     """Normalise the accumulated sums in place (no volume-sized copies) and build the result.
 
     ``labeled`` gives each structure's support slices; there its drawn voxels come back exactly.
+    ``prompted``: per structure, its slices made from prompts (their predicted IoU).
     An accumulator of None means nothing was predicted (every slice is labeled).
     """
     n = shape[0]
@@ -101,7 +108,7 @@ def assemble(per_structure: dict[int, Accumulator | None], structures: dict[int,
         probabilities[value] = prob
         if pseudo is not None:
             pseudo_masks[value] = pseudo
-        scores[value] = score_table(acc, n, labeled[value])
+        scores[value] = score_table(acc, n, labeled[value], (prompted or {}).get(value))
 
     label_map = label_map_from_probabilities(probabilities, opts.threshold, shape)
     if lab is not None:
@@ -116,6 +123,7 @@ def assemble(per_structure: dict[int, Accumulator | None], structures: dict[int,
         labels=label_map, probabilities=probabilities, pseudo_masks=pseudo_masks,
         slice_scores=scores, structures=dict(structures), axis=opts.axis,
         labeled_slices=union, labeled_by_structure={v: list(ks) for v, ks in labeled.items()},
+        prompted_by_structure={v: sorted(ks) for v, ks in (prompted or {}).items()},
     )
 
 
@@ -128,3 +136,31 @@ def restore_order(result: SegmentationResult, axis: int) -> None:
     for d in (result.probabilities, result.pseudo_masks):
         for k in d:
             d[k] = restore(d[k])
+
+
+def count_predictions(result: SegmentationResult,
+                      per_structure: dict[int, Accumulator | None]) -> None:
+    """Per structure, slice predictions made and reused in this run (a slice reached from both
+    sides counts twice), on the result, summed in its stats and, on a re-run, in its notes."""
+    result.slices_predicted = {v: acc.predicted if acc else 0 for v, acc in per_structure.items()}
+    result.slices_reused = {v: acc.reused if acc else 0 for v, acc in per_structure.items()}
+    predicted = result.stats["slices_predicted"] = sum(result.slices_predicted.values())
+    reused = result.stats["slices_reused"] = sum(result.slices_reused.values())
+    if reused:
+        result.notes.append(f"Re-run: {predicted} slice predictions recomputed, {reused} reused "
+                            "from the last run on this volume (all they depend on was unchanged).")
+
+
+def clear_excluded(result: SegmentationResult, labels: np.ndarray | None,
+                   exclude: list[int] | None) -> None:
+    """The "not here" voxels (``labels`` in ``exclude``, input order) belong to no structure of
+    the result: cleared from its label map and probabilities."""
+    if labels is None or not exclude:
+        return
+    region = np.isin(labels, [int(v) for v in exclude])
+    result.labels[region] = 0
+    for prob in result.probabilities.values():
+        prob[region] = 0.0
+    moved = np.moveaxis(result.labels, result.axis, 0)
+    for value, table in result.slice_scores.items():
+        table["area_px"] = (moved == value).reshape(moved.shape[0], -1).sum(axis=1)

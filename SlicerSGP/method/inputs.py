@@ -44,9 +44,20 @@ def check_labels(labels: np.ndarray, spatial: tuple[int, ...]) -> np.ndarray:
 
 
 def resolve_structures(structures: dict[int, str] | None, labels: np.ndarray | None,
-                       bank: dict[int, list[SupportItem]] | None) -> dict[int, str]:
+                       bank: dict[int, list[SupportItem]] | None,
+                       prompted: set[int] | None = None,
+                       exclude: list[int] | None = None) -> dict[int, str]:
+    """The structures to segment: those asked for, else every value drawn, prompted or in the
+    bank, less the "not here" ones (``exclude``, which must be in the labels)."""
     present = {int(v) for v in np.unique(labels)} - {0} if labels is not None else set()
-    available = present | {int(v) for v, items in (bank or {}).items() if items}
+    excluded = {int(v) for v in exclude or []}
+    missing = sorted(excluded - present)
+    if missing:
+        raise SGPInputError(f"Label value(s) {missing} are to be 'not here' (exclude) but the "
+                            f"label map holds none of their voxels (present: "
+                            f"{sorted(present) or 'none'}). Exclude values the label map holds.")
+    available = (present - excluded) | set(prompted or ()) | {
+        int(v) for v, items in (bank or {}).items() if items}
     if structures is None:
         if not available:
             raise SGPInputError("The labels hold no structure (all voxels are 0): draw the "
@@ -54,6 +65,10 @@ def resolve_structures(structures: dict[int, str] | None, labels: np.ndarray | N
         return {v: f"Segment_{v}" for v in sorted(available)}
     if not structures:
         raise SGPInputError("No structure to segment was given.")
+    both = sorted(excluded & {int(v) for v in structures})
+    if both:
+        raise SGPInputError(f"Label value(s) {both} are both to be segmented and 'not here' "
+                            "(exclude): a structure is one or the other.")
     missing = [int(v) for v in structures if int(v) not in available]
     if missing:
         raise SGPInputError(
@@ -122,3 +137,18 @@ def check_clicks(slice_index: int, points: list[tuple[float, float]], point_labe
     if mask is not None and np.asarray(mask).shape != (h, w):
         raise SGPInputError(f"The current mask is {tuple(np.asarray(mask).shape)}, the slice "
                             f"{(h, w)}: give the mask of that slice.")
+
+
+def check_support(labeled: dict[int, list[int]], structures: dict[int, str],
+                  bank: dict[int, list[SupportItem]]) -> None:
+    """Every structure needs a drawn (or prompted) slice or an example in the support bank."""
+    if not any(labeled.values()) and not any(bank.get(v) for v in structures):
+        raise SGPInputError(
+            "No labeled slice: draw the structure on at least one slice (or pass "
+            "--support-slices / a support bank of other labeled cases) and run again."
+        )
+    for v, name in structures.items():
+        if not labeled[v] and not bank.get(v):
+            raise SGPInputError(f"Structure {name!r} (label {v}) has no support: it is drawn "
+                                "on no slice and the support bank holds no example of it. "
+                                "Draw it on a slice, or leave it out.")

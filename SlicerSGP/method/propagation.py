@@ -39,6 +39,8 @@ from SlicerSGP.method.support import Memory, select_top_k
 from SlicerSGP.types import CancelCheck, SegmentOptions
 
 ImageOf = Callable[[int], torch.Tensor | None]
+ExcludeOf = Callable[[int], torch.Tensor | None]
+"""Slice -> its "not here" model pixels (see :mod:`~SlicerSGP.method.prompts`), or None."""
 
 
 @dataclass
@@ -211,11 +213,13 @@ class Propagator:
                   support_pool: list[Memory], opts: SegmentOptions,
                   report: Callable[[float], None], stop: CancelCheck,
                   limits: tuple[int, int] | None = None,
-                  rerun: StructureRun | None = None) -> Accumulator:
+                  rerun: StructureRun | None = None,
+                  exclude_of: ExcludeOf | None = None) -> Accumulator:
         """All sweeps of one structure from its drawn slices ``masks`` (slice -> mask);
         ``support_pool`` holds their memories (in slice order) followed by external ones.
         ``limits`` (first, last) bounds the slices the structure may occupy. With ``rerun``,
-        results of the structure's last run whose inputs are unchanged are reused (exactly)."""
+        results of the structure's last run whose inputs are unchanged are reused (exactly).
+        ``exclude_of`` gives each slice's "not here" pixels, cleared before a mask is memory."""
         labeled = sorted(masks)
         n = len(feats)
         first, last = limits if limits is not None else (0, n - 1)
@@ -232,7 +236,7 @@ class Propagator:
         anchors = labeled
         if not labeled:
             seed = self._seed(feats, support_pool, image_of, transform, opts, stop,
-                              (first, last), rerun)
+                              (first, last), rerun, exclude_of)
             anchors = [seed[0]]
         sweeps = plan_sweeps(anchors, n, (first, last), opts.bidirectional)
         total = sum(len(s.order) for s in sweeps)
@@ -244,7 +248,8 @@ class Propagator:
             replay = rerun.replay(sweep.start, reverse) if rerun is not None else None
             pool = sweep_pool(support_pool, labeled, sweep, opts.local_support)
             for j, out in self.run_sweep(feats, sweep.order, reverse, set(labeled), pool, opts,
-                                         image_of, stop, seed, replay=replay):
+                                         image_of, stop, seed, replay=replay,
+                                         exclude_of=exclude_of):
                 done += 1
                 if out is None:
                     continue
@@ -279,12 +284,13 @@ class Propagator:
     def _seed(self, feats: EncodedSlices, pool: list[Memory], image_of: ImageOf,
               transform: preprocess.LetterboxTransform, opts: SegmentOptions,
               stop: CancelCheck, limits: tuple[int, int],
-              rerun: StructureRun | None) -> tuple[int, SliceResult]:
+              rerun: StructureRun | None,
+              exclude_of: ExcludeOf | None = None) -> tuple[int, SliceResult]:
         """The start slice with only external support (last run's choice if it applies)."""
         cached = rerun.cached_seed(pool, limits) if rerun is not None else None
         if cached is not None:
             return cached.slice, cached.result
-        j, out = self.choose_seed(feats, pool, image_of, opts, stop, limits)
+        j, out = self.choose_seed(feats, pool, image_of, opts, stop, limits, exclude_of)
         result = slice_result(out, transform, float("nan"))
         if rerun is not None:
             rerun.new_seed(pool, limits, j, result)
@@ -321,7 +327,7 @@ class Propagator:
                   opts: SegmentOptions, image_of: ImageOf | None = None,
                   stop: CancelCheck | None = None,
                   seed: tuple[int, StepOutput | SliceResult] | None = None, grad: bool = False,
-                  replay: SweepReplay | None = None,
+                  replay: SweepReplay | None = None, exclude_of: ExcludeOf | None = None,
                   ) -> Iterator[tuple[int, StepOutput | SliceResult | None]]:
         """One directional pass over ``order``; yields ``(slice, StepOutput | None)``.
 
@@ -356,7 +362,8 @@ class Propagator:
                         out = self.predictor.step(feats, j, image_of(j) if image_of else None,
                                                   support, bank if opts.use_3d_memory else [],
                                                   ptr_history, reverse, n, opts,
-                                                  encode_memory=opts.use_3d_memory)
+                                                  encode_memory=opts.use_3d_memory,
+                                                  exclude=exclude_of(j) if exclude_of else None)
                 if opts.use_3d_memory and out.memory is not None:
                     bank.append(out.memory)
                     ptr_history[j] = out.memory.obj_ptr
@@ -364,7 +371,8 @@ class Propagator:
 
     def choose_seed(self, feats: EncodedSlices, support: list[Memory], image_of: ImageOf,
                     opts: SegmentOptions, stop: CancelCheck,
-                    limits: tuple[int, int] | None = None) -> tuple[int, StepOutput]:
+                    limits: tuple[int, int] | None = None,
+                    exclude_of: ExcludeOf | None = None) -> tuple[int, StepOutput]:
         """With only external support: the slice whose pseudo-mask is most confident."""
         best: tuple[float, int] | None = None
         pmg_only = SegmentOptions(**{**opts.__dict__, "use_pma": False})
@@ -383,5 +391,5 @@ class Propagator:
             j = best[1]
             sel = select_top_k(feats, j, support, opts.top_k)
             out = step(feats, j, image_of(j), sel, [], {}, False, len(feats), opts,
-                       encode_memory=True)
+                       encode_memory=True, exclude=exclude_of(j) if exclude_of else None)
         return j, out

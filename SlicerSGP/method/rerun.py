@@ -202,11 +202,12 @@ class StructureRun:
 
 def drawn_memories(support: SupportMemories, feats: EncodedSlices,
                    transform: preprocess.LetterboxTransform, masks: dict[int, np.ndarray],
-                   run: StructureRun | None) -> list[Memory]:
+                   run: StructureRun | None, exclude_of: Any = None) -> list[Memory]:
     """Support memories of the drawn slices, in slice order; with ``run``, an unchanged drawn
-    slice keeps last run's memory object (what support choices are compared by)."""
+    slice keeps last run's memory object (what support choices are compared by).
+    ``exclude_of``: slice -> "not here" model pixels (then there is no ``run``)."""
     if run is None:
-        return support.from_slices(feats, transform, masks)
+        return support.from_slices(feats, transform, masks, exclude_of)
 
     def make(k: int) -> Memory:
         return support.from_slices(feats, transform, {k: masks[k]})[0]

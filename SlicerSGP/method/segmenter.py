@@ -6,18 +6,18 @@ one responsibility:
 1. :mod:`~SlicerSGP.method.encoding`: every slice (and every external support image) is encoded
    once; features of recent volumes are cached for the other direction, the other structures
    and later runs on the same volume;
-2. :mod:`~SlicerSGP.method.support`: each support item becomes a memory through SAM2's memory
+2. :mod:`~SlicerSGP.method.prompts`: a prompted slice's mask (box, clicks) becomes a drawn slice;
+3. :mod:`~SlicerSGP.method.support`: each support item becomes a memory through SAM2's memory
    encoder, its mask given as SAM2 encodes a mask prompt on a conditioning frame; the K most
    similar are picked per slice;
-3. :mod:`~SlicerSGP.method.propagation` (with :mod:`~SlicerSGP.method.step` and
+4. :mod:`~SlicerSGP.method.propagation` (with :mod:`~SlicerSGP.method.step` and
    :mod:`~SlicerSGP.method.memory`): sweeps restart at every labeled slice and run to the next
    one (or the structure's end); per slice, memory attention over support + 3D bank, PMG
    pseudo-mask, PMA final mask, new memory;
-4. :mod:`~SlicerSGP.method.rerun`: a re-run on the same volume reuses, exactly, every slice
-   result of the structure's last run whose inputs are unchanged (a new drawn slice redoes
-   the two intervals beside it and the slices whose support now picks it);
-5. :mod:`~SlicerSGP.method.assembly`: slices reached from both sides are fused with weights that
-   fall with distance; labeled slices are returned exactly as drawn.
+5. :mod:`~SlicerSGP.method.rerun`: a re-run reuses, exactly, every slice result of the last run
+   whose inputs are unchanged (a new drawn slice redoes the intervals beside it and the slices
+   whose support now picks it); :mod:`~SlicerSGP.method.assembly`: slices reached from both
+   sides are fused with weights that fall with distance; labeled slices come back as drawn.
 """
 
 from __future__ import annotations
@@ -31,13 +31,20 @@ import numpy as np
 import torch
 
 from SlicerSGP.data import preprocess
-from SlicerSGP.errors import SGPInputError
-from SlicerSGP.method.assembly import assemble, label_map_from_probabilities, restore_order
+from SlicerSGP.data.prompt_checks import check_prompts
+from SlicerSGP.method.assembly import (
+    assemble,
+    clear_excluded,
+    count_predictions,
+    label_map_from_probabilities,
+    restore_order,
+)
 from SlicerSGP.method.encoding import EncodedSlices, SliceEncoder, VolumeFeatures
 from SlicerSGP.method.feature_cache import FeatureCache, prepare_folder
 from SlicerSGP.method.inputs import (
     check_clicks,
     check_labels,
+    check_support,
     labeled_by_structure,
     resolve_structures,
     slice_limits,
@@ -45,6 +52,7 @@ from SlicerSGP.method.inputs import (
 )
 from SlicerSGP.method.model import SGPModel, build_model, load_sgp_checkpoint
 from SlicerSGP.method.multiview import fuse_views
+from SlicerSGP.method.prompts import apply_prompts, exclusion_lookup, window_voxels
 from SlicerSGP.method.propagation import Accumulator, Propagator
 from SlicerSGP.method.rerun import RerunCache, StructureRun, drawn_memories, mask_token
 from SlicerSGP.method.runtime import Runtime, resolve_device
@@ -56,8 +64,12 @@ from SlicerSGP.types import (
     ProgressCallback,
     SegmentationResult,
     SegmentOptions,
+    SlicePrompt,
     SupportItem,
 )
+
+# A run's slices in [0, 1], their letterbox and their (lazily encoded) features.
+Features = tuple[np.ndarray, preprocess.LetterboxTransform, VolumeFeatures]
 
 
 class Segmenter:
@@ -205,11 +217,13 @@ class Segmenter:
         *,
         support_slices: list[int] | None = None,
         support_bank: dict[int, list[SupportItem]] | None = None,
+        prompts: list[SlicePrompt] | None = None,
         geometry: Geometry | None = None,
         progress: ProgressCallback | None = None,
         cancel: CancelCheck | None = None,
     ) -> SegmentationResult:
-        """Segment ``structures`` through ``volume``; see the module docstring for the method."""
+        """Segment ``structures`` through ``volume`` (the method: module docstring); each of
+        ``prompts`` first makes its slice's mask, a drawn slice from then on (method.prompts)."""
         opts = options or SegmentOptions()
         validate_options(opts, self.model)
         report = progress or (lambda stage, frac: None)
@@ -223,18 +237,21 @@ class Segmenter:
         preprocess.validate_volume(volume, axis=opts.axis, min_size=16)
         if labels is not None:
             labels = check_labels(labels, volume.shape[:3])
-        structures = resolve_structures(structures, labels, support_bank)
-        bank = support_bank or {}
-
         vol = preprocess.reorient(volume, opts.axis)
         lab = preprocess.reorient(labels, opts.axis) if labels is not None else None
         n, h, w = vol.shape[:3]
+        prompts = check_prompts(prompts, (n, h, w), opts.axis, opts.exclude)
+        structures = resolve_structures(structures, labels, support_bank,
+                                        {p.value for p in prompts}, opts.exclude)
         labeled = labeled_by_structure(lab, structures, support_slices, opts.complete_slices,
                                        n, opts.axis)
-        check_support(labeled, structures, bank)
-
         timings: dict[str, float] = {}
-        notes: list[str] = []
+        features, prompted, notes = None, {}, []
+        if prompts:  # each prompted slice becomes a drawn one (lab is then a copy)
+            features = self._features(vol, lab, structures, opts, window_voxels(vol, prompts))
+            lab, prompted, notes = apply_prompts(self.predictor, features, lab, prompts, opts,
+                                                 labeled, stop, timings)
+        check_support(labeled, structures, bank := support_bank or {})
         per_structure: dict[int, Accumulator | None] = {}
         todo = {v: name for v, name in structures.items() if len(labeled[v]) < n}
         if not todo:
@@ -242,12 +259,12 @@ class Segmenter:
                          "as drawn, nothing was predicted.")
         else:
             per_structure = self._propagate_all(vol, lab, labeled, todo, bank, opts, report,
-                                                stop, timings)
+                                                stop, timings, features)
         per_structure = {v: per_structure.get(v) for v in structures}
 
         tw = time.perf_counter()
         report("write", 0.0)
-        result = assemble(per_structure, structures, lab, labeled, opts, (n, h, w))
+        result = assemble(per_structure, structures, lab, labeled, opts, (n, h, w), prompted)
         restore_order(result, opts.axis)
         report("write", 1.0)
         timings["assemble"] = time.perf_counter() - tw
@@ -262,26 +279,21 @@ class Segmenter:
         count_predictions(result, per_structure)
         if opts.multi_view and per_structure and any(per_structure.values()):
             tm = time.perf_counter()
-            result = fuse_views(self, volume, labels, result, opts)
+            drawn = labels if not prompts else preprocess.restore_orientation(lab, opts.axis)
+            result = fuse_views(self, volume, drawn, result, opts)
             timings["multi_view"] = time.perf_counter() - tm
+        clear_excluded(result, labels, opts.exclude)
         return result
 
     def _propagate_all(self, vol: np.ndarray, lab: np.ndarray | None,
                        labeled: dict[int, list[int]], structures: dict[int, str],
                        bank: dict[int, list[SupportItem]], opts: SegmentOptions,
                        report: ProgressCallback, stop: CancelCheck,
-                       timings: dict[str, float]) -> dict[int, Accumulator]:
+                       timings: dict[str, float],
+                       features: Features | None = None) -> dict[int, Accumulator]:
         """Both sweeps per structure on the volume's features (each slice encoded once, when
-        a sweep first reaches it)."""
-        n, h, w = vol.shape[:3]
-        drawn = vol[np.isin(lab, list(structures))] if lab is not None else None
-        lo, hi = preprocess.intensity_range(vol, opts.intensity, drawn=drawn)
-        self._windows[_fingerprint(vol, opts.intensity)] = (lo, hi)
-        slices01 = preprocess.normalize_intensity(vol, lo, hi)
-        transform = preprocess.LetterboxTransform(h, w, self.image_size)
-
-        # Slices are encoded as the sweeps reach them; the drawn ones first (support memories).
-        feats = self.encoder.volume(slices01, transform, self._batch_size(opts))
+        a sweep first reaches it; the drawn ones first); ``features``: the prompts' ones."""
+        slices01, transform, feats = features or self._features(vol, lab, structures, opts)
         feats.stop = stop
         try:
             report("encode", 0.0)
@@ -296,6 +308,21 @@ class Segmenter:
         timings["encode"] = self.stage_times.get("encode", 0.0)
         return per_structure
 
+    def _features(self, vol: np.ndarray, lab: np.ndarray | None, structures: dict[int, str],
+                  opts: SegmentOptions, prompted: np.ndarray | None = None) -> Features:
+        """The run's intensity window (chosen on the drawn voxels and those ``prompted``),
+        slices in [0, 1] and features (encoded when first read)."""
+        n, h, w = vol.shape[:3]
+        drawn = vol[np.isin(lab, list(structures))] if lab is not None else None
+        if prompted is not None:
+            drawn = prompted if drawn is None else np.concatenate([drawn, prompted])
+        lo, hi = preprocess.intensity_range(vol, opts.intensity, drawn=drawn)
+        self._windows[_fingerprint(vol, opts.intensity)] = (lo, hi)
+        slices01 = preprocess.normalize_intensity(vol, lo, hi)
+        transform = preprocess.LetterboxTransform(h, w, self.image_size)
+        return slices01, transform, self.encoder.volume(slices01, transform,
+                                                        self._batch_size(opts))
+
     def _propagate_structures(self, feats: VolumeFeatures, slices01: np.ndarray,
                               transform: preprocess.LetterboxTransform, lab: np.ndarray | None,
                               labeled: dict[int, list[int]], structures: dict[int, str],
@@ -307,12 +334,15 @@ class Segmenter:
         runs: dict[int, StructureRun | None] = {}
         tp = time.perf_counter()
         encoding_before = self.stage_times.get("encode", 0.0)
+        exclude_of = exclusion_lookup(lab, opts.exclude, transform, self.device)
         for si, (value, name) in enumerate(structures.items()):
             masks = {k: (lab[k] == value) if lab is not None else np.zeros((h, w), bool)
                      for k in labeled[value]}
             tokens = {k: mask_token(m) for k, m in masks.items()}
-            run = self.reruns.start(feats, value, opts, tokens) if opts.reuse_results else None
-            own = drawn_memories(self.support, feats, transform, masks, run)
+            # Exclusion depends on voxels the re-run's record does not hold: no reuse with it.
+            run = self.reruns.start(feats, value, opts, tokens) \
+                if opts.reuse_results and exclude_of is None else None
+            own = drawn_memories(self.support, feats, transform, masks, run, exclude_of)
             ext = self.support.external(bank.get(value, []), stop)
 
             def stage_progress(frac: float, _si: int = si, _name: str = name) -> None:
@@ -320,7 +350,7 @@ class Segmenter:
 
             per_structure[value] = self.propagator.propagate(
                 feats, slices01, transform, masks, own + ext, opts, stage_progress, stop,
-                slice_limits(opts, value), run)
+                slice_limits(opts, value), run, exclude_of)
             runs[value] = run
         # Only a run that completed becomes the one the next run compares with.
         for value, run in runs.items():
@@ -356,37 +386,7 @@ class Segmenter:
     # ------------------------------------------------------------------ helpers
 
     def _batch_size(self, opts: SegmentOptions) -> int:
-        if opts.encode_batch_size:
-            return int(opts.encode_batch_size)
-        return 8 if self.device.type == "cuda" else 1
-
-
-def check_support(labeled: dict[int, list[int]], structures: dict[int, str],
-                  bank: dict[int, list[SupportItem]]) -> None:
-    """Every structure needs a drawn slice or an example in the support bank."""
-    if not any(labeled.values()) and not any(bank.get(v) for v in structures):
-        raise SGPInputError(
-            "No labeled slice: draw the structure on at least one slice (or pass "
-            "--support-slices / a support bank of other labeled cases) and run again."
-        )
-    for v, name in structures.items():
-        if not labeled[v] and not bank.get(v):
-            raise SGPInputError(f"Structure {name!r} (label {v}) has no support: it is drawn "
-                                "on no slice and the support bank holds no example of it. "
-                                "Draw it on a slice, or leave it out.")
-
-
-def count_predictions(result: SegmentationResult,
-                      per_structure: dict[int, Accumulator | None]) -> None:
-    """Per structure, slice predictions made and reused in this run (a slice reached from both
-    sides counts twice), on the result, summed in its stats and, on a re-run, in its notes."""
-    result.slices_predicted = {v: acc.predicted if acc else 0 for v, acc in per_structure.items()}
-    result.slices_reused = {v: acc.reused if acc else 0 for v, acc in per_structure.items()}
-    predicted = result.stats["slices_predicted"] = sum(result.slices_predicted.values())
-    reused = result.stats["slices_reused"] = sum(result.slices_reused.values())
-    if reused:
-        result.notes.append(f"Re-run: {predicted} slice predictions recomputed, {reused} reused "
-                            "from the last run on this volume (all they depend on was unchanged).")
+        return int(opts.encode_batch_size or (8 if self.device.type == "cuda" else 1))
 
 
 def _fingerprint(vol: np.ndarray, mode: str) -> str:

@@ -70,8 +70,11 @@ class SlicePredictor:
     def step(self, feats: EncodedSlices, j: int, image: torch.Tensor | None,
              support: list[Memory], bank: list[Memory], ptr_history: dict[int, torch.Tensor],
              reverse: bool, num_frames: int, opts: SegmentOptions,
-             encode_memory: bool = True) -> StepOutput:
-        """Predict slice ``j``: PMG (pseudo-mask), PMA (final mask), then its 3D memory."""
+             encode_memory: bool = True, exclude: torch.Tensor | None = None) -> StepOutput:
+        """Predict slice ``j``: PMG (pseudo-mask), PMA (final mask), then its 3D memory.
+
+        ``exclude``: (1, 1, S, S) bool model pixels that are "not here" (other structures'
+        voxels): cleared from the final mask before it becomes the slice's memory."""
         rt = self.rt
         sam = rt.sam
         g = feats.grid
@@ -108,6 +111,10 @@ class SlicePredictor:
                 final_high = gated
         else:
             memory_mask = final_high
+        if exclude is not None:
+            memory_mask = memory_mask.masked_fill(exclude, NO_OBJECT_LOGIT)
+            if not torch.is_grad_enabled():
+                final_high = final_high.masked_fill(exclude, NO_OBJECT_LOGIT)
         memory = None
         if encode_memory:
             with rt.timed("memory_encode"):
@@ -159,15 +166,24 @@ class SlicePredictor:
     def refine(self, feats: EncodedSlices, j: int, transform: LetterboxTransform,
                points: list[tuple[float, float]], point_labels: list[int],
                mask: np.ndarray | None) -> tuple[np.ndarray, float]:
-        """Click refinement of slice ``j``: SAM2's point prompts, the current mask as the dense
-        prompt, on the slice's own features (no memory: the user's clicks decide)."""
+        """Click refinement of slice ``j``: SAM2's point prompts at (row, col) voxels, the
+        current mask as the dense prompt, on the slice's own features (no memory: the user's
+        clicks decide)."""
+        xy = np.array([(c, r) for r, c in points], dtype=np.float64).reshape(-1, 2)
+        return self.from_prompts(feats, j, transform, xy, list(point_labels), mask, False)
+
+    def from_prompts(self, feats: EncodedSlices, j: int, transform: LetterboxTransform,
+                     xy: np.ndarray, point_labels: list[int], mask: np.ndarray | None,
+                     multimask: bool) -> tuple[np.ndarray, float]:
+        """Slice ``j``'s mask from SAM2 prompts: points at voxel (column, row) ``xy`` with SAM2's
+        labels (1 include, 0 exclude, 2/3 a box's corners), ``mask`` (the current one) as the
+        dense prompt, SAM2's own prompt encoder and mask decoder on the slice's features.
+        ``multimask``: SAM2's three masks, the one with the highest predicted IoU (SAM2's rule
+        for a lone box or click). Returns the mask and its predicted IoU."""
         rt = self.rt
         sam = rt.sam
-        scale_y = transform.resized_h / transform.height
-        scale_x = transform.resized_w / transform.width
-        # Pixel centres, (row, col) -> SAM2's (x, y) in model pixels.
-        coords = torch.tensor([[((c + 0.5) * scale_x, (r + 0.5) * scale_y) for r, c in points]],
-                              dtype=torch.float32, device=rt.device)
+        coords = torch.tensor(transform.points_to_model(xy)[None], dtype=torch.float32,
+                              device=rt.device)
         labels = torch.tensor([list(point_labels)], dtype=torch.int32, device=rt.device)
         mask_inputs = None
         if mask is not None:
@@ -177,11 +193,12 @@ class SlicePredictor:
         b, c, g, _ = top.shape
         with rt.mode(False), rt.autocast():
             pix = (flat(top) + sam.no_mem_embed).permute(1, 2, 0).view(b, c, g, g)
+            # _forward_sam_heads picks, with multimask output, the mask of highest predicted IoU.
             out = sam._forward_sam_heads(
                 backbone_features=pix, point_inputs={"point_coords": coords,
                                                      "point_labels": labels},
                 mask_inputs=mask_inputs, high_res_features=feats.high_res(j),
-                multimask_output=False)
+                multimask_output=multimask)
         high = out[4].float()
         prob = torch.sigmoid(transform.logits_to_image(high))[0, 0].cpu().numpy()
         return prob >= 0.5, float(out[2].max(dim=-1).values.float().reshape(-1)[0])

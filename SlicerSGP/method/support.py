@@ -8,11 +8,13 @@ encoded once and kept across runs (a bank reused over many queries is encoded on
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sam2.modeling.sam2_base import NO_OBJ_SCORE
 
 from SlicerSGP.data import preprocess
 from SlicerSGP.errors import Cancelled, SGPInputError
@@ -48,8 +50,11 @@ class SupportMemories:
         self._images: OrderedDict[str, EncodedSlices] = OrderedDict()
 
     def memory(self, feats: EncodedSlices, i: int, mask_model: torch.Tensor,
-               slice_index: int | None, grad: bool = False) -> Memory:
-        """Encode support item ``i`` of ``feats`` with its mask (1, 1, S, S) into a memory."""
+               slice_index: int | None, grad: bool = False,
+               exclude: torch.Tensor | None = None) -> Memory:
+        """Encode support item ``i`` of ``feats`` with its mask (1, 1, S, S) into a memory;
+        ``exclude``: "not here" model pixels, kept clear of the mask SAM2 smooths at 1/4
+        resolution (its edge would reach into a touching neighbour)."""
         rt = self.rt
         sam = rt.sam
         g = feats.grid
@@ -63,6 +68,8 @@ class SupportMemories:
             low_res, obj_ptr, obj_score = out[3], out[5], out[6]
             high_res = F.interpolate(low_res, size=(rt.image_size, rt.image_size),
                                      mode="bilinear", align_corners=False)
+            if exclude is not None:
+                high_res = high_res.masked_fill(exclude, NO_OBJ_SCORE)
             mem, _ = sam._encode_new_memory(
                 current_vision_feats=[flat(feats.top_of(i))], feat_sizes=[(g, g)],
                 pred_masks_high_res=high_res, object_score_logits=obj_score,
@@ -72,10 +79,13 @@ class SupportMemories:
         return Memory(mem.to(MEMORY_DTYPE), obj_ptr, feats.pooled_of(i), slice_index, cue)
 
     def from_slices(self, feats: EncodedSlices, transform: preprocess.LetterboxTransform,
-                    masks: dict[int, np.ndarray]) -> list[Memory]:
+                    masks: dict[int, np.ndarray],
+                    exclude_of: Callable[[int], torch.Tensor | None] | None = None,
+                    ) -> list[Memory]:
         """Memories of the query volume's own labeled slices, in slice order."""
         return [self.memory(feats, k, transform.mask_to_model(
-            torch.from_numpy(masks[k][None, None].astype(np.float32))), k) for k in sorted(masks)]
+            torch.from_numpy(masks[k][None, None].astype(np.float32))), k,
+            exclude=exclude_of(k) if exclude_of else None) for k in sorted(masks)]
 
     def external(self, items: list[SupportItem], stop: CancelCheck) -> list[Memory]:
         """Encode support items from other cases (each image at its own size) into memories."""

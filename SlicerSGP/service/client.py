@@ -34,6 +34,7 @@ from SlicerSGP.types import (
     ProgressCallback,
     SegmentationResult,
     SegmentOptions,
+    SlicePrompt,
     SupportItem,
 )
 
@@ -170,7 +171,8 @@ class EngineClient:
                   structures: dict[int, str] | None = None,
                   options: SegmentOptions | None = None,
                   support_slices: list[int] | None = None, *,
-                  support_bank: dict[int, list[SupportItem]] | None = None) -> str:
+                  support_bank: dict[int, list[SupportItem]] | None = None,
+                  prompts: list[SlicePrompt] | None = None) -> str:
         """Queue a run; ``labels`` is the full label map (only its labeled slices are sent) or
         ``{slice index along options.axis: 2D label slice}``. Returns the run id."""
         opts = options or SegmentOptions()
@@ -182,6 +184,7 @@ class EngineClient:
                                                                    support_slices],
             "labels": protocol.encode_labels(labels, opts.axis, arrays),
             "bank": protocol.encode_bank(support_bank, arrays),
+            "prompts": protocol.encode_prompts(prompts, arrays),
         }
         body = protocol.pack(arrays, meta, compress=True)
         return self._json("POST", "/v1/runs", body, {"Content-Type": protocol.NPZ})["run_id"]
@@ -215,6 +218,7 @@ class EngineClient:
         *,
         support_slices: list[int] | None = None,
         support_bank: dict[int, list[SupportItem]] | None = None,
+        prompts: list[SlicePrompt] | None = None,
         geometry: Geometry | None = None,
         progress: ProgressCallback | None = None,
         cancel: CancelCheck | None = None,
@@ -223,14 +227,14 @@ class EngineClient:
         vid = self.ensure_volume(volume, geometry)
         try:
             run_id = self.start_run(vid, labels, structures, options, support_slices,
-                                    support_bank=support_bank)
+                                    support_bank=support_bank, prompts=prompts)
         except SGPServiceError as e:
             if getattr(e, "error_type", None) != "volume_missing":
                 raise
             # Dropped between the check and the run (the server freed memory): send it again.
             vid = self.ensure_volume(volume, geometry, force=True)
             run_id = self.start_run(vid, labels, structures, options, support_slices,
-                                    support_bank=support_bank)
+                                    support_bank=support_bank, prompts=prompts)
         return self.wait(run_id, progress, cancel, probabilities=True)
 
     def wait(self, run_id: str, progress: ProgressCallback | None = None,

@@ -47,7 +47,7 @@ from SlicerSGP.service.store import StoredVolume as StoredVolume
 from SlicerSGP.service.store import VolumeStore as VolumeStore
 from SlicerSGP.service.store import estimate_result_nbytes as estimate_result_nbytes
 from SlicerSGP.service.store import result_nbytes as result_nbytes
-from SlicerSGP.types import SegmentationResult, SegmentOptions, SupportItem
+from SlicerSGP.types import SegmentationResult, SegmentOptions, SlicePrompt, SupportItem
 
 log = logging.getLogger("SlicerSGP.service")
 
@@ -91,6 +91,7 @@ class RunRequest:
     options: SegmentOptions
     support_slices: list[int] | None
     support_bank: dict[int, list[SupportItem]] | None
+    prompts: list[SlicePrompt] | None = None
 
     def label_map(self) -> np.ndarray | None:
         return self.labels() if callable(self.labels) else self.labels
@@ -298,6 +299,7 @@ class JobQueue:
             result = self.segmenter.segment(
                 req.volume.array, req.label_map(), req.structures, req.options,
                 support_slices=req.support_slices, support_bank=req.support_bank,
+                prompts=req.prompts,
                 geometry=req.volume.geometry, progress=progress,
                 cancel=run.cancel_requested.is_set)
         except Cancelled as e:

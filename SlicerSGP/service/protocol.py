@@ -54,10 +54,11 @@ from SlicerSGP.service.request_checks import (
     _typed,
 )
 from SlicerSGP.service.request_checks import check_meta as check_meta
+from SlicerSGP.service.request_checks import prompts_from_json as prompts_from_json
 from SlicerSGP.service.request_checks import refine_from_json as refine_from_json
 from SlicerSGP.service.request_checks import refine_mask as refine_mask
 from SlicerSGP.service.request_checks import slices_from_json as slices_from_json
-from SlicerSGP.types import Geometry, SegmentationResult, SegmentOptions, SupportItem
+from SlicerSGP.types import Geometry, SegmentationResult, SegmentOptions, SlicePrompt, SupportItem
 
 PROTOCOL_VERSION = 1
 """Bumped whenever a request or response changes shape; client and server must agree."""
@@ -196,6 +197,22 @@ def decode_labels(desc: Any, arrays: dict[str, np.ndarray],
                                 f"volume along the axis have shape {view.shape[1:]}.")
         view[k] = part
     return labels
+
+
+def encode_prompts(prompts: list[SlicePrompt] | None,
+                   arrays: dict[str, np.ndarray]) -> list[dict[str, Any]] | None:
+    """A run's prompts as JSON, each mask as array ``prompt_mask_<i>`` (see prompts_from_json)."""
+    if prompts is None:
+        return None
+    out = []
+    for i, p in enumerate(prompts):
+        if p.mask is not None:
+            arrays[f"prompt_mask_{i}"] = np.asarray(p.mask).astype(bool)
+        out.append({"value": _plain(p.value), "slice": _plain(p.slice_index),
+                    "box": None if p.box is None else [float(v) for v in p.box],
+                    "points": [[float(x), float(y), bool(pos)] for x, y, pos in p.points],
+                    "mask": p.mask is not None})
+    return out
 
 
 def encode_bank(bank: dict[int, list[SupportItem]] | None,

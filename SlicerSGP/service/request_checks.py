@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from SlicerSGP.errors import SGPError, SGPInputError
+from SlicerSGP.types import SlicePrompt
 
 
 class LimitExceeded(SGPError):
@@ -29,7 +30,8 @@ class LimitExceeded(SGPError):
         self.status, self.retry_after = status, retry_after
 
 
-RUN_FIELDS = ("volume_id", "structures", "options", "support_slices", "labels", "bank")
+RUN_FIELDS = ("volume_id", "structures", "options", "support_slices", "labels", "bank",
+              "prompts")
 REFINE_FIELDS = ("volume_id", "slice_index", "points", "point_labels", "options")
 INT_LIMIT = 2**31
 """Integers in a request (slice indices, label values) stay within +-2**31."""
@@ -69,6 +71,40 @@ def refine_from_json(meta: Any) -> tuple[int, list[tuple[float, float]], list[in
         raise _bad("point_labels", f"needs one label per click ({len(points)} points)",
                    f"{len(labels)} labels")
     return index, points, labels
+
+
+def prompts_from_json(data: Any, arrays: dict[str, np.ndarray]) -> list[SlicePrompt] | None:
+    """A run's ``prompts``: ``[{"value", "slice", "box": [x0, y0, x1, y1] | null, "points":
+    [[x, y, positive], ...], "mask": bool}]``, a mask as array ``prompt_mask_<i>``. Field
+    types here; boxes and clicks against the slice in ``data.prompt_checks``."""
+    if data is None:
+        return None
+    out = []
+    for i, item in enumerate(_list(data, "prompts")):
+        field = f"prompts[{i}]"
+        _check_keys(_dict(item, field), field, required=("value", "slice"),
+                    optional=("box", "points", "mask"))
+        box = item.get("box")
+        if box is not None:
+            box = tuple(_number(v, f"{field}.box[{j}]")
+                        for j, v in enumerate(_list(box, f"{field}.box", exact=4)))
+        points = []
+        for j, point in enumerate(_list(item.get("points") or [], f"{field}.points")):
+            x, y, positive = _list(point, f"{field}.points[{j}]", exact=3)
+            if not isinstance(positive, bool):
+                raise _bad(f"{field}.points[{j}][2]", "must be true (add) or false (not here)",
+                           positive)
+            points.append((_number(x, f"{field}.points[{j}][0]"),
+                           _number(y, f"{field}.points[{j}][1]"), positive))
+        has_mask = item.get("mask", False)
+        if not isinstance(has_mask, bool):
+            raise _bad(f"{field}.mask", "must be true or false", has_mask)
+        mask = _array(arrays, f"prompt_mask_{i}", f"{field}.mask", kinds="biuf",
+                      ndims=(2,)) if has_mask else None
+        out.append(SlicePrompt(_int(item["value"], f"{field}.value", 1),
+                               _int(item["slice"], f"{field}.slice", 0), box, points,
+                               None if mask is None else mask != 0))
+    return out
 
 
 def refine_mask(arrays: dict[str, np.ndarray]) -> np.ndarray | None:

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.background import BackgroundTask
 
+from SlicerSGP.data.prompt_checks import check_prompts
 from SlicerSGP.service import protocol
 from SlicerSGP.service.access import ServiceError
 from SlicerSGP.service.jobs import (
@@ -37,7 +38,8 @@ def add_run_routes(api: APIRouter, *, segmenter: Any, jobs: JobQueue, volumes: V
 
     @api.post("/runs", status_code=202, summary="Queue a segmentation run (.npz body)",
               description="Body: .npz with `meta` (JSON: volume_id, structures, options, "
-              "support_slices, labels, bank) and the labeled slices `label_<k>` along the axis. "
+              "support_slices, labels, bank, prompts) and the labeled slices `label_<k>` along "
+              "the axis (and a prompt's current mask `prompt_mask_<i>`). "
               "Returns the run id; poll GET /v1/runs/{id}.")
     async def start_run(request: Request, user: str = Depends(authorize)) -> dict[str, Any]:
         body = await read_limited(request, max_upload)
@@ -51,7 +53,10 @@ def add_run_routes(api: APIRouter, *, segmenter: Any, jobs: JobQueue, volumes: V
             labels = protocol.decode_labels(desc, arrays, shape)  # checks every field
             structures = protocol.structures_from_json(meta.get("structures"))
             bank = protocol.decode_bank(meta.get("bank"), arrays)
-            check_run_cost(item, labels, structures, bank, options)
+            prompts = protocol.prompts_from_json(meta.get("prompts"), arrays)
+            check_prompts_fit(prompts, shape, options)
+            check_run_cost(item, labels, structures, bank, options,
+                           {p.value for p in prompts or []})
             del labels  # rebuilt when the run starts: a queued run holds only its slices
             return RunRequest(
                 volume_id=meta["volume_id"], volume=item,
@@ -60,7 +65,7 @@ def add_run_routes(api: APIRouter, *, segmenter: Any, jobs: JobQueue, volumes: V
                 structures=structures, options=options,
                 support_slices=protocol.slices_from_json(meta.get("support_slices"),
                                                          "support_slices"),
-                support_bank=bank)
+                support_bank=bank, prompts=prompts)
 
         try:
             run = jobs.submit(await offload(build))
@@ -72,13 +77,16 @@ def add_run_routes(api: APIRouter, *, segmenter: Any, jobs: JobQueue, volumes: V
 
     def check_run_cost(item: StoredVolume, labels: np.ndarray | None,
                        structures: dict[int, str] | None,
-                       bank: dict[int, Any] | None, options: Any) -> None:
+                       bank: dict[int, Any] | None, options: Any,
+                       prompted: set[int] | None = None) -> None:
         """413 for a run that asks for more structures, or a larger result, than the limits."""
         if structures is not None:
             values = sorted(structures)
         else:  # the engine's rule: every value drawn, and every bank value with items
             drawn = set() if labels is None else {int(v) for v in np.unique(labels)} - {0}
-            values = sorted(drawn | {int(v) for v, items in (bank or {}).items() if items})
+            drawn -= set(options.exclude or [])
+            values = sorted(drawn | set(prompted or ()) |
+                            {int(v) for v, items in (bank or {}).items() if items})
         if len(values) > limits.max_structures:
             raise protocol.LimitExceeded(
                 413, f"This run asks for {len(values)} structures but this server segments at "
@@ -94,6 +102,15 @@ def add_run_routes(api: APIRouter, *, segmenter: Any, jobs: JobQueue, volumes: V
                 f"most {limits.max_results_mb:g} MB of results (--max-results-mb): segment "
                 "fewer structures at once, turn off keep_pseudo_masks, crop the volume, or "
                 "restart the server with a larger --max-results-mb.")
+
+    def check_prompts_fit(prompts: list[Any] | None, shape: tuple[int, ...],
+                          options: Any) -> None:
+        """Boxes and clicks inside their slices, on slices of the volume (422 otherwise)."""
+        if not prompts or options.axis not in (0, 1, 2):  # the engine reports a bad axis
+            return
+        spatial, axis = shape[:3], options.axis
+        check_prompts(prompts, (spatial[axis], *(spatial[a] for a in range(3) if a != axis)),
+                      axis, options.exclude)
 
     def run_or_404(run_id: str, user: str) -> dict[str, Any]:
         """The run's status; 404 for a run of another user, as for one that does not exist."""
