@@ -11,7 +11,15 @@
   after it recomputes only what the correction can change (the engine's per-structure counts);
 * other segments keep their voxels unless the editor's overwrite setting says otherwise, and
   the editable area follows the editor's masking exactly as Slicer's own editor logic does;
-* drawing while a preview runs cancels that run and starts one with the new slice.
+* drawing while a preview runs cancels that run and starts one with the new slice;
+* a box (or a click) on one slice starts a structure: that slice is made from the prompt and
+  shown in the preview, the rest propagated; Apply writes it and it counts as drawn, also when
+  edited afterwards; clicks on a prompted slice add to its prompt;
+* a scribble removes (Shift) or adds every voxel it crosses, starting from the slice the
+  preview shows and the engine's answer to the points sampled along it;
+* Cancel after boxes, clicks and scribbles leaves everything as it was;
+* "not here": with the editor overwriting other segments they are sent as excluded values and
+  none of their voxels are in a predicted slice; with "Allow overlap" nothing is sent.
 
 The effect's Qt panel and slice-view clicks need Slicer and do not run here; the last tests
 check its files (Python 3.9 syntax, nothing heavy imported at module level, only widgets its
@@ -433,6 +441,198 @@ def test_click_and_view_geometry_on_a_rotated_grid(mrml):  # noqa: F811
     assert sliceIndexFromViews(volume, "K", [coronal, view]) == 4  # the aligned view counts
     with pytest.raises(SGPInputError, match=r"No slice view shows Coronal \(J\) slices"):
         sliceIndexFromViews(volume, "J", [view])
+
+
+# ----------------------------------------------------------- boxes, clicks and scribbles
+
+
+def sliceView(volume, axis=0):
+    """In-plane directions of a view that shows ``axis`` slices (IJK columns: 0=I, 1=J, 2=K)."""
+    return viewDirections(volume, {0: (0, 1), 1: (0, 2), 2: (1, 2)}[axis])
+
+
+def test_a_box_makes_a_drawn_slice_of_the_selected_segment_and_a_preview(mrml, logic, preview):  # noqa: F811
+    from SGPSegmentLib.preview import previewNode
+
+    volume, segmentation, ids = makeScene(mrml, noiseSeed=9, name="box")
+    lesion = segmentation.GetSegmentation().AddEmptySegment("", "lesion")
+    before = allSegments(segmentation, volume)
+    k = 2
+    js, is_ = np.nonzero(truth()[1][k])  # the liver's blob on slice 2, drawn nowhere as lesion
+    corners = (rasOf(volume, k, js.max(), is_.max()), rasOf(volume, k, js.min(), is_.min()))
+    session = preview.startFromPrompt(
+        "box", volume, segmentation, [], lesion, corners, sliceView(volume),
+        settings=logic.modelSettings(**RUN),
+    )  # fmt: skip
+    assert preview.wait(session) == "done", session.run.error
+    assert (session.axis, session.segmentIds) == (0, [lesion])
+    [prompt] = session.request.prompts
+    assert (prompt.value, prompt.slice_index, prompt.points) == (1, k, [])
+    assert prompt.box == (is_.min(), js.min(), is_.max(), js.max())  # (x0, y0, x1, y1)
+    result = session.result
+    labels = np.asarray(result.labels)
+    assert result.prompted_by_structure[1] == [k] and k in result.labeled_by_structure[1]
+    scores = {int(r["slice"]): str(r["source"]) for r in result.slice_scores[1]}
+    assert scores[k] == "prompted"
+    assert [s for s, source in scores.items() if source not in ("prompted", "absent")]
+    # The prompted slice shows in the preview as made; the user's segments are untouched.
+    shown = segmentArray(previewNode(segmentation), lesion, volume)
+    np.testing.assert_array_equal(shown, labels == 1)
+    assert sameSegments(allSegments(segmentation, volume), before)
+    assert preview.canApply(session) == (True, "")
+
+    report = preview.apply(session)
+    written = segmentArray(segmentation, lesion, volume)
+    np.testing.assert_array_equal(written, labels == 1)
+    assert report.segmentIds == [lesion]
+    table = mrml.scene.GetNodeByID(report.tableNodeID).GetTable()
+    assert table.GetColumnByName("lesion source").GetValue(k) == "prompted"  # the scores table
+    assert logic.labeledSlices(volume, segmentation, [lesion])[0].slices == [k]
+    # Edited afterwards with any effect: the prompted slice and the new one count as drawn.
+    edited = written.copy()
+    for s, plane in ((k, ~written[k]), (4, truth()[1][4])):  # two strokes, one slice each
+        edited[s] = plane
+        slicer.util.updateSegmentBinaryLabelmapFromArray(
+            edited.astype(np.uint8), segmentation, lesion, volume
+        )
+    assert logic.labeledSlices(volume, segmentation, [lesion])[0].slices == [k, 4]
+
+
+def test_a_click_starts_a_structure_and_adds_to_a_prompted_slice(mrml, logic, preview):  # noqa: F811
+    volume, segmentation, _ = makeScene(mrml, segments=(), shape=(16, 20, 24), name="click")
+    lesion = segmentation.GetSegmentation().AddEmptySegment("", "lesion")
+    view = sliceView(volume, 1)  # a coronal (J) view: the preview runs along J
+    session = preview.startFromPrompt(
+        "click", volume, segmentation, [], lesion, [rasOf(volume, 3, 10, 12)], view,
+        settings=logic.modelSettings(**RUN),
+    )  # fmt: skip
+    assert session.axis == 1
+    assert preview.wait(session) == "done", session.run.error
+    [prompt] = session.request.prompts
+    assert (prompt.slice_index, prompt.box, prompt.points) == (10, None, [(12.0, 3.0, True)])
+    assert session.result.prompted_by_structure[1] == [10]
+    # A Shift click on that slice adds a "not here" point to its prompt; nothing is written.
+    text = preview.click(session, lesion, rasOf(volume, 2, 10, 18), False, view)
+    assert "1 click(s) here + 1 click(s) not here" in text
+    assert preview.canApply(session)[0] is False  # the preview shown predates the click
+    assert preview.update(session, onlyIfChanged=True) is not None
+    assert preview.wait(session) == "done"
+    [prompt] = session.request.prompts
+    assert prompt.points == [(12.0, 3.0, True), (18.0, 2.0, False)]
+    assert not segmentArray(segmentation, lesion, volume).any()
+    preview.cancel(session)
+
+
+def test_a_scribble_removes_what_it_crosses(mrml, logic, preview):  # noqa: F811
+    from SGPSegmentLib.preview import previewNode
+
+    volume, segmentation, ids = makeScene(mrml, noiseSeed=10, name="scribble")
+    liver = ids[0]
+    session = startPreview(preview, logic, volume, segmentation, ids)
+    before = allSegments(segmentation, volume)
+    k, row = 2, 24
+    shown = session.previewSlice(liver, k).copy()
+    shown[row, 5:60] = True  # so that the stroke crosses preview voxels whatever the model says
+    session.result.labels = np.asarray(session.result.labels).copy()
+    session.result.labels[k][shown] = 1
+    client = logic.engine.client(session.settings)
+    seen = []
+    original = client.refine_slice
+
+    def spy(*args):
+        seen.append(args)
+        answer = original(*args)
+        seen[-1] += (answer,)
+        return answer
+
+    client.refine_slice = spy
+    try:
+        path = [rasOf(volume, k, row, 5), rasOf(volume, k, row, 59)]
+        preview.scribble(session, liver, path, False, sliceView(volume))
+    finally:
+        del client.refine_slice
+    _, sliceIndex, points, labels, base, options, (engineMask, _) = seen[0]
+    assert sliceIndex == k and set(labels) == {0} and 2 < len(points) <= 12
+    assert all(r == row and 5 <= c <= 59 for r, c in points)
+    np.testing.assert_array_equal(base, shown)  # the slice as the preview shows it
+    fixed = session.prompts[(liver, k)].fixed
+    assert not fixed[row, 5:60].any()  # every voxel crossed is removed
+    outside = np.ones_like(fixed)
+    outside[row, 5:60] = False
+    np.testing.assert_array_equal(fixed[outside], np.asarray(engineMask, bool)[outside])
+    assert sameSegments(allSegments(segmentation, volume), before)  # nothing written yet
+
+    assert preview.update(session, onlyIfChanged=True) is not None
+    assert preview.wait(session) == "done"
+    np.testing.assert_array_equal(np.asarray(session.result.labels)[k] == 1, fixed)
+    np.testing.assert_array_equal(segmentArray(previewNode(segmentation), liver, volume)[k], fixed)
+    # A left stroke adds what it crosses.
+    preview.scribble(session, liver, [rasOf(volume, k, 40, 10), rasOf(volume, k, 40, 30)], True,
+                     sliceView(volume))  # fmt: skip
+    added = session.prompts[(liver, k)].fixed
+    assert added[40, 10:31].all() and not added[row, 5:60].any()
+    assert preview.update(session, onlyIfChanged=True) is not None
+    assert preview.wait(session) == "done"
+    preview.apply(session)
+    np.testing.assert_array_equal(segmentArray(segmentation, liver, volume)[k], added)
+    assert k in logic.labeledSlices(volume, segmentation, [liver])[0].slices
+
+
+def test_cancel_after_boxes_clicks_and_scribbles_leaves_everything_unchanged(mrml, logic, preview):  # noqa: F811
+    from SGPSegmentLib.preview import previewNode
+
+    classes = ("vtkMRMLSegmentationNode", "vtkMRMLTableNode", "vtkMRMLPlotChartNode")
+    volume, segmentation, ids = makeScene(mrml, noiseSeed=11, name="cancel prompts")
+    before = allSegments(segmentation, volume)
+    counts = [mrml.scene.GetNumberOfNodesByClass(c) for c in classes]
+    view = sliceView(volume)
+    session = startPreview(preview, logic, volume, segmentation, ids)
+    preview.box(session, ids[1], rasOf(volume, 3, 50, 55), rasOf(volume, 3, 36, 36), view)
+    preview.click(session, ids[1], rasOf(volume, 3, 44, 46), True, view)
+    preview.scribble(session, ids[0], [rasOf(volume, 2, 24, 5), rasOf(volume, 2, 24, 40)],
+                     False, view)  # fmt: skip
+    preview.update(session, onlyIfChanged=True)
+    assert preview.wait(session) == "done"
+    assert session.result.prompted_by_structure[2] == [3]
+    assert sameSegments(allSegments(segmentation, volume), before)
+    preview.cancel(session)
+    preview.poll(session)
+    assert previewNode(segmentation) is None and not session.prompts
+    assert sameSegments(allSegments(segmentation, volume), before)
+    assert [mrml.scene.GetNumberOfNodesByClass(c) for c in classes] == counts
+    assert not logic.canUndo(segmentation)
+
+
+@pytest.mark.parametrize("overwrite", ["OverwriteAllSegments", "OverwriteNone"])
+def test_not_here_is_sent_when_masking_overwrites(mrml, logic, preview, overwrite):  # noqa: F811
+    from SGPSegmentLib.preview import notHereDefault, notHereMode
+
+    volume, segmentation, ids = makeScene(mrml, noiseSeed=12, name="not here")
+    liver, spleen = ids
+    region = np.zeros(SHAPE, bool)
+    region[:, 14:40, 10:36] = True  # over the liver everywhere: a leak there is kept out
+    other = addSegment(segmentation, volume, "other", region)
+    editorNode = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    editorNode.SetOverwriteMode(getattr(editorNode, overwrite))
+    mode = notHereMode(notHereDefault(editorNode), editorNode)
+    session = startPreview(preview, logic, volume, segmentation, [liver], notHere=mode)
+    request, labels = session.request, np.asarray(session.result.labels)
+    predicted = [s for s in range(SHAPE[0]) if s not in LABELED]
+    if overwrite == "OverwriteNone":
+        assert mode == "off" and request.options.exclude is None and not request.excluded
+        assert set(np.unique(labels)) <= {0, 1}
+        return
+    assert mode == "all" and request.excluded == {2: spleen, 3: other}
+    assert request.options.exclude == [2, 3]
+    assert set(np.unique(labels)) <= {0, 1}  # the "not here" segments are never labels
+    spleenMask = segmentArray(segmentation, spleen, volume)
+    for s in predicted:  # none of their voxels on a predicted slice
+        assert not ((labels[s] == 1) & (region[s] | spleenMask[s])).any(), s
+    # Turned off on the open preview: the next run sends nothing as "not here".
+    assert preview.setNotHere(session, "off") is not None
+    assert preview.wait(session) == "done"
+    assert session.request.options.exclude is None
+    preview.cancel(session)
 
 
 # -------------------------------------------------------------- updates, range, quality
