@@ -45,6 +45,10 @@ def fuse_views(segmenter: Any, volume: np.ndarray, labels: np.ndarray | None,
             view_opts = replace(opts, axis=axis, multi_view=False, complete_slices=slices,
                                 slice_limits=None)
             pseudo_labels = np.where(main.labels == value, value, 0).astype(main.labels.dtype)
+            if opts.exclude and labels is not None:  # "not here" along every axis
+                excluded = np.isin(labels, opts.exclude)
+                pseudo_labels = pseudo_labels.astype(np.result_type(pseudo_labels, labels))
+                pseudo_labels[excluded] = labels[excluded]
             res = segmenter.segment(volume, pseudo_labels, {value: name}, view_opts,
                                     support_slices=slices)
             probabilities[value] += res.probabilities[value]

@@ -315,7 +315,7 @@ class Segmenter:
         n, h, w = vol.shape[:3]
         drawn = vol[np.isin(lab, list(structures))] if lab is not None else None
         if prompted is not None:
-            drawn = prompted if drawn is None else np.concatenate([drawn, prompted])
+            drawn = prompted if drawn is None else np.concatenate([drawn.ravel(), prompted])
         lo, hi = preprocess.intensity_range(vol, opts.intensity, drawn=drawn)
         self._windows[_fingerprint(vol, opts.intensity)] = (lo, hi)
         slices01 = preprocess.normalize_intensity(vol, lo, hi)
