@@ -9,8 +9,9 @@ then counts as a drawn slice of its structure.
 
 With ``SegmentOptions.exclude``, the listed structures' voxels are "not here" for every
 structure of the run: each one present on a prompted slice gives a negative point (its deepest
-voxel inside the box) and is cleared from the mask; on predicted slices
-:func:`exclusion_lookup` gives the model pixels to clear before the mask becomes memory.
+voxel inside the box) and is cleared from the mask; on predicted slices (and in the drawn
+slices' memories) :func:`exclusion_lookup` gives the model pixels to clear before the mask
+becomes memory.
 """
 
 from __future__ import annotations
