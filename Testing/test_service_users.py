@@ -7,11 +7,16 @@ names user, run, volume hash and timings, and nothing of the request's content."
 from __future__ import annotations
 
 import hashlib
+import http.server
+import json
 import os
 import re
 import signal
 import subprocess
+import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -99,8 +104,8 @@ def test_a_table_that_does_not_parse_names_the_problem(text, problem):
 
 def test_json_table_and_lines_give_the_same_users():
     lines = f"{table_line('alice', 'x' * 20)}\n{table_line('bob', 'y' * 20)}"
-    as_json = '{"alice": "%s", "bob": "%s"}' % (token_digest("x" * 20).hex(),
-                                                token_digest("y" * 20).hex())
+    as_json = json.dumps({"alice": token_digest("x" * 20).hex(),
+                          "bob": token_digest("y" * 20).hex()})
     assert parse_table(lines, "a") == parse_table(as_json, "b")
 
 
@@ -201,6 +206,69 @@ def test_per_user_cap_and_round_robin_order(server):
     assert re.search(rf"run {bobs} done: user bob, volume {small_id[:16]}, \d+\.\d\d s after "
                      r"it was queued, ran \d+\.\d\d s", text)
     assert SECRET_NAME not in log.read_text()
+
+
+class RecordingProxy(http.server.BaseHTTPRequestHandler):
+    """A reverse proxy that forwards every request to the engine and records its method, path
+    and volume header: what a proxy routing by volume sees."""
+
+    target = ""
+    seen: list[tuple[str, str, str | None]] = []
+
+    def forward(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        self.seen.append((self.command, self.path, self.headers.get(protocol.VOLUME_HEADER)))
+        head = {k: v for k, v in self.headers.items()
+                if k.lower() not in ("host", "content-length", "connection")}
+        req = urllib.request.Request(self.target + self.path, data=body, headers=head,
+                                     method=self.command)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                status, data, headers = resp.status, resp.read(), resp.headers
+        except urllib.error.HTTPError as e:
+            status, data, headers = e.code, e.read(), e.headers
+        self.send_response(status)
+        for k, v in headers.items():
+            if k.lower() not in ("transfer-encoding", "connection", "content-length", "date",
+                                 "server"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = forward
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_every_request_about_a_volume_names_it_for_the_proxy(server):
+    """Upload, check, run start, status, result and click refinement all carry the volume's
+    id in X-SGP-Volume (the key of the proxy recipe in docs/service.md)."""
+    RecordingProxy.target, RecordingProxy.seen = server[1], []
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RecordingProxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        client = EngineClient(f"http://127.0.0.1:{proxy.server_address[1]}", TOKENS["alice"],
+                              timeout=60)
+        vol, lab = synthetic_volume(n=4, h=32, w=32, seed=41)
+        drawn = np.zeros_like(lab)
+        drawn[1] = lab[1]
+        result = client.segment(vol, drawn, {1: "blob"})
+        assert result.labels.shape == vol.shape
+        client.refine_slice(vol, 2, [(10.0, 12.0)], [1], None)
+        client.info()
+    finally:
+        proxy.shutdown()
+    vid = protocol.volume_id(vol, None)
+    about_volume = [(m, p, h) for m, p, h in RecordingProxy.seen if p != "/v1/info"]
+    kinds = {(m, p.split("/")[2]) for m, p, _ in about_volume}
+    assert {("HEAD", "volumes"), ("PUT", "volumes"), ("POST", "runs"), ("GET", "runs"),
+            ("POST", "refine")} <= kinds, kinds
+    assert any(p.endswith("/result?probabilities=true") for _, p, _ in about_volume)
+    assert all(h == vid for _, _, h in about_volume), about_volume
 
 
 def test_revoked_token_is_refused_at_the_next_request_after_sighup(server):
