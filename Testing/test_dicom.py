@@ -158,3 +158,22 @@ def test_eval_reads_a_case_whose_image_is_a_dicom_folder(case, tmp_path):
     (case_,) = load_dataset(tmp_path / "cases", keep_raw=True)
     assert case_.name == "ct1" and np.array_equal(case_.image, crop)
     assert same_geometry(case_.geometry, geometry) and case_.values() == sorted(STRUCTURES)
+
+
+def test_a_named_structure_found_nowhere_is_an_empty_segment(case, tmp_path):
+    """Every structure asked for is a segment, even one the result holds nowhere (as in the
+    .seg.nrrd); segment numbers run 1..n in label-value order whatever the values."""
+    from SlicerSGP.data.dicom_seg import write_dicom_seg
+    from SlicerSGP.data.readers import read_image_source
+
+    series = case[0]
+    volume, _, source = read_image_source(series)
+    labels = np.zeros(volume.shape, np.uint16)
+    labels[1, 5:20, 7:30] = 300
+    write_dicom_seg(tmp_path / "r.dcm", labels, source, {7: "absent", 300: "found"})
+    seg = hd.seg.segread(tmp_path / "r.dcm")
+    assert [seg.get_segment_description(n).segment_label
+            for n in seg.get_segment_numbers()] == ["absent", "found"]
+    found = seg.get_volume(segment_numbers=[2], combine_segments=True, relabel=True)
+    assert int(found.array.sum()) == int((labels == 300).sum())
+    assert not seg.get_volume(segment_numbers=[1], combine_segments=True).array.any()

@@ -292,3 +292,16 @@ def test_revoked_token_is_refused_at_the_next_request_after_sighup(server):
     assert "is not 'name:sha256hex'" in wait_for_log(log, r"SIGHUP: [^\n]*kept", mark)
     assert client_of(server, "carol").info()["queue"]["user"] == "carol"
     assert proc.poll() is None
+
+
+def test_per_user_cap_option_is_checked():
+    import argparse
+
+    from SlicerSGP.cli import serve
+
+    parser = argparse.ArgumentParser(prog="sgp")
+    serve.add_parser(parser.add_subparsers())
+    assert serve.limits_from_args(parser.parse_args(["serve"])).max_queue_per_user is None
+    args = parser.parse_args(["serve", "--max-queue-per-user", "0"])
+    with pytest.raises(SGPInputError, match="--max-queue-per-user must be a positive number"):
+        serve.limits_from_args(args)
