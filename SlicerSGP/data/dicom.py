@@ -86,7 +86,8 @@ def pick_series(folder: Path, series: str | None) -> SeriesInfo:
             return found[0]
         raise SGPInputError(
             f"The DICOM folder {folder} holds {len(found)} series:\n{listing}\nName the one to "
-            "segment with --series UID.")
+            "segment with --series UID (sgp segment), or keep only that series in the folder "
+            "(a case of sgp eval data).")
     chosen = [s for s in found if s.uid == series.strip()]
     if not chosen:
         raise SGPInputError(f"--series {series} is not a series of the DICOM folder {folder}, "
