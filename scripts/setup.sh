@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Set up SlicerSGP in ./.venv: torch, the official sam2 package (no torchvision, no CUDA
-# extension), the engine and the `sgp` command. `--test` adds what the test suite needs.
+# extension), the engine and the `sgp` command (with DICOM SEG output). `--test` adds what the
+# test suite needs.
 # SGP_TORCH overrides the torch requirement (default: torch==2.13.0; e.g. SGP_TORCH=torch for
 # the newest CUDA build on a GPU machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras=""
-[ "${1:-}" = "--test" ] && extras="[test]"
+extras="[dicom]"
+[ "${1:-}" = "--test" ] && extras="[dicom,test]"
 
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv

@@ -1,4 +1,5 @@
-"""``sgp segment``: one volume from a few labeled slices and/or a support bank -> .seg.nrrd."""
+"""``sgp segment``: one volume (an image file or a DICOM series folder) from a few labeled slices
+and/or a support bank -> .seg.nrrd, or a DICOM Segmentation (.dcm) for a DICOM series."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ from SlicerSGP.cli.prompt_args import (
 )
 from SlicerSGP.cli.serve import read_token
 from SlicerSGP.data import io, preprocess
+from SlicerSGP.data.dicom import DicomSeries
 from SlicerSGP.data.prompt_checks import check_prompts
+from SlicerSGP.data.readers import read_image_source
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.evaluation.reports import montage_tile, write_montage
 from SlicerSGP.service.client import connect_engine
@@ -38,15 +41,22 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "segment",
         help="segment a volume from labeled slices or a support bank",
         description="Segment every slice of IMAGE from the slices labeled in LABELS (and/or a "
-                    "support bank of other labeled cases); write a .seg.nrrd Slicer opens. "
+                    "support bank of other labeled cases); write a .seg.nrrd Slicer opens, or "
+                    "for a DICOM series a DICOM Segmentation (.dcm) that references it. "
                     "Outputs are all-or-nothing: every output path is checked before the model "
                     "loads, files are written under temporary names and renamed into place "
                     "only when the whole run succeeded.",
     )
-    p.add_argument("image", type=Path, help="volume (NIfTI, NRRD, MHA) or 2D image (PNG, ...)")
+    p.add_argument("image", type=Path, help="volume (NIfTI, NRRD, MHA), 2D image (PNG, ...) or "
+                   "a folder of DICOM files (one series, or --series UID)")
+    p.add_argument("--series", metavar="UID",
+                   help="the Series Instance UID to segment, when the DICOM folder IMAGE holds "
+                        "several series (they are listed when it is left out)")
     p.add_argument("--labels", type=Path,
                    help="label map on the image grid (NIfTI/NRRD/.seg.nrrd) holding the drawn slices")
-    p.add_argument("--out", type=Path, required=True, help="output segmentation (.seg.nrrd)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output segmentation: .seg.nrrd, or .dcm for a DICOM Segmentation "
+                        "object referencing the DICOM series IMAGE (segment names and colours)")
     p.add_argument("--label", dest="label_values", type=int, action="append",
                    help="label value to segment (repeatable; default: every value drawn, or "
                         "every value of the support bank)")
@@ -122,7 +132,12 @@ def probability_name(structure: str) -> str:
 def plan_outputs(args: argparse.Namespace) -> OutputPlan:
     """Check every output path before anything is read or loaded."""
     plan = OutputPlan()
-    plan.file(args.out, "--out", (".seg.nrrd",))
+    plan.file(args.out, "--out", (".seg.nrrd", ".dcm"))
+    if is_dicom_seg(args.out) and not Path(args.image).is_dir():
+        raise SGPInputError(
+            f"--out {args.out} asks for a DICOM Segmentation, which references the DICOM images "
+            f"it segments, but IMAGE {args.image} is not a DICOM series folder. Give the folder "
+            "of the DICOM series as IMAGE, or write --out NAME.seg.nrrd.")
     if args.pseudo_masks:
         plan.file(args.pseudo_masks, "--pseudo-masks", (".seg.nrrd",))
     if args.scores:
@@ -181,7 +196,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                             "a slice with --box / --point (or other cases with --support-bank "
                             "DIR).")
     with plan_outputs(args) as plan:
-        volume, geometry = io.read_image(args.image)
+        volume, geometry, source = read_image_source(args.image, args.series)
         labels, names = None, {}
         if args.labels is not None:
             labels, _, names = io.read_labels(args.labels, geometry,
@@ -225,16 +240,27 @@ def cmd_segment(args: argparse.Namespace) -> int:
                                         cancel=cancel)
         finally:
             progress.close()
-        _write_outputs(plan, args, volume, labels, geometry, result, opts)
+        _write_outputs(plan, args, volume, labels, geometry, result, opts, source)
         written = plan.commit()
     _report(result, axis, load_s, engine, written)
     return 0
 
 
-def _write_outputs(plan: OutputPlan, args, volume, labels, geometry, result, opts) -> None:
+def is_dicom_seg(path: Path) -> bool:
+    return path.name.lower().endswith(".dcm")
+
+
+def _write_outputs(plan: OutputPlan, args, volume, labels, geometry, result, opts,
+                   source: DicomSeries | None = None) -> None:
     from SlicerSGP.method.segmenter import label_map_from_probabilities
 
-    io.write_segmentation(plan.temp(args.out), result.labels, geometry, result.structures)
+    if is_dicom_seg(args.out):
+        from SlicerSGP.data.dicom_seg import write_dicom_seg  # highdicom: only when asked
+
+        assert source is not None  # plan_outputs refused a .dcm for another input
+        write_dicom_seg(plan.temp(args.out), result.labels, source, result.structures)
+    else:
+        io.write_segmentation(plan.temp(args.out), result.labels, geometry, result.structures)
     if args.pseudo_masks:
         pseudo = label_map_from_probabilities(result.pseudo_masks, opts.threshold,
                                               result.labels.shape)

@@ -8,8 +8,10 @@ import errno
 import os
 import stat
 import sys
+from collections.abc import Callable
 from contextlib import redirect_stdout
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from SlicerSGP.cli.common import (
     add_feature_cache_options,
@@ -19,6 +21,9 @@ from SlicerSGP.cli.common import (
 )
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.service.jobs import ServiceLimits
+
+if TYPE_CHECKING:
+    from SlicerSGP.service.access import Users
 
 TOKEN_HELP = ("python -c \"import secrets; print(secrets.token_urlsafe(32))\" > sgp.token && "
               "chmod 600 sgp.token")
@@ -30,8 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Keep one model loaded and serve segmentation runs over HTTP (API under "
                     "/v1, documentation at /docs). Prints 'ready URL' on stdout once it accepts "
                     "requests. Listens on loopback only unless --host says otherwise, which "
-                    "needs --token-file. No TLS: for remote use put it behind a reverse proxy "
-                    "or an SSH tunnel.")
+                    "needs --token-file or --tokens. No TLS: for remote use put it behind a "
+                    "reverse proxy or an SSH tunnel.")
     add_service_options(p)
     g = p.add_argument_group("model")
     add_model_options(g)
@@ -51,6 +56,14 @@ def add_service_options(p: argparse.ArgumentParser) -> None:
                    help="file holding a token clients must send (Authorization: Bearer); "
                         "readable by you only (chmod 600). Repeat it to accept several tokens: "
                         "each is its own user, whose runs the others cannot see or cancel")
+    g.add_argument("--tokens", type=Path, default=None, metavar="FILE",
+                   help="user table of a shared server: one 'name:sha256hex' line per user "
+                        "(the SHA-256 of their token; make a line with --hash-token), or a JSON "
+                        "object {name: hex}. Read again on SIGHUP (kill -HUP PID): added users "
+                        "may connect, removed ones get 401 from their next request")
+    g.add_argument("--hash-token", metavar="NAME", default=None,
+                   help="print the --tokens line of user NAME for the token read from standard "
+                        "input, and exit (sgp serve --hash-token alice < alice.token >> users)")
     g.add_argument("--allow-shared-token-file", action="store_true",
                    help="accept a token file that other users of this computer can read")
     g.add_argument("--max-upload-mb", type=float, default=2048,
@@ -72,6 +85,10 @@ def add_limit_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--max-queue", type=int, default=d.max_queue,
                    help="runs and click refinements that may wait for the engine; more are "
                         f"refused with 429 and Retry-After (default {d.max_queue})")
+    g.add_argument("--max-queue-per-user", type=int, default=d.max_queue_per_user,
+                   help="runs of one user that may wait for the engine; more are refused with "
+                        "429 naming this option (default: only --max-queue bounds them). Runs "
+                        "are taken round robin between users whatever this is")
     g.add_argument("--max-volumes-mb", type=float, default=d.max_volumes_mb,
                    help="memory for uploaded volumes, in MB; least recently used dropped first, "
                         "never one a queued or running run needs (default "
@@ -93,7 +110,8 @@ def limits_from_args(args: argparse.Namespace) -> ServiceLimits:
     limits = ServiceLimits(
         max_queue=args.max_queue, max_volumes_mb=args.max_volumes_mb,
         max_results_mb=args.max_results_mb, max_voxels=args.max_voxels,
-        max_structures=args.max_structures, refine_timeout=args.refine_timeout)
+        max_structures=args.max_structures, refine_timeout=args.refine_timeout,
+        max_queue_per_user=args.max_queue_per_user)
     limits.check()
     return dataclasses.replace(limits, max_voxels=int(limits.max_voxels))
 
@@ -144,23 +162,55 @@ def read_token(path: Path, allow_shared: bool = False) -> str:
     return token
 
 
+def hash_token(name: str) -> int:
+    """`sgp serve --hash-token NAME`: the --tokens line for the token on standard input."""
+    from SlicerSGP.service.token_table import table_line
+
+    token = sys.stdin.read(TOKEN_MAX_BYTES + 1).strip()
+    if len(token) < 16 or len(token) > TOKEN_MAX_BYTES or \
+            any(not (" " <= ch <= "~") for ch in token):
+        raise SGPInputError("--hash-token reads one token from standard input: one line of 16 "
+                            f"or more printable ASCII characters. Create one with: {TOKEN_HELP}, "
+                            f"then: sgp serve --hash-token {name} < sgp.token >> users.txt")
+    print(table_line(name, token))
+    return 0
+
+
+def users_from_args(args: argparse.Namespace) -> tuple[Users, Callable[[], None] | None]:
+    """The user table (--token-file users and those of --tokens) and what SIGHUP does."""
+    from SlicerSGP.service.access import Users
+    from SlicerSGP.service.token_table import merged, read_table, reloader, token_digest
+
+    # Each token file is one user, named by its path.
+    fixed = {str(path): token_digest(read_token(path, args.allow_shared_token_file))
+             for path in args.token_file or []}
+    if args.tokens is None:
+        return Users(digests=fixed), None
+    users = Users(digests=merged(read_table(args.tokens), fixed, args.tokens), required=True)
+    if not users.names():
+        print(f"warning: --tokens {args.tokens} names no user yet: every request is refused "
+              "until users are added and the server gets SIGHUP", file=sys.stderr)
+    return users, reloader(args.tokens, fixed, users.replace)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.hash_token is not None:
+        return hash_token(args.hash_token)
     # Imported here: `sgp --help` and the other subcommands need neither fastapi nor torch.
     from SlicerSGP.service.server import bind_socket, is_loopback, serve, setup_logging
 
-    if not args.token_file and not is_loopback(args.host):
+    if not args.token_file and args.tokens is None and not is_loopback(args.host):
         raise SGPInputError(
             f"Refusing to listen on {args.host} without a token: anyone who can reach this "
             f"port could run jobs and read the volumes sent. Create a token ({TOKEN_HELP}) and "
-            "add --token-file sgp.token, or keep the default --host 127.0.0.1.")
+            "add --token-file sgp.token (or a user table, --tokens), or keep the default "
+            "--host 127.0.0.1.")
     if not 0 <= args.port <= 65535:
         raise SGPInputError(f"--port {args.port} is out of range (0..65535; 0 = a free port).")
     if args.max_upload_mb <= 0:
         raise SGPInputError("--max-upload-mb must be positive.")
     limits = limits_from_args(args)
-    # Each token file is one user, named by its path (see server.Users).
-    tokens = {str(path): read_token(path, args.allow_shared_token_file)
-              for path in args.token_file or []}
+    users, on_hangup = users_from_args(args)
     try:  # before the model loads: a busy port fails at once
         sock = bind_socket(args.host, args.port)
     except OSError as e:
@@ -178,9 +228,9 @@ def run(args: argparse.Namespace) -> int:
     with redirect_stdout(sys.stderr):
         segmenter = Segmenter(args.model, **model_spec(args), cache_mb=args.cache_mb)
     try:
-        serve(segmenter, host=args.host, port=args.port, tokens=tokens, sock=sock,
+        serve(segmenter, host=args.host, port=args.port, users=users, sock=sock,
               max_upload_mb=args.max_upload_mb, watch_stdin=args.watch_stdin,
-              limits=limits)
+              limits=limits, on_hangup=on_hangup)
     except OSError as e:
         raise SGPInputError(f"Cannot listen on {args.host}:{args.port}: {e.strerror}. Pick "
                             "another --port (0 = any free one) or --host.") from None

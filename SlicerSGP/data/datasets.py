@@ -103,7 +103,8 @@ def find_cases(folder: str | os.PathLike) -> list[CaseRef]:
     if not refs:
         raise SGPInputError(
             f"{folder} holds no labeled cases: expected images/ + masks/ (2D pairs), sub-folders "
-            "with image.* + labels.* (NIfTI, NRRD, .seg.nrrd), or a single such case."
+            "with image.* (or an image/ folder of DICOM files) + labels.* (NIfTI, NRRD, "
+            ".seg.nrrd), or a single such case."
         )
     return refs
 

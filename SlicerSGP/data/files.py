@@ -1,8 +1,8 @@
 """File kinds and folder layouts the engine reads: image and label-map endings, names without
 them, and where a labeled case keeps its files.
 
-Layouts: a case folder holds ``image.*`` and ``labels.*`` (or ``label.*``, ``segmentation.*``,
-``mask.*``); a 2D data set holds ``images/NAME.*`` and ``masks/NAME.*`` with matching NAMEs.
+Layouts: a case folder holds ``image.*`` (or a folder ``image/`` of DICOM files, one series)
+and ``labels.*`` (or ``label.*``, ``segmentation.*``, ``mask.*``); a 2D data set holds ``images/NAME.*`` and ``masks/NAME.*`` with matching NAMEs.
 """
 
 from __future__ import annotations
@@ -56,8 +56,11 @@ def _prefixed(folder: Path, prefixes: tuple[str, ...]) -> Path | None:
 
 
 def case_files(folder: Path) -> tuple[Path, Path] | None:
-    """``(image, labels)`` of a case folder, or None when it lacks either."""
+    """``(image, labels)`` of a case folder, or None when it lacks either; the image may be
+    a sub-folder ``image/`` (a DICOM series, read by readers.read_image)."""
     image = _prefixed(folder, ("image",))
+    if image is None and (folder / "image").is_dir():
+        image = folder / "image"
     labels = _prefixed(folder, LABEL_PREFIXES)
     return (image, labels) if image and labels else None
 

@@ -1,4 +1,5 @@
-"""Reading images and label maps (NIfTI, NRRD, MetaImage, PNG/JPG/BMP/TIFF, Slicer .seg.nrrd).
+"""Reading images and label maps (NIfTI, NRRD, MetaImage, PNG/JPG/BMP/TIFF, Slicer .seg.nrrd;
+an image may also be a folder holding a DICOM series, see dicom.py).
 
 Arrays are in ``(K, J, I)`` order (``(K, J, I, 3)`` for RGB), as SimpleITK's
 ``GetArrayFromImage`` gives them; :class:`~SlicerSGP.types.Geometry` follows ITK (LPS).
@@ -14,6 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 import slicerio
 
+from SlicerSGP.data.dicom import DicomSeries, read_dicom_series
 from SlicerSGP.data.files import SEGMENTATION_EXTENSION, file_kind
 from SlicerSGP.data.geometry import (
     format_numbers,
@@ -32,7 +34,9 @@ def _read_sitk(path: Path, what: str) -> sitk.Image:
             f"{what} file not found: {path}. Check the path (and the working folder)."
         )
     if path.is_dir():
-        raise SGPInputError(f"{what} path {path} is a folder; give the path of an image file.")
+        dicom = " or of a folder of DICOM files" if what == "Image" else ""
+        raise SGPInputError(f"{what} path {path} is a folder; give the path of an image "
+                            f"file{dicom}.")
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -44,13 +48,27 @@ def _read_sitk(path: Path, what: str) -> sitk.Image:
         ) from exc
 
 
-def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
+def read_image(path: str | os.PathLike, series: str | None = None,
+               ) -> tuple[np.ndarray, Geometry]:
     """Read an image: ``(array, geometry)``, array ``(K, J, I)`` or ``(K, J, I, 3)`` (RGB).
 
     2D images come back as ``(1, H, W)`` / ``(1, H, W, 3)`` with z spacing 1. 4D images and
-    vector images with other than 1 or 3 components are rejected.
+    vector images with other than 1 or 3 components are rejected. A folder is read as a DICOM
+    series (``series``: its Series Instance UID, needed when the folder holds several).
     """
+    array, geometry, _ = read_image_source(path, series)
+    return array, geometry
+
+
+def read_image_source(path: str | os.PathLike, series: str | None = None,
+                      ) -> tuple[np.ndarray, Geometry, DicomSeries | None]:
+    """:func:`read_image`, and the DICOM series it came from (None for an image file)."""
     path = Path(path)
+    if path.is_dir():
+        return read_dicom_series(path, series)
+    if series is not None:
+        raise SGPInputError(f"--series names a series of a DICOM folder, but {path} is a file; "
+                            "leave --series out, or give the folder of the DICOM series.")
     img = _read_sitk(path, "Image")
     dim, ncomp = img.GetDimension(), img.GetNumberOfComponentsPerPixel()
     if dim not in (2, 3):
@@ -68,7 +86,7 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     array = sitk.GetArrayFromImage(img)
     if dim == 2:
         array = array[np.newaxis]
-    return array, geometry
+    return array, geometry, None
 
 
 def _label_dtype(top: int) -> type:

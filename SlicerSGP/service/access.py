@@ -3,9 +3,10 @@ server without a token (:class:`LocalOnly`), and the per-request authorization d
 
 Who may do what:
 
-* Each accepted token is a *user* (today one per ``--token-file``, named by the file; the
-  multi-user server, ``--tokens FILE`` with user name -> token hash, adds users to the same
-  :class:`Users` table). A run belongs to the user who started it: its status, result, cancel
+* Each accepted token is a *user*: one per ``--token-file``, named by the file, and those of
+  the user table ``--tokens FILE`` (user name -> token hash, token_table.py; read again on
+  SIGHUP, when :meth:`Users.replace` swaps the table: a removed user's next request gets 401).
+  A run belongs to the user who started it: its status, result, cancel
   and delete answer 404 to every other user, exactly as for a run that does not exist, and
   ``/v1/info`` shows another user's running run only as a count. Without a token there is one
   user, ``local``.
@@ -17,7 +18,6 @@ Who may do what:
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 from collections.abc import Callable, Mapping
@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse
 
 from SlicerSGP import __version__
 from SlicerSGP.service import protocol
+from SlicerSGP.service.token_table import token_digest
 
 
 class ServiceError(Exception):
@@ -53,17 +54,34 @@ LOCAL_USER = "local"
 
 class Users:
     """Who sent a request: the user whose token it carries. Tokens are kept as SHA-256
-    digests and compared in constant time with every known one."""
+    digests and compared in constant time with every known one (the time does not depend on
+    which one matches, or how much of one does).
 
-    def __init__(self, tokens: Mapping[str, str]):
-        self._digests = {name: hashlib.sha256(tok.encode()).digest()
-                         for name, tok in tokens.items()}
+    True when the server requires a token (``required``, by default whether any is given): a
+    server with a user table stays closed to requests without a known token even when the
+    table is empty or emptied by a reload."""
+
+    def __init__(self, tokens: Mapping[str, str] | None = None, *,
+                 digests: Mapping[str, bytes] | None = None, required: bool | None = None):
+        table = {name: token_digest(tok) for name, tok in (tokens or {}).items()}
+        table.update(digests or {})
+        self._digests = table
+        self.required = bool(table) if required is None else required
 
     def __bool__(self) -> bool:
-        return bool(self._digests)
+        return self.required
+
+    def names(self) -> set[str]:
+        return set(self._digests)
+
+    def replace(self, digests: Mapping[str, bytes]) -> set[str]:
+        """Put a new table in force at once (one reference swap: a request being checked
+        sees the old table or the new one, never a mix); answers the names of the old one."""
+        old, self._digests = self._digests, dict(digests)
+        return set(old)
 
     def identify(self, token: str) -> str | None:
-        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        digest = token_digest(token)
         found = None
         for name, known in self._digests.items():
             if hmac.compare_digest(digest, known):
@@ -126,8 +144,9 @@ def make_authorize(users: Users) -> Callable[[Request], str]:
             scheme, _, value = given.partition(" ")
             found = users.identify(value) if scheme.lower() == "bearer" else None
             if found is None:
-                raise ServiceError(401, "Wrong or missing token: send the server's token as "
-                                   "'Authorization: Bearer <token>' (see --token-file).", "auth")
+                raise ServiceError(401, "Wrong, revoked or missing token: send your token as "
+                                   "'Authorization: Bearer <token>' (see --token-file and "
+                                   "--tokens).", "auth")
             user = found
         theirs = request.headers.get(protocol.PROTOCOL_HEADER)
         if theirs is not None and theirs != str(protocol.PROTOCOL_VERSION):

@@ -59,6 +59,8 @@ class EngineClient:
         self.bytes_received = 0
         self.poll_interval = 0.2
         """Longest wait between two status polls in ``segment``."""
+        self._run_volumes: dict[str, str] = {}
+        """run id -> its volume's id, sent with the run's requests (protocol.VOLUME_HEADER)."""
         # A proxy from the environment must not see loopback traffic (corporate proxies often
         # lack a no_proxy entry for 127.0.0.1, and the token would travel to them).
         proxies = {} if parsed.hostname in LOOPBACK else None
@@ -86,7 +88,7 @@ class EngineClient:
             data = _read_quietly(e)
             if e.code in allow:
                 return e.code, data, e.headers.get("Content-Type", "")
-            raise self._http_error(e.code, data) from None
+            raise http_error(self.url, e.code, data) from None
         except urllib.error.URLError as e:
             raise self._unreachable(e.reason) from None
         except (OSError, http.client.HTTPException) as e:
@@ -106,24 +108,6 @@ class EngineClient:
             why = str(reason) or type(reason).__name__
         return SGPServiceError(f"Cannot reach the engine server at {self.url}: {why}. Check the "
                                "URL and that `sgp serve` is running there.")
-
-    def _http_error(self, code: int, data: bytes) -> SGPError:
-        try:
-            payload = json.loads(data.decode())
-            detail, etype = payload.get("detail"), payload.get("error_type")
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            detail, etype = data[:200].decode(errors="replace"), None
-        if not isinstance(detail, str):
-            detail = json.dumps(detail)
-        if code == 401:
-            return _tagged(SGPServiceError(f"The engine server at {self.url} refused the token (401): "
-                                   "use the token it was started with (its --token-file)."), "auth")
-        if code == 413 or etype == "input":
-            return _tagged(SGPInputError(detail), etype)
-        if etype in ENGINE_ERRORS:
-            return _tagged(ENGINE_ERRORS[etype](detail), etype)
-        return _tagged(SGPServiceError(f"The engine server at {self.url} answered {code}: "
-                                       f"{detail}"), etype)
 
     def _json(self, method: str, path: str, body: bytes | None = None,
               headers: dict[str, str] | None = None) -> dict[str, Any]:
@@ -149,7 +133,8 @@ class EngineClient:
     # ------------------------------------------------------------------ volumes
 
     def has_volume(self, volume_id: str) -> bool:
-        status = self._request("HEAD", f"/v1/volumes/{volume_id}", allow=(404,))[0]
+        status = self._request("HEAD", f"/v1/volumes/{volume_id}", None,
+                               {protocol.VOLUME_HEADER: volume_id}, allow=(404,))[0]
         return status == 200
 
     def ensure_volume(self, volume: np.ndarray, geometry: Geometry | None = None, *,
@@ -160,7 +145,7 @@ class EngineClient:
         if force or not self.has_volume(vid):
             body = protocol.volume_to_npy(volume)
             self._request("PUT", f"/v1/volumes/{vid}", body, {
-                "Content-Type": protocol.NPY,
+                "Content-Type": protocol.NPY, protocol.VOLUME_HEADER: vid,
                 protocol.GEOMETRY_HEADER: json.dumps(protocol.geometry_to_json(geometry))})
         return vid
 
@@ -187,24 +172,35 @@ class EngineClient:
             "prompts": protocol.encode_prompts(prompts, arrays),
         }
         body = protocol.pack(arrays, meta, compress=True)
-        return self._json("POST", "/v1/runs", body, {"Content-Type": protocol.NPZ})["run_id"]
+        run_id = self._json("POST", "/v1/runs", body, {
+            "Content-Type": protocol.NPZ, protocol.VOLUME_HEADER: volume_id})["run_id"]
+        self._run_volumes[run_id] = volume_id
+        return run_id
+
+    def _routed(self, run_id: str) -> dict[str, str]:
+        """The header naming a run's volume, when this client started the run."""
+        vid = self._run_volumes.get(run_id)
+        return {} if vid is None else {protocol.VOLUME_HEADER: vid}
 
     def run_status(self, run_id: str) -> dict[str, Any]:
         """{state: queued/running/done/failed/cancelled, stage, fraction, error, ...}."""
-        return self._json("GET", f"/v1/runs/{run_id}")
+        return self._json("GET", f"/v1/runs/{run_id}", None, self._routed(run_id))
 
     def cancel_run(self, run_id: str) -> dict[str, Any]:
-        return self._json("POST", f"/v1/runs/{run_id}/cancel")
+        return self._json("POST", f"/v1/runs/{run_id}/cancel", None, self._routed(run_id))
 
     def discard_run(self, run_id: str) -> None:
         """Free a finished run's result on the server without downloading it."""
-        self._request("DELETE", f"/v1/runs/{run_id}", allow=(404,))
+        self._request("DELETE", f"/v1/runs/{run_id}", None, self._routed(run_id), allow=(404,))
+        self._run_volumes.pop(run_id, None)
 
     def run_result(self, run_id: str, probabilities: bool = False) -> SegmentationResult:
         """Download a finished run's result (the server frees it then). A failed run raises the
         engine's error; a cancelled one raises Cancelled."""
         query = "?probabilities=true" if probabilities else ""
-        status, data, _ = self._request("GET", f"/v1/runs/{run_id}/result{query}", allow=(410,))
+        status, data, _ = self._request("GET", f"/v1/runs/{run_id}/result{query}", None,
+                                        self._routed(run_id), allow=(410,))
+        self._run_volumes.pop(run_id, None)
         if status == 410:
             raise Cancelled(_detail(data) or "The run was cancelled; nothing was written.")
         return protocol.decode_result(data)
@@ -284,9 +280,32 @@ class EngineClient:
                 "point_labels": [int(v) for v in point_labels],
                 "options": protocol.options_to_json(options)}
         body = protocol.pack(arrays, meta, compress=True)
-        data = self._request("POST", "/v1/refine", body, {"Content-Type": protocol.NPZ})[1]
+        data = self._request("POST", "/v1/refine", body, {"Content-Type": protocol.NPZ,
+                                                          protocol.VOLUME_HEADER: vid})[1]
         out, info = protocol.unpack(data)
         return out["mask"], float(info["iou"])
+
+
+def http_error(url: str, code: int, data: bytes) -> SGPError:
+    """The error for an HTTP error answer of the server at ``url``."""
+    try:
+        payload = json.loads(data.decode())
+        detail, etype = payload.get("detail"), payload.get("error_type")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        detail, etype = data[:200].decode(errors="replace"), None
+    if not isinstance(detail, str):
+        detail = json.dumps(detail)
+    if code == 401:
+        return _tagged(SGPServiceError(
+            f"The engine server at {url} refused the token (401): use the token it was started "
+            "with (its --token-file), or the one its administrator gave you (a token taken out "
+            "of its --tokens table is refused)."), "auth")
+    if code == 413 or etype == "input":
+        return _tagged(SGPInputError(detail), etype)
+    if etype in ENGINE_ERRORS:
+        return _tagged(ENGINE_ERRORS[etype](detail), etype)
+    return _tagged(SGPServiceError(f"The engine server at {url} answered {code}: "
+                                   f"{detail}"), etype)
 
 
 def connect_engine(url: str, token: str | None = None,

@@ -1,12 +1,15 @@
 """The server's runs and the one worker thread that uses the model (volumes: store.py).
 
 Every use of the ``Segmenter`` happens on the worker thread, one job at a time (the model and its
-caches are not thread-safe, and one device gains nothing from running two jobs at once). Runs
-go in arrival order; a point-prompt refinement, which a user waits for with the mouse, goes
-before queued runs but never interrupts the running one.
+caches are not thread-safe, and one device gains nothing from running two jobs at once). Each
+run carries its user; runs are taken round robin between users, each user's in arrival order
+(fair_queue.py); a point-prompt refinement, which a user waits for with the mouse, goes before
+queued runs but never interrupts the running one. The log names each run's user, volume hash,
+wait and run time, never the image or its labels.
 
 What the server holds is bounded by :class:`ServiceLimits` (``sgp serve`` options): the queue
-(runs and refinements waiting, ``--max-queue``), the volumes (``--max-volumes-mb``, least
+(runs and refinements waiting, ``--max-queue``; runs of one user, ``--max-queue-per-user``), the
+volumes (``--max-volumes-mb``, least
 recently used dropped first, never one a queued or running run needs) and the finished results
 (``--max-results-mb``, oldest dropped first). A request over a limit is refused with
 :class:`protocol.LimitExceeded` (HTTP 413/429/503) naming the limit and its option. The volume
@@ -36,6 +39,7 @@ from SlicerSGP.errors import (
     SGPInputError,
     SGPWeightsError,
 )
+from SlicerSGP.service.fair_queue import FairQueue
 from SlicerSGP.service.request_checks import LimitExceeded
 
 # The names imported ``as`` themselves moved to store.py; they are imported back so that
@@ -46,6 +50,7 @@ from SlicerSGP.service.store import ServiceLimits as ServiceLimits
 from SlicerSGP.service.store import StoredVolume as StoredVolume
 from SlicerSGP.service.store import VolumeStore as VolumeStore
 from SlicerSGP.service.store import estimate_result_nbytes as estimate_result_nbytes
+from SlicerSGP.service.store import prune_finished, too_big
 from SlicerSGP.service.store import result_nbytes as result_nbytes
 from SlicerSGP.types import SegmentationResult, SegmentOptions, SlicePrompt, SupportItem
 
@@ -110,6 +115,9 @@ class Run:
     finished: float | None = None
     result: SegmentationResult | None = None
     result_nbytes: int = 0
+    user: str = "local"
+    volume_id: str = ""
+    started: float | None = None
     cancel_requested: threading.Event = field(default_factory=threading.Event)
 
     def status(self, position: int | None) -> dict[str, Any]:
@@ -130,12 +138,14 @@ class JobQueue:
 
     def __init__(self, segmenter: Any, volumes: VolumeStore | None = None, *,
                  result_ttl: float = 600.0, max_results: int = 16,
-                 max_result_bytes: int | None = None, max_queue: int | None = None):
+                 max_result_bytes: int | None = None, max_queue: int | None = None,
+                 max_queue_per_user: int | None = None):
         self.segmenter, self.volumes = segmenter, volumes
         self.result_ttl, self.max_results = result_ttl, max_results
         self.max_result_bytes, self.max_queue = max_result_bytes, max_queue
+        self.max_queue_per_user = max_queue_per_user
         self.runs: dict[str, Run] = {}
-        self._queue: deque[Run] = deque()
+        self._queue: FairQueue[Run] = FairQueue()
         self._urgent: deque[tuple[Callable[[], Any], Future]] = deque()
         self._cond = threading.Condition()
         self._current: Run | None = None
@@ -148,15 +158,19 @@ class JobQueue:
 
     # ------------------------------------------------------------------ requests
 
-    def submit(self, request: RunRequest) -> Run:
-        """Queue a run (LimitExceeded, 429, when the queue is full). The run releases its
-        volume's pin when it ends; on refusal the caller still holds it."""
-        run = Run(id=uuid.uuid4().hex, request=request)
+    def submit(self, request: RunRequest, user: str = "local") -> Run:
+        """Queue a run of ``user`` (LimitExceeded, 429, when the queue or the user's share of
+        it is full). The run releases its volume's pin when it ends; on refusal the caller
+        still holds it."""
+        run = Run(id=uuid.uuid4().hex, request=request, user=user, volume_id=request.volume_id)
         with self._cond:
             self._check_room_locked("run")
+            self._check_user_room_locked(user)
             self._prune_locked()
             self.runs[run.id] = run
             self._queue.append(run)
+            log.info("run %s queued: user %s, volume %s, %d of theirs and %d in all waiting",
+                     run.id, user, run.volume_id[:16], self._queue.count(user), len(self._queue))
             self._cond.notify_all()
         return run
 
@@ -200,13 +214,21 @@ class JobQueue:
                 f"{what} was not queued: try again in a few seconds, or restart the server "
                 "with a larger --max-queue.", RETRY_AFTER)
 
+    def _check_user_room_locked(self, user: str) -> None:
+        cap, mine = self.max_queue_per_user, self._queue.count(user)
+        if cap is not None and mine >= cap:
+            self.refused += 1
+            raise LimitExceeded(
+                429, f"You have {mine} runs waiting on this engine server, the most it queues "
+                f"for one user (--max-queue-per-user {cap}), so this run was not queued: wait "
+                "for one of them to start, or cancel one, and send it again.", RETRY_AFTER)
+
     def status(self, run_id: str) -> dict[str, Any] | None:
         with self._cond:
             run = self.runs.get(run_id)
             if run is None:
                 return None
-            pos = next((i for i, r in enumerate(self._queue) if r is run), None)
-            return run.status(pos)
+            return run.status(self._queue.position(run) if run.state == "queued" else None)
 
     def cancel(self, run_id: str) -> dict[str, Any] | None:
         with self._cond:
@@ -237,6 +259,17 @@ class JobQueue:
     def waiting(self) -> dict[str, int]:
         with self._cond:
             return {"runs": len(self._queue), "refinements": len(self._urgent)}
+
+    def queue_of(self, user: str) -> dict[str, Any]:
+        """The queue as ``user`` sees it: their waiting runs and whether one of theirs runs,
+        the runs waiting in all and how many users they belong to, and the per-user cap."""
+        with self._cond:
+            current = self._current
+            return {"yours_waiting": self._queue.count(user),
+                    "yours_running": current is not None and current.user == user,
+                    "waiting": len(self._queue), "users_waiting": self._queue.users(),
+                    "running": current is not None,
+                    "max_queue_per_user": self.max_queue_per_user}
 
     def results_summary(self) -> dict[str, Any]:
         with self._cond:
@@ -275,7 +308,9 @@ class JobQueue:
                     run = None
                 elif self._queue:
                     run = self._current = self._queue.popleft()
-                    run.state = "running"
+                    run.state, run.started = "running", time.monotonic()
+                    log.info("run %s started: user %s, volume %s, waited %.2f s", run.id,
+                             run.user, run.volume_id[:16], run.started - run.created)
                 else:
                     return
             if run is None:
@@ -313,7 +348,7 @@ class JobQueue:
             outcome = ("done", None, None)
             nbytes = result_nbytes(result)
             if self.max_result_bytes is not None and nbytes > self.max_result_bytes:
-                outcome, result = ("failed", self._too_big(nbytes), "input"), None
+                outcome, result = ("failed", too_big(nbytes, self.max_result_bytes), "input"), None
         with self._cond:
             run.result, run.result_nbytes = result, nbytes
             self._finish_locked(run, *outcome)
@@ -321,42 +356,17 @@ class JobQueue:
             self.completed += 1
             self._prune_locked()
 
-    def _too_big(self, nbytes: int) -> str:
-        return (f"The run's result is {nbytes / MB:.1f} MB, more than the "
-                f"{(self.max_result_bytes or 0) / MB:g} MB of results this server keeps "
-                "(--max-results-mb): segment fewer structures at once, crop the volume, or "
-                "restart the server with a larger --max-results-mb.")
-
     def _finish_locked(self, run: Run, state: str, error: str | None, etype: str | None) -> None:
         run.state, run.error, run.error_type = state, error, etype
         if state == "done":
             run.fraction = 1.0
         run.finished = time.monotonic()
+        ran = "" if run.started is None else f", ran {run.finished - run.started:.2f} s"
+        log.info("run %s %s: user %s, volume %s, %.2f s after it was queued%s", run.id, state,
+                 run.user, run.volume_id[:16], run.finished - run.created, ran)
         if run.request is not None and self.volumes is not None:
             self.volumes.release(run.request.volume_id)
         run.request = None  # the volume and labels are no longer needed
 
     def _prune_locked(self) -> None:
-        """Forget old finished runs (count, age) and drop the oldest results beyond
-        ``max_result_bytes``; a dropped result's run says why."""
-        now = time.monotonic()
-        done = [r for r in self.runs.values() if r.finished is not None]
-        done.sort(key=lambda r: r.finished or 0.0)
-        excess = len(done) - self.max_results
-        for i, r in enumerate(done):
-            if i < excess or now - (r.finished or now) > self.result_ttl:
-                del self.runs[r.id]
-        if self.max_result_bytes is None:
-            return
-        held = [r for r in done if r.result is not None and r.id in self.runs]
-        total = sum(r.result_nbytes for r in held)
-        for r in held[:-1]:  # never the newest
-            if total <= self.max_result_bytes:
-                break
-            total -= r.result_nbytes
-            r.result, r.result_nbytes = None, 0
-            r.state, r.error_type = "failed", "dropped"
-            r.error = (f"The run's result was dropped before it was downloaded, to keep the "
-                       f"server's results within {self.max_result_bytes / MB:g} MB "
-                       "(--max-results-mb): run it again, download results sooner, or restart "
-                       "the server with a larger --max-results-mb.")
+        prune_finished(self.runs, self.max_results, self.result_ttl, self.max_result_bytes)

@@ -64,6 +64,10 @@ PROTOCOL_VERSION = 1
 """Bumped whenever a request or response changes shape; client and server must agree."""
 PROTOCOL_HEADER = "X-SGP-Protocol"
 GEOMETRY_HEADER = "X-SGP-Geometry"
+VOLUME_HEADER = "X-SGP-Volume"
+"""The volume id a request concerns, sent by the client with every volume, run and refine
+request (a run's requests carry its volume's id). The server does not read it: it is for a
+reverse proxy that sends a volume's requests to the server holding its embeddings."""
 NPZ = "application/x-npz"
 NPY = "application/x-npy"
 

@@ -68,7 +68,7 @@ def add_run_routes(api: APIRouter, *, segmenter: Any, jobs: JobQueue, volumes: V
                 support_bank=bank, prompts=prompts)
 
         try:
-            run = jobs.submit(await offload(build))
+            run = jobs.submit(await offload(build), user)
         except BaseException:
             volumes.release(meta["volume_id"])
             raise

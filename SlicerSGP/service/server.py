@@ -19,10 +19,11 @@ import json
 import logging
 import os
 import platform
+import signal
 import socket
 import sys
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -96,14 +97,17 @@ def device_info() -> list[dict[str, Any]]:
 def create_app(segmenter: Any, *, token: str | None, max_upload_mb: float,
                volume_store_mb: float = 4096, result_ttl: float = 600.0,
                tokens: Mapping[str, str] | None = None,
-               limits: ServiceLimits | None = None) -> FastAPI:
+               limits: ServiceLimits | None = None, users: Users | None = None) -> FastAPI:
     """The API around ``segmenter``; its worker thread starts here. ``tokens``: user name ->
-    token, each one accepted (``token``: one more, user ``token``). ``limits``: what requests
-    and the server's memory may cost (default: ServiceLimits with ``volume_store_mb``)."""
+    token, each one accepted (``token``: one more, user ``token``); ``users``: a user table
+    to use instead (the server's SIGHUP handler replaces its contents). ``limits``: what
+    requests and the server's memory may cost (default: ServiceLimits with
+    ``volume_store_mb``)."""
     limits = limits or ServiceLimits(max_volumes_mb=volume_store_mb)
     volumes = VolumeStore(int(limits.max_volumes_mb * 2**20))
     jobs = JobQueue(segmenter, volumes, result_ttl=result_ttl, max_queue=limits.max_queue,
-                    max_result_bytes=int(limits.max_results_mb * 2**20))
+                    max_result_bytes=int(limits.max_results_mb * 2**20),
+                    max_queue_per_user=limits.max_queue_per_user)
     max_upload = int(max_upload_mb * 2**20)
     unpack = functools.partial(protocol.unpack, max_bytes=max_upload)
     work_limiter: list[anyio.CapacityLimiter] = []
@@ -114,7 +118,8 @@ def create_app(segmenter: Any, *, token: str | None, max_upload_mb: float,
             work_limiter.append(anyio.CapacityLimiter(WORK_THREADS))
         return await anyio.to_thread.run_sync(functools.partial(guard, fn, *args),
                                               limiter=work_limiter[0])
-    users = Users({**(tokens or {}), **({"token": token} if token else {})})
+    if users is None:
+        users = Users({**(tokens or {}), **({"token": token} if token else {})})
     authorize = make_authorize(users)
     owners: dict[str, str] = {}
     """run id -> the user who started it."""
@@ -167,7 +172,7 @@ def create_app(segmenter: Any, *, token: str | None, max_upload_mb: float,
             "package": "SlicerSGP", "version": __version__,
             "protocol": protocol.PROTOCOL_VERSION, "python": platform.python_version(),
             "devices": device_info(), "model": segmenter.describe(),
-            "queue_length": jobs.queue_length(),
+            "queue_length": jobs.queue_length(), "queue": {"user": user, **jobs.queue_of(user)},
             "running": running if running and owner_of(running) == user else None,
             "runs_completed": jobs.completed, "encode_count": segmenter.encode_count,
             "cache": None if enc is None else {
@@ -180,6 +185,7 @@ def create_app(segmenter: Any, *, token: str | None, max_upload_mb: float,
             "limits": {"max_queue": limits.max_queue, "max_volumes_mb": limits.max_volumes_mb,
                        "max_results_mb": limits.max_results_mb, "max_voxels": limits.max_voxels,
                        "max_structures": limits.max_structures,
+                       "max_queue_per_user": limits.max_queue_per_user,
                        "refine_timeout": limits.refine_timeout},
         }
 
@@ -277,12 +283,18 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def serve(segmenter: Any, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
           max_upload_mb: float = 2048, watch_stdin: bool = False,
           sock: socket.socket | None = None, tokens: Mapping[str, str] | None = None,
-          limits: ServiceLimits | None = None) -> None:
+          limits: ServiceLimits | None = None, users: Users | None = None,
+          on_hangup: Callable[[], None] | None = None) -> None:
     """Bind (unless ``sock`` is a socket bound already), print ``ready URL`` on stdout, and
     serve until interrupted (or, with ``watch_stdin``, until standard input closes: the
-    launcher's parent has gone)."""
+    launcher's parent has gone). ``on_hangup``: what SIGHUP does (e.g. reload the user
+    table; POSIX only)."""
     app = create_app(segmenter, token=token, max_upload_mb=max_upload_mb, tokens=tokens,
-                     limits=limits)
+                     limits=limits, users=users)
+    if on_hangup is not None and hasattr(signal, "SIGHUP"):
+        # Runs on the main thread between two steps of the event loop; the reload is a
+        # small file read, and the table swap is atomic.
+        signal.signal(signal.SIGHUP, lambda *_: on_hangup())
     if sock is None:
         sock = bind_socket(host, port)
     real_port = sock.getsockname()[1]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -38,11 +39,15 @@ class ServiceLimits:
     """Structures segmented by one run."""
     refine_timeout: float = 25.0
     """Seconds a click refinement may wait for, and run on, the engine."""
+    max_queue_per_user: int | None = None
+    """Runs of one user waiting for the engine (None: only ``max_queue`` bounds them)."""
 
     def check(self) -> None:
         for name in ("max_queue", "max_volumes_mb", "max_results_mb", "max_voxels",
-                     "max_structures", "refine_timeout"):
+                     "max_structures", "refine_timeout", "max_queue_per_user"):
             value = getattr(self, name)
+            if value is None and name == "max_queue_per_user":
+                continue
             if not (value > 0 and math.isfinite(value)):
                 raise SGPInputError(f"--{name.replace('_', '-')} must be a positive number "
                                     f"(got {value}).")
@@ -165,3 +170,38 @@ def estimate_result_nbytes(shape: tuple[int, ...], axis: int, values: list[int],
     except SGPInputError:
         label_bytes = 8
     return voxels * label_bytes + len(values) * per_structure
+
+
+def too_big(nbytes: int, budget: int) -> str:
+    """Why a run's result is refused: it alone is over --max-results-mb (``budget`` bytes)."""
+    return (f"The run's result is {nbytes / MB:.1f} MB, more than the {budget / MB:g} MB of "
+            "results this server keeps (--max-results-mb): segment fewer structures at once, "
+            "crop the volume, or restart the server with a larger --max-results-mb.")
+
+
+def prune_finished(runs: dict[str, Any], max_results: int, result_ttl: float,
+                   max_result_bytes: int | None) -> None:
+    """Forget old finished runs of ``runs`` (run id -> jobs.Run; count, age) and drop the
+    oldest results beyond ``max_result_bytes``; a dropped result's run says why. The caller
+    holds the job queue's lock."""
+    now = time.monotonic()
+    done = [r for r in runs.values() if r.finished is not None]
+    done.sort(key=lambda r: r.finished or 0.0)
+    excess = len(done) - max_results
+    for i, r in enumerate(done):
+        if i < excess or now - (r.finished or now) > result_ttl:
+            del runs[r.id]
+    if max_result_bytes is None:
+        return
+    held = [r for r in done if r.result is not None and r.id in runs]
+    total = sum(r.result_nbytes for r in held)
+    for r in held[:-1]:  # never the newest
+        if total <= max_result_bytes:
+            break
+        total -= r.result_nbytes
+        r.result, r.result_nbytes = None, 0
+        r.state, r.error_type = "failed", "dropped"
+        r.error = (f"The run's result was dropped before it was downloaded, to keep the "
+                   f"server's results within {max_result_bytes / MB:g} MB "
+                   "(--max-results-mb): run it again, download results sooner, or restart "
+                   "the server with a larger --max-results-mb.")
