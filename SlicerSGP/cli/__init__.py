@@ -1,10 +1,12 @@
-"""The ``sgp`` command: one module per subcommand (segment, support, weights, train, eval, bench,
-serve), each with ``add_parser(subparsers)``; common.py holds what they share (model options,
-axis names, progress output, all-or-nothing output plans). argparse lives only here.
+"""The ``sgp`` command: one module per subcommand (segment, segment-batch, support, weights, train,
+eval, bench, serve), each with ``add_parser(subparsers)``; common.py holds what they share (model
+options, axis names, progress output, all-or-nothing output plans), shards.py how a ``torchrun``
+job shares a list of cases. argparse lives only here.
 
 May import every other part of SlicerSGP; nothing imports the CLI.
 
     sgp segment IMAGE --labels LABELS --out OUT.seg.nrrd [options]
+    sgp segment-batch CASES.csv --out DIR [options]      (also under torchrun)
     sgp support list | show | save | rename | delete | export | import
     sgp weights list | fetch NAME | verify [NAME|PATH]
     sgp train DATA --out CK.safetensors | sgp eval DATA ... | sgp bench | sgp serve
@@ -25,7 +27,7 @@ if sys.platform == "darwin":
     os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 
 from SlicerSGP import __version__  # noqa: E402
-from SlicerSGP.cli import bench, segment, serve, support, train, weights  # noqa: E402
+from SlicerSGP.cli import bench, segment, segment_batch, serve, support, train, weights  # noqa: E402
 from SlicerSGP.cli import eval as eval_  # noqa: E402
 from SlicerSGP.cli.common import parse_axis, run_command  # noqa: E402
 
@@ -34,7 +36,7 @@ __all__ = ["build_parser", "main", "parse_axis"]
 
 def subcommands() -> list[ModuleType]:
     """The subcommand modules, in the order `sgp --help` lists them."""
-    return [segment, support, weights, train, eval_, bench, serve]
+    return [segment, segment_batch, support, weights, train, eval_, bench, serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

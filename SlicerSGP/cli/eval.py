@@ -17,6 +17,7 @@ from SlicerSGP.cli.common import (
     parse_axis,
     segmenter_from_args,
 )
+from SlicerSGP.cli.shards import join_shards, run_share
 from SlicerSGP.data import io, preprocess
 from SlicerSGP.data.datasets import load_dataset, parse_split
 from SlicerSGP.errors import SGPInputError
@@ -41,7 +42,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Score segmentations of the labeled cases in DATA (same layouts as `sgp "
                     "train`): either prediction files (--pred) or the model run now (--model). "
                     "Outputs are all-or-nothing: checked before anything runs, written under "
-                    "temporary names, renamed into place only when every case was scored.",
+                    "temporary names, renamed into place only when every case was scored. "
+                    "Under `torchrun --nproc_per_node N` each process scores every N-th case "
+                    "(its own GPU, the model loaded once per process) and the first process "
+                    "writes the tables for all.",
     )
     p.add_argument("data", type=Path, help="dataset folder with the ground truth")
     p.add_argument("--cases", default=None, help="index ranges of cases to score (e.g. 40:100)")
@@ -117,62 +121,75 @@ def _support(args, all_cases: list, idx: list[int], values: list[int], axis: int
 
 def cmd_eval(args: argparse.Namespace) -> int:
     axis = parse_axis(args.axis)
-    with _plan(args) as plan:
-        all_cases = load_dataset(args.data, axis=axis, intensity=args.intensity,
-                                 keep_raw=args.model is not None)
-        idx, _ = parse_split(args.cases, len(all_cases))
-        cases = [all_cases[i] for i in idx]
-        if not cases:
-            raise SGPInputError("No case selected for evaluation.")
-        values = [int(v) for v in args.structures] if args.structures else \
-            sorted({int(v) for c in cases for v in c.values()})
-        if not values:
-            raise SGPInputError("The ground truth holds no structure; give --label.")
-        if args.write_pred is not None:
-            for case in cases:
-                plan.file(args.write_pred / f"{case.name}.seg.nrrd", f"--write-pred {case.name}")
-        segmenter = bank = opts = None
-        if args.model is not None:
-            bank = _support(args, all_cases, idx, values, axis)
-            segmenter = segmenter_from_args(args)
-            opts = SegmentOptions(top_k=args.top_k, memory_policy=args.memory_policy,
-                                  use_pmg=not args.no_pmg, use_pma=not args.no_pma,
-                                  use_3d_memory=not args.no_3d_memory, intensity=args.intensity)
-        t_start = time.perf_counter()
-        rows, tiles = _score(args, plan, cases, values, segmenter, bank, opts)
-        elapsed = time.perf_counter() - t_start
-        if args.csv:
-            write_csv(rows, plan.temp(args.csv))
-        if args.json:
-            write_json(rows, plan.temp(args.json),
-                       {"seconds": elapsed, "source": args.model or
-                        (f"baseline {args.baseline}" if args.baseline else str(args.pred))})
-        if args.montage:
-            write_montage(tiles, plan.temp(args.montage))
-        written = plan.commit()
-    _report(rows, len(cases), elapsed, written)
+    shard = join_shards()  # under torchrun: this process's share of the cases
+    try:
+        args.device = shard.device(args.device)
+        with _plan(args) as plan:
+            all_cases = load_dataset(args.data, axis=axis, intensity=args.intensity,
+                                     keep_raw=args.model is not None)
+            idx, _ = parse_split(args.cases, len(all_cases))
+            cases = [all_cases[i] for i in idx]
+            if not cases:
+                raise SGPInputError("No case selected for evaluation.")
+            values = [int(v) for v in args.structures] if args.structures else \
+                sorted({int(v) for c in cases for v in c.values()})
+            if not values:
+                raise SGPInputError("The ground truth holds no structure; give --label.")
+            mine = shard.mine(len(cases))
+            if args.write_pred is not None:
+                for i in mine:
+                    plan.file(args.write_pred / f"{cases[i].name}.seg.nrrd",
+                              f"--write-pred {cases[i].name}")
+            segmenter = bank = opts = None
+            if args.model is not None:
+                bank = _support(args, all_cases, idx, values, axis)
+                segmenter = segmenter_from_args(args) if mine else None
+                opts = SegmentOptions(top_k=args.top_k, memory_policy=args.memory_policy,
+                                      use_pmg=not args.no_pmg, use_pma=not args.no_pma,
+                                      use_3d_memory=not args.no_3d_memory,
+                                      intensity=args.intensity)
+            t_start = time.perf_counter()
+            shares = run_share(shard, lambda: _score(args, plan, cases, mine, values,
+                                                     segmenter, bank, opts))
+            scored = sorted((c for share in shares for c in share), key=lambda c: c[0])
+            rows = [r for _, case_rows, _ in scored for r in case_rows]
+            tiles = [t for _, _, t in scored if t is not None]
+            elapsed = time.perf_counter() - t_start
+            if shard.main:  # the first process writes the tables for all
+                if args.csv:
+                    write_csv(rows, plan.temp(args.csv))
+                if args.json:
+                    write_json(rows, plan.temp(args.json),
+                               {"seconds": elapsed, "processes": shard.world,
+                                "source": args.model or (f"baseline {args.baseline}"
+                                                         if args.baseline else str(args.pred))})
+                if args.montage:
+                    write_montage(tiles, plan.temp(args.montage))
+            written = plan.commit()
+    finally:
+        shard.close()
+    if shard.main:
+        _report(rows, len(cases), elapsed, written)
     return 0
 
 
-def _score(args, plan: OutputPlan, cases: list, values: list[int], segmenter, bank,
-           opts) -> tuple[list[Row], list[np.ndarray]]:
-    rows: list[Row] = []
-    tiles: list[np.ndarray] = []
-    counter = Progress(args.quiet).counter("eval", len(cases), unit="cases")
+def _score(args, plan: OutputPlan, cases: list, mine: list[int], values: list[int], segmenter,
+           bank, opts) -> list[tuple[int, list[Row], np.ndarray | None]]:
+    """This process's cases (``mine``: indices into ``cases``): (index, rows, montage tile)."""
+    scored = []
+    counter = Progress(args.quiet).counter("eval", len(mine), unit="cases")
     try:
         with cancel_on_sigterm() as cancel:
-            for case in cases:
-                rows_, tile = _score_case(args, plan, case, values, segmenter, bank, opts,
-                                          cancel, want_tile=len(tiles) < args.montage_cases)
-                rows.extend(rows_)
-                if tile is not None:
-                    tiles.append(tile)
+            for i in mine:
+                rows, tile = _score_case(args, plan, cases[i], values, segmenter, bank, opts,
+                                         cancel, want_tile=i < args.montage_cases)
+                scored.append((i, rows, tile))
                 if counter is not None:
                     counter.update(1)
     finally:
         if counter is not None:
             counter.close()
-    return rows, tiles
+    return scored
 
 
 def _score_case(args, plan: OutputPlan, case, values: list[int], segmenter, bank, opts,

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +30,7 @@ from SlicerSGP.cli.prompt_args import (
 from SlicerSGP.cli.serve import read_token
 from SlicerSGP.data import io, preprocess
 from SlicerSGP.data.dicom import DicomSeries
+from SlicerSGP.data.label_names import read_label_info
 from SlicerSGP.data.prompt_checks import check_prompts
 from SlicerSGP.data.readers import read_image_source
 from SlicerSGP.errors import SGPInputError
@@ -49,14 +52,34 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("image", type=Path, help="volume (NIfTI, NRRD, MHA), 2D image (PNG, ...) or "
                    "a folder of DICOM files (one series, or --series UID)")
+    add_case_options(p)
+    p.add_argument("--out", type=Path, required=True,
+                   help="output segmentation: .seg.nrrd, or .dcm for a DICOM Segmentation "
+                        "object referencing the DICOM series IMAGE (segment names and colours)")
+    add_run_options(p)
+    o = p.add_argument_group("extra outputs")
+    o.add_argument("--pseudo-masks", type=Path, help="write the PMG pseudo-masks (.seg.nrrd)")
+    o.add_argument("--probabilities", type=Path,
+                   help="folder for per-structure probability maps (NAME_probability.nrrd)")
+    o.add_argument("--scores", type=Path, help="per-slice confidence table (.csv)")
+    o.add_argument("--overlay", type=Path,
+                   help="PNG montage: labeled slices (green), least confident and evenly spaced "
+                        "slices with pseudo-mask (blue) and final (red) contours")
+    o.add_argument("--quiet", action="store_true",
+                   help="no progress output (a bar on a terminal, stage lines otherwise)")
+    p.set_defaults(func=cmd_segment)
+    return p
+
+
+def add_case_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """What differs from one case to the next (besides the image): `sgp segment-batch` takes
+    each of these as a column of its case list. No defaults here (None when not given), so
+    that a case list's row sets exactly the options it names."""
     p.add_argument("--series", metavar="UID",
                    help="the Series Instance UID to segment, when the DICOM folder IMAGE holds "
                         "several series (they are listed when it is left out)")
     p.add_argument("--labels", type=Path,
                    help="label map on the image grid (NIfTI/NRRD/.seg.nrrd) holding the drawn slices")
-    p.add_argument("--out", type=Path, required=True,
-                   help="output segmentation: .seg.nrrd, or .dcm for a DICOM Segmentation "
-                        "object referencing the DICOM series IMAGE (segment names and colours)")
     p.add_argument("--label", dest="label_values", type=int, action="append",
                    help="label value to segment (repeatable; default: every value drawn, or "
                         "every value of the support bank)")
@@ -70,6 +93,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--support-bank", type=Path,
                    help="folder of other labeled cases (image.* + labels.*), images/ + masks/, "
                         "or the name of a saved support set (sgp support list)")
+    p.add_argument("--slice-limits", action="append", metavar="V:FIRST:LAST",
+                   help="structure V lies within slices FIRST..LAST along --axis (repeatable)")
+    p.add_argument("--label-names", type=Path, metavar="FILE",
+                   help="names and colours of the label values: labels.json or an ITK-SNAP "
+                        ".label/.txt file (default: the description file found beside LABELS)")
+    add_prompt_options(p)
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """How every case runs: the model, an engine service, the method's settings."""
     g = p.add_argument_group("model")
     # No default for --model: with --server, only the options given are checked against the
     # server's model; a local run uses tiny.
@@ -96,8 +129,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     m.add_argument("--stop-after-absent", type=int, default=3, metavar="N",
                    help="past the outermost drawn slice, end a structure after N slices where it "
                         "is confidently absent (0: propagate to the volume's edges; default 3)")
-    m.add_argument("--slice-limits", action="append", default=[], metavar="V:FIRST:LAST",
-                   help="structure V lies within slices FIRST..LAST along --axis (repeatable)")
     m.add_argument("--no-reverse-quality", action="store_true",
                    help="skip the reverse-propagation quality score (RevSAM2) of each slice")
     m.add_argument("--no-quality-fusion", action="store_true",
@@ -108,19 +139,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     m.add_argument("--threshold", type=float, default=0.5)
     m.add_argument("--batch-size", type=int, default=None,
                    help="slices per encoder batch (default 1 on CPU, 8 on CUDA)")
-    add_prompt_options(p)
-    o = p.add_argument_group("extra outputs")
-    o.add_argument("--pseudo-masks", type=Path, help="write the PMG pseudo-masks (.seg.nrrd)")
-    o.add_argument("--probabilities", type=Path,
-                   help="folder for per-structure probability maps (NAME_probability.nrrd)")
-    o.add_argument("--scores", type=Path, help="per-slice confidence table (.csv)")
-    o.add_argument("--overlay", type=Path,
-                   help="PNG montage: labeled slices (green), least confident and evenly spaced "
-                        "slices with pseudo-mask (blue) and final (red) contours")
-    o.add_argument("--quiet", action="store_true",
-                   help="no progress output (a bar on a terminal, stage lines otherwise)")
-    p.set_defaults(func=cmd_segment)
-    return p
 
 
 def probability_name(structure: str) -> str:
@@ -174,7 +192,7 @@ def _expected_model(args: argparse.Namespace) -> dict:
     return {k: v for k, v in spec.items() if v is not None and v != "auto"}
 
 
-def _engine(args: argparse.Namespace):
+def engine_from_args(args: argparse.Namespace):
     """The Segmenter, or a client of an `sgp serve` engine with the same ``segment``."""
     if not args.server:
         if args.token_file:
@@ -189,61 +207,89 @@ def _engine(args: argparse.Namespace):
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    loaded: dict[str, float] = {}
+
+    def engine_for():
+        t0 = time.perf_counter()
+        engine = engine_from_args(args)
+        loaded["seconds"] = time.perf_counter() - t0
+        return engine
+
+    with plan_outputs(args) as plan:
+        result, engine = segment_case(args, plan, engine_for)
+        written = plan.commit()
+    _report(result, parse_axis(args.axis), loaded["seconds"], engine, written)
+    return 0
+
+
+def segment_case(args: argparse.Namespace, plan: OutputPlan, engine_for: Callable[[], Any]):
+    """One case as ``sgp segment`` runs it: read the inputs, then get the engine from
+    ``engine_for()`` (loaded after every input was read and checked), segment, and write each
+    output of ``plan`` under its temporary name. The caller commits. Returns (result, engine)."""
     axis = parse_axis(args.axis)
     prompts, exclude = prompts_from_args(args), exclude_from_args(args)
     if args.labels is None and args.support_bank is None and not prompts:
         raise SGPInputError("Give the labeled slices with --labels LABELS, a box or clicks on "
                             "a slice with --box / --point (or other cases with --support-bank "
                             "DIR).")
-    with plan_outputs(args) as plan:
-        volume, geometry, source = read_image_source(args.image, args.series)
-        labels, names = None, {}
-        if args.labels is not None:
-            labels, _, names = io.read_labels(args.labels, geometry,
-                                              reference_shape=volume.shape[:3])
-        bank = None
-        if args.support_bank is not None:
-            bank = io.load_support_sets(args.support_bank, structures=args.label_values,
-                                        axis=axis, intensity=args.intensity)
-            names = {**io.support_bank_names(args.support_bank), **names}
-        spatial = volume.shape[:3]  # the prompts' slices, checked before the model loads
-        check_prompts(prompts, (spatial[axis], *(spatial[a] for a in range(3) if a != axis)),
-                      axis, exclude)
-        names = {**names, **names_from_args(args)}
-        structures = _structures(args, labels, bank, names, {p.value for p in prompts},
-                                 exclude)
-        if args.probabilities and structures:
-            for name in structures.values():
-                plan.file(args.probabilities / probability_name(name),
-                          f"--probabilities file for {name!r}")
-        opts = SegmentOptions(
-            axis=axis, top_k=args.top_k, memory_size=args.memory_size,
-            memory_policy=args.memory_policy, use_pmg=not args.no_pmg, use_pma=not args.no_pma,
-            use_3d_memory=not args.no_3d_memory, bidirectional=not args.one_direction,
-            intensity=args.intensity, threshold=args.threshold,
-            encode_batch_size=args.batch_size,
-            keep_pseudo_masks=args.pseudo_masks is not None or args.overlay is not None,
-            complete_slices=args.complete_slices, multi_view=args.multi_view,
-            stop_after_absent=args.stop_after_absent, slice_limits=_slice_limits(args),
-            reverse_quality=not args.no_reverse_quality,
-            quality_fusion=not args.no_quality_fusion, exclude=exclude,
-        )
-        t0 = time.perf_counter()
-        engine = _engine(args)
-        load_s = time.perf_counter() - t0
-        progress = Progress(args.quiet)
-        try:
-            with cancel_on_sigterm() as cancel:
-                result = engine.segment(volume, labels, structures, opts,
-                                        support_slices=args.support_slices, support_bank=bank,
-                                        prompts=prompts or None, geometry=geometry, progress=progress.stage,
-                                        cancel=cancel)
-        finally:
-            progress.close()
-        _write_outputs(plan, args, volume, labels, geometry, result, opts, source)
-        written = plan.commit()
-    _report(result, axis, load_s, engine, written)
-    return 0
+    volume, geometry, source = read_image_source(args.image, args.series)
+    labels, names = None, {}
+    if args.labels is not None:
+        labels, _, names = io.read_labels(args.labels, geometry,
+                                          reference_shape=volume.shape[:3])
+    bank = None
+    if args.support_bank is not None:
+        bank = io.load_support_sets(args.support_bank, structures=args.label_values,
+                                    axis=axis, intensity=args.intensity)
+        names = {**io.support_bank_names(args.support_bank), **names}
+    colors = None
+    if args.label_names is not None:
+        names, colors = _described(args.label_names, names)
+    spatial = volume.shape[:3]  # the prompts' slices, checked before the model loads
+    check_prompts(prompts, (spatial[axis], *(spatial[a] for a in range(3) if a != axis)),
+                  axis, exclude)
+    names = {**names, **names_from_args(args)}
+    structures = _structures(args, labels, bank, names, {p.value for p in prompts}, exclude)
+    if args.probabilities and structures:
+        for name in structures.values():
+            plan.file(args.probabilities / probability_name(name),
+                      f"--probabilities file for {name!r}")
+    opts = SegmentOptions(
+        axis=axis, top_k=args.top_k, memory_size=args.memory_size,
+        memory_policy=args.memory_policy, use_pmg=not args.no_pmg, use_pma=not args.no_pma,
+        use_3d_memory=not args.no_3d_memory, bidirectional=not args.one_direction,
+        intensity=args.intensity, threshold=args.threshold,
+        encode_batch_size=args.batch_size,
+        keep_pseudo_masks=args.pseudo_masks is not None or args.overlay is not None,
+        complete_slices=args.complete_slices, multi_view=args.multi_view,
+        stop_after_absent=args.stop_after_absent, slice_limits=_slice_limits(args),
+        reverse_quality=not args.no_reverse_quality,
+        quality_fusion=not args.no_quality_fusion, exclude=exclude,
+    )
+    engine = engine_for()
+    progress = Progress(args.quiet)
+    try:
+        with cancel_on_sigterm() as cancel:
+            result = engine.segment(volume, labels, structures, opts,
+                                    support_slices=args.support_slices, support_bank=bank,
+                                    prompts=prompts or None, geometry=geometry,
+                                    progress=progress.stage, cancel=cancel)
+    finally:
+        progress.close()
+    _write_outputs(plan, args, volume, labels, geometry, result, opts, colors, source)
+    return result, engine
+
+
+def _described(path: Path, names: dict[int, str]) -> tuple[dict[int, str], dict]:
+    """Names and colours from the --label-names file (its names win over those found)."""
+    if not path.is_file():
+        raise SGPInputError(f"--label-names {path}: no such file. Give a labels.json or an "
+                            "ITK-SNAP .label/.txt file.")
+    info = read_label_info(path)
+    if not info.names:
+        raise SGPInputError(f"--label-names {path} names no label value; write it as "
+                            '{"1": "liver"} (JSON) or in ITK-SNAP\'s label format.')
+    return {**names, **info.names}, info.colors
 
 
 def is_dicom_seg(path: Path) -> bool:
@@ -251,7 +297,7 @@ def is_dicom_seg(path: Path) -> bool:
 
 
 def _write_outputs(plan: OutputPlan, args, volume, labels, geometry, result, opts,
-                   source: DicomSeries | None = None) -> None:
+                   colors: dict | None = None, source: DicomSeries | None = None) -> None:
     from SlicerSGP.method.segmenter import label_map_from_probabilities
 
     if is_dicom_seg(args.out):
@@ -260,7 +306,8 @@ def _write_outputs(plan: OutputPlan, args, volume, labels, geometry, result, opt
         assert source is not None  # plan_outputs refused a .dcm for another input
         write_dicom_seg(plan.temp(args.out), result.labels, source, result.structures)
     else:
-        io.write_segmentation(plan.temp(args.out), result.labels, geometry, result.structures)
+        io.write_segmentation(plan.temp(args.out), result.labels, geometry,
+                              result.structures, colors)
     if args.pseudo_masks:
         pseudo = label_map_from_probabilities(result.pseudo_masks, opts.threshold,
                                               result.labels.shape)
@@ -336,7 +383,7 @@ def write_overlay(path: Path, volume, labels, result, opts, max_tiles: int = 12)
 
 def _slice_limits(args: argparse.Namespace) -> dict[int, list[int]] | None:
     limits: dict[int, list[int]] = {}
-    for text in args.slice_limits:
+    for text in args.slice_limits or []:
         try:
             value, first, last = (int(t) for t in text.split(":"))
         except ValueError:

@@ -11,6 +11,7 @@ from SlicerSGP.cli.common import OutputPlan, Progress, cancel_on_sigterm, parse_
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.method.model import describe
 from SlicerSGP.training.config import TrainConfig, checkpoint_path, state_path
+from SlicerSGP.training.distributed import init_distributed
 from SlicerSGP.training.episodes import target_name
 from SlicerSGP.training.trainer import Trainer, train
 
@@ -155,11 +156,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     out = checkpoint_path(cfg.out)
+    # Under torchrun every rank checks the outputs; only rank 0 names temporaries and writes.
+    d = init_distributed(cfg.device)
     with OutputPlan() as plan:
         plan.file(out, "--out", (".safetensors",))
         plan.file(out.with_suffix(".json"), "the checkpoint's metadata (--out with .json)")
         plan.file(state_path(out), "the resume state (--out with .state.pt)")
-        if out.exists() and not args.resume and state_path(out).exists():
+        if d.main and out.exists() and not args.resume and state_path(out).exists():
             print(f"note: {out} exists; starting afresh (use --resume to continue it)")
         reporter = Progress(args.quiet)
         counter = None
@@ -177,8 +180,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             counter.update(1)
 
         # The checkpoint goes to a temporary name; its .json follows it (with_suffix).
-        temp = plan.temp(out)
-        plan.temp(out.with_suffix(".json"))
+        temp = None
+        if d.main:
+            temp = plan.temp(out)
+            plan.temp(out.with_suffix(".json"))
         try:
             with cancel_on_sigterm() as cancel:
                 trainer = train(cfg, resume=args.resume, progress=show, checkpoint=temp,
@@ -186,9 +191,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         finally:
             if counter is not None:
                 counter.close()
-        if not trainer.dist.main:
-            plan.abort()  # only rank 0 writes
-            return 0
+        if not d.main:
+            return 0  # rank 0 reports and writes
         plan.commit()
     recent = trainer.history[-50:]
 
@@ -197,7 +201,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     print(f"trained {describe(trainer.model)} on {len(trainer.cases)} case(s), "
           f"targets {[target_name(t) for t in trainer.targets]}, to step {trainer.step}/{cfg.steps} "
-          f"in {trainer.elapsed:.1f} s on {trainer.device} "
+          f"in {trainer.elapsed:.1f} s on {trainer.device}"
+          f"{f' x {d.world} processes' if d.world > 1 else ''} "
           f"({'all weights' if cfg.trains_all() else 'LoRA + PMA'}); last-50 loss "
           f"{mean('loss'):.4f} (dice {mean('dice'):.4f}, bce {mean('bce'):.4f}, "
           f"kl {mean('kl'):.4f})")

@@ -25,8 +25,12 @@ there is no base to keep, so the whole network trains and the checkpoint stores 
 Reproducible and resumable: every step draws its episode, augmentation and dropout from RNGs
 seeded by ``(seed, step, rank)``, so a run resumed from its ``.state.pt`` (model, optimizer,
 schedule, pooled-embedding cache) continues exactly as an uninterrupted one. bf16 autocast on
-CUDA (``--dtype``); several GPUs with ``torchrun --nproc_per_node N -m SlicerSGP.cli train ...``
-(gradients averaged across ranks; rank 0 writes).
+CUDA (``--dtype``). Several processes (``torchrun --nproc_per_node N -m SlicerSGP.cli train ...``,
+one GPU each, or CPU processes): the model runs inside ``DistributedDataParallel``
+(``training/distributed.py``), each rank draws its own episode per step (seed ``(seed, step,
+rank)``) and applies the mean gradient over the ranks' episodes; rank 0 alone writes the
+checkpoint and the resume state, which holds nothing about the number of processes, so a run
+resumes with another number.
 """
 
 from __future__ import annotations
@@ -54,7 +58,13 @@ from SlicerSGP.training.checkpoints import (
     write_state,
 )
 from SlicerSGP.training.config import TrainConfig, checkpoint_path, state_path
-from SlicerSGP.training.distributed import Dist, all_reduce_grads, init_distributed
+from SlicerSGP.training.distributed import (
+    Dist,
+    any_rank,
+    init_distributed,
+    leave_distributed,
+    wrap_for_gradients,
+)
 from SlicerSGP.training.episodes import (
     BankItem,
     Question,
@@ -70,6 +80,7 @@ from SlicerSGP.training.episodes import (
     to_model,
 )
 from SlicerSGP.training.losses import LOSS_TERMS, LossWeights, sgp_loss
+from SlicerSGP.training.support_pool import pooled_embeddings, preselect
 from SlicerSGP.types import CancelCheck, SegmentOptions
 
 __all__ = ["Dist", "StepCallback", "Trainer", "train"]
@@ -124,7 +135,8 @@ class Trainer:
             dtype = "float32"
         self.seg = Segmenter(model, device=device, dtype=dtype)
         self.device = self.seg.device
-        self._broadcast_params()
+        # Several processes: DDP (it starts every rank from rank 0's weights); one: None.
+        self.ddp = wrap_for_gradients(model, self.dist, self.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
@@ -146,48 +158,13 @@ class Trainer:
         span = max(1, self.cfg.steps - warm)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / span))) * 0.95 + 0.05
 
-    def _broadcast_params(self) -> None:
-        if self.dist.world <= 1:
-            return
-        import torch.distributed as dist
-
-        for t in self.model.state_dict().values():
-            dist.broadcast(t, 0)
-
     def refresh_pool_cache(self) -> None:
         """Pooled embeddings of every support-bank slice (no autograd, current weights)."""
-        keys = sorted({(b.case, b.slice) for items in self.bank.values() for b in items})
-        was_training = self.model.training
-        self.model.eval()
-        cache = {}
-        with torch.no_grad():
-            for start in range(0, len(keys), 16):
-                chunk = keys[start:start + 16]
-                groups: dict[tuple, list] = {}
-                for key in chunk:
-                    img = self.cases[key[0]].slices01[key[1]:key[1] + 1]
-                    groups.setdefault(img.shape[1:], []).append((key, img))
-                for items in groups.values():
-                    imgs = np.concatenate([i for _, i in items])
-                    x, _, _ = to_model(imgs, None, self.seg.image_size)
-                    feats = self.seg.encode_images(x, len(items))
-                    for (key, _), pooled in zip(items, feats.pooled, strict=True):
-                        cache[key] = pooled.detach().float().cpu()
-        self.model.train(was_training)
-        self.pool_cache = cache
+        self.pool_cache = pooled_embeddings(self.seg, self.cases, self.bank)
 
     def _preselect(self, query_pooled: torch.Tensor, pool: list[BankItem]) -> list[BankItem]:
         """Union over query slices of the top-K pool items (cached pooled embeddings)."""
-        k = self.cfg.top_k
-        if len(pool) <= k:
-            return pool
-        emb = torch.stack([self.pool_cache[(b.case, b.slice)] for b in pool])
-        sims = (query_pooled.detach().float().cpu() @ emb.T).numpy()
-        chosen: set[int] = set()
-        for row in sims:
-            order = sorted(range(len(pool)), key=lambda i: (-round(float(row[i]), 6), i))
-            chosen.update(order[:k])
-        return [pool[i] for i in sorted(chosen)]
+        return preselect(self.pool_cache, query_pooled, pool, self.cfg.top_k)
 
     def _own_image_memory(self, img: np.ndarray, lab: np.ndarray, rng: np.random.Generator):
         """The query image under another flip/rotation, with its answer, as one support item:
@@ -200,11 +177,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def train_step(self) -> dict[str, float]:
-        cfg = self.cfg
-        if not self.pool_cache or (cfg.refresh_every and self.step % cfg.refresh_every == 0):
+    def prepare_step(self) -> None:
+        """Refresh the support pool's pooled embeddings when due (before the step's episode)."""
+        every = self.cfg.refresh_every
+        if not self.pool_cache or (every and self.step % every == 0):
             self.refresh_pool_cache()
-        seed = step_seed(cfg.seed, self.step, self.dist.rank)
+
+    def episode_loss(self, step: int, rank: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The loss of the episode drawn for ``(seed, step, rank)`` and what it was."""
+        cfg = self.cfg
+        seed = step_seed(cfg.seed, step, rank)
         rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
         self.model.train()
@@ -235,19 +217,33 @@ class Trainer:
             for name in terms:
                 terms[name] += parts[name] / len(questions)
         loss = torch.stack(losses).mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        all_reduce_grads(self.params, self.dist)
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-        self.opt.step()
-        self.sched.step()
-        self.step += 1
-        rec = {"step": self.step, "loss": float(loss.detach()), **terms,
-               "lr": float(self.opt.param_groups[0]["lr"]), "case": ep.case,
+        rec = {"loss": float(loss.detach()), **terms, "case": ep.case,
                "target": target_name(ep.value), "absent": ep.absent,
                "empty_support": ep.empty_support, "own_support": own,
                "paired_with": None if ep.partner is None else target_name(ep.partner.value)}
+        return loss, rec
+
+    def apply_gradients(self, loss: torch.Tensor) -> None:
+        """Backward (averaged over the ranks by DDP when several train), clip, one optimizer
+        and schedule step."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+
+    def train_step(self) -> dict[str, float]:
+        """One step: this rank's episode (through DDP when several processes train)."""
+        self.prepare_step()
+
+        def compute() -> tuple[torch.Tensor, dict[str, Any]]:
+            return self.episode_loss(self.step, self.dist.rank)
+
+        loss, rec = self.ddp(compute) if self.ddp is not None else compute()
+        self.apply_gradients(loss)
+        rec = {"step": self.step, **rec, "lr": float(self.opt.param_groups[0]["lr"])}
         self.history.append(rec)
         return rec
 
@@ -374,7 +370,7 @@ def train(cfg: TrainConfig, *, cases: list | None = None, resume: bool = False,
     t0 = time.perf_counter()
     try:
         while trainer.step < end:
-            if cancel is not None and cancel():
+            if any_rank(cancel is not None and cancel(), d, trainer.device):
                 trainer.save_state()
                 raise Cancelled(f"Training stopped at step {trainer.step} of {cfg.steps}; no "
                                 f"checkpoint written. The resume state {sp} holds this step: "
@@ -389,4 +385,5 @@ def train(cfg: TrainConfig, *, cases: list | None = None, resume: bool = False,
             bar.close()
     trainer.elapsed = time.perf_counter() - t0
     trainer.save(final=trainer.step >= cfg.steps, checkpoint=checkpoint)
+    leave_distributed(d)  # the other ranks wait here until rank 0 has written
     return trainer
