@@ -133,9 +133,10 @@ def test_click_refinement_uses_clicks_and_mask(segmenter, monkeypatch):
     pos, iou = segmenter.refine_slice(vol, k, [inside], [1], None)
     neg, _ = segmenter.refine_slice(vol, k, [inside], [0], None)
     assert pos.shape == lab[k].shape and pos.dtype == bool and np.isfinite(iou)
-    # The click reaches SAM2 at the pixel centre in model space, (x, y), with its label.
+    # The click reaches SAM2 at the voxel centre in model space, (x, y), less the half pixel
+    # SAM2's prompt encoder adds to every coordinate, with its label.
     coords, labels, masks = seen[0]
-    expected = [(inside[1] + 0.5) * 2.0, (inside[0] + 0.5) * 2.0]
+    expected = [(inside[1] + 0.5) * 2.0 - 0.5, (inside[0] + 0.5) * 2.0 - 0.5]
     assert torch.allclose(coords[0, 0], torch.tensor(expected)) and labels.tolist() == [[1]]
     assert seen[1][1].tolist() == [[0]] and masks is None
     assert not np.array_equal(pos, neg)  # the label of a click matters
