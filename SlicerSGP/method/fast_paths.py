@@ -1,6 +1,6 @@
 """SAM2's own modules doing the same work faster at inference, with bit-identical results.
 
-Measured on a CPU (bf16 autocast, one thread, 512 px): about a quarter of an image-encoder
+Measured on a CPU (bf16 autocast, one thread, 512 px): a fifth to a quarter of an image-encoder
 pass went into position encodings that are the same for every slice (Hiera's interpolated
 position embedding and the FPN neck's sine encodings, recomputed and copied per call), and
 half of a memory encoding into a matmul that PyTorch runs as a batched product over a copy of
