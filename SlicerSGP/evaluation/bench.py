@@ -72,6 +72,9 @@ class Measurement:
     peak_device: int = 0
     stages: dict[str, float] = field(default_factory=dict)
     encodes: int = 0
+    calls: dict[str, int] = field(default_factory=dict)
+    """Calls of each timed SAM2 module (image encoder, memory attention, mask decoder, memory
+    encoder)."""
     quality: float | None = None
     """Seconds of the run spent scoring slices by reverse propagation (the engine only)."""
 
@@ -204,6 +207,7 @@ def run_video_predictor(seg, load_frames, masks: dict[int, torch.Tensor],
         hooks.remove()
     m.stages = dict(hooks.times)
     m.encodes = hooks.calls["encode"]
+    m.calls = dict(hooks.calls)
     return m
 
 
@@ -232,6 +236,7 @@ def run_engine(seg, vol: np.ndarray, lab: np.ndarray, support: list[int]) -> Mea
     m.stages["write_back"] = result.timings.get("stage:write_back", 0.0) + \
         result.timings.get("assemble", 0.0)
     m.encodes = seg.encode_count - before
+    m.calls = dict(hooks.calls)
     m.quality = result.timings.get("stage:quality", 0.0)
     return m
 
@@ -268,6 +273,9 @@ def report(ms: list[Measurement], n: int, device: torch.device, note: str) -> st
         )
     a, b = ms
     lines.append("")
+    for m in ms:
+        lines.append(f"{m.name}: calls " + ", ".join(
+            f"{s} {m.calls[s]}" for s in STAGES if m.calls.get(s)))
     if b.quality is not None:
         lines.append(f"{b.name}: reverse-propagation quality score {b.quality:.2f} s, "
                      f"{100 * b.quality / max(b.wall, 1e-9):.1f}% of its wall time")

@@ -378,7 +378,7 @@ class Propagator:
         pmg_only = SegmentOptions(**{**opts.__dict__, "use_pma": False})
         step = self.predictor.step
         first, last = limits if limits is not None else (0, len(feats) - 1)
-        with torch.inference_mode(), self.rt.autocast():
+        with self.rt.mode(False), self.rt.autocast():
             for j in range(first, last + 1):
                 if stop():
                     raise Cancelled("Cancelled while choosing the start slice; nothing was written.")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from SlicerSGP.errors import SGPDeviceError, SGPInputError
+from SlicerSGP.method import fast_paths
 from SlicerSGP.method.model import SGPModel
 
 
@@ -119,6 +120,7 @@ class Runtime:
     def __init__(self, model: SGPModel, device: torch.device, dtype: str = "auto",
                  features: str = "auto"):
         self.model = model
+        fast_paths.install(model.sam)
         self.device = device
         self.autocast_dtype = autocast_dtype(device, dtype)
         self.feature_dtype = feature_dtype(features)
@@ -143,10 +145,16 @@ class Runtime:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    @staticmethod
-    def mode(grad: bool):
-        """Inference mode for segmentation; autograd on for training (LoRA, PMA)."""
-        return torch.enable_grad() if grad else torch.inference_mode()
+    def mode(self, grad: bool):
+        """Autograd off for segmentation, on for training (LoRA, PMA).
+
+        Under autocast, ``no_grad`` rather than ``inference_mode``: autocast keeps each
+        weight's low-precision copy for the whole autocast region only outside inference mode
+        (inside it, every layer casts its weights again on every call). The values computed
+        are the same."""
+        if grad:
+            return torch.enable_grad()
+        return torch.inference_mode() if self.autocast_dtype is None else torch.no_grad()
 
     @contextmanager
     def timed(self, stage: str):

@@ -296,13 +296,14 @@ class Segmenter:
         slices01, transform, feats = features or self._features(vol, lab, structures, opts)
         feats.stop = stop
         try:
-            report("encode", 0.0)
-            feats.ensure(sorted({k for v in structures for k in labeled[v]}),
-                         lambda f: report("encode", f), stop)
-            report("encode", 1.0)
-            per_structure = self._propagate_structures(feats, slices01, transform, lab, labeled,
-                                                       structures, bank, opts, report, stop,
-                                                       timings)
+            with self.runtime.autocast():  # one region: each weight is cast to bf16 once
+                report("encode", 0.0)
+                feats.ensure(sorted({k for v in structures for k in labeled[v]}),
+                             lambda f: report("encode", f), stop)
+                report("encode", 1.0)
+                per_structure = self._propagate_structures(
+                    feats, slices01, transform, lab, labeled, structures, bank, opts, report,
+                    stop, timings)
         finally:
             feats.stop = None
         timings["encode"] = self.stage_times.get("encode", 0.0)
