@@ -8,10 +8,14 @@ of its extent and the middle: the slices at 10 %, 50 % and 90 % of it), propagat
 engine's ``Segmenter`` loaded from the saved checkpoint, and scores the whole volume's Dice.
 Beside it, on the very same drawn slices: Segment Editor's Fill between slices (ITK
 morphological contour interpolation) and copying the nearest drawn slice. Variants: the 3D bank
-of K vs 1 memory, the hysteresis stop on vs off, quality-weighted fusion on vs off.
+of K vs 1 memory, the hysteresis stop on vs off, quality-weighted fusion on vs off, and the
+interpolation prior between drawn slices (``--interpolation-prior prompt``, ``fuse``,
+``both``; training gives a share of its episodes the prior, ``--prior-share``).
 
     python benchmarks/learning_check_3d.py --seen --threads 1   # ~40 min on one core
     python benchmarks/learning_check_3d.py --steps 40            # a smoke run
+    python benchmarks/learning_check_3d.py --out ck.safetensors   # keep the checkpoint
+    python benchmarks/learning_check_3d.py --checkpoint ck.safetensors  # the table again
 
 A tiny model trained for minutes on one CT volume: the figures say whether the pieces work
 together and how they compare on the same drawn slices, not what a full-size model would do.
@@ -46,7 +50,14 @@ VARIANTS = {
     "bank 1": {"memory_size": 1},
     "no stop": {"stop_after_absent": 0},
     "no quality": {"quality_fusion": False},
+    "prior prompt": {"interpolation_prior": "prompt"},
+    "prior fuse": {"interpolation_prior": "fuse"},
+    "prior both": {"interpolation_prior": "both"},
 }
+LABELS = {"SGP": "SGP", "bank 1": "bank of 1", "no stop": "no stop",
+          "no quality": "no quality fusion", "prior prompt": "prior: prompt",
+          "prior fuse": "prior: fuse", "prior both": "prior: both",
+          "interpolation": "Fill between slices", "nearest": "nearest copy"}
 
 
 def cpu_model() -> str:
@@ -98,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
                         "rate) had the Dice loss still at 0.74 after 2000 steps")
     p.add_argument("--loss-pseudo", type=float, default=1.0,
                    help="weight of the Dice + BCE on PMG's pseudo-mask (sgp train --loss-pseudo)")
+    p.add_argument("--prior-share", type=float, default=0.5,
+                   help="share of the episodes with a drawn first slice whose last slice is "
+                        "drawn too, PMA prompted by their interpolation (sgp train --prior-share)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the trained checkpoint here (default: a temporary folder), to "
+                        "print the table again later with --checkpoint")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     p.add_argument("--checkpoint", type=Path, default=None,
@@ -114,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     ct = DATA / "ct_abdomen_small"
     cases = datasets.load_dataset(ct, axis=0)
     out = Path(tempfile.mkdtemp(prefix="sgp-lc3d-"))
-    cfg = TrainConfig(data=str(ct), out=str(out / "ct_mini.safetensors"), model="cpu-mini",
+    cfg = TrainConfig(data=str(ct), out=str(args.out or out / "ct_mini.safetensors"),
+                      model="cpu-mini", prior_share=args.prior_share,
                       weights="random", image_size=256, lora_rank=4, steps=args.steps, lr=args.lr,
                       structures=TRAIN_ORGANS, seed=args.seed, device="cpu", dtype="float32",
                       loss_pseudo=args.loss_pseudo,
@@ -176,9 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     t_eval = time.perf_counter() - te
 
     columns = [*VARIANTS, "interpolation", "nearest"]
-    header = ["structure (slices, drawn)", *[c if c not in ("interpolation", "nearest") else
-                                             {"interpolation": "Fill between slices",
-                                              "nearest": "nearest copy"}[c] for c in columns]]
+    header = ["structure (slices, drawn)", *[LABELS[c] for c in columns]]
     print()
     print(f"Dice over the whole volume, 3 drawn slices per structure; cpu-mini trained from "
           f"random for {args.steps} steps on {len(TRAIN_ORGANS)} other organs of the same CT")
@@ -193,9 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("The same, Dice on the slices nobody drew, and how many of them SGP segmented at all "
           "(of those that show the structure)")
-    print("| structure | SGP | bank of 1 | no stop | no quality fusion | Fill between slices "
-          "| nearest copy | SGP slices predicted |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| structure | " + " | ".join(LABELS[c] for c in columns) + " | SGP slices predicted |")
+    print("|" + "---|" * (len(columns) + 2))
     for row in rows:
         print(f"| {row['structure']} | " + " | ".join(f"{row['undrawn'][c]:.3f}" for c in columns)
               + f" | {row['reached']} of {row['to_reach']} |")

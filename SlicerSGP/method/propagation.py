@@ -17,7 +17,8 @@ pick their support only among the drawn slices bounding its range (and the exter
 a new drawn slice changes the two intervals beside it and nothing else. With only external
 support the sweeps start at the slice whose pseudo-mask is most confident. With
 ``bidirectional`` off, one SAM2-style pass: forward from the first drawn slice through the
-others, and back from it to the start.
+others, and back from it to the start. Between two drawn slices, the interpolated contour
+may prompt PMA or join the fusion (:mod:`~SlicerSGP.method.prior`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from SlicerSGP.data import preprocess
 from SlicerSGP.errors import Cancelled
 from SlicerSGP.method.encoding import EncodedSlices
 from SlicerSGP.method.memory import bank_size, evict
+from SlicerSGP.method.prior import Prior, blend, fuses, prompt_source
 from SlicerSGP.method.rerun import SliceResult, StructureRun, SweepReplay
 from SlicerSGP.method.runtime import Runtime
 from SlicerSGP.method.step import SlicePredictor, StepOutput
@@ -211,11 +213,12 @@ class Propagator:
                   support_pool: list[Memory], opts: SegmentOptions,
                   report: Callable[[float], None], stop: CancelCheck,
                   limits: tuple[int, int] | None = None,
-                  rerun: StructureRun | None = None) -> Accumulator:
+                  rerun: StructureRun | None = None, prior: Prior | None = None) -> Accumulator:
         """All sweeps of one structure from its drawn slices ``masks`` (slice -> mask);
         ``support_pool`` holds their memories (in slice order) followed by external ones.
         ``limits`` (first, last) bounds the slices the structure may occupy. With ``rerun``,
-        results of the structure's last run whose inputs are unchanged are reused (exactly)."""
+        results of the structure's last run whose inputs are unchanged are reused (exactly).
+        ``prior``: the interpolated masks between drawn slices, used as ``opts`` says."""
         labeled = sorted(masks)
         n = len(feats)
         first, last = limits if limits is not None else (0, n - 1)
@@ -227,6 +230,10 @@ class Propagator:
             if not need_image:
                 return None
             return preprocess.to_model_input(slices01[j:j + 1], transform).to(self.rt.device)
+
+        prior = prior or {}
+        fuse = fuses(opts.interpolation_prior) and bool(prior)
+        prior_of = prompt_source(prior, transform, opts.interpolation_prior)
 
         seed: tuple[int, SliceResult] | None = None
         anchors = labeled
@@ -244,7 +251,8 @@ class Propagator:
             replay = rerun.replay(sweep.start, reverse) if rerun is not None else None
             pool = sweep_pool(support_pool, labeled, sweep, opts.local_support)
             for j, out in self.run_sweep(feats, sweep.order, reverse, set(labeled), pool, opts,
-                                         image_of, stop, seed, replay=replay):
+                                         image_of, stop, seed, replay=replay,
+                                         prior_of=prior_of):
                 done += 1
                 if out is None:
                     continue
@@ -266,7 +274,8 @@ class Propagator:
                     weight *= quality_factor(out.quality)
                 source = "seed" if seed and j == seed[0] else ("backward" if reverse else "forward")
                 with self.rt.timed("write_back"):
-                    acc.add(j, out, weight, source, transform)
+                    acc.add(j, blend(out, prior[j], opts.threshold) if fuse and j in prior
+                            else out, weight, source, transform)
                 report(done / total)
                 beyond = j < outermost if reverse else j > outermost
                 if beyond and opts.stop_after_absent:
@@ -321,14 +330,15 @@ class Propagator:
                   opts: SegmentOptions, image_of: ImageOf | None = None,
                   stop: CancelCheck | None = None,
                   seed: tuple[int, StepOutput | SliceResult] | None = None, grad: bool = False,
-                  replay: SweepReplay | None = None,
+                  replay: SweepReplay | None = None, prior_of: ImageOf | None = None,
                   ) -> Iterator[tuple[int, StepOutput | SliceResult | None]]:
         """One directional pass over ``order``; yields ``(slice, StepOutput | None)``.
 
         Labeled slices yield None (they are support, not predicted). The 3D memory bank and the
         object-pointer history live for this sweep only; the bank holds K memories (the same
         rule in training and inference). With ``replay``, a slice whose inputs are last run's
-        yields last run's :class:`SliceResult` instead of being predicted again.
+        yields last run's :class:`SliceResult` instead of being predicted again. ``prior_of(j)``:
+        the interpolation prompting PMA at slice ``j`` (None where there is none).
         """
         rt = self.rt
         n = len(feats)
@@ -356,7 +366,8 @@ class Propagator:
                         out = self.predictor.step(feats, j, image_of(j) if image_of else None,
                                                   support, bank if opts.use_3d_memory else [],
                                                   ptr_history, reverse, n, opts,
-                                                  encode_memory=opts.use_3d_memory)
+                                                  encode_memory=opts.use_3d_memory,
+                                                  prior=prior_of(j) if prior_of else None)
                 if opts.use_3d_memory and out.memory is not None:
                     bank.append(out.memory)
                     ptr_history[j] = out.memory.obj_ptr

@@ -45,8 +45,9 @@ from SlicerSGP.method.inputs import (
 )
 from SlicerSGP.method.model import SGPModel, build_model, load_sgp_checkpoint
 from SlicerSGP.method.multiview import fuse_views
+from SlicerSGP.method.prior import PriorCache
 from SlicerSGP.method.propagation import Accumulator, Propagator
-from SlicerSGP.method.rerun import RerunCache, StructureRun, drawn_memories, mask_token
+from SlicerSGP.method.rerun import RerunCache, StructureRun, drawn_memories
 from SlicerSGP.method.runtime import Runtime, resolve_device
 from SlicerSGP.method.step import SlicePredictor, StepOutput
 from SlicerSGP.method.support import Memory, SupportMemories
@@ -103,6 +104,7 @@ class Segmenter:
         """Last runs' slice results per volume and structure, in what features leave of cache_mb."""
         self._windows: dict[str, tuple[float, float]] = {}
         """Intensity window last used per volume (it may depend on what was drawn)."""
+        self.priors = PriorCache()  # interpolation priors per structure and drawing
 
     # ------------------------------------------------------------------ what callers read
 
@@ -165,6 +167,7 @@ class Segmenter:
         self.encoder.clear()
         self.support.clear()
         self.reruns.clear()
+        self.priors.clear()
         if self.encoder.disk is not None:
             self.encoder.disk.refresh()
 
@@ -310,7 +313,7 @@ class Segmenter:
         for si, (value, name) in enumerate(structures.items()):
             masks = {k: (lab[k] == value) if lab is not None else np.zeros((h, w), bool)
                      for k in labeled[value]}
-            tokens = {k: mask_token(m) for k, m in masks.items()}
+            prior, tokens = self.priors.for_run(masks, n, opts.interpolation_prior, timings)
             run = self.reruns.start(feats, value, opts, tokens) if opts.reuse_results else None
             own = drawn_memories(self.support, feats, transform, masks, run)
             ext = self.support.external(bank.get(value, []), stop)
@@ -320,14 +323,14 @@ class Segmenter:
 
             per_structure[value] = self.propagator.propagate(
                 feats, slices01, transform, masks, own + ext, opts, stage_progress, stop,
-                slice_limits(opts, value), run)
+                slice_limits(opts, value), run, prior)
             runs[value] = run
         # Only a run that completed becomes the one the next run compares with.
         for value, run in runs.items():
             self.reruns.commit(feats, value, opts, run)
-        # Encoding done on the way is counted in timings["encode"], not twice.
+        # Encoding and interpolation done on the way are counted in their own timings.
         encoding = self.stage_times.get("encode", 0.0) - encoding_before
-        timings["propagate"] = time.perf_counter() - tp - encoding
+        timings["propagate"] = time.perf_counter() - tp - encoding - timings.get("interpolation", 0)
         return per_structure
 
     def refine_slice(self, volume: np.ndarray, slice_index: int,
@@ -352,8 +355,6 @@ class Segmenter:
         return self.predictor.refine(feats, int(slice_index), transform, list(points),
                                      [int(v) for v in point_labels],
                                      None if mask is None else np.asarray(mask, bool))
-
-    # ------------------------------------------------------------------ helpers
 
     def _batch_size(self, opts: SegmentOptions) -> int:
         if opts.encode_batch_size:
