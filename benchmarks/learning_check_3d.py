@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None,
                    help="write the trained checkpoint here (default: a temporary folder), to "
                         "print the table again later with --checkpoint")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated SGP variants to score (default all: "
+                        + ", ".join(VARIANTS) + ")")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     p.add_argument("--checkpoint", type=Path, default=None,
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                         "volume: memorised, so they show the machinery (bank, stop, fusion), "
                         "not generalisation")
     args = p.parse_args(argv)
+    variants = {name: VARIANTS[name] for name in args.variants.split(",")}
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -174,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         # what propagation added.
         undrawn = ~np.isin(np.arange(lab.shape[0]), slices)
         row["undrawn"] = {}
-        for variant, extra in VARIANTS.items():
+        for variant, extra in variants.items():
             res = seg.segment(vol, drawn, {value: name}, SegmentOptions(**extra))
             pred = res.labels == value
             row[variant] = dice(pred, truth)
@@ -189,11 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         row["seconds"] = time.perf_counter() - t_row
         rows.append(row)
         print(f"  {name:<28} " + " ".join(f"{k} {row[k]:.3f}" for k in
-                                          (*VARIANTS, "interpolation", "nearest"))
+                                          (*variants, "interpolation", "nearest"))
               + f" ({row['seconds']:.0f} s)", flush=True)
     t_eval = time.perf_counter() - te
 
-    columns = [*VARIANTS, "interpolation", "nearest"]
+    columns = [*variants, "interpolation", "nearest"]
     header = ["structure (slices, drawn)", *[LABELS[c] for c in columns]]
     print()
     print(f"Dice over the whole volume, 3 drawn slices per structure; cpu-mini trained from "
