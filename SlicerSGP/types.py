@@ -54,6 +54,13 @@ class SupportItem:
     source: str = ""
 
 
+PRIOR_MODES = ("off", "prompt", "fuse", "both")
+"""Where the interpolated contour between two drawn slices enters (SegmentOptions.interpolation_prior)."""
+PRIOR_HELP = ("between two drawn slices, use their interpolation (Fill between slices) as a "
+              "prior: 'prompt' PMA with it, 'fuse' it with each side by the side's quality and "
+              "agreement, 'both', or 'off'")
+
+
 @dataclass
 class SegmentOptions:
     """Everything about how a run is done that is not the data itself."""

@@ -16,6 +16,8 @@ interpolation prior between drawn slices (``--interpolation-prior prompt``, ``fu
     python benchmarks/learning_check_3d.py --steps 40            # a smoke run
     python benchmarks/learning_check_3d.py --out ck.safetensors   # keep the checkpoint
     python benchmarks/learning_check_3d.py --checkpoint ck.safetensors  # the table again
+    python benchmarks/learning_check_3d.py --checkpoint ck.safetensors --only spleen --json a.json
+    python benchmarks/learning_check_3d.py --merge a.json b.json  # rows of several processes
 
 A tiny model trained for minutes on one CT volume: the figures say whether the pieces work
 together and how they compare on the same drawn slices, not what a full-size model would do.
@@ -91,11 +93,40 @@ def report_every(n: int):
     return show
 
 
+def print_tables(rows: list[dict], columns: list[str], steps: int):
+    """The two Markdown tables (whole volume; undrawn slices) and their never-trained means."""
+    header = ["structure (slices, drawn)", *[LABELS[c] for c in columns]]
+    print()
+    print(f"Dice over the whole volume, 3 drawn slices per structure; cpu-mini trained from "
+          f"random for {steps} steps on {len(TRAIN_ORGANS)} other organs of the same CT")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print(f"| {row['structure']} ({row['slices']}, {row['drawn']}) | "
+              + " | ".join(f"{row[c]:.3f}" for c in columns) + " |")
+    unseen = [r for r in rows if not r["structure"].endswith("(trained)")]
+    means = {c: float(np.mean([r[c] for r in unseen])) for c in columns}
+    print("| **mean (never trained)** | " + " | ".join(f"**{means[c]:.3f}**" for c in columns) + " |")
+    print()
+    print("The same, Dice on the slices nobody drew, and how many of them SGP segmented at all "
+          "(of those that show the structure)")
+    print("| structure | " + " | ".join(LABELS[c] for c in columns) + " | SGP slices predicted |")
+    print("|" + "---|" * (len(columns) + 2))
+    for row in rows:
+        print(f"| {row['structure']} | " + " | ".join(f"{row['undrawn'][c]:.3f}" for c in columns)
+              + f" | {row['reached']} of {row['to_reach']} |")
+    means_undrawn = {c: float(np.mean([r["undrawn"][c] for r in unseen])) for c in columns}
+    print("| **mean (never trained)** | " + " | ".join(f"**{means_undrawn[c]:.3f}**"
+                                                     for c in columns) + " | |")
+    return means, means_undrawn
+
+
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     from SlicerSGP.data import datasets, io
     from SlicerSGP.evaluation.baselines import run_baseline
     from SlicerSGP.evaluation.metrics import dice
+    from SlicerSGP.method.interpolation import shared_worker
     from SlicerSGP.method.segmenter import Segmenter
     from SlicerSGP.training.config import TrainConfig
     from SlicerSGP.training.trainer import train
@@ -118,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated SGP variants to score (default all: "
                         + ", ".join(VARIANTS) + ")")
+    p.add_argument("--only", default=None,
+                   help="comma-separated structure names to score (default all)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="print the tables from these --json files (rows of several runs)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     p.add_argument("--checkpoint", type=Path, default=None,
@@ -128,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
                         "not generalisation")
     args = p.parse_args(argv)
     variants = {name: VARIANTS[name] for name in args.variants.split(",")}
+    if args.merge:
+        saved = [json.loads(f.read_text()) for f in args.merge]
+        rows = [r for d in saved for r in d["rows"]]
+        columns = [c for c in (*VARIANTS, "interpolation", "nearest") if c in rows[0]]
+        print_tables(rows, columns, saved[0]["steps"])
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -164,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     targets.append(("brain tumour (MRI)", mri_image, mri_labels, 1))
     if args.seen:
         targets += [(f"{names.get(v, str(v))} (trained)", image, labels, v) for v in SEEN_ORGANS]
+    if args.only:
+        targets = [t for t in targets if t[0] in args.only.split(",")]
 
     rows = []
     te = time.perf_counter()
@@ -187,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
                 row["reached"] = int(pred[undrawn].any(axis=(1, 2)).sum())
                 row["to_reach"] = int(truth[undrawn].any(axis=(1, 2)).sum())
         for baseline in ("interpolation", "nearest"):
-            pred = run_baseline(baseline, lab, {value: slices}) == value
+            # ITK's interpolation in the engine's kept child process: the same filter as
+            # run_baseline's one-off process, without loading ITK again per structure.
+            pred = (shared_worker().interpolate(drawn.astype(np.uint16)) if
+                    baseline == "interpolation" else run_baseline(baseline, lab,
+                                                                  {value: slices})) == value
             row[baseline] = dice(pred, truth)
             row["undrawn"][baseline] = dice(pred[undrawn], truth[undrawn])
         row["seconds"] = time.perf_counter() - t_row
@@ -198,29 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     t_eval = time.perf_counter() - te
 
     columns = [*variants, "interpolation", "nearest"]
-    header = ["structure (slices, drawn)", *[LABELS[c] for c in columns]]
-    print()
-    print(f"Dice over the whole volume, 3 drawn slices per structure; cpu-mini trained from "
-          f"random for {args.steps} steps on {len(TRAIN_ORGANS)} other organs of the same CT")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print(f"| {row['structure']} ({row['slices']}, {row['drawn']}) | "
-              + " | ".join(f"{row[c]:.3f}" for c in columns) + " |")
-    unseen = [r for r in rows if not r["structure"].endswith("(trained)")]
-    means = {c: float(np.mean([r[c] for r in unseen])) for c in columns}
-    print("| **mean (never trained)** | " + " | ".join(f"**{means[c]:.3f}**" for c in columns) + " |")
-    print()
-    print("The same, Dice on the slices nobody drew, and how many of them SGP segmented at all "
-          "(of those that show the structure)")
-    print("| structure | " + " | ".join(LABELS[c] for c in columns) + " | SGP slices predicted |")
-    print("|" + "---|" * (len(columns) + 2))
-    for row in rows:
-        print(f"| {row['structure']} | " + " | ".join(f"{row['undrawn'][c]:.3f}" for c in columns)
-              + f" | {row['reached']} of {row['to_reach']} |")
-    means_undrawn = {c: float(np.mean([r["undrawn"][c] for r in unseen])) for c in columns}
-    print("| **mean (never trained)** | " + " | ".join(f"**{means_undrawn[c]:.3f}**"
-                                                     for c in columns) + " | |")
+    means, means_undrawn = print_tables(rows, columns, args.steps)
     print(f"time: train {t_train:.0f} s, propagation + baselines {t_eval:.0f} s on {cpu_model()} "
           f"({torch.get_num_threads()} threads; wall clock, shared machine: rough)")
     if args.json:

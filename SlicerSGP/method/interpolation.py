@@ -91,6 +91,17 @@ class InterpolationWorker:
             self._folder = None
 
 
+_SHARED: InterpolationWorker | None = None
+
+
+def shared_worker() -> InterpolationWorker:
+    """The process's one worker (ITK loads once per process, whoever asks first)."""
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = InterpolationWorker()
+    return _SHARED
+
+
 def _serve() -> None:
     """The child's loop: one ``src<TAB>dst`` request per line until stdin closes."""
     import itk

@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from SlicerSGP.errors import SGPInputError
-from SlicerSGP.method.interpolation import InterpolationWorker
+from SlicerSGP.method.interpolation import InterpolationWorker, shared_worker
 from SlicerSGP.method.rerun import mask_token
+from SlicerSGP.types import PRIOR_MODES
 
-PRIOR_MODES = ("off", "prompt", "fuse", "both")
 PRIOR_LOGIT = 10.0
 """The interpolated mask as a dense prompt: logits of +-this (SAM2's mask-prompt scale)."""
 CACHED_PRIORS = 16
@@ -109,7 +109,7 @@ class PriorCache:
     """One interpolation per structure and drawing, reused while the drawing is unchanged."""
 
     def __init__(self, worker: InterpolationWorker | None = None):
-        self.worker = worker or InterpolationWorker()
+        self.worker = worker or shared_worker()
         self._priors: OrderedDict[tuple, Prior] = OrderedDict()
 
     def for_run(self, masks: dict[int, np.ndarray], n: int, mode: str,

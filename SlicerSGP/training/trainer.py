@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from SlicerSGP.data.datasets import load_dataset, parse_split
 from SlicerSGP.errors import Cancelled, SGPInputError
-from SlicerSGP.method.interpolation import InterpolationWorker
+from SlicerSGP.method.interpolation import shared_worker
 from SlicerSGP.method.model import build_model
 from SlicerSGP.method.segmenter import Segmenter
 from SlicerSGP.training.checkpoints import (
@@ -139,7 +139,7 @@ class Trainer:
         self.step = 0
         self.pool_cache: dict[tuple[int, int], torch.Tensor] = {}
         self.history: list[dict[str, float]] = []
-        self.interpolator = InterpolationWorker()  # ITK starts with the first prior episode
+        self.interpolator = shared_worker()  # ITK starts with the first prior episode
 
     # ------------------------------------------------------------------ helpers
 
