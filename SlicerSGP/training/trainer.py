@@ -282,16 +282,13 @@ class Trainer:
         if len(order) == 1 and cfg.own_image_support and not ep.empty_support and \
                 rng.random() < cfg.own_image_support:
             memories.append(self._own_image_memory(ep.images, question.answer, rng))
-        labeled: set[int] = set()
-        for a in (run.ends or [order[0]]) if run.own else []:
-            memories.insert(len(labeled), self.seg.support_memory(feats, a, q_masks[a:a + 1], a,
-                                                                  grad=True))
-            labeled.add(a)
-        prior_of = episode_prior(self.interpolator, question.answer, run.ends, size)
+        labeled = (run.ends or [order[0]]) if run.own else []
+        own = [self.seg.support_memory(feats, a, q_masks[a:a + 1], a, grad=True) for a in labeled]
+        memories, labeled = own + memories, set(labeled)
         use_kl = cfg.use_pmg and cfg.use_pma and self.model.pma is not None
-        losses = []
-        terms = dict.fromkeys(LOSS_TERMS, 0.0)
+        losses, terms = [], dict.fromkeys(LOSS_TERMS, 0.0)
         predicted = len(order) - len(labeled)
+        prior_of = episode_prior(self.interpolator, question.answer, run.ends, size)
         for j, out in self.seg.propagator.run_sweep(feats, order, ep.reverse, labeled, memories,
                                                     self.opts, lambda j: run.images[j:j + 1],
                                                     grad=True, prior_of=prior_of):
