@@ -42,7 +42,8 @@ from SlicerSGP.types import PRIOR_MODES
 PRIOR_LOGIT = 10.0
 """The interpolated mask as a dense prompt: logits of +-this (SAM2's mask-prompt scale)."""
 CACHED_PRIORS = 16
-"""Interpolations kept for re-runs (per structure and drawing; least recently used dropped)."""
+"""Interpolations kept for re-runs (per structure and drawing; least recently used dropped),
+bit-packed: a 512 x 512 slice takes 32 KiB."""
 
 Prior = dict[int, np.ndarray]
 """Slice -> (H, W) bool interpolated mask, for the undrawn slices between two drawn ones."""
@@ -110,7 +111,7 @@ class PriorCache:
 
     def __init__(self, worker: InterpolationWorker | None = None):
         self.worker = worker or shared_worker()
-        self._priors: OrderedDict[tuple, Prior] = OrderedDict()
+        self._priors: OrderedDict[tuple, dict[int, np.ndarray]] = OrderedDict()
 
     def for_run(self, masks: dict[int, np.ndarray], n: int, mode: str,
                 timings: dict[str, float]) -> tuple[Prior | None, dict[int, str]]:
@@ -126,13 +127,15 @@ class PriorCache:
               timings: dict[str, float]) -> Prior:
         """The structure's prior (``timings["interpolation"]`` gains the seconds spent)."""
         key = drawing_key(masks, tokens) + (n,)
+        shape = key[0]
         if key in self._priors:
             self._priors.move_to_end(key)
-            return self._priors[key]
+            return {j: np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape).astype(bool)
+                    for j, bits in self._priors[key].items()}
         t0 = time.perf_counter()
         prior = interpolate_prior(masks, n, self.worker)
         timings["interpolation"] = timings.get("interpolation", 0.0) + time.perf_counter() - t0
-        self._priors[key] = prior
+        self._priors[key] = {j: np.packbits(m) for j, m in prior.items()}
         while len(self._priors) > CACHED_PRIORS:
             self._priors.popitem(last=False)
         return prior
