@@ -24,8 +24,8 @@ import vtk
 from SGPSegmentLib.constants import (
     AXIS_DISPLAY,
     AXIS_NAMES,
-    IMAGE_SIZES,
     DEFAULT_INTERPOLATION_PRIOR,
+    IMAGE_SIZES,
     INTENSITY_MODES,
     INTERPOLATION_PRIORS,
     MODEL_SIZES,

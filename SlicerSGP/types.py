@@ -117,7 +117,7 @@ class SegmentOptions:
     they depend on is unchanged (exact: the result is the same as without; a new drawn slice
     then redoes only the two intervals beside it and the slices whose support picks it).
     False recomputes every slice."""
-    interpolation_prior: str = "off"
+    interpolation_prior: str = "fuse"
     """Between two drawn slices, the interpolated contour (Fill between slices) as a prior:
     'prompt' (PMA's prompt), 'fuse' (blended into each side by its quality and agreement),
     'both', or 'off' (see SlicerSGP.method.prior)."""

@@ -47,11 +47,12 @@ TEST_ORGANS = [1, 3, 6, 7, 4, 30, 64]
 """spleen, left kidney, stomach, pancreas, gallbladder, L2, portal/splenic vein: never trained."""
 SEEN_ORGANS = [5, 2, 20]
 """liver, right kidney, colon: trained on this very volume (``--seen``)."""
+OFF = {"interpolation_prior": "off"}
 VARIANTS = {
-    "SGP": {},
-    "bank 1": {"memory_size": 1},
-    "no stop": {"stop_after_absent": 0},
-    "no quality": {"quality_fusion": False},
+    "SGP": OFF,
+    "bank 1": {**OFF, "memory_size": 1},
+    "no stop": {**OFF, "stop_after_absent": 0},
+    "no quality": {**OFF, "quality_fusion": False},
     "prior prompt": {"interpolation_prior": "prompt"},
     "prior fuse": {"interpolation_prior": "fuse"},
     "prior both": {"interpolation_prior": "both"},

@@ -30,7 +30,7 @@ INTENSITY_MODES = (
 INTERPOLATION_PRIORS = ("off", "prompt", "fuse", "both")
 """Where the interpolated contour between two drawn slices enters (the engine's PRIOR_MODES)."""
 
-DEFAULT_INTERPOLATION_PRIOR = "off"
+DEFAULT_INTERPOLATION_PRIOR = "fuse"
 """The engine's default (SegmentOptions.interpolation_prior)."""
 
 ENGINE_MODES = ("local", "remote")
