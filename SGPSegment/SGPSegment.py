@@ -24,8 +24,10 @@ import vtk
 from SGPSegmentLib.constants import (
     AXIS_DISPLAY,
     AXIS_NAMES,
+    DEFAULT_INTERPOLATION_PRIOR,
     IMAGE_SIZES,
     INTENSITY_MODES,
+    INTERPOLATION_PRIORS,
     MODEL_SIZES,
     README_URL,
     slicerVersionProblem,
@@ -107,6 +109,9 @@ class SGPSegmentParameterNode:
     imageSize: Annotated[int, Choice(list(IMAGE_SIZES))] = 1024
     topK: Annotated[int, WithinRange(1, 16)] = 4
     intensity: Annotated[str, Choice(list(INTENSITY_MODES))] = "auto"
+    interpolationPrior: Annotated[str, Choice(list(INTERPOLATION_PRIORS))] = (
+        DEFAULT_INTERPOLATION_PRIOR
+    )
     keepPseudoMasks: bool = False
 
 

@@ -54,6 +54,13 @@ class SupportItem:
     source: str = ""
 
 
+PRIOR_MODES = ("off", "prompt", "fuse", "both")
+"""Where the interpolated contour between two drawn slices enters (SegmentOptions.interpolation_prior)."""
+PRIOR_HELP = ("between two drawn slices, use their interpolation (Fill between slices) as a "
+              "prior: 'prompt' PMA with it, 'fuse' it with each side by the side's quality and "
+              "agreement, 'both', or 'off'")
+
+
 @dataclass
 class SlicePrompt:
     """A structure's prompt on one slice: a box, clicks and/or its current mask there.
@@ -145,6 +152,10 @@ class SegmentOptions:
     negative point (its deepest voxel in the box). Drawn slices stay as drawn. Structures of one
     run never overlap in ``labels`` (with or without this). A structure's last run is not
     reused while this is set."""
+    interpolation_prior: str = "fuse"
+    """Between two drawn slices, the interpolated contour (Fill between slices) as a prior:
+    'prompt' (PMA's prompt), 'fuse' (blended into each side by its quality and agreement),
+    'both', or 'off' (see SlicerSGP.method.prior)."""
 
 
 @dataclass

@@ -90,8 +90,9 @@ def check_video_predictor(seg: Segmenter, reverse: bool, monkeypatch,
     expected = video_predictor_logits(seg, images, masks, start, reverse, monkeypatch)
     feats = seg.encode_images(images, batch_size=4)
     support = [seg.support_memory(feats, k, masks[k], k) for k in labeled]
+    # Without the interpolation prior (whatever the default): this is SAM2's own path.
     opts = SegmentOptions(memory_policy="fifo", memory_size=seg.model.sam.num_maskmem - 1,
-                          use_pma=False, top_k=4)
+                          use_pma=False, top_k=4, interpolation_prior="off")
     order = list(range(start, -1, -1)) if reverse else list(range(start, vol.shape[0]))
     ours = {j: out.pseudo_low for j, out in
             seg.run_sweep(feats, order, reverse, set(labeled), support, opts) if out is not None}

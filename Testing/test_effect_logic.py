@@ -710,6 +710,7 @@ def test_preview_takes_engine_model_and_options_from_the_module_settings(mrml, l
         imageSize=512,
         topK=3,
         intensity="ct_abdomen",
+        interpolationPrior="both",
         parameterNode=mrml.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode"),
     )
     logic.setReferenceCases(pn.parameterNode, [reference, segmentation])
@@ -718,6 +719,7 @@ def test_preview_takes_engine_model_and_options_from_the_module_settings(mrml, l
     # The segmentation being previewed is never its own reference case.
     assert arguments["referenceCases"] == [(referenceVolume, reference)]
     assert (arguments["top_k"], arguments["intensity"]) == (3, "ct_abdomen")
+    assert arguments["interpolation_prior"] == "both"  # the module's choice reaches previews
     # previews take support from the drawn slices bounding each interval: fast re-runs
     assert arguments["local_support"] is True
     assert logic.engineSummary(pn) == "Engine: this computer; model small at 512 px on cuda:0."

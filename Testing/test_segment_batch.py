@@ -215,7 +215,7 @@ def test_eval_shared_by_two_processes_equals_one(small_2d, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("header, rows, expected", [
-    ("image,labels,box", ["a.nrrd,b.nrrd,1"], "unknown column(s) box"),
+    ("image,labels,colour", ["a.nrrd,b.nrrd,1"], "unknown column(s) colour"),
     ("labels", ["b.nrrd"], "no `image` column"),
     ("image,labels", ["x/image.nrrd,l.nrrd", "x/image.nrrd,m.nrrd"], "both case 'x'"),
     ("image", [], "lists no case"),

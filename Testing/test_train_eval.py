@@ -295,6 +295,35 @@ def test_volumes_train_as_slice_sequences_with_3d_memory(tiny_3d, tmp_path, own_
     assert len(seen) == (2 if own_support else 3) and all(s == 2 for _, s, _, _ in seen)
 
 
+def test_prior_episodes_draw_both_ends_and_prompt_pma_between(tiny_3d, tmp_path):
+    """With --prior-share 1 every own-slice episode has both ends drawn (support, not
+    predicted) and, where both show the target, PMA gets their interpolation in between."""
+    t = Trainer(_cfg(tiny_3d, tmp_path / "p.safetensors", seq_len=4, own_support=1.0,
+                     prior_share=1.0, absent_share=0.0))
+    seen = []
+    real_step = t.seg.predictor.step
+
+    def spy(feats, j, image, support, bank, *a, prior=None, **kw):
+        seen.append((j, prior, sorted(m.slice_index for m in support
+                                      if m.slice_index is not None)))
+        return real_step(feats, j, image, support, bank, *a, prior=prior, **kw)
+
+    t.seg.predictor.step = spy
+    prompted = 0
+    for _ in range(4):
+        seen.clear()
+        rec = t.train_step()
+        assert np.isfinite(rec["loss"]) and rec["own_support"]
+        # The two inner slices of four are predicted: both ends are drawn, support only.
+        assert sorted(j for j, _, _ in seen) == [1, 2]
+        assert all(set(own) <= {0, 3} for _, _, own in seen)
+        priors = [p for _, p, _ in seen]
+        if priors[0] is not None:
+            prompted += 1
+            assert all(p is not None and p.shape == (1, 1, 256, 256) for p in priors)
+    assert prompted and t.interpolator.calls >= prompted
+
+
 @pytest.mark.parametrize("switch", ["use_pmg", "use_pma", "use_3d_memory"])
 def test_ablation_switches_act_in_training(tiny_3d, tmp_path, switch):
     t = Trainer(_cfg(tiny_3d, tmp_path / "ab.safetensors", seq_len=3, **{switch: False}))

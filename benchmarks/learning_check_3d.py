@@ -8,10 +8,16 @@ of its extent and the middle: the slices at 10 %, 50 % and 90 % of it), propagat
 engine's ``Segmenter`` loaded from the saved checkpoint, and scores the whole volume's Dice.
 Beside it, on the very same drawn slices: Segment Editor's Fill between slices (ITK
 morphological contour interpolation) and copying the nearest drawn slice. Variants: the 3D bank
-of K vs 1 memory, the hysteresis stop on vs off, quality-weighted fusion on vs off.
+of K vs 1 memory, the hysteresis stop on vs off, quality-weighted fusion on vs off, and the
+interpolation prior between drawn slices (``--interpolation-prior prompt``, ``fuse``,
+``both``; training gives a share of its episodes the prior, ``--prior-share``).
 
     python benchmarks/learning_check_3d.py --seen --threads 1   # ~40 min on one core
     python benchmarks/learning_check_3d.py --steps 40            # a smoke run
+    python benchmarks/learning_check_3d.py --out ck.safetensors   # keep the checkpoint
+    python benchmarks/learning_check_3d.py --checkpoint ck.safetensors  # the table again
+    python benchmarks/learning_check_3d.py --checkpoint ck.safetensors --only spleen --json a.json
+    python benchmarks/learning_check_3d.py --merge a.json b.json  # rows of several processes
 
 A tiny model trained for minutes on one CT volume: the figures say whether the pieces work
 together and how they compare on the same drawn slices, not what a full-size model would do.
@@ -41,12 +47,20 @@ TEST_ORGANS = [1, 3, 6, 7, 4, 30, 64]
 """spleen, left kidney, stomach, pancreas, gallbladder, L2, portal/splenic vein: never trained."""
 SEEN_ORGANS = [5, 2, 20]
 """liver, right kidney, colon: trained on this very volume (``--seen``)."""
+OFF = {"interpolation_prior": "off"}
 VARIANTS = {
-    "SGP": {},
-    "bank 1": {"memory_size": 1},
-    "no stop": {"stop_after_absent": 0},
-    "no quality": {"quality_fusion": False},
+    "SGP": OFF,
+    "bank 1": {**OFF, "memory_size": 1},
+    "no stop": {**OFF, "stop_after_absent": 0},
+    "no quality": {**OFF, "quality_fusion": False},
+    "prior prompt": {"interpolation_prior": "prompt"},
+    "prior fuse": {"interpolation_prior": "fuse"},
+    "prior both": {"interpolation_prior": "both"},
 }
+LABELS = {"SGP": "SGP", "bank 1": "bank of 1", "no stop": "no stop",
+          "no quality": "no quality fusion", "prior prompt": "prior: prompt",
+          "prior fuse": "prior: fuse", "prior both": "prior: both",
+          "interpolation": "Fill between slices", "nearest": "nearest copy"}
 
 
 def cpu_model() -> str:
@@ -80,11 +94,40 @@ def report_every(n: int):
     return show
 
 
+def print_tables(rows: list[dict], columns: list[str], steps: int):
+    """The two Markdown tables (whole volume; undrawn slices) and their never-trained means."""
+    header = ["structure (slices, drawn)", *[LABELS[c] for c in columns]]
+    print()
+    print(f"Dice over the whole volume, 3 drawn slices per structure; cpu-mini trained from "
+          f"random for {steps} steps on {len(TRAIN_ORGANS)} other organs of the same CT")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print(f"| {row['structure']} ({row['slices']}, {row['drawn']}) | "
+              + " | ".join(f"{row[c]:.3f}" for c in columns) + " |")
+    unseen = [r for r in rows if not r["structure"].endswith("(trained)")]
+    means = {c: float(np.mean([r[c] for r in unseen])) for c in columns}
+    print("| **mean (never trained)** | " + " | ".join(f"**{means[c]:.3f}**" for c in columns) + " |")
+    print()
+    print("The same, Dice on the slices nobody drew, and how many of them SGP segmented at all "
+          "(of those that show the structure)")
+    print("| structure | " + " | ".join(LABELS[c] for c in columns) + " | SGP slices predicted |")
+    print("|" + "---|" * (len(columns) + 2))
+    for row in rows:
+        print(f"| {row['structure']} | " + " | ".join(f"{row['undrawn'][c]:.3f}" for c in columns)
+              + f" | {row['reached']} of {row['to_reach']} |")
+    means_undrawn = {c: float(np.mean([r["undrawn"][c] for r in unseen])) for c in columns}
+    print("| **mean (never trained)** | " + " | ".join(f"**{means_undrawn[c]:.3f}**"
+                                                     for c in columns) + " | |")
+    return means, means_undrawn
+
+
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     from SlicerSGP.data import datasets, io
     from SlicerSGP.evaluation.baselines import run_baseline
     from SlicerSGP.evaluation.metrics import dice
+    from SlicerSGP.method.interpolation import shared_worker
     from SlicerSGP.method.segmenter import Segmenter
     from SlicerSGP.training.config import TrainConfig
     from SlicerSGP.training.trainer import train
@@ -98,6 +141,19 @@ def main(argv: list[str] | None = None) -> int:
                         "rate) had the Dice loss still at 0.74 after 2000 steps")
     p.add_argument("--loss-pseudo", type=float, default=1.0,
                    help="weight of the Dice + BCE on PMG's pseudo-mask (sgp train --loss-pseudo)")
+    p.add_argument("--prior-share", type=float, default=0.5,
+                   help="share of the episodes with a drawn first slice whose last slice is "
+                        "drawn too, PMA prompted by their interpolation (sgp train --prior-share)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the trained checkpoint here (default: a temporary folder), to "
+                        "print the table again later with --checkpoint")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated SGP variants to score (default all: "
+                        + ", ".join(VARIANTS) + ")")
+    p.add_argument("--only", default=None,
+                   help="comma-separated structure names to score (default all)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="print the tables from these --json files (rows of several runs)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     p.add_argument("--checkpoint", type=Path, default=None,
@@ -107,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
                         "volume: memorised, so they show the machinery (bank, stop, fusion), "
                         "not generalisation")
     args = p.parse_args(argv)
+    variants = {name: VARIANTS[name] for name in args.variants.split(",")}
+    if args.merge:
+        saved = [json.loads(f.read_text()) for f in args.merge]
+        rows = [r for d in saved for r in d["rows"]]
+        columns = [c for c in (*VARIANTS, "interpolation", "nearest") if c in rows[0]]
+        print_tables(rows, columns, saved[0]["steps"])
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -114,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ct = DATA / "ct_abdomen_small"
     cases = datasets.load_dataset(ct, axis=0)
     out = Path(tempfile.mkdtemp(prefix="sgp-lc3d-"))
-    cfg = TrainConfig(data=str(ct), out=str(out / "ct_mini.safetensors"), model="cpu-mini",
+    cfg = TrainConfig(data=str(ct), out=str(args.out or out / "ct_mini.safetensors"),
+                      model="cpu-mini", prior_share=args.prior_share,
                       weights="random", image_size=256, lora_rank=4, steps=args.steps, lr=args.lr,
                       structures=TRAIN_ORGANS, seed=args.seed, device="cpu", dtype="float32",
                       loss_pseudo=args.loss_pseudo,
@@ -142,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     targets.append(("brain tumour (MRI)", mri_image, mri_labels, 1))
     if args.seen:
         targets += [(f"{names.get(v, str(v))} (trained)", image, labels, v) for v in SEEN_ORGANS]
+    if args.only:
+        targets = [t for t in targets if t[0] in args.only.split(",")]
 
     rows = []
     te = time.perf_counter()
@@ -156,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         # what propagation added.
         undrawn = ~np.isin(np.arange(lab.shape[0]), slices)
         row["undrawn"] = {}
-        for variant, extra in VARIANTS.items():
+        for variant, extra in variants.items():
             res = seg.segment(vol, drawn, {value: name}, SegmentOptions(**extra))
             pred = res.labels == value
             row[variant] = dice(pred, truth)
@@ -165,43 +231,22 @@ def main(argv: list[str] | None = None) -> int:
                 row["reached"] = int(pred[undrawn].any(axis=(1, 2)).sum())
                 row["to_reach"] = int(truth[undrawn].any(axis=(1, 2)).sum())
         for baseline in ("interpolation", "nearest"):
-            pred = run_baseline(baseline, lab, {value: slices}) == value
+            # ITK's interpolation in the engine's kept child process: the same filter as
+            # run_baseline's one-off process, without loading ITK again per structure.
+            pred = (shared_worker().interpolate(drawn.astype(np.uint16)) if
+                    baseline == "interpolation" else run_baseline(baseline, lab,
+                                                                  {value: slices})) == value
             row[baseline] = dice(pred, truth)
             row["undrawn"][baseline] = dice(pred[undrawn], truth[undrawn])
         row["seconds"] = time.perf_counter() - t_row
         rows.append(row)
         print(f"  {name:<28} " + " ".join(f"{k} {row[k]:.3f}" for k in
-                                          (*VARIANTS, "interpolation", "nearest"))
+                                          (*variants, "interpolation", "nearest"))
               + f" ({row['seconds']:.0f} s)", flush=True)
     t_eval = time.perf_counter() - te
 
-    columns = [*VARIANTS, "interpolation", "nearest"]
-    header = ["structure (slices, drawn)", *[c if c not in ("interpolation", "nearest") else
-                                             {"interpolation": "Fill between slices",
-                                              "nearest": "nearest copy"}[c] for c in columns]]
-    print()
-    print(f"Dice over the whole volume, 3 drawn slices per structure; cpu-mini trained from "
-          f"random for {args.steps} steps on {len(TRAIN_ORGANS)} other organs of the same CT")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print(f"| {row['structure']} ({row['slices']}, {row['drawn']}) | "
-              + " | ".join(f"{row[c]:.3f}" for c in columns) + " |")
-    unseen = [r for r in rows if not r["structure"].endswith("(trained)")]
-    means = {c: float(np.mean([r[c] for r in unseen])) for c in columns}
-    print("| **mean (never trained)** | " + " | ".join(f"**{means[c]:.3f}**" for c in columns) + " |")
-    print()
-    print("The same, Dice on the slices nobody drew, and how many of them SGP segmented at all "
-          "(of those that show the structure)")
-    print("| structure | SGP | bank of 1 | no stop | no quality fusion | Fill between slices "
-          "| nearest copy | SGP slices predicted |")
-    print("|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['structure']} | " + " | ".join(f"{row['undrawn'][c]:.3f}" for c in columns)
-              + f" | {row['reached']} of {row['to_reach']} |")
-    means_undrawn = {c: float(np.mean([r["undrawn"][c] for r in unseen])) for c in columns}
-    print("| **mean (never trained)** | " + " | ".join(f"**{means_undrawn[c]:.3f}**"
-                                                     for c in columns) + " | |")
+    columns = [*variants, "interpolation", "nearest"]
+    means, means_undrawn = print_tables(rows, columns, args.steps)
     print(f"time: train {t_train:.0f} s, propagation + baselines {t_eval:.0f} s on {cpu_model()} "
           f"({torch.get_num_threads()} threads; wall clock, shared machine: rough)")
     if args.json:

@@ -27,6 +27,12 @@ INTENSITY_MODES = (
     "ct_soft_tissue",
 )
 
+INTERPOLATION_PRIORS = ("off", "prompt", "fuse", "both")
+"""Where the interpolated contour between two drawn slices enters (the engine's PRIOR_MODES)."""
+
+DEFAULT_INTERPOLATION_PRIOR = "fuse"
+"""The engine's default (SegmentOptions.interpolation_prior)."""
+
 ENGINE_MODES = ("local", "remote")
 """Where the engine runs: this computer (a server the module starts) or a remote server."""
 

@@ -51,6 +51,7 @@ BASE_REQUIREMENTS = (
     "scipy>=1.10",
     "fastapi>=0.110",
     "uvicorn>=0.29",
+    "itk-morphologicalcontourinterpolation>=1.1",
 )
 """What ``sgp serve`` needs besides sam2 (the engine's pyproject dependencies plus the server)."""
 

@@ -105,6 +105,7 @@ class ParameterNodeActions:
             library=self.supportLibraryRoot,
             top_k=pn.topK,
             intensity=pn.intensity,
+            interpolation_prior=str(pn.interpolationPrior),
         )
         return self.startRun(
             request, self.settingsFromParameterNode(pn), keepPseudoMasks=pn.keepPseudoMasks
@@ -122,6 +123,7 @@ class ParameterNodeActions:
             "supportSet": self.supportSetName(pn.parameterNode),
             "top_k": int(pn.topK),
             "intensity": str(pn.intensity),
+            "interpolation_prior": str(pn.interpolationPrior),
             # Each interval takes its support from the drawn slices bounding it, so that after a
             # correction only the two intervals beside it are propagated again (a re-run costs a
             # fraction of the first; with support from every drawn slice nearly all change).

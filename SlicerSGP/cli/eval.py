@@ -32,7 +32,7 @@ from SlicerSGP.evaluation.evaluate import (
 )
 from SlicerSGP.evaluation.metrics import Row, evaluate_labels, summarize
 from SlicerSGP.evaluation.reports import montage_tile, write_csv, write_json, write_montage
-from SlicerSGP.types import SegmentOptions
+from SlicerSGP.types import PRIOR_HELP, PRIOR_MODES, SegmentOptions
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -73,6 +73,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--no-3d-memory", action="store_true")
     g.add_argument("--axis", default="k")
     g.add_argument("--intensity", default="auto")
+    g.add_argument("--interpolation-prior", choices=PRIOR_MODES,
+                   default=SegmentOptions.interpolation_prior,
+                   help=f"{PRIOR_HELP} (with --support-slices)")
     g.add_argument("--write-pred", type=Path, help="also write each prediction as "
                    "<folder>/<case>.seg.nrrd")
     o = p.add_argument_group("outputs")
@@ -147,7 +150,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 opts = SegmentOptions(top_k=args.top_k, memory_policy=args.memory_policy,
                                       use_pmg=not args.no_pmg, use_pma=not args.no_pma,
                                       use_3d_memory=not args.no_3d_memory,
-                                      intensity=args.intensity)
+                                      intensity=args.intensity,
+                                      interpolation_prior=args.interpolation_prior)
             t_start = time.perf_counter()
             shares = run_share(shard, lambda: _score(args, plan, cases, mine, values,
                                                      segmenter, bank, opts))

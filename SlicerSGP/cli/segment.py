@@ -36,7 +36,7 @@ from SlicerSGP.data.readers import read_image_source
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.evaluation.reports import montage_tile, write_montage
 from SlicerSGP.service.client import connect_engine
-from SlicerSGP.types import SegmentOptions, axis_label
+from SlicerSGP.types import PRIOR_HELP, PRIOR_MODES, SegmentOptions, axis_label
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -133,6 +133,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="skip the reverse-propagation quality score (RevSAM2) of each slice")
     m.add_argument("--no-quality-fusion", action="store_true",
                    help="fuse the two sides by distance only, not by quality too")
+    m.add_argument("--interpolation-prior", choices=PRIOR_MODES,
+                   default=SegmentOptions.interpolation_prior,
+                   help=f"{PRIOR_HELP} (default {SegmentOptions.interpolation_prior})")
     m.add_argument("--intensity", default="auto",
                    help="auto, percentile, none, ct_abdomen, ct_lung, ct_bone, ct_brain, "
                         "ct_soft_tissue")
@@ -265,6 +268,7 @@ def segment_case(args: argparse.Namespace, plan: OutputPlan, engine_for: Callabl
         stop_after_absent=args.stop_after_absent, slice_limits=_slice_limits(args),
         reverse_quality=not args.no_reverse_quality,
         quality_fusion=not args.no_quality_fusion, exclude=exclude,
+        interpolation_prior=args.interpolation_prior,
     )
     engine = engine_for()
     progress = Progress(args.quiet)
@@ -325,6 +329,10 @@ def _write_outputs(plan: OutputPlan, args, volume, labels, geometry, result, opt
         write_overlay(plan.temp(args.overlay), volume, labels, result, opts)
 
 
+STAGES = ("encode", "interpolation", "propagate", "multi_view", "assemble")
+"""The timings printed after a run, in the order they happen."""
+
+
 def _report(result, axis: int, load_s: float, engine, written: list[Path]) -> None:
     n = int(result.stats.get("slices", 0))
     total = float(result.timings.get("total", 0.0))
@@ -333,6 +341,9 @@ def _report(result, axis: int, load_s: float, engine, written: list[Path]) -> No
     print(f"segmented {', '.join(result.structures.values())} on {n} slices along "
           f"{axis_label(axis)} (support slices {support}) in {total:.1f} s "
           f"({total / max(n, 1):.2f} s/slice; model load {load_s:.1f} s) on {device}")
+    stages = [f"{k} {result.timings[k]:.1f} s" for k in STAGES if k in result.timings]
+    if stages:
+        print("time: " + ", ".join(stages))
     for note in getattr(result, "notes", None) or []:
         print(f"note: {note}")
     disk = getattr(engine, "feature_cache", None)

@@ -96,6 +96,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "pretrained; for a PMG trained from random weights; 0 = off)")
     m = p.add_argument_group("method")
     m.add_argument("--seq-len", type=int, default=4, help="slices per volume episode")
+    m.add_argument("--prior-share", type=float, default=0.0,
+                   help="fraction of the episodes with a drawn first slice whose last slice is "
+                        "drawn too, PMA prompted between them by their interpolation (Fill "
+                        "between slices; needs ITK), so the checkpoint learns to use "
+                        "--interpolation-prior prompt (default 0)")
     m.add_argument("--own-support", type=float, default=0.5,
                    help="fraction of volume episodes that start from one of the volume's own "
                         "labeled slices as support, as at inference (default 0.5)")
@@ -124,6 +129,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     axis = parse_axis(args.axis)
     if args.steps < 1:
         raise SGPInputError("--steps must be at least 1.")
+    if not 0.0 <= args.prior_share <= 1.0:
+        raise SGPInputError("--prior-share is a fraction: give a value between 0 and 1.")
     if not 0.0 <= args.own_support <= 1.0:
         raise SGPInputError("--own-support is a fraction: give a value between 0 and 1.")
     if not 0.0 <= args.own_image_support <= 1.0:
@@ -139,7 +146,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         train_all=args.train_all, train_pmg=args.train_pmg,
         sam2_overrides=list(args.sam2_overrides), steps=args.steps, lr=lr,
         weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip,
-        seq_len=args.seq_len, own_support=args.own_support, top_k=args.top_k, memory_size=args.memory_size,
+        seq_len=args.seq_len, own_support=args.own_support, prior_share=args.prior_share, top_k=args.top_k, memory_size=args.memory_size,
         memory_policy=args.memory_policy, use_pmg=not args.no_pmg, use_pma=not args.no_pma,
         use_3d_memory=not args.no_3d_memory, loss_dice=args.loss_dice, loss_ce=args.loss_ce,
         loss_kl=args.loss_kl, loss_obj=args.loss_obj,

@@ -7,6 +7,7 @@ import numpy as np
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.method.memory import check_bank_options
 from SlicerSGP.method.model import SGPModel
+from SlicerSGP.method.prior import check_mode
 from SlicerSGP.types import SegmentOptions, SupportItem, axis_label
 
 
@@ -23,6 +24,7 @@ def validate_options(opts: SegmentOptions, model: SGPModel) -> None:
         if len(limits) != 2 or int(limits[0]) > int(limits[1]):
             raise SGPInputError(f"Slice limits of structure {value} must be [first, last] with "
                                 f"first <= last; got {list(limits)}.")
+    check_mode(opts.interpolation_prior)
     if not 0.0 < opts.threshold < 1.0:
         raise SGPInputError(f"threshold must lie in (0, 1), got {float(opts.threshold):g}.")
 

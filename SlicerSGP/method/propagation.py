@@ -10,14 +10,11 @@ predictions, weighted by inverse distance to each side's drawn slice (linear int
 between the two) times each side's reverse-propagation quality.
 
 Restarting at every drawn slice makes an interval's result depend on its own two drawn slices
-(and the support its slices pick), not on everything upstream: a new drawn slice changes
-the two intervals beside it and the slices whose top-K now picks it, and
-:mod:`~SlicerSGP.method.rerun` reuses the rest exactly. With ``local_support`` a sweep's slices
-pick their support only among the drawn slices bounding its range (and the external bank), so
-a new drawn slice changes the two intervals beside it and nothing else. With only external
-support the sweeps start at the slice whose pseudo-mask is most confident. With
-``bidirectional`` off, one SAM2-style pass: forward from the first drawn slice through the
-others, and back from it to the start.
+and the support its slices pick: :mod:`~SlicerSGP.method.rerun` reuses the rest exactly (with
+``local_support`` a new drawn slice changes only the two intervals beside it). With only
+external support the sweeps start at the slice whose pseudo-mask is most confident; with
+``bidirectional`` off, one SAM2-style pass. Between two drawn slices, the interpolated contour
+may prompt PMA or join the fusion (:mod:`~SlicerSGP.method.prior`).
 """
 
 from __future__ import annotations
@@ -32,6 +29,7 @@ from SlicerSGP.data import preprocess
 from SlicerSGP.errors import Cancelled
 from SlicerSGP.method.encoding import EncodedSlices
 from SlicerSGP.method.memory import bank_size, evict
+from SlicerSGP.method.prior import Prior, blend, fuses, prompt_source
 from SlicerSGP.method.rerun import SliceResult, StructureRun, SweepReplay
 from SlicerSGP.method.runtime import Runtime
 from SlicerSGP.method.step import SlicePredictor, StepOutput
@@ -213,24 +211,28 @@ class Propagator:
                   support_pool: list[Memory], opts: SegmentOptions,
                   report: Callable[[float], None], stop: CancelCheck,
                   limits: tuple[int, int] | None = None,
-                  rerun: StructureRun | None = None,
-                  exclude_of: ExcludeOf | None = None) -> Accumulator:
+                  rerun: StructureRun | None = None, exclude_of: ExcludeOf | None = None,
+                  prior: Prior | None = None) -> Accumulator:
         """All sweeps of one structure from its drawn slices ``masks`` (slice -> mask);
         ``support_pool`` holds their memories (in slice order) followed by external ones.
         ``limits`` (first, last) bounds the slices the structure may occupy. With ``rerun``,
         results of the structure's last run whose inputs are unchanged are reused (exactly).
-        ``exclude_of`` gives each slice's "not here" pixels, cleared before a mask is memory."""
+        ``exclude_of`` gives each slice's "not here" pixels, cleared before a mask is memory.
+        ``prior``: the interpolated masks between drawn slices, used as ``opts`` says."""
         labeled = sorted(masks)
         n = len(feats)
-        first, last = limits if limits is not None else (0, n - 1)
-        first, last = max(0, int(first)), min(n - 1, int(last))
+        first, last = (max(0, int(limits[0])), min(n - 1, int(limits[1]))) if limits \
+            else (0, n - 1)
         acc = Accumulator.empty((n, *slices01.shape[1:3]), opts.keep_pseudo_masks)
         need_image = self.rt.model.pma is not None and opts.use_pma
 
         def image_of(j: int) -> torch.Tensor | None:
-            if not need_image:
-                return None
-            return preprocess.to_model_input(slices01[j:j + 1], transform).to(self.rt.device)
+            return (preprocess.to_model_input(slices01[j:j + 1], transform).to(self.rt.device)
+                    if need_image else None)
+
+        prior = prior or {}
+        fuse = fuses(opts.interpolation_prior) and bool(prior)
+        prior_of = prompt_source(prior, transform, opts.interpolation_prior)
 
         seed: tuple[int, SliceResult] | None = None
         anchors = labeled
@@ -249,7 +251,7 @@ class Propagator:
             pool = sweep_pool(support_pool, labeled, sweep, opts.local_support)
             for j, out in self.run_sweep(feats, sweep.order, reverse, set(labeled), pool, opts,
                                          image_of, stop, seed, replay=replay,
-                                         exclude_of=exclude_of):
+                                         exclude_of=exclude_of, prior_of=prior_of):
                 done += 1
                 if out is None:
                     continue
@@ -271,7 +273,8 @@ class Propagator:
                     weight *= quality_factor(out.quality)
                 source = "seed" if seed and j == seed[0] else ("backward" if reverse else "forward")
                 with self.rt.timed("write_back"):
-                    acc.add(j, out, weight, source, transform)
+                    acc.add(j, blend(out, prior[j], opts.threshold) if fuse and j in prior
+                            else out, weight, source, transform)
                 report(done / total)
                 beyond = j < outermost if reverse else j > outermost
                 if beyond and opts.stop_after_absent:
@@ -283,8 +286,7 @@ class Propagator:
 
     def _seed(self, feats: EncodedSlices, pool: list[Memory], image_of: ImageOf,
               transform: preprocess.LetterboxTransform, opts: SegmentOptions,
-              stop: CancelCheck, limits: tuple[int, int],
-              rerun: StructureRun | None,
+              stop: CancelCheck, limits: tuple[int, int], rerun: StructureRun | None,
               exclude_of: ExcludeOf | None = None) -> tuple[int, SliceResult]:
         """The start slice with only external support (last run's choice if it applies)."""
         cached = rerun.cached_seed(pool, limits) if rerun is not None else None
@@ -328,13 +330,15 @@ class Propagator:
                   stop: CancelCheck | None = None,
                   seed: tuple[int, StepOutput | SliceResult] | None = None, grad: bool = False,
                   replay: SweepReplay | None = None, exclude_of: ExcludeOf | None = None,
+                  prior_of: ImageOf | None = None,
                   ) -> Iterator[tuple[int, StepOutput | SliceResult | None]]:
         """One directional pass over ``order``; yields ``(slice, StepOutput | None)``.
 
         Labeled slices yield None (they are support, not predicted). The 3D memory bank and the
         object-pointer history live for this sweep only; the bank holds K memories (the same
         rule in training and inference). With ``replay``, a slice whose inputs are last run's
-        yields last run's :class:`SliceResult` instead of being predicted again.
+        yields last run's :class:`SliceResult` instead of being predicted again. ``prior_of(j)``:
+        the interpolation prompting PMA at slice ``j`` (None where there is none).
         """
         rt = self.rt
         n = len(feats)
@@ -363,7 +367,8 @@ class Propagator:
                                                   support, bank if opts.use_3d_memory else [],
                                                   ptr_history, reverse, n, opts,
                                                   encode_memory=opts.use_3d_memory,
-                                                  exclude=exclude_of(j) if exclude_of else None)
+                                                  exclude=exclude_of(j) if exclude_of else None,
+                                                  prior=prior_of(j) if prior_of else None)
                 if opts.use_3d_memory and out.memory is not None:
                     bank.append(out.memory)
                     ptr_history[j] = out.memory.obj_ptr

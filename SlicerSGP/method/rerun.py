@@ -227,7 +227,8 @@ def options_key(opts: SegmentOptions) -> tuple[Any, ...]:
     """The options a slice's prediction depends on (the rest act at fusion or in planning,
     which runs afresh every time)."""
     return (opts.top_k, bank_size(opts), opts.memory_policy, opts.use_pmg, opts.use_pma,
-            opts.use_3d_memory, float(opts.threshold), opts.reverse_quality)
+            opts.use_3d_memory, float(opts.threshold), opts.reverse_quality,
+            opts.interpolation_prior in ("prompt", "both"))
 
 
 @dataclass

@@ -12,8 +12,7 @@ one responsibility:
    similar are picked per slice;
 4. :mod:`~SlicerSGP.method.propagation` (with :mod:`~SlicerSGP.method.step` and
    :mod:`~SlicerSGP.method.memory`): sweeps restart at every labeled slice and run to the next
-   one (or the structure's end); per slice, memory attention over support + 3D bank, PMG
-   pseudo-mask, PMA final mask, new memory;
+   one (or the structure's end); per slice, PMG pseudo-mask, PMA final mask, new memory;
 5. :mod:`~SlicerSGP.method.rerun`: a re-run reuses, exactly, every slice result of the last run
    whose inputs are unchanged (a new drawn slice redoes the intervals beside it and the slices
    whose support now picks it); :mod:`~SlicerSGP.method.assembly`: slices reached from both
@@ -52,9 +51,10 @@ from SlicerSGP.method.inputs import (
 )
 from SlicerSGP.method.model import SGPModel, build_model, load_sgp_checkpoint
 from SlicerSGP.method.multiview import fuse_views
+from SlicerSGP.method.prior import PriorCache
 from SlicerSGP.method.prompts import apply_prompts, exclusion_lookup, window_voxels
 from SlicerSGP.method.propagation import Accumulator, Propagator
-from SlicerSGP.method.rerun import RerunCache, StructureRun, drawn_memories, mask_token
+from SlicerSGP.method.rerun import RerunCache, StructureRun, drawn_memories
 from SlicerSGP.method.runtime import Runtime, resolve_device
 from SlicerSGP.method.step import SlicePredictor, StepOutput
 from SlicerSGP.method.support import Memory, SupportMemories
@@ -115,6 +115,7 @@ class Segmenter:
         """Last runs' slice results per volume and structure, in what features leave of cache_mb."""
         self._windows: dict[str, tuple[float, float]] = {}
         """Intensity window last used per volume (it may depend on what was drawn)."""
+        self.priors = PriorCache()  # interpolation priors per structure and drawing
 
     # ------------------------------------------------------------------ what callers read
 
@@ -177,6 +178,7 @@ class Segmenter:
         self.encoder.clear()
         self.support.clear()
         self.reruns.clear()
+        self.priors.clear()
         if self.encoder.disk is not None:
             self.encoder.disk.refresh()
 
@@ -339,7 +341,7 @@ class Segmenter:
         for si, (value, name) in enumerate(structures.items()):
             masks = {k: (lab[k] == value) if lab is not None else np.zeros((h, w), bool)
                      for k in labeled[value]}
-            tokens = {k: mask_token(m) for k, m in masks.items()}
+            prior, tokens = self.priors.for_run(masks, n, opts.interpolation_prior, timings)
             # Exclusion depends on voxels the re-run's record does not hold: no reuse with it.
             run = self.reruns.start(feats, value, opts, tokens) \
                 if opts.reuse_results and exclude_of is None else None
@@ -351,14 +353,14 @@ class Segmenter:
 
             per_structure[value] = self.propagator.propagate(
                 feats, slices01, transform, masks, own + ext, opts, stage_progress, stop,
-                slice_limits(opts, value), run, exclude_of)
+                slice_limits(opts, value), run, exclude_of=exclude_of, prior=prior)
             runs[value] = run
         # Only a run that completed becomes the one the next run compares with.
         for value, run in runs.items():
             self.reruns.commit(feats, value, opts, run)
-        # Encoding done on the way is counted in timings["encode"], not twice.
+        # Encoding and interpolation done on the way are counted in their own timings.
         encoding = self.stage_times.get("encode", 0.0) - encoding_before
-        timings["propagate"] = time.perf_counter() - tp - encoding
+        timings["propagate"] = time.perf_counter() - tp - encoding - timings.get("interpolation", 0)
         return per_structure
 
     def refine_slice(self, volume: np.ndarray, slice_index: int,
@@ -383,8 +385,6 @@ class Segmenter:
         return self.predictor.refine(feats, int(slice_index), transform, list(points),
                                      [int(v) for v in point_labels],
                                      None if mask is None else np.asarray(mask, bool))
-
-    # ------------------------------------------------------------------ helpers
 
     def _batch_size(self, opts: SegmentOptions) -> int:
         return int(opts.encode_batch_size or (8 if self.device.type == "cuda" else 1))

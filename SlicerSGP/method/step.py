@@ -18,6 +18,7 @@ from SlicerSGP.method.encoding import EncodedSlices
 from SlicerSGP.method.memory import MemoryAttention
 from SlicerSGP.method.model import pseudo_mask_box
 from SlicerSGP.method.pma import support_cue
+from SlicerSGP.method.prior import dense_prompt
 from SlicerSGP.method.runtime import Runtime, flat
 from SlicerSGP.method.support import MEMORY_DTYPE, Memory
 from SlicerSGP.types import SegmentOptions
@@ -70,11 +71,14 @@ class SlicePredictor:
     def step(self, feats: EncodedSlices, j: int, image: torch.Tensor | None,
              support: list[Memory], bank: list[Memory], ptr_history: dict[int, torch.Tensor],
              reverse: bool, num_frames: int, opts: SegmentOptions,
-             encode_memory: bool = True, exclude: torch.Tensor | None = None) -> StepOutput:
+             encode_memory: bool = True, exclude: torch.Tensor | None = None,
+             prior: torch.Tensor | None = None) -> StepOutput:
         """Predict slice ``j``: PMG (pseudo-mask), PMA (final mask), then its 3D memory.
 
         ``exclude``: (1, 1, S, S) bool model pixels that are "not here" (other structures'
-        voxels): cleared from the final mask before it becomes the slice's memory."""
+        voxels): cleared from the final mask before it becomes the slice's memory.
+        ``prior``: the interpolated contour (model-space probability, 1 x 1 x S x S), PMA's
+        prompt in place of the pseudo-mask (:mod:`~SlicerSGP.method.prior`)."""
         rt = self.rt
         sam = rt.sam
         g = feats.grid
@@ -98,7 +102,7 @@ class SlicePredictor:
         if opts.use_pma:
             with rt.timed("decode"):
                 final_high, final_iou, final_obj = self._pma(pix, hr, pseudo_low, pseudo_high,
-                                                             image, opts)
+                                                             image, opts, prior)
             # Present only where PMG and PMA both say so: PMA's box and mask prompts must not
             # resurrect a structure PMG found absent (and without PMG, PMA decides alone).
             presence = torch.minimum(obj_score, final_obj) if opts.use_pmg else final_obj
@@ -134,10 +138,14 @@ class SlicePredictor:
                           obj_score, final_obj)
 
     def _pma(self, pix: torch.Tensor, hr: list[torch.Tensor], pseudo_low: torch.Tensor,
-             pseudo_high: torch.Tensor, image: torch.Tensor | None, opts: SegmentOptions):
-        """Pseudo-mask attention: box prompt + (trained) mask attention + decoder."""
+             pseudo_high: torch.Tensor, image: torch.Tensor | None, opts: SegmentOptions,
+             prior: torch.Tensor | None = None):
+        """Pseudo-mask attention: box prompt + (trained) mask attention + decoder; with a
+        ``prior``, its box and mask prompt PMA instead of the pseudo-mask's."""
         sam = self.rt.sam
-        prob_high = torch.sigmoid(pseudo_high.float())
+        if prior is not None:
+            prior = prior.to(device=pix.device, dtype=torch.float32)
+        prob_high = torch.sigmoid(pseudo_high.float()) if prior is None else prior
         box = pseudo_mask_box(prob_high, opts.threshold)
         if box is not None:
             # SAM2 takes a box as two points labeled 2 and 3.
@@ -151,13 +159,23 @@ class SlicePredictor:
             # Training-free: the pretrained decoder with the box and the pseudo-mask as prompts.
             # SAM2 clamps a mask used as a dense prompt to +-32 (an absent pseudo-mask is
             # -1024, which would swamp the prompt encoder).
+            dense = pseudo_low if prior is None else dense_prompt(prior, pseudo_low.shape[-2:])
             out = sam._forward_sam_heads(backbone_features=pix, point_inputs=points,
-                                         mask_inputs=pseudo_low.clamp(-MASK_PROMPT_CLAMP,
-                                                                      MASK_PROMPT_CLAMP),
+                                         mask_inputs=dense.clamp(-MASK_PROMPT_CLAMP,
+                                                                 MASK_PROMPT_CLAMP),
                                          high_res_features=hr, multimask_output=False)
             return out[4], out[2].max(dim=-1).values, out[6]
-        feats = pma.mask_attention(pix, torch.sigmoid(pseudo_low.float()))
-        low_res, ious, obj_score = decode_with(sam, pma.decoder.stage1, feats, points, hr)
+        if prior is None:
+            feats = pma.mask_attention(pix, torch.sigmoid(pseudo_low.float()))
+            low_res, ious, obj_score = decode_with(sam, pma.decoder.stage1, feats, points, hr)
+        else:
+            # Trained: the interpolation gates mask attention and is the decoder's dense
+            # prompt, as episodes with it taught (training/episodes.py).
+            dense = dense_prompt(prior, pseudo_low.shape[-2:]).to(pix.dtype)
+            feats = pma.mask_attention(pix, prior)
+            low_res, ious, obj_score = decode_with(sam, pma.decoder.stage1, feats, points, hr,
+                                                   dense.clamp(-MASK_PROMPT_CLAMP,
+                                                               MASK_PROMPT_CLAMP))
         if image is None:
             raise ValueError("the trained PMA decoder needs the model-space image")
         final = pma.decoder.refine(low_res, hr, image.to(pix.device))
@@ -205,15 +223,17 @@ class SlicePredictor:
 
 
 def decode_with(sam: Any, decoder: Any, feats: torch.Tensor, points: dict | None,
-                hr: list[torch.Tensor]):
-    """Run a SAM2-style mask decoder (prompt = box points or nothing) on ``feats``."""
+                hr: list[torch.Tensor], mask_inputs: torch.Tensor | None = None):
+    """Run a SAM2-style mask decoder (prompt = box points or nothing, and ``mask_inputs``
+    as the dense prompt if given) on ``feats``."""
     b = feats.shape[0]
     if points is None:
         coords = torch.zeros(b, 1, 2, device=feats.device)
         labels = -torch.ones(b, 1, dtype=torch.int32, device=feats.device)
     else:
         coords, labels = points["point_coords"], points["point_labels"]
-    sparse, dense = sam.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+    sparse, dense = sam.sam_prompt_encoder(points=(coords, labels), boxes=None,
+                                           masks=mask_inputs)
     low_res, ious, _, obj_score = decoder(
         image_embeddings=feats, image_pe=sam.sam_prompt_encoder.get_dense_pe(),
         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,

@@ -77,6 +77,9 @@ class TrainConfig:
     seq_len: int = 4
     own_support: float = 0.5
     """Fraction of volume episodes whose first slice is labeled support, as at inference."""
+    prior_share: float = 0.0
+    """Fraction of the episodes with a drawn first slice whose last slice is drawn too, PMA
+    prompted between them by their interpolation (Fill between slices; needs ITK)."""
     own_image_support: float = 0.0
     """Fraction of 2D episodes whose support also holds the query image itself, flipped or
     rotated, with its answer (teaches reading the support's masks early; see Trainer)."""
@@ -119,7 +122,8 @@ class TrainConfig:
 
     # the fields a resumed run must share with the run it continues
     RESUME_KEYS = ("data", "model", "weights", "image_size", "lora_rank", "lora_alpha",
-                   "train_all", "sam2_overrides", "lr", "weight_decay", "warmup", "seq_len", "own_support", "own_image_support",
+                   "train_all", "sam2_overrides", "lr", "weight_decay", "warmup", "seq_len", "own_support", "prior_share",
+                   "own_image_support",
                    "top_k", "memory_size", "memory_policy", "train_pmg", "use_pmg", "use_pma",
                    "use_3d_memory", "loss_dice", "loss_ce", "loss_kl", "loss_obj", "loss_pseudo",
                    "structures", "targets", "hold_out",

@@ -10,11 +10,17 @@ A share of episodes (``absent_share``) has an empty answer: in a volume, a run w
 is absent (the support still shows it, so the network must find that it is not there); where the
 target is in every slice (most 2D sets), support whose masks are all empty ("nothing of this
 here"), so that an empty support set gives an empty prediction.
+
+A share of the volume episodes whose first slice is drawn (``prior_share``) has its last slice
+drawn too, and PMA gets, on the slices between, the interpolation of those two drawn slices
+(Fill between slices, as ``--interpolation-prior prompt`` gives it at inference), so a trained
+PMA learns how far to trust it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -272,6 +278,8 @@ class Run:
     own: bool
     """The run's first slice is labeled support, as at inference."""
     valid: torch.Tensor
+    ends: list[int] = field(default_factory=list)
+    """With the interpolation prior: the run's first and last slices, both drawn."""
 
 
 @dataclass
@@ -282,3 +290,26 @@ class Question:
     answer: np.ndarray
     masks: torch.Tensor
     pool: list[BankItem]
+
+
+def prior_ends(order: list[int], own: bool, share: float, rng: np.random.Generator) -> list[int]:
+    """The drawn ends of an interpolation-prior episode (module docstring), else []. No draw
+    from ``rng`` when ``share`` is 0, so runs without the prior draw the episodes they did."""
+    if share <= 0 or not own or len(order) < 3:
+        return []
+    return [order[0], order[-1]] if rng.random() < share else []
+
+
+def episode_prior(worker, answer: np.ndarray, ends: list[int],
+                  size: int) -> Callable[[int], torch.Tensor | None] | None:
+    """The interpolation of the answer's two drawn ``ends`` as PMA's prompt on the slices
+    between (model space), or None when an end does not show the target (nothing to fill)."""
+    if not ends or not all(answer[k].any() for k in ends):
+        return None
+    a, b = sorted(ends)
+    sparse = np.zeros(answer[a:b + 1].shape, np.uint8)
+    sparse[0], sparse[-1] = answer[a], answer[b]
+    filled = worker.interpolate(sparse) > 0
+    tf = preprocess.LetterboxTransform(filled.shape[1], filled.shape[2], size)
+    masks = tf.mask_to_model(torch.from_numpy(filled[:, None].astype(np.float32)))
+    return lambda j: masks[j - a:j - a + 1] if a < j < b else None

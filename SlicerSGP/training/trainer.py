@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from SlicerSGP.data.datasets import load_dataset, parse_split
 from SlicerSGP.errors import Cancelled, SGPInputError
+from SlicerSGP.method.interpolation import shared_worker
 from SlicerSGP.method.model import build_model
 from SlicerSGP.method.segmenter import Segmenter
 from SlicerSGP.training.checkpoints import (
@@ -73,6 +74,8 @@ from SlicerSGP.training.episodes import (
     augment,
     build_support_bank,
     draw_episode,
+    episode_prior,
+    prior_ends,
     resolve_targets,
     step_seed,
     target_mask,
@@ -148,6 +151,7 @@ class Trainer:
         self.step = 0
         self.pool_cache: dict[tuple[int, int], torch.Tensor] = {}
         self.history: list[dict[str, float]] = []
+        self.interpolator = shared_worker()  # ITK starts with the first prior episode
 
     # ------------------------------------------------------------------ helpers
 
@@ -203,7 +207,8 @@ class Trainer:
         # As at inference, a slice the user labeled in this volume may start the sweep and be
         # support itself (the other episodes use other cases only).
         own = len(order) > 1 and not ep.empty_support and rng.random() < cfg.own_support
-        run = Run(ep, feats, q_images, order, own, valid)
+        run = Run(ep, feats, q_images, order, own, valid,
+                  prior_ends(order, own, cfg.prior_share, rng))
         questions = [Question(ep.value, ep.masks, q_masks, ep.pool)]
         if ep.partner is not None:
             # The same features asked for another target: one backward over both answers.
@@ -273,17 +278,16 @@ class Trainer:
         if len(order) == 1 and cfg.own_image_support and not ep.empty_support and \
                 rng.random() < cfg.own_image_support:
             memories.append(self._own_image_memory(ep.images, question.answer, rng))
-        labeled: set[int] = set()
-        if run.own:
-            a = order[0]
-            memories.insert(0, self.seg.support_memory(feats, a, q_masks[a:a + 1], a, grad=True))
-            labeled = {a}
+        labeled = (run.ends or [order[0]]) if run.own else []
+        own = [self.seg.support_memory(feats, a, q_masks[a:a + 1], a, grad=True) for a in labeled]
+        memories, labeled = own + memories, set(labeled)
         use_kl = cfg.use_pmg and cfg.use_pma and self.model.pma is not None
-        losses = []
-        terms = dict.fromkeys(LOSS_TERMS, 0.0)
+        losses, terms = [], dict.fromkeys(LOSS_TERMS, 0.0)
         predicted = len(order) - len(labeled)
-        for j, out in self.seg.run_sweep(feats, order, ep.reverse, labeled, memories, self.opts,
-                                         lambda j: run.images[j:j + 1], grad=True):
+        prior_of = episode_prior(self.interpolator, question.answer, run.ends, size)
+        for j, out in self.seg.propagator.run_sweep(feats, order, ep.reverse, labeled, memories,
+                                                    self.opts, lambda j: run.images[j:j + 1],
+                                                    grad=True, prior_of=prior_of):
             if out is None:
                 continue  # the labeled slice: support, not a prediction
             obj = []
