@@ -24,8 +24,9 @@ import SlicerSGP.cli.segment as cli_segment
 import SlicerSGP.cli.train as cli_train
 import SlicerSGP.training.checkpoints as checkpoints
 from SlicerSGP.cli import build_parser, main
-from SlicerSGP.cli.common import OutputPlan, Progress, split_suffix
+from SlicerSGP.cli.common import OutputPlan, Progress
 from SlicerSGP.data import io
+from SlicerSGP.filesystem import split_suffix
 from SlicerSGP.training.config import state_path
 from SlicerSGP.training.trainer import Trainer
 from SlicerSGP.types import Geometry

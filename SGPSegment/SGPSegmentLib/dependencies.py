@@ -7,15 +7,15 @@ user names; then the check runs there, in a short subprocess.
 Every process of the engine's Python runs in the environment :mod:`.processes` gives it
 (another Python never sees Slicer's ``PYTHONHOME``/``PYTHONPATH``). Installing never happens
 without the user's confirmation (the module's self-test never installs) and never blocks Slicer:
-:func:`installTask` is a :class:`~SGPSegmentLib.processes.Task` the Widget's timer polls. ``sam2`` is a third-party source distribution: it is downloaded, its sha256 checked
-against the pinned value, and only then installed, without build isolation and dependencies and
-without its optional CUDA extension (DESIGN.md, "Facts about the dependencies"). ``peft`` is
+:func:`installTask` is a :class:`~SGPSegmentLib.processes.Task` the Widget's timer polls.
+``sam2`` is a third-party source distribution: it is downloaded, its sha256 checked against the
+pinned value, and only then installed, without build isolation and dependencies and without its
+optional CUDA extension (SAM2 runs without it; only its hole filling is skipped). ``peft`` is
 needed only by trained SGP checkpoints (LoRA adapters) and is installed only for them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import subprocess
@@ -34,6 +34,7 @@ from SGPSegmentLib.processes import (
     runPython,
 )
 from SlicerSGP.errors import SGPError
+from SlicerSGP.filesystem import file_sha256
 
 TORCH_REQUIREMENT = "torch>=2.5.1"
 """sam2 1.1.0's own floor (a lower one lets pip keep a torch sam2 cannot run with)."""
@@ -131,17 +132,9 @@ def missing(sgpCheckpoint: bool = False, python: str | None = None) -> list[str]
     return problems(reqs, installedVersions(names, python))
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verifySam2(path: Path) -> None:
     """Raise unless ``path`` is exactly the pinned sam2 source distribution."""
-    actual = sha256(path)
+    actual = file_sha256(path)
     if actual != SAM2_SHA256:
         raise SGPError(
             f"The downloaded {path.name} has sha256 {actual}, not the pinned {SAM2_SHA256}; "
