@@ -36,27 +36,12 @@ from SGPSegmentLib.processes import (
 from SlicerSGP.errors import SGPError
 from SlicerSGP.filesystem import file_sha256
 
-TORCH_REQUIREMENT = "torch>=2.5.1"
-"""sam2 1.1.0's own floor (a lower one lets pip keep a torch sam2 cannot run with)."""
+REQUIREMENTS_FILE = Path(__file__).resolve().parent.parent / "Resources" / "requirements.txt"
+"""The engine's packages, one requirement a line: the file pyproject.toml reads for the package's
+dependencies, installed by CMake beside the module's other resources."""
 
-BASE_REQUIREMENTS = (
-    "torch>=2.5.1",
-    "numpy>=1.24",
-    "hydra-core>=1.3.2",
-    "iopath>=0.1.10",
-    "safetensors>=0.4",
-    "SimpleITK>=2.3",
-    "slicerio>=1.0",
-    "tqdm>=4.66",
-    "pillow>=10",
-    "scipy>=1.10",
-    "fastapi>=0.110",
-    "uvicorn>=0.29",
-)
-"""What ``sgp serve`` needs besides sam2 (the engine's pyproject dependencies plus the server)."""
-
-SGP_CHECKPOINT_REQUIREMENTS = ("peft>=0.11",)
-"""Extra packages for a trained SGP checkpoint (its LoRA adapters)."""
+SGP_CHECKPOINT_ONLY = ("peft",)
+"""Needed only by a trained SGP checkpoint (its LoRA adapters), so installed only for one."""
 
 SAM2_REQUIREMENT = "sam2==1.1.0"
 SAM2_SDIST = "sam2-1.1.0.tar.gz"
@@ -72,11 +57,22 @@ _VERSIONS_SCRIPT = (
 )
 
 
+def packageRequirements() -> list[str]:
+    """The requirements in :data:`REQUIREMENTS_FILE` (comments and blank lines left out)."""
+    lines = REQUIREMENTS_FILE.read_text(encoding="utf-8").splitlines()
+    return [text for text in (line.split("#", 1)[0].strip() for line in lines) if text]
+
+
+def torchRequirement() -> str:
+    """torch's line of :data:`REQUIREMENTS_FILE` (its floor is sam2's own: a lower one lets pip
+    keep a torch sam2 cannot run with)."""
+    return next(r for r in packageRequirements() if Requirement(r).name == "torch")
+
+
 def requirements(sgpCheckpoint: bool = False) -> list[str]:
     """Every requirement of the engine for a model choice (peft only for SGP checkpoints)."""
-    reqs = list(BASE_REQUIREMENTS)
-    if sgpCheckpoint:
-        reqs += SGP_CHECKPOINT_REQUIREMENTS
+    reqs = [r for r in packageRequirements()
+            if sgpCheckpoint or Requirement(r).name not in SGP_CHECKPOINT_ONLY]
     return [*reqs, SAM2_REQUIREMENT]
 
 
@@ -200,7 +196,7 @@ def installTorch(python: str, pip=runPip) -> None:
     Slicer's PyTorch extension does), in a subprocess: this process never imports torch."""
     pip(python, ["install", "light-the-torch>=0.7"])
     proc = subprocess.run(
-        [python, "-m", "light_the_torch", "install", TORCH_REQUIREMENT],
+        [python, "-m", "light_the_torch", "install", torchRequirement()],
         capture_output=True,
         text=True,
         timeout=3600,
@@ -241,7 +237,7 @@ def installSteps(
         steps.append(
             Step(
                 "installing PyTorch (over 1 GB with CUDA)",
-                [python, "-m", "light_the_torch", "install", TORCH_REQUIREMENT],
+                [python, "-m", "light_the_torch", "install", torchRequirement()],
             )
         )
     others = [r for r in reqs if Requirement(r).name not in ("torch", "sam2")]
