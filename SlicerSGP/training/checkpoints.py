@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from SlicerSGP.data.targets import target_name
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.filesystem import atomic_write
 from SlicerSGP.method.model import save_sgp_checkpoint
 from SlicerSGP.training.config import TrainConfig
-from SlicerSGP.training.episodes import target_name
 from SlicerSGP.weights import file_sha256, resolve_weights
 
 # Functions here take the Trainer as ``trainer: Any``: trainer.py imports this module, so

@@ -43,6 +43,7 @@ import torch
 from tqdm import tqdm
 
 from SlicerSGP.data.datasets import load_dataset, parse_split
+from SlicerSGP.data.targets import BankItem, build_support_bank, target_mask, target_name
 from SlicerSGP.errors import Cancelled, SGPInputError
 from SlicerSGP.method.model import build_model
 from SlicerSGP.method.segmenter import Segmenter
@@ -56,17 +57,13 @@ from SlicerSGP.training.checkpoints import (
 from SlicerSGP.training.config import TrainConfig, checkpoint_path, state_path
 from SlicerSGP.training.distributed import Dist, all_reduce_grads, init_distributed
 from SlicerSGP.training.episodes import (
-    BankItem,
     Question,
     Run,
     apply_view,
     augment,
-    build_support_bank,
     draw_episode,
     resolve_targets,
     step_seed,
-    target_mask,
-    target_name,
     to_model,
 )
 from SlicerSGP.training.losses import LOSS_TERMS, LossWeights, sgp_loss
