@@ -42,7 +42,7 @@ def files_under(folder: Path) -> set[str]:
 
 
 def temporaries(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if ".tmp-" in p.name or p.name.endswith(".part")]
+    return [p for p in folder.rglob("*") if ".tmp-" in p.name]
 
 
 def _blob_volume(n: int = 8, h: int = 32, w: int = 40) -> tuple[np.ndarray, np.ndarray]:
