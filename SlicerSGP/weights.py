@@ -8,7 +8,6 @@ command line (``sgp weights``) and the Slicer module share. Never imports argpar
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import urllib.parse
 import urllib.request
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from SlicerSGP.errors import SGPError, SGPWeightsError
+from SlicerSGP.filesystem import atomic_write, copy_hashing
 from SlicerSGP.weights_registry import (
     ALIASES,
     HASH_CHUNK,
@@ -70,8 +70,6 @@ __all__ = [
     "verify_file",
 ]
 
-PART_SUFFIX = ".part"
-
 DownloadProgress = Callable[[int, int], None]
 """Called as ``progress_callback(done_bytes, total_bytes)`` after each chunk."""
 
@@ -120,31 +118,34 @@ def _install(
     progress_callback: DownloadProgress | None,
     chunk: int,
 ) -> Path:
-    """Stream a source into ``target.part`` while hashing, check it, then rename atomically."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + PART_SUFFIX)
-    try:
+    """Stream a source into a temporary beside ``target`` while hashing, check it, then
+    rename it into place (:func:`~SlicerSGP.filesystem.atomic_write`)."""
+    digest = ""
+
+    def write(part: Path) -> None:
+        nonlocal digest
         reader, total = open_source()
-        h = hashlib.sha256()
-        done = 0
+        shown = 0
         with (
             contextlib.closing(reader),
             open(part, "wb") as out,
             _progress_bar(total, info.filename, progress) as bar,
         ):
-            while block := reader.read(chunk):
-                done += len(block)
+
+            def on_block(done: int) -> None:
+                nonlocal shown
                 if done > info.size:
                     # Stop early rather than fetch gigabytes of the wrong thing.
                     raise SGPWeightsError(
-                        f"{action} {source} gave more than the expected {info.size:,} bytes of "
-                        f"{info.filename}; it is not the official file. {hint}".strip()
+                        f"{action} {source} gave more than the expected {info.size:,} bytes "
+                        f"of {info.filename}; it is not the official file. {hint}".strip()
                     )
-                h.update(block)
-                out.write(block)
-                bar.update(len(block))
+                bar.update(done - shown)
+                shown = done
                 if progress_callback is not None:
                     progress_callback(done, total)
+
+            digest, done = copy_hashing(reader, out, chunk=chunk, on_block=on_block)
             out.flush()
             os.fsync(out.fileno())
         if done != info.size:
@@ -152,19 +153,17 @@ def _install(
                 f"{action} {source} stopped after {done:,} of {info.size:,} bytes of "
                 f"{info.filename} (truncated). {hint}".strip()
             )
-        digest = h.hexdigest()
         if info.sha256 is not None and digest != info.sha256:
             raise SGPWeightsError(f"{hash_message(source, info, digest)} {hint}".strip())
-        os.replace(part, target)
+
+    try:
+        atomic_write(target, write)
     except SGPError:
         raise
     except Exception as exc:
         raise SGPWeightsError(
             f"{action} {source} failed ({type(exc).__name__}: {exc}). {hint}".strip()
         ) from exc
-    finally:
-        with contextlib.suppress(OSError):
-            part.unlink(missing_ok=True)
     write_sidecar(target, digest)
     return target
 

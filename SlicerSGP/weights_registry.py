@@ -7,16 +7,16 @@ The lowest layer of checkpoint handling: ``SlicerSGP.weights`` builds download, 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from SlicerSGP import filesystem
 from SlicerSGP.errors import SGPInputError, SGPWeightsError
 
 URL_BASE = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
-HASH_CHUNK = 1 << 20
+HASH_CHUNK = filesystem.HASH_CHUNK
 SIDECAR_SUFFIX = ".verified"
 
 
@@ -132,7 +132,7 @@ def write_sidecar(path: Path, digest: str) -> None:
     record = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
     # A read-only folder only costs a re-hash next time, so failure to write is not an error.
     with contextlib.suppress(OSError):
-        _sidecar(path).write_text(json.dumps(record))
+        filesystem.atomic_write_text(_sidecar(path), json.dumps(record))
 
 
 def read_sidecar(path: Path) -> str | None:
@@ -153,11 +153,7 @@ def file_sha256(path: str | os.PathLike[str], *, use_cache: bool = True) -> str:
         cached = read_sidecar(path)
         if cached is not None:
             return cached
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_CHUNK):
-            h.update(block)
-    digest = h.hexdigest()
+    digest = filesystem.file_sha256(path)
     if use_cache:
         write_sidecar(path, digest)
     return digest

@@ -24,8 +24,9 @@ import SlicerSGP.cli.segment as cli_segment
 import SlicerSGP.cli.train as cli_train
 import SlicerSGP.training.checkpoints as checkpoints
 from SlicerSGP.cli import build_parser, main
-from SlicerSGP.cli.common import OutputPlan, Progress, split_suffix
+from SlicerSGP.cli.common import OutputPlan, Progress
 from SlicerSGP.data import io
+from SlicerSGP.filesystem import split_suffix
 from SlicerSGP.training.config import state_path
 from SlicerSGP.training.trainer import Trainer
 from SlicerSGP.types import Geometry
@@ -41,7 +42,7 @@ def files_under(folder: Path) -> set[str]:
 
 
 def temporaries(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if ".tmp-" in p.name or p.name.endswith(".part")]
+    return [p for p in folder.rglob("*") if ".tmp-" in p.name]
 
 
 def _blob_volume(n: int = 8, h: int = 32, w: int = 40) -> tuple[np.ndarray, np.ndarray]:

@@ -1,5 +1,5 @@
 """The Segment Editor effect's Logic against real MRML (slicer-core) and a real local engine
-(`sgp serve`: tiny model, random weights, CPU, 256 px), as issue 11 asks:
+(`sgp serve`: tiny model, random weights, CPU, 256 px):
 
 * preview then Apply writes exactly what the module's run writes; the preview never touches the
   user's segments before Apply;

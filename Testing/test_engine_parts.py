@@ -12,7 +12,7 @@ import pytest
 import torch
 from synthetic import make_objects_visible, synthetic_volume
 
-from SlicerSGP import SGPInputError
+from SlicerSGP import SGPInputError, host
 from SlicerSGP.method import runtime
 from SlicerSGP.method.assembly import label_dtype, label_map_from_probabilities
 from SlicerSGP.method.segmenter import Segmenter
@@ -84,7 +84,7 @@ def test_native_bf16_detection_reads_cpu_flags(monkeypatch, tmp_path):
                                 ("fpu avx512_bf16", True)):
             info = tmp_path / "cpuinfo"
             info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-            monkeypatch.setattr(runtime, "Path", lambda _p, _info=info: _info)
+            monkeypatch.setattr(host, "Path", lambda _p, _info=info: _info)
             monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
             runtime.cpu_has_native_bf16.cache_clear()
             assert runtime.cpu_has_native_bf16() is expected, flags

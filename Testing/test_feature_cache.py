@@ -26,8 +26,10 @@ from synthetic import make_objects_visible, synthetic_volume
 from test_cli import read_back
 from test_rerun import assert_identical
 
+from SlicerSGP import filesystem
 from SlicerSGP.cli import build_parser, main
 from SlicerSGP.data import io
+from SlicerSGP.filesystem import is_temp_name
 from SlicerSGP.method import feature_cache as fc
 from SlicerSGP.method.feature_cache import FORMAT, FeatureCache
 from SlicerSGP.method.segmenter import Segmenter
@@ -148,7 +150,7 @@ def test_damaged_foreign_and_misshapen_files_are_ignored_and_rewritten(cold, tmp
         assert torch.equal(batch.top, feats.top[start:end])
         assert torch.equal(batch.s0, feats.s0[start:end])
     assert fresh.rejected_files == 0
-    assert not list(folder.rglob("*.tmp"))
+    assert not [p for p in folder.rglob("*") if is_temp_name(p.name)]
 
 
 def model_input(vol: np.ndarray):
@@ -278,7 +280,7 @@ def test_writes_are_atomic(cold, tmp_path, monkeypatch):
     names = {r[1] for r in replaced}
     assert final in names
     tmp_name, _, same_folder, existed, size = next(r for r in replaced if r[1] == final)
-    assert tmp_name != final.name and tmp_name.startswith(".") and tmp_name.endswith(".tmp")
+    assert tmp_name != final.name and is_temp_name(tmp_name)
     assert same_folder and not existed and size == final.stat().st_size
     monkeypatch.setattr(fc.os, "replace", real_replace)
 
@@ -288,19 +290,35 @@ def test_writes_are_atomic(cold, tmp_path, monkeypatch):
         f.write(data[: len(data) // 2])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(fc, "_write_all", half_then_fail)
+    monkeypatch.setattr(filesystem, "write_all", half_then_fail)
     disk.save("w", 0, 1, batch)
     assert not disk.batch_path("w", 0, 1).exists()
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert not [p for p in tmp_path.rglob("*") if is_temp_name(p.name)]
     with pytest.raises(OSError):
-        fc.atomic_write(tmp_path / "x.safetensors", b"0123456789")
+        filesystem.atomic_write_bytes(tmp_path / "x.safetensors", b"0123456789")
     assert not list(tmp_path.glob("x.safetensors*")) and not list(tmp_path.glob(".x*"))
     # An interrupt mid-write propagates, and leaves nothing either.
-    monkeypatch.setattr(fc, "_write_all", lambda f, data: (_ for _ in ()).throw(
+    monkeypatch.setattr(filesystem, "write_all", lambda f, data: (_ for _ in ()).throw(
         KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         disk.save("k", 0, 1, batch)
-    assert not disk.batch_path("k", 0, 1).exists() and not list(tmp_path.rglob("*.tmp"))
+    assert not disk.batch_path("k", 0, 1).exists()
+    assert not [p for p in tmp_path.rglob("*") if is_temp_name(p.name)]
+
+
+def test_temporaries_left_by_a_dead_writer_are_removed_once_stale(cold, tmp_path):
+    seg = cold[4]
+    disk = FeatureCache(tmp_path, seg.runtime)
+    disk.save("v", 0, 1, encoded_batch(seg, 7))
+    final = disk.batch_path("v", 0, 1)
+    stale, fresh = (filesystem.temp_path(final.with_name(f"{n}{fc.SUFFIX}")) for n in ("1-2", "2-3"))
+    for tmp in (stale, fresh):
+        tmp.write_bytes(b"half a file")
+    old = time.time() - fc.STALE_TEMP_S - 60
+    os.utime(stale, (old, old))
+    listed = [p for _, _, p in disk.files()]
+    assert final in listed and stale not in listed and fresh not in listed
+    assert not stale.exists() and fresh.exists() and final.exists()
 
 
 def test_bad_options_are_refused_before_the_model_loads(tmp_path, capsys):

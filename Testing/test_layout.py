@@ -4,7 +4,7 @@ command line, no Slicer/Qt/VTK, documented packages, and a light ``import Slicer
 Conventions checked (each checker takes the package folder, so the tests below can prove on a
 small synthetic package in ``tmp_path`` that it reports what it should):
 
-* Import cycles: every ``import SlicerSGP.x`` / ``from SlicerSGP.x import y`` / relative import,
+* Import cycles (in the engine and in each package of the Slicer module and effect): every ``import SlicerSGP.x`` / ``from SlicerSGP.x import y`` / relative import,
   also lazy ones inside functions, is an edge; imports under ``if TYPE_CHECKING:`` never run and
   are not. A cycle is reported as ``a -> b (line n) -> a``.
 * A module has at most :data:`MAX_MODULE_LINES` lines. A class has at most
@@ -271,6 +271,25 @@ def imports_torch(module: str, repo: Path = REPO) -> bool:
 def test_no_import_cycles():
     cycles = find_cycles(PACKAGE)
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+SLICER_PACKAGES = (
+    REPO / "SGPSegment" / "SGPSegmentLib",
+    REPO / "SegmentEditorSGP" / "SegmentEditorSGPLib",
+    REPO / "SegmentEditorSGP" / "SegmentEditorSGPWidgets",
+)
+"""The Slicer side's packages: the module's Qt-free Logic, the effect, the effect's panel."""
+
+
+def test_no_import_cycles_in_the_slicer_module_and_effect():
+    cycles = [c for root in SLICER_PACKAGES for c in find_cycles(root)]
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+    # Between the packages imports go one way only (effect -> Logic), so no cycle spans two.
+    effect = {root.name for root in SLICER_PACKAGES[1:]}
+    upward = [f"{path.relative_to(REPO)} line {imp.line} imports {imp.target}"
+              for _, path, imp in _top_level_imports(SLICER_PACKAGES[0])
+              if imp.target.split(".")[0] in effect]
+    assert not upward, "the Logic imports the effect:\n" + "\n".join(upward)
 
 
 def test_modules_and_classes_are_small():

@@ -447,6 +447,8 @@ def test_dependency_versions_are_checked_not_just_presence():
 def test_sam2_is_installed_only_after_its_sha256_matches(tmp_path):
     from SGPSegmentLib import dependencies
 
+    from SlicerSGP.filesystem import file_sha256
+
     calls = []
 
     def fakePip(python, args, env=None):
@@ -468,9 +470,9 @@ def test_sam2_is_installed_only_after_its_sha256_matches(tmp_path):
     good.write_bytes(b"x")
     import hashlib
 
-    assert dependencies.sha256(good) == hashlib.sha256(b"x").hexdigest()
+    assert file_sha256(good) == hashlib.sha256(b"x").hexdigest()
     dependencies.SAM2_SHA256, saved = (
-        dependencies.sha256(tmp_path / "sdist"),
+        file_sha256(tmp_path / "sdist"),
         dependencies.SAM2_SHA256,
     )
     try:

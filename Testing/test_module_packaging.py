@@ -14,10 +14,12 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -401,55 +403,70 @@ def test_ui_parameter_bindings_match_the_parameter_node(compiledUi):
 # ------------------------------------------------------------------------------- metadata
 
 
-def _requirementsInDependenciesPy() -> tuple[list[str], list[str]]:
-    """(BASE_REQUIREMENTS + SGP_CHECKPOINT_REQUIREMENTS, every string literal anywhere in
-    SGPSegmentLib/dependencies.py that is a torch requirement), read without importing it."""
-    tree = ast.parse((MODULE_DIR / "SGPSegmentLib" / "dependencies.py").read_text())
-    listed: list[str] = []
-    for node in tree.body:
-        if isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            names = {t.id for t in targets if isinstance(t, ast.Name)}
-            if names & {"BASE_REQUIREMENTS", "SGP_CHECKPOINT_REQUIREMENTS"}:
-                listed += list(ast.literal_eval(node.value))
-    torchStrings = [
-        n.value
-        for n in ast.walk(tree)
-        if isinstance(n, ast.Constant)
-        and isinstance(n.value, str)
-        and re.fullmatch(r"torch\s*[<>=!~].*", n.value)
-    ]
-    return listed, torchStrings
+REQUIREMENTS_FILE = MODULE_DIR / "Resources" / "requirements.txt"
 
 
-def test_engine_requirements_agree_between_pyproject_and_the_module_installer():
-    """What the module installs into the engine's Python (dependencies.py) asks for the same
-    versions as the package (pyproject.toml), and the torch floor is at least sam2's own."""
+def fileRequirements(path: Path = REQUIREMENTS_FILE) -> list[str]:
+    """The requirement lines of a requirements file (comments and blank lines left out)."""
+    lines = path.read_text().splitlines()
+    return [t for t in (line.split("#", 1)[0].strip() for line in lines) if t]
+
+
+def test_the_package_takes_its_requirements_from_the_module_file():
+    """pyproject.toml lists no dependency itself: setuptools reads them from the module's
+    requirements file (the one file both use), and the torch floor is at least sam2's own."""
     from packaging.requirements import Requirement
     from packaging.version import Version
+    from setuptools.config.pyprojecttoml import read_configuration
 
-    # [project] dependencies, read without tomllib (not in Python 3.10, which the package
-    # supports): one quoted requirement per item.
-    block = re.search(
-        r"^\[project\].*?^dependencies = \[(.*?)^\]", (ROOT / "pyproject.toml").read_text(),
-        re.M | re.S,
-    ).group(1)
-    items = re.findall(r'"([^"]+)"', re.sub(r"#[^\n]*", "", block))
-    assert len(items) >= 10, items
-    pyproject = {Requirement(r).name.lower(): Requirement(r) for r in items}
-    listed, torchStrings = _requirementsInDependenciesPy()
-    module = {Requirement(r).name.lower(): Requirement(r) for r in listed}
-    assert set(module) == set(pyproject), set(module) ^ set(pyproject)
-    for name, req in pyproject.items():
-        assert module[name].specifier == req.specifier, (name, str(module[name]), str(req))
-    torch = pyproject["torch"]
-    assert torchStrings, "dependencies.py names no torch requirement"
-    for text in torchStrings:  # e.g. the light-the-torch install line
-        assert Requirement(text).specifier == torch.specifier, (text, str(torch))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # setuptools calls [tool.setuptools] "beta"
+        project = read_configuration(ROOT / "pyproject.toml")["project"]
+    reqs = fileRequirements()
+    assert len(reqs) >= 10 and project["dependencies"] == reqs, project.get("dependencies")
+    assert "dependencies" in project["dynamic"]
+    torch = next(Requirement(r) for r in reqs if Requirement(r).name == "torch")
     # sam2 1.1.0 itself requires torch>=2.5.1: a lower floor lets pip keep a torch sam2
     # cannot run with.
     floors = [Version(s.version) for s in torch.specifier if s.operator in (">=", "==", "~=")]
     assert floors and max(floors) >= Version("2.5.1"), str(torch)
+    # No second list: no requirement string of these packages anywhere in the module's code.
+    names = {Requirement(r).name.lower() for r in reqs}
+    for path in MODULE_DIR.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                match = re.fullmatch(r"([A-Za-z][\w.-]*)\s*(>=|==|~=|<=|<|>|!=)\s*[\w.*]+",
+                                     node.value.strip())
+                assert not (match and match.group(1).lower() in names), (path, node.value)
+
+
+def installedTree(root: Path, lists) -> Path:
+    """The module laid out as CMake installs it: its scripts and resources under their listed
+    paths and the engine package beside them (the qt-scripted-modules folder)."""
+    for rel in lists["scripts"] + lists["resources"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(MODULE_DIR / rel, root / rel)
+    for rel in lists["engine"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, root / rel)
+    return root
+
+
+def test_the_module_reads_the_requirements_file_where_cmake_installs_it(lists, tmp_path):
+    tree = installedTree(tmp_path / "qt-scripted-modules", lists)
+    (tree / "Resources" / "requirements.txt").write_text(
+        "# installed copy\ntorch>=2.6\npeft>=0.12  # only for SGP checkpoints\n\nnumpy>=2\n")
+    code = ("import json, SGPSegmentLib.dependencies as d; print(json.dumps("
+            "[str(d.REQUIREMENTS_FILE), d.requirements(True), d.requirements(False), "
+            "d.torchRequirement()]))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**env, "PYTHONPATH": str(tree)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    path, withPeft, withoutPeft, torch = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert Path(path) == (tree / "Resources" / "requirements.txt").resolve()
+    assert withPeft == ["torch>=2.6", "peft>=0.12", "numpy>=2", "sam2==1.1.0"]
+    assert withoutPeft == ["torch>=2.6", "numpy>=2", "sam2==1.1.0"] and torch == "torch>=2.6"
 
 
 def test_extension_metadata_and_catalog_entry_agree():

@@ -1,4 +1,4 @@
-"""The oracles of DESIGN.md: proofs of correctness that need no pretrained weights."""
+"""The oracles: proofs of correctness that need no pretrained weights (docs/development.md)."""
 
 from __future__ import annotations
 

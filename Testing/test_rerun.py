@@ -21,6 +21,7 @@ from synthetic import make_objects_visible, synthetic_volume
 from SlicerSGP.data import io, preprocess
 from SlicerSGP.errors import Cancelled
 from SlicerSGP.evaluation.bench import synthetic_ct
+from SlicerSGP.method.encoding import EncodedSlices
 from SlicerSGP.method.propagation import plan_sweeps
 from SlicerSGP.method.segmenter import Segmenter
 from SlicerSGP.method.support import Memory, select_top_k
@@ -116,7 +117,7 @@ def expected_predictions(pooled: torch.Tensor, old: list[int], new: list[int],
                 else [a for a in (start, drawn[i + 1] if i + 1 < len(drawn) else None)
                       if a is not None]
         stand_ins = [Memory(None, None, pooled[a], a) for a in pool]
-        chosen = select_top_k(_Feats(pooled), j, stand_ins, k)
+        chosen = select_top_k(pooled_only(pooled), j, stand_ins, k)
         return tuple((m.slice_index, version if m.slice_index in redrawn else "") for m in chosen)
 
     before, after = interval_sweeps(old, n), interval_sweeps(new, n)
@@ -133,11 +134,10 @@ def expected_predictions(pooled: torch.Tensor, old: list[int], new: list[int],
     return expected
 
 
-class _Feats:
-    """What ``select_top_k`` reads of the encoded features."""
-
-    def __init__(self, pooled: torch.Tensor):
-        self.pooled = pooled
+def pooled_only(pooled: torch.Tensor) -> EncodedSlices:
+    """Encoded features holding only the pooled embeddings (all ``select_top_k`` reads)."""
+    empty = pooled.new_zeros((len(pooled), 0, 0, 0))
+    return EncodedSlices(s0=empty, s1=empty, top=empty, pos=empty[:1], pooled=pooled)
 
 
 def pooled_embeddings(seg: Segmenter, vol: np.ndarray) -> torch.Tensor:

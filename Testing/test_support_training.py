@@ -8,17 +8,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
+from SlicerSGP.data.targets import build_support_bank, parse_target, target_mask, target_name
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.training.episodes import (
     apply_view,
     augment,
-    build_support_bank,
     draw_episode,
     draw_view,
-    parse_target,
     resolve_targets,
-    target_mask,
-    target_name,
 )
 
 

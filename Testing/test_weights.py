@@ -15,6 +15,7 @@ from SlicerSGP import weights as W
 from SlicerSGP import weights_registry as WR
 from SlicerSGP.cli import weights as CW
 from SlicerSGP.errors import SGPInputError, SGPWeightsError
+from SlicerSGP.filesystem import is_temp_name
 
 
 class _NotATensor:
@@ -164,7 +165,7 @@ def test_download_file_url_gives_verified_file(tmp_path: Path, fake_tiny: W.Chec
     )
     assert out == dest / "sam2.1_hiera_tiny.pt"
     assert out.read_bytes() == Path(fake_tiny.url.removeprefix("file://")).read_bytes()
-    assert not list(dest.glob("*.part"))
+    assert sorted(p.name for p in dest.iterdir()) == [out.name, out.name + ".verified"]
     assert len(calls) > 1 and calls[-1] == (fake_tiny.size, fake_tiny.size)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
     sidecar = json.loads((dest / "sam2.1_hiera_tiny.pt.verified").read_text())
@@ -290,7 +291,7 @@ def test_sidecar_makes_second_verify_instant_and_is_invalidated(
         hashed.append(1)
         return real_sha256(*a)
 
-    monkeypatch.setattr(W.hashlib, "sha256", counting_sha256)
+    monkeypatch.setattr(hashlib, "sha256", counting_sha256)
     W.verify_checkpoint(src, info)
     assert len(hashed) == 1
     assert (tmp_path / "ck.pt.verified").is_file()
@@ -325,7 +326,7 @@ def test_import_copies_verified_file(tmp_path: Path, fake_tiny: W.CheckpointInfo
     out = W.import_checkpoint(local, fake_tiny, progress=False)
     assert out == cache / fake_tiny.filename
     assert out.read_bytes() == local.read_bytes()
-    assert not list(cache.glob("*.part"))
+    assert not [p for p in cache.iterdir() if is_temp_name(p.name)]
 
 
 def test_import_wrong_file_rejected(tmp_path: Path, fake_tiny: W.CheckpointInfo, cache) -> None:

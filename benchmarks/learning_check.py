@@ -1,4 +1,4 @@
-"""Learning check, second edition: does a model trained from random follow its support set?
+"""Learning check: does a model trained from random follow its support set?
 
 Trains the small SAM2-SGP (``--model cpu-mini``, 256 px, every weight trainable, ``sgp train``'s
 code) from random weights on the first ``--train`` images of ``../shared/data/wbc`` with
@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="share of episodes whose support also holds the query image, "
                          "flipped or rotated (sgp train --own-image-support)")
     ap.add_argument("--targets", default=",".join(TRAIN_TARGETS),
-                    help="training targets, comma-separated (the first edition trained '2' "
-                         "with --absent-share 0)")
+                    help="training targets, comma-separated ('2' with --absent-share 0: "
+                         "nucleus episodes only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")

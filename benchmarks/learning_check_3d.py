@@ -1,4 +1,4 @@
-"""3D learning check (DESIGN.md oracle 6): propagation from 3 drawn slices, beside Fill between
+"""3D learning check: propagation from 3 drawn slices, beside Fill between
 slices, on structures the model never saw in training.
 
 Trains the small SAM2-SGP (``--model cpu-mini``, 256 px, from random weights, ``sgp train``'s
@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from SlicerSGP.host import processor_name
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SGP_DATA", ROOT.parent / "shared" / "data"))
 TRAIN_ORGANS = [5, 2, 20, 86, 87, 31, 32, 14, 11, 18, 19]
@@ -61,16 +63,6 @@ LABELS = {"SGP": "SGP", "bank 1": "bank of 1", "no stop": "no stop",
           "no quality": "no quality fusion", "prior prompt": "prior: prompt",
           "prior fuse": "prior: fuse", "prior both": "prior: both",
           "interpolation": "Fill between slices", "nearest": "nearest copy"}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def drawn_slices(truth: np.ndarray) -> list[int]:
@@ -185,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
                       save_every=0, refresh_every=50)
     if args.checkpoint:
         cfg.out = str(args.checkpoint)
-        print(f"evaluating {args.checkpoint} on {cpu_model()}", flush=True)
+        print(f"evaluating {args.checkpoint} on {processor_name()}", flush=True)
     else:
         print(f"training cpu-mini from random for {args.steps} steps on {len(TRAIN_ORGANS)} "
-              f"organs (episodes with {cfg.absent_share:.0%} empty answers) on {cpu_model()}, "
+              f"organs (episodes with {cfg.absent_share:.0%} empty answers) on {processor_name()}, "
               f"{torch.get_num_threads()} threads", flush=True)
         train(cfg, cases=cases, progress=report_every(50))
         print(f"checkpoint: {cfg.out}", flush=True)
@@ -247,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 
     columns = [*variants, "interpolation", "nearest"]
     means, means_undrawn = print_tables(rows, columns, args.steps)
-    print(f"time: train {t_train:.0f} s, propagation + baselines {t_eval:.0f} s on {cpu_model()} "
+    print(f"time: train {t_train:.0f} s, propagation + baselines {t_eval:.0f} s on {processor_name()} "
           f"({torch.get_num_threads()} threads; wall clock, shared machine: rough)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

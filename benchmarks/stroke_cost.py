@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,15 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "Testing"), str(ROOT / "SGPSegment"), str(ROOT)]
 
-
-def cpuModel() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from SlicerSGP.host import processor_name  # noqa: E402 (after the path above)
 
 
 def oldSliceHashes(mask, axis):
@@ -161,7 +152,7 @@ def main() -> None:
     from SGPSegmentLib.edit_watch import RecordStore
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"CPU: {cpuModel()} ({os.cpu_count()} logical cores, load average {load:.1f})")
+    print(f"CPU: {processor_name()} ({os.cpu_count()} logical cores, load average {load:.1f})")
     print(f"volume and segmentation {shape[2]} x {shape[1]} x {shape[0]} (I x J x K), uint8 layer")
     env = MRMLEnvironment()
     try:

@@ -7,15 +7,15 @@ user names; then the check runs there, in a short subprocess.
 Every process of the engine's Python runs in the environment :mod:`.processes` gives it
 (another Python never sees Slicer's ``PYTHONHOME``/``PYTHONPATH``). Installing never happens
 without the user's confirmation (the module's self-test never installs) and never blocks Slicer:
-:func:`installTask` is a :class:`~SGPSegmentLib.processes.Task` the Widget's timer polls. ``sam2`` is a third-party source distribution: it is downloaded, its sha256 checked
-against the pinned value, and only then installed, without build isolation and dependencies and
-without its optional CUDA extension (DESIGN.md, "Facts about the dependencies"). ``peft`` is
+:func:`installTask` is a :class:`~SGPSegmentLib.processes.Task` the Widget's timer polls.
+``sam2`` is a third-party source distribution: it is downloaded, its sha256 checked against the
+pinned value, and only then installed, without build isolation and dependencies and without its
+optional CUDA extension (SAM2 runs without it; only its hole filling is skipped). ``peft`` is
 needed only by trained SGP checkpoints (LoRA adapters) and is installed only for them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import subprocess
@@ -34,29 +34,14 @@ from SGPSegmentLib.processes import (
     runPython,
 )
 from SlicerSGP.errors import SGPError
+from SlicerSGP.filesystem import file_sha256
 
-TORCH_REQUIREMENT = "torch>=2.5.1"
-"""sam2 1.1.0's own floor (a lower one lets pip keep a torch sam2 cannot run with)."""
+REQUIREMENTS_FILE = Path(__file__).resolve().parent.parent / "Resources" / "requirements.txt"
+"""The engine's packages, one requirement a line: the file pyproject.toml reads for the package's
+dependencies, installed by CMake beside the module's other resources."""
 
-BASE_REQUIREMENTS = (
-    "torch>=2.5.1",
-    "numpy>=1.24",
-    "hydra-core>=1.3.2",
-    "iopath>=0.1.10",
-    "safetensors>=0.4",
-    "SimpleITK>=2.3",
-    "slicerio>=1.0",
-    "tqdm>=4.66",
-    "pillow>=10",
-    "scipy>=1.10",
-    "fastapi>=0.110",
-    "uvicorn>=0.29",
-    "itk-morphologicalcontourinterpolation>=1.1",
-)
-"""What ``sgp serve`` needs besides sam2 (the engine's pyproject dependencies plus the server)."""
-
-SGP_CHECKPOINT_REQUIREMENTS = ("peft>=0.11",)
-"""Extra packages for a trained SGP checkpoint (its LoRA adapters)."""
+SGP_CHECKPOINT_ONLY = ("peft",)
+"""Needed only by a trained SGP checkpoint (its LoRA adapters), so installed only for one."""
 
 SAM2_REQUIREMENT = "sam2==1.1.0"
 SAM2_SDIST = "sam2-1.1.0.tar.gz"
@@ -72,11 +57,22 @@ _VERSIONS_SCRIPT = (
 )
 
 
+def packageRequirements() -> list[str]:
+    """The requirements in :data:`REQUIREMENTS_FILE` (comments and blank lines left out)."""
+    lines = REQUIREMENTS_FILE.read_text(encoding="utf-8").splitlines()
+    return [text for text in (line.split("#", 1)[0].strip() for line in lines) if text]
+
+
+def torchRequirement() -> str:
+    """torch's line of :data:`REQUIREMENTS_FILE` (its floor is sam2's own: a lower one lets pip
+    keep a torch sam2 cannot run with)."""
+    return next(r for r in packageRequirements() if Requirement(r).name == "torch")
+
+
 def requirements(sgpCheckpoint: bool = False) -> list[str]:
     """Every requirement of the engine for a model choice (peft only for SGP checkpoints)."""
-    reqs = list(BASE_REQUIREMENTS)
-    if sgpCheckpoint:
-        reqs += SGP_CHECKPOINT_REQUIREMENTS
+    reqs = [r for r in packageRequirements()
+            if sgpCheckpoint or Requirement(r).name not in SGP_CHECKPOINT_ONLY]
     return [*reqs, SAM2_REQUIREMENT]
 
 
@@ -132,17 +128,9 @@ def missing(sgpCheckpoint: bool = False, python: str | None = None) -> list[str]
     return problems(reqs, installedVersions(names, python))
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verifySam2(path: Path) -> None:
     """Raise unless ``path`` is exactly the pinned sam2 source distribution."""
-    actual = sha256(path)
+    actual = file_sha256(path)
     if actual != SAM2_SHA256:
         raise SGPError(
             f"The downloaded {path.name} has sha256 {actual}, not the pinned {SAM2_SHA256}; "
@@ -208,7 +196,7 @@ def installTorch(python: str, pip=runPip) -> None:
     Slicer's PyTorch extension does), in a subprocess: this process never imports torch."""
     pip(python, ["install", "light-the-torch>=0.7"])
     proc = subprocess.run(
-        [python, "-m", "light_the_torch", "install", TORCH_REQUIREMENT],
+        [python, "-m", "light_the_torch", "install", torchRequirement()],
         capture_output=True,
         text=True,
         timeout=3600,
@@ -249,7 +237,7 @@ def installSteps(
         steps.append(
             Step(
                 "installing PyTorch (over 1 GB with CUDA)",
-                [python, "-m", "light_the_torch", "install", TORCH_REQUIREMENT],
+                [python, "-m", "light_the_torch", "install", torchRequirement()],
             )
         )
     others = [r for r in reqs if Requirement(r).name not in ("torch", "sam2")]

@@ -49,6 +49,7 @@ from vtk.util.numpy_support import vtk_to_numpy
 
 from SGPSegmentLib import labeled_slices, mrml_io
 from SGPSegmentLib.labeled_slices import LabeledSliceRecord, classifyEdit, sliceHashes
+from SlicerSGP.errors import SGPInputError
 
 HISTORY = 20
 """Edits kept per segment to recognise their undo (the Segment Editor keeps 10 by default)."""
@@ -734,4 +735,28 @@ class RecordStore:
             entry.record.hashes = [[], [], []]
 
 
-__all__ = ["Change", "RecordStore", "blockChange", "changedPositions"]
+def labeledSegments(volumeNode, segmentationNode, segmentIds, axis, records=None):
+    """``[(LabeledSegment, mask), ...]`` for the selected segments, records brought up to date
+    in ``records`` (the Logic's :class:`.edit_watch.RecordStore`; None: a new one). Nothing is
+    written to the scene."""
+    mrml_io.checkVolume(volumeNode)
+    if segmentationNode is None:
+        raise SGPInputError("Select a segmentation.")
+    axis = mrml_io.checkAxis(axis)
+    records = RecordStore() if records is None else records
+    segmentation = segmentationNode.GetSegmentation()
+    found = []
+    for index, segmentId in enumerate(segmentIds):
+        segment = segmentation.GetSegment(segmentId)
+        if segment is None:
+            raise SGPInputError(
+                f"Segment '{segmentId}' is not in segmentation '{segmentationNode.GetName()}'."
+            )
+        mask = mrml_io.segmentArray(segmentationNode, segmentId, volumeNode)
+        record = records.refresh(segmentationNode, volumeNode, segmentId, axis)
+        item = labeled_slices.labeledSegment(segmentId, segment, index + 1, mask, axis, record)
+        found.append((item, mask))
+    return found
+
+
+__all__ = ["Change", "RecordStore", "blockChange", "changedPositions", "labeledSegments"]

@@ -33,7 +33,7 @@ _FETCH_SCRIPT = (
     "import sys, signal\n"
     "from SlicerSGP import weights as W\n"
     "from SlicerSGP.errors import SGPError\n"
-    "signal.signal(signal.SIGTERM, lambda *a: sys.exit(1))  # let the .part file go\n"
+    "signal.signal(signal.SIGTERM, lambda *a: sys.exit(1))  # let the temporary file go\n"
     "name, file = sys.argv[1], sys.argv[2]\n"
     "last = [-1]\n"
     "def progress(done, total):\n"

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from SGPSegmentLib import labeled_slices, mrml_io
-from SGPSegmentLib.edit_watch import RecordStore
+from SGPSegmentLib.edit_watch import RecordStore, labeledSegments
 from SGPSegmentLib.labeled_slices import LabeledSegment
 from SGPSegmentLib.reference_cases import supportBankFromScene
+from SGPSegmentLib.support_library import supportBankFromLibrary
 from SlicerSGP.data.support_library import MANIFEST, SupportLibrary
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.types import Geometry, SegmentOptions, SlicePrompt, SupportItem, axis_label
@@ -85,30 +86,6 @@ def _segmentIds(segmentationNode, segmentIds) -> list[str]:
                 f"Segment '{segmentId}' is not in segmentation '{segmentationNode.GetName()}'."
             )
     return ids
-
-
-def labeledSegments(volumeNode, segmentationNode, segmentIds, axis, records=None):
-    """``[(LabeledSegment, mask), ...]`` for the selected segments, records brought up to date
-    in ``records`` (the Logic's :class:`.edit_watch.RecordStore`; None: a new one). Nothing is
-    written to the scene."""
-    mrml_io.checkVolume(volumeNode)
-    if segmentationNode is None:
-        raise SGPInputError("Select a segmentation.")
-    axis = mrml_io.checkAxis(axis)
-    records = RecordStore() if records is None else records
-    segmentation = segmentationNode.GetSegmentation()
-    found = []
-    for index, segmentId in enumerate(segmentIds):
-        segment = segmentation.GetSegment(segmentId)
-        if segment is None:
-            raise SGPInputError(
-                f"Segment '{segmentId}' is not in segmentation '{segmentationNode.GetName()}'."
-            )
-        mask = mrml_io.segmentArray(segmentationNode, segmentId, volumeNode)
-        record = records.refresh(segmentationNode, volumeNode, segmentId, axis)
-        item = labeled_slices.labeledSegment(segmentId, segment, index + 1, mask, axis, record)
-        found.append((item, mask))
-    return found
 
 
 def drawnSlicesAllAxes(
@@ -197,9 +174,6 @@ def prepareRun(
     )
     setName = ""
     if supportSet:
-        # Lazy: support_library imports this module (labeledSegments).
-        from SGPSegmentLib.support_library import supportBankFromLibrary
-
         # Before the "nothing drawn" check: a segment the set holds needs no drawing.
         folder = supportSetFolder(supportSet, library)
         setName = folder.name

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from SGPSegmentLib import mrml_io
-from SGPSegmentLib.request import labeledSegments
+from SGPSegmentLib.edit_watch import labeledSegments
 from SlicerSGP.data.support_library import (
     SupportLibrary,
     SupportSetSummary,

@@ -6,20 +6,16 @@ import argparse
 import os
 import signal
 import sys
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
 from SlicerSGP.errors import Cancelled, SGPError, SGPInputError
+from SlicerSGP.filesystem import new_token, publish, temp_path
 
 AXIS_NAMES = {"k": 0, "axial": 0, "j": 1, "coronal": 1, "i": 2, "sagittal": 2,
               "0": 0, "1": 1, "2": 2}
-
-# Suffixes made of two parts; writers choose the format from the whole suffix.
-COMPOUND_SUFFIXES = (".seg.nrrd", ".nii.gz", ".state.pt")
-
 
 def parse_axis(text: str | int) -> int:
     """'k'/'axial', 'j'/'coronal', 'i'/'sagittal' (or 0/1/2) -> array axis of (K, J, I)."""
@@ -227,16 +223,6 @@ def cancel_on_sigterm() -> Iterator[CancelFlag]:
 
 # --------------------------------------------------------------------------- outputs
 
-def split_suffix(name: str) -> tuple[str, str]:
-    """'x.seg.nrrd' -> ('x', '.seg.nrrd'); 'x.csv' -> ('x', '.csv')."""
-    low = name.lower()
-    for suffix in COMPOUND_SUFFIXES:
-        if low.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)], name[-len(suffix):]
-    stem, dot, ext = name.rpartition(".")
-    return (stem, dot + ext) if dot and stem else (name, "")
-
-
 class OutputPlan:
     """Every file a command writes, checked before the run and published all at once.
 
@@ -250,7 +236,7 @@ class OutputPlan:
     """
 
     def __init__(self) -> None:
-        self.token = uuid.uuid4().hex[:10]
+        self.token = new_token()
         self._claimed: dict[Path, str] = {}
         self._temps: list[tuple[Path, Path]] = []
         self._made_dirs: list[Path] = []
@@ -329,8 +315,7 @@ class OutputPlan:
         """Where to write ``path`` for now; renamed onto ``path`` by ``commit()``."""
         path = Path(path)
         self._make_dirs(path.parent)
-        stem, suffix = split_suffix(path.name)
-        tmp = path.with_name(f".{stem}.tmp-{self.token}{suffix}")
+        tmp = temp_path(path, self.token)
         self._temps.append((tmp, path))
         return tmp
 
@@ -342,7 +327,7 @@ class OutputPlan:
                 raise RuntimeError(f"internal error: {tmp} was planned for {final} but not "
                                    "written")
         for tmp, final in self._temps:
-            os.replace(tmp, final)
+            publish(tmp, final)
             self.committed.append(final)
         self._temps.clear()
         self._made_dirs.clear()

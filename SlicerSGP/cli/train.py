@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from SlicerSGP.cli.common import OutputPlan, Progress, cancel_on_sigterm, parse_axis
+from SlicerSGP.data.targets import target_name
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.method.model import describe
 from SlicerSGP.training.config import TrainConfig, checkpoint_path, state_path
 from SlicerSGP.training.distributed import init_distributed
-from SlicerSGP.training.episodes import target_name
 from SlicerSGP.training.trainer import Trainer, train
 
 

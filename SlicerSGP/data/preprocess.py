@@ -1,6 +1,6 @@
 """Preprocessing: intensity mapping, volume checks, slicing axis, and the model-space letterbox.
 
-Rules (DESIGN.md, "Preprocessing"):
+Rules:
 
 * One intensity mapping per volume, never per slice: :func:`intensity_range` looks at the whole
   volume once and :func:`normalize_intensity` applies the same ``(lo, hi)`` window to every voxel,

@@ -10,12 +10,9 @@ macOS and Windows are case-insensitive). numpy, SimpleITK and the standard libra
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import shutil
 import sys
-import uuid
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +30,14 @@ from SlicerSGP.data.support_set import (
     write_support_set,
 )
 from SlicerSGP.errors import SGPInputError
+from SlicerSGP.filesystem import (
+    atomic_write,
+    copy_hashing,
+    move_folder,
+    remove_folder,
+    staging_folder,
+    swap_in_folder,
+)
 
 ENV_ROOT = "SGP_SUPPORT_LIBRARY"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.()+-]{0,99}")
@@ -161,12 +166,8 @@ class SupportLibrary:
                 f"Cannot create the support library folder {self.root} ({exc}); "
                 f"set {ENV_ROOT} to a writable folder."
             ) from exc
-        tmp = self.root / f".tmp-{uuid.uuid4().hex[:12]}"
-        tmp.mkdir()
-        try:
+        with staging_folder(self.root) as tmp:
             yield tmp
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def _target(self, name: str, overwrite: bool, verb: str) -> tuple[str, Path | None]:
         name = check_name(name)
@@ -181,20 +182,7 @@ class SupportLibrary:
     def _publish(self, staged: Path, name: str, old: Path | None) -> Path:
         """Rename ``staged`` to ``name``; an overwritten set is moved away first and removed only
         once the new one is in place (restored if that rename fails)."""
-        final = self.root / name
-        trash = None
-        if old is not None:
-            trash = self.root / f".trash-{uuid.uuid4().hex[:12]}"
-            os.rename(old, trash)
-        try:
-            os.rename(staged, final)
-        except OSError:
-            if trash is not None:
-                os.rename(trash, old)
-            raise
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-        return final
+        return swap_in_folder(staged, self.root / name, old)
 
     def save(
         self, name: str, image, masks, slices, *, overwrite: bool = False, **options
@@ -219,22 +207,14 @@ class SupportLibrary:
             )
         if other is not None and not same:
             self.delete(other.name)
-        if same:  # only the letter case changes: go through a temporary name
-            hop = self.root / f".tmp-{uuid.uuid4().hex[:12]}"
-            os.rename(path, hop)
-            path = hop
-        final = self.root / new_name
-        os.rename(path, final)
+        final = move_folder(path, self.root / new_name)
         manifest = read_manifest(final)
         manifest["name"] = new_name
         write_json(final / MANIFEST, manifest)
         return final
 
     def delete(self, name: str) -> None:
-        path = self.path(name)
-        trash = self.root / f".trash-{uuid.uuid4().hex[:12]}"
-        os.rename(path, trash)  # gone at once for readers; removed below
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_folder(self.path(name))
 
     # ------------------------------------------------------------------ zip
 
@@ -250,19 +230,16 @@ class SupportLibrary:
             raise SGPInputError(
                 f"{out} exists; choose another file or export with overwrite (--overwrite)."
             )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
+
+        def write(tmp: Path) -> None:
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
                 for rel in [MANIFEST, *sorted(manifest["files"])]:
                     info = zipfile.ZipInfo(rel, _ZIP_TIME)
                     info.compress_type = zipfile.ZIP_DEFLATED
                     info.external_attr = 0o644 << 16
                     zf.writestr(info, (folder / rel).read_bytes())
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return out
+
+        return atomic_write(out, write)
 
     def import_zip(
         self, path: str | os.PathLike, name: str | None = None, *, overwrite: bool = False
@@ -331,12 +308,9 @@ def _extract(zf: zipfile.ZipFile, path: Path, staged: Path) -> None:
             )
         target = staged / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
         with zf.open(members[rel]) as src, open(target, "wb") as dst:
-            for chunk in iter(lambda s=src: s.read(1 << 20), b""):
-                digest.update(chunk)
-                dst.write(chunk)
-        if digest.hexdigest() != meta["sha256"]:
+            digest, _ = copy_hashing(src, dst)
+        if digest != meta["sha256"]:
             raise SGPInputError(
                 f"Refused: {rel} in {path} does not match its sha256 (the file "
                 "was changed or damaged after export)."

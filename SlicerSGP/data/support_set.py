@@ -9,27 +9,25 @@ case sub-folder per structure, plus a manifest (:data:`MANIFEST`)::
     NAME/01_liver/image.nrrd    the slices drawn for that structure, stacked (raw intensities)
     NAME/01_liver/labels.nrrd   that structure's mask on them (its label value, else 0)
 
-Support semantics (DESIGN.md): a structure's folder holds only the slices drawn *for it*, so
-a slice drawn for another structure never teaches "absent here" (the bank loader takes empty
-slices of a case only from the case of that structure). An empty mask in a structure's own
-folder is a slice the user drew as empty for it, and does teach absence.
+Support semantics (docs/support-library.md): a structure's folder holds only the slices drawn
+*for it*, so a slice drawn for another structure never teaches "absent here" (the bank loader
+takes empty slices of a case only from the case of that structure). An empty mask in a
+structure's own folder is a slice the user drew as empty for it, and does teach absence.
 
 Intensity: the window the engine would have used on the source volume is stored (and the
 percentile/min-max windows), so loading maps each slice exactly as the engine mapped it there.
 
 Named sets in a library folder, their zip export and import: :mod:`.support_library`.
 numpy and the standard library only (no torch, no SimpleITK: Slicer's process imports this);
-the NRRD files are written and read here (:func:`write_nrrd`, :func:`read_nrrd`).
+its NRRD files are written and read by :mod:`.nrrd`.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import re
-import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,27 +40,18 @@ from SlicerSGP.data.intensity import (
     intensity_range,
     normalize_intensity,
 )
+from SlicerSGP.data.nrrd import read_nrrd, write_nrrd
 from SlicerSGP.errors import SGPInputError
+from SlicerSGP.filesystem import atomic_write_text, file_sha256
 from SlicerSGP.types import Geometry, SupportItem, axis_label
 
 MANIFEST = "sgp-support-set.json"
 FORMAT, FORMAT_VERSION = "sgp-support-set", 1
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` atomically, in the manifest's layout (sorted keys)."""
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def _slug(text: str) -> str:
@@ -74,64 +63,6 @@ def _array_spacing(geometry: Geometry, axis: int) -> tuple[float, float, float]:
     per_array_axis = tuple(reversed(geometry.spacing))  # (K, J, I) order
     rows, cols = [per_array_axis[a] for a in range(3) if a != axis]
     return float(cols), float(rows), float(per_array_axis[axis])
-
-
-# ------------------------------------------------------------------------------ NRRD
-
-_NRRD_TYPES = {"int8": "int8", "uint8": "uint8", "int16": "int16", "uint16": "uint16",
-               "int32": "int32", "uint32": "uint32", "int64": "int64", "uint64": "uint64",
-               "float32": "float", "float64": "double"}  # fmt: skip
-
-
-def write_nrrd(path: Path, array: np.ndarray, spacing: tuple[float, float, float]) -> None:
-    """A gzip NRRD (readable by ITK, Slicer, SimpleITK) of a ``(K, J, I)`` or ``(K, J, I, 3)``
-    array; identity direction, origin 0. The same array gives the same bytes (gzip mtime 0)."""
-    arr = np.asarray(array)
-    if arr.dtype == np.bool_ or arr.dtype.name not in _NRRD_TYPES:
-        arr = arr.astype(np.uint8 if arr.dtype == np.bool_ else np.float32)
-    vector = arr.ndim == 4
-    sizes = [int(s) for s in reversed(arr.shape)]  # fastest axis first
-    directions = " ".join(
-        "(" + ",".join(repr(float(spacing[a])) if a == b else "0" for b in range(3)) + ")"
-        for a in range(3)
-    )
-    header = [
-        "NRRD0004",
-        f"type: {_NRRD_TYPES[arr.dtype.name]}",
-        f"dimension: {arr.ndim}",
-        "space: left-posterior-superior",
-        f"sizes: {' '.join(map(str, sizes))}",
-        f"space directions: {'none ' if vector else ''}{directions}",
-        f"kinds: {'vector ' if vector else ''}domain domain domain",
-        "endian: little",
-        "encoding: gzip",
-        "space origin: (0,0,0)",
-    ]
-    data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
-    path.write_bytes(("\n".join(header) + "\n\n").encode() + gzip.compress(data, 6, mtime=0))
-
-
-def read_nrrd(path: Path) -> np.ndarray:
-    """The array of an NRRD with its data inline (raw or gzip), as :func:`write_nrrd` writes."""
-    blob = path.read_bytes()
-    end = blob.find(b"\n\n")
-    if not blob.startswith(b"NRRD") or end < 0:
-        raise ValueError("not an NRRD file")
-    fields = {}
-    for line in blob[:end].decode("latin-1").splitlines()[1:]:
-        key, sep, value = line.partition(": ")
-        if sep and not line.startswith("#"):
-            fields[key.strip()] = value.strip()
-    names = {v: k for k, v in _NRRD_TYPES.items()}
-    dtype = np.dtype(names[fields["type"]]).newbyteorder(
-        ">" if fields.get("endian") == "big" else "<")  # fmt: skip
-    sizes = [int(s) for s in fields["sizes"].split()]
-    data = blob[end + 2 :]
-    if fields.get("encoding") == "gzip":
-        data = gzip.decompress(data)
-    elif fields.get("encoding") != "raw":
-        raise ValueError(f"encoding {fields.get('encoding')!r}")
-    return np.frombuffer(data, dtype).reshape(sizes[::-1]).astype(dtype.newbyteorder("="))
 
 
 # ------------------------------------------------------------------------------ one set
@@ -261,7 +192,7 @@ def write_support_set(
         },
         "structures": entries,
         "files": {
-            p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
+            p.relative_to(folder).as_posix(): {"sha256": file_sha256(p), "size": p.stat().st_size}
             for p in files
         },
     }
@@ -314,7 +245,7 @@ def verify_files(folder: str | os.PathLike, manifest: dict | None = None) -> Non
         path = folder / rel
         if not path.is_file():
             raise _damaged(folder, f"{rel} is missing")
-        if path.stat().st_size != int(meta["size"]) or sha256_file(path) != meta["sha256"]:
+        if path.stat().st_size != int(meta["size"]) or file_sha256(path) != meta["sha256"]:
             raise _damaged(folder, f"{rel} does not match its sha256")
 
 

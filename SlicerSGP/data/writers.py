@@ -2,7 +2,7 @@
 per-slice score tables.
 
 Every writer writes to a hidden temporary file in the destination folder and then renames it
-over the destination (``os.replace``), so a failed write leaves neither a partial file nor a
+over the destination (:func:`SlicerSGP.filesystem.atomic_write`), so a failed write leaves neither a partial file nor a
 damaged previous file behind.
 """
 
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import csv
 import os
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,26 +19,8 @@ import slicerio
 from SlicerSGP.data.geometry import ijk_to_lps, sitk_from_array
 from SlicerSGP.data.label_names import DEFAULT_COLORS, color01
 from SlicerSGP.errors import SGPInputError
+from SlicerSGP.filesystem import atomic_write
 from SlicerSGP.types import Geometry
-
-
-def atomic_write(path: str | os.PathLike, writer: Callable[[Path], object]) -> Path:
-    """Call ``writer(tmp_path)`` then move the result onto ``path``; on failure remove it."""
-    path = Path(path)
-    if path.is_dir():
-        raise SGPInputError(f"Output path {path} is a folder; give a file name.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    return path
 
 
 def _integer_labels(label_map: np.ndarray) -> np.ndarray:

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from SlicerSGP.data.files import file_stem, is_volume_file
+from SlicerSGP.data.targets import build_support_bank
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.evaluation.baselines import run_baseline
-from SlicerSGP.training.episodes import build_support_bank
 from SlicerSGP.types import CancelCheck, ProgressCallback, SupportItem
 
 __all__ = ["CasePrediction", "array_spacing", "bank_from_cases", "find_prediction",

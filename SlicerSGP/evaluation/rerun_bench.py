@@ -11,15 +11,14 @@ CPU (or GPU) and torch's threads.
 
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from SlicerSGP.evaluation.bench import prepare, synthetic_ct, warm_up
+from SlicerSGP.host import processor_name
 from SlicerSGP.types import SegmentationResult, SegmentOptions
 
 TARGET = 0.20
@@ -80,17 +79,6 @@ def run_rerun_bench(seg, *, slices: int = 200, size: int = 512, count: int = 5,
     again, _ = timed_run(seg, "re-run after one correction", vol,
                          with_drawn(lab, sorted([*drawn, added])), opts)
     return first, again, drawn, added
-
-
-def processor_name() -> str:
-    """The CPU model as /proc/cpuinfo names it (the platform's word elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def rerun_report(seg, model: str, first: Run, again: Run, drawn: list[int], added: int,

@@ -36,12 +36,12 @@ import json
 import logging
 import os
 import time
-import uuid
 from pathlib import Path
 
 import torch
 
 from SlicerSGP.errors import SGPInputError
+from SlicerSGP.filesystem import atomic_write_bytes, is_temp_name
 from SlicerSGP.method.encoding import EncodedSlices
 from SlicerSGP.method.feature_identity import FORMAT, model_fingerprint
 from SlicerSGP.method.feature_identity import tensor_digest as _digest
@@ -204,7 +204,7 @@ class FeatureCache:
         data = save(cpu, metadata=meta)
         path.parent.mkdir(parents=True, exist_ok=True)
         old = path.stat().st_size if path.exists() else 0
-        atomic_write(path, data)
+        atomic_write_bytes(path, data)
         if self._bytes is not None:
             self._bytes += len(data) - old
 
@@ -221,7 +221,7 @@ class FeatureCache:
                 continue
             if not path.is_file():
                 continue
-            if path.name.endswith(".tmp"):
+            if is_temp_name(path.name):
                 if now - st.st_mtime > STALE_TEMP_S:
                     _unlink(path)
                 continue
@@ -287,25 +287,6 @@ def prepare_folder(folder: str | os.PathLike, max_mb: float | None = None) -> tu
                             "you can write to (or fix its permissions), or leave the option "
                             "out.")
     return root, int(max_mb * 2**20)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and
-    ``os.replace``: readers see the old file or the whole new one, never a part."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            _write_all(f, data)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-
-
-def _write_all(f, data: bytes, chunk: int = 8 << 20) -> None:
-    view = memoryview(data)
-    for i in range(0, len(view), chunk):
-        f.write(view[i:i + chunk])
 
 
 def _check(data: bytes, meta: dict[str, str],

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from SlicerSGP.errors import SGPInputError, SGPWeightsError
+from SlicerSGP.filesystem import atomic_write, atomic_write_text
 from SlicerSGP.method.pma import (
     MaskAttention,
     PseudoMaskAttention,
@@ -198,10 +199,9 @@ def save_sgp_checkpoint(model: SGPModel, path: str | Path, *, base: dict[str, An
         **(extra or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    save_file(state, str(tmp), metadata={"sgp": json.dumps(meta)})
-    tmp.replace(path)
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    header = {"sgp": json.dumps(meta)}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=header))
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
     return path
 
 

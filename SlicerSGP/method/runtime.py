@@ -11,11 +11,11 @@ import platform
 import time
 from contextlib import contextmanager, nullcontext
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 
 from SlicerSGP.errors import SGPDeviceError, SGPInputError
+from SlicerSGP.host import cpu_flags
 from SlicerSGP.method import fast_paths
 from SlicerSGP.method.model import SGPModel
 
@@ -74,16 +74,7 @@ def cpu_has_native_bf16() -> bool:
     """
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
-            break
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
 def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:

@@ -158,9 +158,7 @@ def select_top_k(feats: EncodedSlices, j: int, pool: list[Memory], k: int) -> li
     """Top-K by cosine similarity of pooled embeddings; ties go to the nearer slice."""
     if len(pool) <= k:
         return pool
-    # Volume features encode slice j on first read (pooled_of); a plain holder of every
-    # slice's pooled embedding (e.g. a test's) is indexed.
-    query = feats.pooled_of(j) if hasattr(feats, "pooled_of") else feats.pooled[j]
+    query = feats.pooled_of(j)  # volume features encode slice j on its first read
     sims = torch.stack([torch.dot(query, m.pooled) for m in pool]).detach()
     sims = sims.float().cpu().numpy()
     dist = [abs(j - m.slice_index) if m.slice_index is not None else 10**9 for m in pool]

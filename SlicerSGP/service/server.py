@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse, Response
 
 from SlicerSGP import __version__
 from SlicerSGP.errors import SGPInputError
+from SlicerSGP.host import memory_total_mb, processor_name
 from SlicerSGP.service import protocol
 
 # Names that callers and tests import from this module, though they live in access.py and
@@ -80,17 +81,8 @@ def device_info() -> list[dict[str, Any]]:
 
     if mps_available():  # Apple silicon: the GPU shares the computer's memory
         devices.append({"device": "mps", "name": "Apple GPU (Metal)"})
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
-    except OSError:
-        pass
-    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") \
-        else None
-    devices.append({"device": "cpu", "name": cpu, "cores": os.cpu_count(),
-                    "memory_total_mb": None if total is None else total // 2**20})
+    devices.append({"device": "cpu", "name": processor_name(), "cores": os.cpu_count(),
+                    "memory_total_mb": memory_total_mb()})
     return devices
 
 

@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from SlicerSGP.data.targets import target_name
 from SlicerSGP.errors import SGPInputError
+from SlicerSGP.filesystem import atomic_write
 from SlicerSGP.method.model import save_sgp_checkpoint
 from SlicerSGP.training.config import TrainConfig
-from SlicerSGP.training.episodes import target_name
 from SlicerSGP.weights import file_sha256, resolve_weights
 
 # Functions here take the Trainer as ``trainer: Any``: trainer.py imports this module, so
@@ -130,7 +131,4 @@ def write_checkpoint(trainer: Any, path: Path, final: bool) -> Path:
 
 def write_state(trainer: Any, path: Path) -> Path:
     """The resume state, atomically (a crash while writing keeps the previous one)."""
-    tmp = path.with_name(path.name + ".part")
-    torch.save(trainer_state(trainer), tmp)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(trainer_state(trainer), tmp))

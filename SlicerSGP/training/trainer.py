@@ -47,6 +47,7 @@ import torch
 from tqdm import tqdm
 
 from SlicerSGP.data.datasets import load_dataset, parse_split
+from SlicerSGP.data.targets import BankItem, build_support_bank, target_mask, target_name
 from SlicerSGP.errors import Cancelled, SGPInputError
 from SlicerSGP.method.interpolation import shared_worker
 from SlicerSGP.method.model import build_model
@@ -67,19 +68,15 @@ from SlicerSGP.training.distributed import (
     wrap_for_gradients,
 )
 from SlicerSGP.training.episodes import (
-    BankItem,
     Question,
     Run,
     apply_view,
     augment,
-    build_support_bank,
     draw_episode,
     episode_prior,
     prior_ends,
     resolve_targets,
     step_seed,
-    target_mask,
-    target_name,
     to_model,
 )
 from SlicerSGP.training.losses import LOSS_TERMS, LossWeights, sgp_loss
