@@ -30,7 +30,7 @@ from SlicerSGP.cli.prompt_args import (
 from SlicerSGP.cli.serve import read_token
 from SlicerSGP.data import io, preprocess
 from SlicerSGP.data.dicom import DicomSeries
-from SlicerSGP.data.label_names import read_label_info
+from SlicerSGP.data.label_names import names_and_colors
 from SlicerSGP.data.prompt_checks import check_prompts
 from SlicerSGP.data.readers import read_image_source
 from SlicerSGP.errors import SGPInputError
@@ -247,7 +247,7 @@ def segment_case(args: argparse.Namespace, plan: OutputPlan, engine_for: Callabl
         names = {**io.support_bank_names(args.support_bank), **names}
     colors = None
     if args.label_names is not None:
-        names, colors = _described(args.label_names, names)
+        names, colors = names_and_colors(args.label_names, names)
     spatial = volume.shape[:3]  # the prompts' slices, checked before the model loads
     check_prompts(prompts, (spatial[axis], *(spatial[a] for a in range(3) if a != axis)),
                   axis, exclude)
@@ -282,18 +282,6 @@ def segment_case(args: argparse.Namespace, plan: OutputPlan, engine_for: Callabl
         progress.close()
     _write_outputs(plan, args, volume, labels, geometry, result, opts, colors, source)
     return result, engine
-
-
-def _described(path: Path, names: dict[int, str]) -> tuple[dict[int, str], dict]:
-    """Names and colours from the --label-names file (its names win over those found)."""
-    if not path.is_file():
-        raise SGPInputError(f"--label-names {path}: no such file. Give a labels.json or an "
-                            "ITK-SNAP .label/.txt file.")
-    info = read_label_info(path)
-    if not info.names:
-        raise SGPInputError(f"--label-names {path} names no label value; write it as "
-                            '{"1": "liver"} (JSON) or in ITK-SNAP\'s label format.')
-    return {**names, **info.names}, info.colors
 
 
 def is_dicom_seg(path: Path) -> bool:

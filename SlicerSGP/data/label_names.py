@@ -299,3 +299,15 @@ def read_label_names(path: str | os.PathLike) -> dict[int, str]:
 def read_label_colors(path: str | os.PathLike) -> dict[int, Color]:
     """Label value -> RGB colour in [0, 1] for ``path`` (see :func:`read_label_info`)."""
     return read_label_info(path).colors
+
+
+def names_and_colors(path: Path, names: dict[int, str]) -> tuple[dict[int, str], dict]:
+    """Names and colours from the --label-names file (its names win over those found)."""
+    if not path.is_file():
+        raise SGPInputError(f"--label-names {path}: no such file. Give a labels.json or an "
+                            "ITK-SNAP .label/.txt file.")
+    info = read_label_info(path)
+    if not info.names:
+        raise SGPInputError(f"--label-names {path} names no label value; write it as "
+                            '{"1": "liver"} (JSON) or in ITK-SNAP\'s label format.')
+    return {**names, **info.names}, info.colors
