@@ -18,6 +18,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from SlicerSGP.errors import Cancelled, SGPError
+from SlicerSGP.training.distributed import Dist
 
 T = TypeVar("T")
 
@@ -26,16 +27,8 @@ WAIT = timedelta(days=7)
 
 
 @dataclass
-class Shard:
-    """This process's place in the job: rank ``rank`` of ``world`` (0 of 1 alone)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
+class Shard(Dist):
+    """This process's place in the job (rank 0 of 1 alone) and its share of the cases."""
 
     def mine(self, count: int) -> list[int]:
         """Indices of this process's cases among ``count``: every ``world``-th, from ``rank``
