@@ -1,4 +1,4 @@
-"""Method v2: per-structure support, presence and extent (hysteresis stop, slice limits), the
+"""Per-structure support, presence and extent (hysteresis stop, slice limits), the
 bank sized to K, on synthetic volumes with scripted presence and on real multi-structure CT."""
 
 from __future__ import annotations
