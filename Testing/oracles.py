@@ -199,7 +199,8 @@ def check_fusion_weights(seg: Segmenter) -> None:
     tf = preprocess.LetterboxTransform(h, w, IMAGE_SIZE)
     masks = {k: drawn[k] == 1 for k in labeled}
     for quality_fusion in (False, True):
-        opts = SegmentOptions(stop_after_absent=0, quality_fusion=quality_fusion)
+        opts = SegmentOptions(stop_after_absent=0, quality_fusion=quality_fusion,
+                              interpolation_prior="off")  # the rule without the prior
         res = seg.segment(vol, drawn, {1: "blob"}, opts)
         feats = seg.encoder.encode_volume(slices01, tf, 1, lambda *a: None, lambda: False)
         support = seg.support.from_slices(feats, tf, masks)

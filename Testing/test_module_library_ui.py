@@ -59,6 +59,8 @@ def logic(engineLogic, tmp_path, monkeypatch):  # noqa: F811
 
 def parameterNode(env, volume, segmentation, ids, **values):
     """What the panel's parameter node wrapper gives the Logic (fields + the MRML node)."""
+    from SGPSegmentLib.constants import DEFAULT_INTERPOLATION_PRIOR
+
     fields = dict(
         inputVolume=volume,
         segmentation=segmentation,
@@ -70,6 +72,7 @@ def parameterNode(env, volume, segmentation, ids, **values):
         imageSize=256,
         topK=4,
         intensity="auto",
+        interpolationPrior=DEFAULT_INTERPOLATION_PRIOR,
         keepPseudoMasks=False,
         parameterNode=env.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode"),
     )
