@@ -32,6 +32,7 @@ import ast
 import py_compile
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,25 @@ def sameSegments(a, b) -> bool:
 
 # ------------------------------------------------------------------------- preview, apply
 
+
+
+@contextmanager
+def recordedRefinements(client):
+    """While the block runs, each ``client.refine_slice`` call is recorded: its arguments
+    followed by its answer."""
+    seen: list[tuple] = []
+    original = client.refine_slice
+
+    def record(*args):
+        answer = original(*args)
+        seen.append((*args, answer))
+        return answer
+
+    client.refine_slice = record
+    try:
+        yield seen
+    finally:
+        del client.refine_slice
 
 def test_preview_then_apply_writes_what_the_modules_run_writes(mrml, logic, preview):  # noqa: F811
     from SGPSegmentLib import outputs
@@ -368,22 +388,10 @@ def test_a_click_changes_only_its_slice_and_makes_it_drawn(mrml, logic, preview)
     j, i = int(js.mean()), int(is_.mean())
     inPlane = viewDirections(volume)
     client = logic.engine.client(session.settings)
-    seen = []
-    original = client.refine_slice
-
-    def spy(*args):
-        seen.append(args)
-        answer = original(*args)
-        seen[-1] += (answer,)
-        return answer
-
-    client.refine_slice = spy
-    try:
+    with recordedRefinements(client) as seen:
         report = preview.refine(session, liver, rasOf(volume, k, j, i), True, inPlane)
         afterFirst = allSegments(segmentation, volume)
         report2 = preview.refine(session, liver, rasOf(volume, k, j + 9, i + 9), False, inPlane)
-    finally:
-        del client.refine_slice
     assert (report.slice, report.point, report.positive) == (k, (j, i), True)
     volumeId, sliceIndex, points, labels, base, options, (mask, iou) = seen[0]
     assert (volumeId, sliceIndex, points, labels) == (session.volumeId, k, [(j, i)], [1])
@@ -536,21 +544,9 @@ def test_a_scribble_removes_what_it_crosses(mrml, logic, preview):  # noqa: F811
     session.result.labels = np.asarray(session.result.labels).copy()
     session.result.labels[k][shown] = 1
     client = logic.engine.client(session.settings)
-    seen = []
-    original = client.refine_slice
-
-    def spy(*args):
-        seen.append(args)
-        answer = original(*args)
-        seen[-1] += (answer,)
-        return answer
-
-    client.refine_slice = spy
-    try:
+    with recordedRefinements(client) as seen:
         path = [rasOf(volume, k, row, 5), rasOf(volume, k, row, 59)]
         preview.scribble(session, liver, path, False, sliceView(volume))
-    finally:
-        del client.refine_slice
     _, sliceIndex, points, labels, base, options, (engineMask, _) = seen[0]
     assert sliceIndex == k and set(labels) == {0} and 2 < len(points) <= 12
     assert all(r == row and 5 <= c <= 59 for r, c in points)
