@@ -390,3 +390,23 @@ def test_bench_rerun_prints_both_runs_and_the_ratio():
     ratio = float(re.search(r"ratio re-run / first run: ([\d.]+)", out)[1])
     assert 0 < ratio < 1
     assert "threads 1" in out and "CPU " in out
+
+
+# --------------------------------------------------------------------------- sgp bench --floor
+
+def test_bench_floor_runs_propagation_only_beside_the_predictor_and_the_engine():
+    """(c) does SAM2's propagation through the engine and nothing of the method's own: no PMA
+    decode, no quality score; the same encodes as (b)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "SlicerSGP.cli", "bench", "--slices", "8", "--size", "64",
+         "--image-size", "256", "--device", "cpu", "--threads", "1", "--floor"],
+        capture_output=True, text=True, timeout=600, check=True).stdout
+    calls = dict(re.findall(r"^(\([abc]\)) [^:]+: calls (.+)$", out, re.M))
+    counts = {k: dict((name, int(n)) for name, n in re.findall(r"(\w+) (\d+)", v))
+              for k, v in calls.items()}
+    b, c = counts["(b)"], counts["(c)"]
+    assert c["encode"] == b["encode"] and c["memory_attention"] < b["memory_attention"]
+    # (b) adds PMA's decode and the quality score's memory attention and decode to each step.
+    assert c["decode"] < b["decode"] and c["memory_attention"] < b["memory_attention"]
+    assert re.search(r"ratio \(b\)/\(a\): wall [\d.]+", out)
+    assert re.search(r"ratio \(c\)/\(a\): wall [\d.]+ \(the floor", out)

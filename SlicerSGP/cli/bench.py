@@ -30,6 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=512, help="in-plane size of the volume")
     p.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
     p.add_argument("--skip-sam2", action="store_true", help="run (b) only")
+    p.add_argument("--floor", action="store_true",
+                   help="also run (c): the engine with SAM2's propagation alone (no PMA, no "
+                        "quality score, no interpolation prior), the least (b) could cost")
     p.add_argument("--repeat", type=int, default=1,
                    help="alternate (a) and (b) this many times and keep each side's fastest run "
                         "(noisy machines)")
@@ -81,12 +84,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bench.prepare(seg, args.compile)
     ms, n, support = bench.run_bench(seg, slices=args.slices or 30, size=args.size,
                                      compile_encoder=args.compile, skip_sam2=args.skip_sam2,
-                                     repeat=args.repeat)
+                                     repeat=args.repeat, floor=args.floor)
     note = bench.run_note(seg, args.model, args.size, n, support, args.compile)
-    if len(ms) == 2:
+    if not args.skip_sam2:
         print(bench.report(ms, n, seg.device, note))
     else:
-        print(bench.single_report(ms[0], n, note))
+        print("\n".join(bench.single_report(m, n, note) for m in ms))
     if args.peak_tflops:
         print(bench.flops_report(seg, ms[-1], n, args.peak_tflops))
     return 0

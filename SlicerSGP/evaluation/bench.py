@@ -211,7 +211,14 @@ def run_video_predictor(seg, load_frames, masks: dict[int, torch.Tensor],
     return m
 
 
-def run_engine(seg, vol: np.ndarray, lab: np.ndarray, support: list[int]) -> Measurement:
+PROPAGATION_ONLY = {"use_pma": False, "reverse_quality": False, "interpolation_prior": "off"}
+"""(c) with --floor: the engine doing SAM2's propagation alone (PMG on its bank; no PMA, no
+quality score, no interpolation), strictly less work than (b): how low (b)/(a) could go if the
+method's own additions cost nothing."""
+
+
+def run_engine(seg, vol: np.ndarray, lab: np.ndarray, support: list[int],
+               name: str = "(b) SlicerSGP engine", **options) -> Measurement:
     drawn = np.zeros_like(lab)
     drawn[support] = lab[support]
     hooks = StageHooks(seg.device)
@@ -219,13 +226,14 @@ def run_engine(seg, vol: np.ndarray, lab: np.ndarray, support: list[int]) -> Mea
     seg.sync_timers = True  # the write-back figure below comes from the engine's own timer
     seg.clear_cache()
     before = seg.encode_count
-    m = Measurement("(b) SlicerSGP engine")
+    m = Measurement(name)
     try:
         _reset_device_peak(seg.device)
         with PeakRSS() as rss:
             t = time.perf_counter()
             result = seg.segment(vol, drawn, {1: "structure"},
-                                 SegmentOptions(intensity="percentile", keep_pseudo_masks=False))
+                                 SegmentOptions(intensity="percentile", keep_pseudo_masks=False,
+                                                **options))
             _sync(seg.device)
             m.wall = time.perf_counter() - t
         m.peak_host = rss.above_base
@@ -271,18 +279,21 @@ def report(ms: list[Measurement], n: int, device: torch.device, note: str) -> st
             f"{_mib(m.peak_host):>10}{_mib(m.peak_device):>10}  "
             + "  ".join(f"{m.stages.get(s, 0.0):16.2f}" for s in STAGES)
         )
-    a, b = ms
+    a, b = ms[:2]
     lines.append("")
     for m in ms:
         lines.append(f"{m.name}: calls " + ", ".join(
             f"{s} {m.calls[s]}" for s in STAGES if m.calls.get(s)))
-    if b.quality is not None:
+    if b.quality:
         lines.append(f"{b.name}: reverse-propagation quality score {b.quality:.2f} s, "
                      f"{100 * b.quality / max(b.wall, 1e-9):.1f}% of its wall time")
     lines.append(f"ratio (b)/(a): wall {b.wall / a.wall:.3f}, peak host memory "
                  f"{b.peak_host / max(a.peak_host, 1):.3f}"
                  + (f", peak device memory {b.peak_device / max(a.peak_device, 1):.3f}"
                     if device.type == "cuda" else ""))
+    for c in ms[2:]:
+        lines.append(f"ratio {c.name[:3]}/(a): wall {c.wall / a.wall:.3f} (the floor: SAM2's "
+                     "propagation through the engine, without PMA and the quality score)")
     return "\n".join(lines)
 
 
@@ -313,7 +324,8 @@ def warm_up(seg, vol: np.ndarray, lab: np.ndarray) -> None:
 
 
 def run_bench(seg, *, slices: int, size: int, compile_encoder: bool = False,
-              skip_sam2: bool = False, repeat: int = 1) -> tuple[list[Measurement], int, list[int]]:
+              skip_sam2: bool = False, repeat: int = 1,
+              floor: bool = False) -> tuple[list[Measurement], int, list[int]]:
     """(a) and (b) on a synthetic CT of ``slices`` x ``size`` x ``size``, alternated ``repeat``
     times, each side's fastest run kept. Returns the measurements, the slice count and the
     support slices."""
@@ -335,6 +347,9 @@ def run_bench(seg, *, slices: int, size: int, compile_encoder: bool = False,
         runs = [] if skip_sam2 else [run_video_predictor(seg, load_frames, masks,
                                                           compile_encoder)]
         runs.append(run_engine(seg, vol, lab, support))
+        if floor:
+            runs.append(run_engine(seg, vol, lab, support, "(c) propagation only",
+                                   **PROPAGATION_ONLY))
         for m in runs:
             if m.name not in best or m.wall < best[m.name].wall:
                 best[m.name] = m

@@ -38,6 +38,16 @@ class InterpolationWorker:
         self.calls = 0
         """Interpolations done (the re-run test checks that unchanged drawings do none)."""
 
+    def start(self) -> None:
+        """Start the child now, without waiting: it loads ITK while the caller goes on (the
+        engine starts it when it starts, so the first run does not wait 10-15 s for ITK).
+        Without ITK installed this does nothing; the first interpolation then says what is
+        missing."""
+        if importlib.util.find_spec("itk") is None:
+            return
+        with self._lock:
+            self._start()
+
     def _start(self) -> subprocess.Popen:
         if self._process is not None and self._process.poll() is None:
             return self._process
@@ -106,6 +116,9 @@ def _serve() -> None:
     """The child's loop: one ``src<TAB>dst`` request per line until stdin closes."""
     import itk
 
+    # ITK loads its modules on first use: load the interpolation filter now, before the
+    # first request, so a child started early has it ready.
+    _ = itk.MorphologicalContourInterpolator
     for line in sys.stdin:
         try:
             src, dst = line.rstrip("\n").split("\t")

@@ -113,9 +113,9 @@ class Segmenter:
         self.propagator = Propagator(self.runtime, self.predictor, self.support.memory)
         self.reruns = RerunCache(lambda: self.encoder.cache_bytes - self.encoder.cached_bytes())
         """Last runs' slice results per volume and structure, in what features leave of cache_mb."""
-        self._windows: dict[str, tuple[float, float]] = {}
-        """Intensity window last used per volume (it may depend on what was drawn)."""
+        self._windows: dict[str, tuple[float, float]] = {}  # last intensity window per volume
         self.priors = PriorCache()  # interpolation priors per structure and drawing
+        self.priors.worker.start()  # ITK loads in its own process while the model works
 
     # ------------------------------------------------------------------ what callers read
 
