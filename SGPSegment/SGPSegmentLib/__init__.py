@@ -7,6 +7,6 @@ May import slicer (MRML), vtk, numpy, packaging and the engine's torch-free part
 from SGPSegmentLib.labeled_slices import LabeledSegment
 from SGPSegmentLib.logic import SGPSegmentCoreLogic
 from SGPSegmentLib.request import RunRequest
-from SGPSegmentLib.run import Run, WriteReport
+from SGPSegmentLib.runs import Run, WriteReport
 
 __all__ = ["LabeledSegment", "Run", "RunRequest", "SGPSegmentCoreLogic", "WriteReport"]

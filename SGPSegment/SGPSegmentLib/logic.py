@@ -6,7 +6,7 @@ A thin facade over the parts:
 * :mod:`.labeled_slices`: which slices the user drew, per segment and axis,
 * :mod:`.edit_watch`: those records in memory, and what each stroke changed,
 * :mod:`.engine_connection`: the local or remote engine (``sgp serve``) and its client,
-* :mod:`.run`: start / poll / apply / cancel / undo,
+* :mod:`.runs`: start / poll / apply / cancel / undo,
 * :mod:`.outputs`: pseudo-masks, per-slice scores, least confident slices,
 * :mod:`.support_library`: drawn slices saved as named support sets, reused on new cases,
 * :mod:`.dependencies`, :mod:`.engine_weights`: the engine's packages and weights, installed
@@ -35,7 +35,7 @@ from SGPSegmentLib.edit_watch import RecordStore
 from SGPSegmentLib.engine_connection import EngineConnection, ModelSettings, defaultPython
 from SGPSegmentLib.parameter_actions import ParameterNodeActions, describeSupportSet
 from SGPSegmentLib.processes import Task
-from SGPSegmentLib.run import Run, Runs, WriteReport
+from SGPSegmentLib.runs import Run, Runs, WriteReport
 from SlicerSGP.data.support_library import SupportLibrary, SupportSetSummary
 from SlicerSGP.errors import SGPError
 

@@ -30,7 +30,7 @@ from SGPSegmentLib.constants import AXIS_DISPLAY, AXIS_NAMES
 from SGPSegmentLib.edit_rules import EditRules
 from SGPSegmentLib.engine_connection import ModelSettings
 from SGPSegmentLib.request import RunRequest, drawnSlicesAllAxes
-from SGPSegmentLib.run import Run, WriteReport
+from SGPSegmentLib.runs import Run, WriteReport
 from SlicerSGP.errors import SGPError, SGPInputError
 from SlicerSGP.types import SegmentationResult
 
