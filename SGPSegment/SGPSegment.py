@@ -710,7 +710,9 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class SGPSegmentLogic(ScriptedLoadableModuleLogic, SGPSegmentCoreLogic):
-    """The module's Logic: SGPSegmentCoreLogic's behaviour plus the parameter node.
+    """The module's Logic: Slicer's parameter node (``ScriptedLoadableModuleLogic``) and the
+    Qt-free Logic of ``SGPSegmentLib``, which holds the role objects (``engine``, ``setup``,
+    ``drawing``, ``runs``, ``supportSets``, ``actions``) that do the work.
 
     Usable from the Python console, e.g.::
 

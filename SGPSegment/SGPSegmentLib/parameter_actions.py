@@ -1,5 +1,6 @@
 """What the panel asks of the Logic, in terms of the parameter node (``pn``: any object with
-the fields of ``SGPSegmentParameterNode``; its MRML node is ``pn.parameterNode``).
+the fields of ``SGPSegmentParameterNode``; its MRML node is ``pn.parameterNode``): the Logic's
+``actions`` role.
 
 Kept apart from the Widget so that it is Qt-free and tested with slicer-core.
 """
@@ -9,10 +10,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from SGPSegmentLib import outputs
+from SGPSegmentLib import outputs, reference_cases
 from SGPSegmentLib.constants import AXIS_DISPLAY, AXIS_NAMES, MODEL_SIZES
 from SGPSegmentLib.engine_connection import ModelSettings, describeServer
-from SlicerSGP.data.support_library import SupportSetSummary
 from SlicerSGP.errors import SGPError, SGPInputError
 
 
@@ -20,19 +20,13 @@ def _ids(text: str) -> list[str]:
     return [s for s in (text or "").split(",") if s]
 
 
-def describeSupportSet(summary: SupportSetSummary) -> str:
-    """'liver (3 slices), spleen (2 slices)' for a saved set."""
-    parts = []
-    for value, name in sorted(summary.structures.items()):
-        n = summary.slices.get(value, 0)
-        parts.append(f"{name} ({n} slice{'' if n == 1 else 's'})")
-    return ", ".join(parts)
-
-
 class ParameterNodeActions:
-    """Mixed into ``SGPSegmentCoreLogic``; uses its engine, runs and labeled-slice methods."""
+    """The panel's requests, answered with the Logic's other roles (``logic``: the
+    ``SGPSegmentCoreLogic`` that holds this one: its engine, runs, drawing, support sets and
+    set-up)."""
 
-    _dependencyCache: tuple | None = None
+    def __init__(self, logic) -> None:
+        self.logic = logic
 
     def modelArgument(self, pn) -> str:
         return str(pn.checkpointPath) if pn.model == "SGP checkpoint" else pn.model
@@ -52,7 +46,7 @@ class ParameterNodeActions:
         if not (pn.inputVolume and pn.segmentation and _ids(pn.segmentIds)):
             return []
         try:
-            found = self.labeledSlices(
+            found = self.logic.drawing.labeledSlices(
                 pn.inputVolume, pn.segmentation, _ids(pn.segmentIds), pn.axis
             )
         except Exception as exc:  # shown in the list, not raised, while the user is choosing
@@ -71,43 +65,43 @@ class ParameterNodeActions:
         return choices
 
     def settingsFromParameterNode(self, pn):
-        return self.modelSettings(self.modelArgument(pn), None, pn.device, pn.imageSize, 0)
+        return self.logic.modelSettings(self.modelArgument(pn), None, pn.device, pn.imageSize, 0)
 
     def pollConnection(self, pn) -> tuple[str, list] | None:
         """The Connect button, from a timer: None while the local engine starts (never
         waits), then what :meth:`testConnection` says."""
         settings = self.settingsFromParameterNode(pn) if pn is not None else None
-        if self.engine.mode == "local" and self.engine.ready(settings or ModelSettings()) is None:
+        if self.logic.engine.mode == "local" and self.logic.engine.ready(settings or ModelSettings()) is None:
             return None
         return self.testConnection(pn)
 
     def testConnection(self, pn) -> tuple[str, list]:
         """(description for people, the server's devices) for the Connect button (waits for a
         local engine to start: console; the Widget uses :meth:`pollConnection`)."""
-        info = self.engine.connect(self.settingsFromParameterNode(pn) if pn is not None else None)
+        info = self.logic.engine.connect(self.settingsFromParameterNode(pn) if pn is not None else None)
         text = "Connected: " + describeServer(info)
-        if self.engine.lastRestartReason:
-            text += f"\nThe local engine had stopped ({self.engine.lastRestartReason}); it was restarted."
+        if self.logic.engine.lastRestartReason:
+            text += f"\nThe local engine had stopped ({self.logic.engine.lastRestartReason}); it was restarted."
         return text, list(info.get("devices") or [])
 
     # ------------------------------------------------------------------------- run
 
     def startRunFromParameterNode(self, pn):
-        request = self.prepareRun(
+        request = self.logic.prepareRun(
             pn.inputVolume,
             pn.segmentation,
             _ids(pn.segmentIds),
             axis=pn.axis,
-            referenceCases=self.referenceCases(
-                self.referenceCaseNodes(pn.parameterNode), exclude=pn.segmentation
+            referenceCases=reference_cases.referenceCases(
+                reference_cases.referenceCaseNodes(pn.parameterNode), exclude=pn.segmentation
             ),
-            supportSet=self.supportSetName(pn.parameterNode) or None,
-            library=self.supportLibraryRoot,
+            supportSet=self.logic.supportSets.chosen(pn.parameterNode) or None,
+            library=self.logic.supportSets.root,
             top_k=pn.topK,
             intensity=pn.intensity,
             interpolation_prior=str(pn.interpolationPrior),
         )
-        return self.startRun(
+        return self.logic.startRun(
             request, self.settingsFromParameterNode(pn), keepPseudoMasks=pn.keepPseudoMasks
         )
 
@@ -117,10 +111,10 @@ class ParameterNodeActions:
         arguments of ``PreviewLogic.start``."""
         return {
             "settings": self.settingsFromParameterNode(pn),
-            "referenceCases": self.referenceCases(
-                self.referenceCaseNodes(pn.parameterNode), exclude=segmentationNode
+            "referenceCases": reference_cases.referenceCases(
+                reference_cases.referenceCaseNodes(pn.parameterNode), exclude=segmentationNode
             ),
-            "supportSet": self.supportSetName(pn.parameterNode),
+            "supportSet": self.logic.supportSets.chosen(pn.parameterNode),
             "top_k": int(pn.topK),
             "intensity": str(pn.intensity),
             "interpolation_prior": str(pn.interpolationPrior),
@@ -132,7 +126,7 @@ class ParameterNodeActions:
 
     def engineSummary(self, pn) -> str:
         """One line for the effect's panel: where and with what model previews run."""
-        where = "this computer" if self.engine.mode == "local" else self.engine.url or "?"
+        where = "this computer" if self.logic.engine.mode == "local" else self.logic.engine.url or "?"
         model = self.modelArgument(pn)
         return f"Engine: {where}; model {model} at {pn.imageSize} px on {pn.device}."
 
@@ -147,7 +141,7 @@ class ParameterNodeActions:
             raise SGPInputError(
                 "Select the input volume and the segmentation whose drawn slices to save."
             )
-        existing = self._existingSupportSet(name)
+        existing = self.logic.supportSets.existing(name)
         overwrite = False
         if existing is not None and confirm is not None:
             if not confirm(
@@ -156,7 +150,7 @@ class ParameterNodeActions:
             ):
                 return None
             overwrite = True
-        return self.saveSupportSet(
+        return self.logic.supportSets.save(
             name,
             pn.inputVolume,
             pn.segmentation,
@@ -167,27 +161,9 @@ class ParameterNodeActions:
             overwrite=overwrite,
         )
 
-    def supportSetDetails(self, name: str) -> str:
-        """A few lines about saved set ``name`` for the panel ('' for none)."""
-        if not name:
-            return "No set chosen."
-        library = self.supportLibrary()
-        found = [s for s in library.list() if s.name.lower() == name.lower()]
-        if not found:
-            return f"'{name}' is not in the support library ({library.root})."
-        s = found[0]
-        lines = [describeSupportSet(s) + "."]
-        saved = f"Saved {s.created[:16].replace('T', ' ')}" if s.created else "Saved"
-        lines.append(
-            f"{saved} from '{s.source}', {s.size / 1e6:.1f} MB." if s.source else f"{saved}."
-        )
-        if s.description:
-            lines.append(s.description)
-        return "\n".join(lines)
-
     def supportLibraryTitle(self, pn) -> str:
         """The panel section's title: says which set runs use, even when it is collapsed."""
-        name = self.supportSetName(pn.parameterNode) if pn is not None else ""
+        name = self.logic.supportSets.chosen(pn.parameterNode) if pn is not None else ""
         return f"Support library (runs use '{name}')" if name else "Support library"
 
     def finishMessage(self, run) -> str:
@@ -208,21 +184,21 @@ class ParameterNodeActions:
         )
 
     def jumpToLeastConfident(self, pn, index: int) -> str:
-        worst = self.leastConfidentSlices(count=index + 1)
+        worst = self.logic.leastConfidentSlices(count=index + 1)
         if not worst:
             return "No predicted slice to review."
         value, name, sliceIndex, confidence = worst[min(index, len(worst) - 1)]
-        self.jumpToSlice(pn.inputVolume, self.runs.lastRequest.axis, sliceIndex)
-        axis = AXIS_NAMES[self.runs.lastRequest.axis]
+        self.logic.jumpToSlice(pn.inputVolume, self.logic.runs.lastRequest.axis, sliceIndex)
+        axis = AXIS_NAMES[self.logic.runs.lastRequest.axis]
         return f"{name}: {AXIS_DISPLAY[axis]} slice {sliceIndex} (confidence {confidence:.2f})"
 
     # ------------------------------------------------------- dependencies and weights
 
     def dependencyStatus(self, pn) -> str:
-        if self.engine.mode == "remote":
+        if self.logic.engine.mode == "remote":
             return "Remote engine: its packages are the server's."
         try:
-            problems = self.dependencyProblems(self.modelArgument(pn))
+            problems = self.logic.setup.dependencyProblems(self.modelArgument(pn))
         except SGPError as exc:
             return str(exc)
         return (
@@ -235,9 +211,9 @@ class ParameterNodeActions:
         """Packages of the local engine: True when all are there, False when ``confirm(message)``
         said no, else the started :class:`~SGPSegmentLib.processes.Task` installing them (poll
         it with :meth:`pollTask`; ask again once it is done)."""
-        if self.engine.mode == "remote":
+        if self.logic.engine.mode == "remote":
             return True
-        problems = self.dependencyProblems(self.modelArgument(pn))
+        problems = self.logic.setup.dependencyProblems(self.modelArgument(pn))
         if not problems:
             return True
         if not confirm(
@@ -248,10 +224,10 @@ class ParameterNodeActions:
             "its pinned sha256 before installing."
         ):
             return False
-        return self.installDependencies(self.modelArgument(pn), problems)
+        return self.logic.setup.installDependencies(self.modelArgument(pn), problems)
 
     def weightsStatusText(self, pn) -> str:
-        status = self.weightsStatus(self.modelArgument(pn))
+        status = self.logic.setup.weightsStatus(self.modelArgument(pn))
         return {
             "checkpoint": "Trained SGP checkpoint (its base SAM2.1 weights must be in the cache).",
             "cached": "Weights: in the cache.",
@@ -266,9 +242,9 @@ class ParameterNodeActions:
         ready = self.ensureDependencies(pn, confirm)
         if ready is not True:
             return ready
-        if self.engine.mode == "remote" or pn.model not in MODEL_SIZES:
+        if self.logic.engine.mode == "remote" or pn.model not in MODEL_SIZES:
             return True
-        status = self.weightsStatus(pn.model)
+        status = self.logic.setup.weightsStatus(pn.model)
         if status in ("cached", "unknown"):  # unknown: the engine says what is wrong, if any
             return True
         if not confirm(
@@ -276,7 +252,7 @@ class ParameterNodeActions:
             "the cache (checksum verified)? On an offline machine use 'Use local file...' instead."
         ):
             return False
-        return self.downloadWeights(pn.model)
+        return self.logic.setup.downloadWeights(pn.model)
 
     def taskMessage(self, task) -> str:
         """What became of an install or download, for people."""
@@ -297,5 +273,5 @@ class ParameterNodeActions:
         if hasattr(item, "steps"):  # a Task
             return item.stage, item.fraction, item.lastLine
         if not item.runId and not item.done():  # the local engine is starting
-            return item.stage, None, self.engine.lastLogLine()
+            return item.stage, None, self.logic.engine.lastLogLine()
         return item.stage, item.fraction, ""

@@ -16,6 +16,31 @@ from SlicerSGP.types import SupportItem
 
 MAX_REFERENCE_SLICES_PER_STRUCTURE = 64
 """Reference-case support items kept per structure (evenly spaced beyond this)."""
+REFERENCE_CASE_ROLE = "SGPReferenceCase"
+"""Node reference role (on the parameter node) of each reference-case segmentation."""
+
+
+def setReferenceCases(parameterNode, segmentationNodes) -> None:
+    """Store the reference cases as node references on the (MRML) parameter node, so that
+    they are saved with the scene and follow node ID changes on import."""
+    parameterNode.RemoveNodeReferenceIDs(REFERENCE_CASE_ROLE)
+    for node in segmentationNodes:
+        parameterNode.AddNodeReferenceID(REFERENCE_CASE_ROLE, node.GetID())
+
+
+def referenceCaseNodes(parameterNode) -> list:
+    n = parameterNode.GetNumberOfNodeReferences(REFERENCE_CASE_ROLE)
+    nodes = [parameterNode.GetNthNodeReference(REFERENCE_CASE_ROLE, i) for i in range(n)]
+    return [node for node in nodes if node is not None]
+
+
+def referenceCases(segmentationNodes, exclude=None) -> list:
+    """``(volumeNode, segmentationNode)`` pairs for the reference segmentations."""
+    return [
+        (mrml_io.referenceVolumeForSegmentation(node), node)
+        for node in segmentationNodes
+        if node is not None and node is not exclude
+    ]
 
 def _matchSegments(refSegmentation, structures: dict[int, str]) -> dict[int, str | None]:
     refSegments = refSegmentation.GetSegmentation()

@@ -118,3 +118,131 @@ def supportBankFromLibrary(
             "segments to match, or pick another set."
         )
     return bank
+
+
+SUPPORT_SET_PARAMETER = "SupportSet"
+"""Parameter (on the MRML parameter node) naming the saved support set runs and previews use."""
+
+
+def describeSupportSet(summary: SupportSetSummary) -> str:
+    """'liver (3 slices), spleen (2 slices)' for a saved set."""
+    parts = []
+    for value, name in sorted(summary.structures.items()):
+        n = summary.slices.get(value, 0)
+        parts.append(f"{name} ({n} slice{'' if n == 1 else 's'})")
+    return ", ".join(parts)
+
+
+class SupportSets:
+    """The saved support sets as the module sees them (the Logic's ``supportSets`` role): the
+    library folder, saving drawn slices, the set the parameter node names, renaming, deleting,
+    export and import with the user's confirmation."""
+
+    def __init__(self, records=None) -> None:
+        self.root: str | os.PathLike | None = None
+        """Folder of the saved support sets; None: the engine's (``sgp support`` uses it too)."""
+        self.records = records
+        """The Logic's drawn-slice records: a saved set holds the slices they name."""
+
+    def library(self, root=None) -> SupportLibrary:
+        """The saved support sets: ``.list() .names() .show() .rename() .delete()
+        .export_zip() .import_zip()`` (``root`` None: :attr:`root`)."""
+        return SupportLibrary(root if root is not None else self.root)
+
+    def save(
+        self, name, volumeNode, segmentationNode, segmentIds=None, axis=0, **kwargs
+    ) -> SupportSetSummary:
+        """Save the segments' drawn slices as support set ``name``. ``kwargs``: drawnSlices
+        (``{segmentId: [slices]}``), intensity, description, library, overwrite."""
+        kwargs.setdefault("library", self.root)
+        kwargs.setdefault("records", self.records)
+        return saveSupportSet(name, volumeNode, segmentationNode, segmentIds, axis=axis, **kwargs)
+
+    @staticmethod
+    def chosen(parameterNode) -> str:
+        """The support set runs and previews use ('' = none), from the MRML parameter node (so
+        it is saved with the scene and shared by the module and the SGP effect)."""
+        return (parameterNode.GetParameter(SUPPORT_SET_PARAMETER) or "") if parameterNode else ""
+
+    @staticmethod
+    def choose(parameterNode, name) -> None:
+        parameterNode.SetParameter(SUPPORT_SET_PARAMETER, str(name or "").strip())
+
+    def rename(self, name, newName, parameterNode=None) -> str:
+        """Rename a saved set; the parameter node follows if it uses it. Returns the new name."""
+        newName = self.library().rename(name, newName).name
+        if self.chosen(parameterNode).lower() == str(name).strip().lower():
+            self.choose(parameterNode, newName)
+        return newName
+
+    def delete(self, name, parameterNode=None, confirm=None) -> bool:
+        """Delete a saved set after ``confirm(message)`` says yes; a parameter node that uses
+        it goes back to none. Returns whether it was deleted."""
+        library = self.library()
+        path = library.path(name)  # unknown names fail before anything is asked
+        summary = next(s for s in library.list() if s.path == path)
+        if confirm is not None and not confirm(
+            f"Delete support set '{path.name}' ({describeSupportSet(summary)}) from "
+            f"{library.root}? This cannot be undone; export it first to keep a copy."
+        ):
+            return False
+        library.delete(path.name)
+        if self.chosen(parameterNode).lower() == path.name.lower():
+            self.choose(parameterNode, "")
+        return True
+
+    def exportZip(self, name, path, overwrite=False):
+        """Write a saved set as one zip (``sgp support import`` and Import zip read it)."""
+        return self.library().export_zip(name, path, overwrite=overwrite)
+
+    def importZip(self, path, name=None, overwrite=False, confirm=None):
+        """Add the set in a zip, as ``name`` (None or '': the name it was exported under). A
+        set called ``name`` is replaced only with ``overwrite`` or after ``confirm(message)``
+        says yes (returns None when it says no). The zip is checked before anything changes."""
+        library = self.library()
+        existing = self.existing(name) if name else None
+        if existing is not None and not overwrite and confirm is not None:
+            if not confirm(
+                f"A support set named '{existing}' exists in {library.root}. Replace it with "
+                "the imported one? The old set is lost (export it first to keep a copy)."
+            ):
+                return None
+            overwrite = True
+        return library.import_zip(path, name or None, overwrite=overwrite)
+
+    def existing(self, name) -> str | None:
+        """The saved set called ``name`` (letter case ignored), or None."""
+        wanted = str(name).strip().lower()
+        return next((n for n in self.library().names() if n.lower() == wanted), None)
+
+    def choices(self, selected: str = "", details=True) -> list[tuple[str, str]]:
+        """``[(name, label)]`` for a combo box: None first, then each saved set (``details``:
+        with its structures and slice counts); a ``selected`` set no longer in the library is
+        kept, marked missing (a run then says so)."""
+        choices = [("", "None")]
+        if details:
+            choices += [(s.name, f"{s.name}: {describeSupportSet(s)}")
+                        for s in self.library().list()]  # fmt: skip
+        else:
+            choices += [(n, n) for n in self.library().names()]
+        if selected and selected.lower() not in {n.lower() for n, _ in choices}:
+            choices.append((selected, f"{selected} (not in the library)"))
+        return choices
+
+    def details(self, name: str) -> str:
+        """A few lines about saved set ``name`` for the panel ('' for none)."""
+        if not name:
+            return "No set chosen."
+        library = self.library()
+        found = [s for s in library.list() if s.name.lower() == name.lower()]
+        if not found:
+            return f"'{name}' is not in the support library ({library.root})."
+        s = found[0]
+        lines = [describeSupportSet(s) + "."]
+        saved = f"Saved {s.created[:16].replace('T', ' ')}" if s.created else "Saved"
+        lines.append(
+            f"{saved} from '{s.source}', {s.size / 1e6:.1f} MB." if s.source else f"{saved}."
+        )
+        if s.description:
+            lines.append(s.description)
+        return "\n".join(lines)
