@@ -27,6 +27,7 @@ run is done (:meth:`run` does the same in a loop for the console).
 from __future__ import annotations
 
 import slicer
+from slicer.i18n import tr as _
 
 from SGPSegmentLib import mrml_io, outputs, reference_cases, request
 from SGPSegmentLib.drawing_watch import DrawingWatch
@@ -150,7 +151,7 @@ class SGPSegmentCoreLogic:
         handle = self.startRun(runRequest, settings, keepPseudoMasks)
         self.runs.wait(handle, timeout=timeout, describeFailure=self.engine.describeFailure)
         if handle.state == "cancelled":
-            raise SGPError("The run was cancelled; nothing was written.")
+            raise SGPError(_("The run was cancelled; nothing was written."))
         return handle.report
 
     def sceneClosing(self, run: Run | None = None) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from slicer.i18n import tr as _
+
 from SGPSegmentLib import outputs, reference_cases
-from SGPSegmentLib.constants import AXIS_DISPLAY, AXIS_NAMES, MODEL_SIZES
+from SGPSegmentLib.constants import AXIS_NAMES, MODEL_SIZES, axisDisplay
 from SGPSegmentLib.engine_connection import ModelSettings, describeServer
 from SlicerSGP.errors import SGPError, SGPInputError
 
@@ -33,13 +35,13 @@ class ParameterNodeActions:
 
     def canRun(self, pn) -> tuple[bool, str]:
         if not pn.inputVolume:
-            return False, "Select an input volume."
+            return False, _("Select an input volume.")
         if not pn.segmentation:
-            return False, "Select a segmentation."
+            return False, _("Select a segmentation.")
         if not _ids(pn.segmentIds):
-            return False, "Select at least one segment."
+            return False, _("Select at least one segment.")
         if pn.model == "SGP checkpoint" and not Path(pn.checkpointPath).is_file():
-            return False, "Choose the trained SGP checkpoint (.safetensors) file."
+            return False, _("Choose the trained SGP checkpoint (.safetensors) file.")
         return True, ""
 
     def labeledSlicesSummary(self, pn) -> list[str]:
@@ -51,17 +53,17 @@ class ParameterNodeActions:
             )
         except Exception as exc:  # shown in the list, not raised, while the user is choosing
             return [str(exc)]
-        return [item.describe(AXIS_DISPLAY[pn.axis]) for item in found]
+        return [item.describe(axisDisplay(pn.axis)) for item in found]
 
     def deviceChoices(self, devices) -> list[tuple[str, str]]:
         """``[(device, label)]``: auto, the engine's GPUs (once connected: CUDA, Apple MPS),
         CPU."""
-        choices = [("auto", "auto (first CUDA GPU, else Apple GPU, else CPU)")]
+        choices = [("auto", _("auto (first CUDA GPU, else Apple GPU, else CPU)"))]
         for device in devices:
             name = str(device.get("device", "")) if isinstance(device, dict) else ""
             if name.startswith("cuda") or name == "mps":
                 choices.append((name, f"{name} - {device.get('name', 'GPU')}"))
-        choices.append(("cpu", "CPU (slow: minutes per volume)"))
+        choices.append(("cpu", _("CPU (slow: minutes per volume)")))
         return choices
 
     def settingsFromParameterNode(self, pn):
@@ -71,17 +73,21 @@ class ParameterNodeActions:
         """The Connect button, from a timer: None while the local engine starts (never
         waits), then what :meth:`testConnection` says."""
         settings = self.settingsFromParameterNode(pn) if pn is not None else None
-        if self.logic.engine.mode == "local" and self.logic.engine.ready(settings or ModelSettings()) is None:
+        engine = self.logic.engine
+        if engine.mode == "local" and engine.ready(settings or ModelSettings()) is None:
             return None
         return self.testConnection(pn)
 
     def testConnection(self, pn) -> tuple[str, list]:
         """(description for people, the server's devices) for the Connect button (waits for a
         local engine to start: console; the Widget uses :meth:`pollConnection`)."""
-        info = self.logic.engine.connect(self.settingsFromParameterNode(pn) if pn is not None else None)
-        text = "Connected: " + describeServer(info)
-        if self.logic.engine.lastRestartReason:
-            text += f"\nThe local engine had stopped ({self.logic.engine.lastRestartReason}); it was restarted."
+        engine = self.logic.engine
+        info = engine.connect(self.settingsFromParameterNode(pn) if pn is not None else None)
+        text = _("Connected: {server}").format(server=describeServer(info))
+        if engine.lastRestartReason:
+            text += "\n" + _("The local engine had stopped ({reason}); it was restarted.").format(
+                reason=engine.lastRestartReason
+            )
         return text, list(info.get("devices") or [])
 
     # ------------------------------------------------------------------------- run
@@ -126,9 +132,12 @@ class ParameterNodeActions:
 
     def engineSummary(self, pn) -> str:
         """One line for the effect's panel: where and with what model previews run."""
-        where = "this computer" if self.logic.engine.mode == "local" else self.logic.engine.url or "?"
+        engine = self.logic.engine
+        where = _("this computer") if engine.mode == "local" else engine.url or "?"
         model = self.modelArgument(pn)
-        return f"Engine: {where}; model {model} at {pn.imageSize} px on {pn.device}."
+        return _(
+            "Engine: {where}; model {model} at {imageSize} px on {device}."
+        ).format(where=where, model=model, imageSize=pn.imageSize, device=pn.device)
 
     # ------------------------------------------------------------------ support library
 
@@ -139,14 +148,16 @@ class ParameterNodeActions:
         when it says no)."""
         if not (pn.inputVolume and pn.segmentation):
             raise SGPInputError(
-                "Select the input volume and the segmentation whose drawn slices to save."
+                _("Select the input volume and the segmentation whose drawn slices to save.")
             )
         existing = self.logic.supportSets.existing(name)
         overwrite = False
         if existing is not None and confirm is not None:
             if not confirm(
-                f"A support set named '{existing}' exists. Replace it with the slices drawn "
-                "here? The old set is lost (export it first to keep a copy)."
+                _(
+                    "A support set named '{existing}' exists. Replace it with the slices "
+                    "drawn here? The old set is lost (export it first to keep a copy)."
+                ).format(existing=existing)
             ):
                 return None
             overwrite = True
@@ -164,17 +175,21 @@ class ParameterNodeActions:
     def supportLibraryTitle(self, pn) -> str:
         """The panel section's title: says which set runs use, even when it is collapsed."""
         name = self.logic.supportSets.chosen(pn.parameterNode) if pn is not None else ""
-        return f"Support library (runs use '{name}')" if name else "Support library"
+        if not name:
+            return _("Support library")
+        return _("Support library (runs use '{name}')").format(name=name)
 
     def finishMessage(self, run) -> str:
         if run.state == "cancelled":
-            return "SGP segmentation cancelled; nothing was written."
+            return _("SGP segmentation cancelled; nothing was written.")
         seconds = run.report.timings.get("total", 0.0) if run.report else 0.0
         logging.info(
             f"SGPSegment: wrote {len(run.report.segmentIds)} segment(s) in {seconds:.1f} s"
         )
         notes = " ".join(run.report.notes)
-        return f"SGP segmentation done in {seconds:.1f} s. {notes}".strip()
+        return _("SGP segmentation done in {seconds} s. {notes}").format(
+            seconds=f"{seconds:.1f}", notes=notes
+        ).strip()
 
     def scoresTableNode(self, segmentationNode):
         return (
@@ -186,25 +201,29 @@ class ParameterNodeActions:
     def jumpToLeastConfident(self, pn, index: int) -> str:
         worst = self.logic.leastConfidentSlices(count=index + 1)
         if not worst:
-            return "No predicted slice to review."
+            return _("No predicted slice to review.")
         value, name, sliceIndex, confidence = worst[min(index, len(worst) - 1)]
         self.logic.jumpToSlice(pn.inputVolume, self.logic.runs.lastRequest.axis, sliceIndex)
         axis = AXIS_NAMES[self.logic.runs.lastRequest.axis]
-        return f"{name}: {AXIS_DISPLAY[axis]} slice {sliceIndex} (confidence {confidence:.2f})"
+        return _(
+            "{name}: {orientation} slice {sliceIndex} (confidence {confidence:.2f})"
+        ).format(
+            name=name, orientation=axisDisplay(axis), sliceIndex=sliceIndex, confidence=confidence
+        )
 
     # ------------------------------------------------------- dependencies and weights
 
     def dependencyStatus(self, pn) -> str:
         if self.logic.engine.mode == "remote":
-            return "Remote engine: its packages are the server's."
+            return _("Remote engine: its packages are the server's.")
         try:
             problems = self.logic.setup.dependencyProblems(self.modelArgument(pn))
         except SGPError as exc:
             return str(exc)
         return (
-            "All Python packages installed."
+            _("All Python packages installed.")
             if not problems
-            else "Missing or too old: " + "; ".join(problems)
+            else _("Missing or too old: {problems}").format(problems="; ".join(problems))
         )
 
     def ensureDependencies(self, pn, confirm):
@@ -217,11 +236,12 @@ class ParameterNodeActions:
         if not problems:
             return True
         if not confirm(
-            "The local engine needs these Python packages:\n\n  "
-            + "\n  ".join(problems)
-            + "\n\nDownload and install them now? This can take several minutes (PyTorch with "
-            "CUDA is over 1 GB); Slicer stays usable and Cancel stops it. sam2 is checked against "
-            "its pinned sha256 before installing."
+            _(
+                "The local engine needs these Python packages:\n\n  {packages}\n\nDownload "
+                "and install them now? This can take several minutes (PyTorch with CUDA is over "
+                "1 GB); Slicer stays usable and Cancel stops it. sam2 is checked against its "
+                "pinned sha256 before installing."
+            ).format(packages="\n  ".join(problems))
         ):
             return False
         return self.logic.setup.installDependencies(self.modelArgument(pn), problems)
@@ -229,10 +249,12 @@ class ParameterNodeActions:
     def weightsStatusText(self, pn) -> str:
         status = self.logic.setup.weightsStatus(self.modelArgument(pn))
         return {
-            "checkpoint": "Trained SGP checkpoint (its base SAM2.1 weights must be in the cache).",
-            "cached": "Weights: in the cache.",
-            "missing": "Weights: not downloaded yet.",
-            "unknown": "Weights: unknown until the Python packages are installed.",
+            "checkpoint": _(
+                "Trained SGP checkpoint (its base SAM2.1 weights must be in the cache)."
+            ),
+            "cached": _("Weights: in the cache."),
+            "missing": _("Weights: not downloaded yet."),
+            "unknown": _("Weights: unknown until the Python packages are installed."),
         }[status]
 
     def ensureReady(self, pn, confirm):
@@ -248,8 +270,11 @@ class ParameterNodeActions:
         if status in ("cached", "unknown"):  # unknown: the engine says what is wrong, if any
             return True
         if not confirm(
-            f"The SAM2.1 '{pn.model}' weights are not downloaded yet. Download them now into "
-            "the cache (checksum verified)? On an offline machine use 'Use local file...' instead."
+            _(
+                "The SAM2.1 '{model}' weights are not downloaded yet. Download them now into "
+                "the cache (checksum verified)? On an offline machine use 'Use local "
+                "file...' instead."
+            ).format(model=pn.model)
         ):
             return False
         return self.logic.setup.downloadWeights(pn.model)
@@ -257,14 +282,16 @@ class ParameterNodeActions:
     def taskMessage(self, task) -> str:
         """What became of an install or download, for people."""
         if task.state == "done":
-            return f"{task.title}: done."
+            return _("{title}: done.").format(title=task.title)
         if task.state == "cancelled":
             return (
-                f"{task.title}: cancelled. Packages or files may be partly there; the status "
-                "shown is checked again (nothing is taken as installed)."
+                _(
+                    "{title}: cancelled. Packages or files may be partly there; the status "
+                    "shown is checked again (nothing is taken as installed)."
+                ).format(title=task.title)
             )
         if task.state == "failed":
-            return f"{task.title} failed:\n{task.error}"
+            return _("{title} failed:\n{error}").format(title=task.title, error=task.error)
         return task.describe()
 
     def progressOf(self, item) -> tuple[str, float | None, str]:
