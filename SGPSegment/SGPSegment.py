@@ -7,9 +7,11 @@ module starts on this computer or reaches on a remote server: Slicer's process n
 torch, and a crash or out-of-memory in the engine cannot take Slicer down.
 
 This file stays importable by an older Slicer's Python 3.9 (no ``X | Y`` annotations, no
-``match``, no ``zip(strict=)``), so that such a Slicer shows the "needs Slicer 5.10" message
-instead of a traceback. ``from __future__ import annotations`` is not used here: the parameter
-node wrapper reads the class annotations as real types. One file by Slicer's scripted-module
+``match``, no ``zip(strict=)``), so that such a Slicer (5.4 to 5.8: they have ``slicer.i18n``)
+shows the "needs Slicer 5.10" message instead of a traceback. Texts for people are marked for
+translation as Slicer's templates do (``_()``, ``translate()``). ``from __future__ import
+annotations`` is not used here: the parameter node wrapper reads the class annotations as real
+types. One file by Slicer's scripted-module
 convention (the self-test must live here for ``slicer_add_python_unittest``), hence over 400 lines.
 """
 
@@ -22,7 +24,6 @@ import qt
 import slicer
 import vtk
 from SGPSegmentLib.constants import (
-    AXIS_DISPLAY,
     AXIS_NAMES,
     DEFAULT_INTERPOLATION_PRIOR,
     IMAGE_SIZES,
@@ -30,9 +31,12 @@ from SGPSegmentLib.constants import (
     INTERPOLATION_PRIORS,
     MODEL_SIZES,
     README_URL,
+    axisDisplay,
     slicerVersionProblem,
 )
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -55,13 +59,13 @@ POLL_INTERVAL_MS = 150
 class SGPSegment(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "SGP Segment"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("SGP Segment")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = ["Segmentations"]
         self.parent.contributors = ["SlicerSGP developers"]
         self.parent.helpText = (
             (f"<p><b>{VERSION_PROBLEM}</b></p>" if VERSION_PROBLEM else "")
-            + """
+            + _("""
 Segment structures through a whole volume from a few slices you drew, with SAM2 and
 support-set guided prompting (SAM2-SGP). Needs 3D Slicer 5.10 or later.
 <ol>
@@ -82,13 +86,15 @@ server (Engine section: URL and token). Per-slice confidence is shown in a table
 <p>Without leaving the Segment Editor: its <b>SGP</b> effect shows the same result as a preview
 that updates while you draw, takes click corrections and is applied with the editor's Undo. It
 uses the engine, model and device chosen here.</p>
-"""
-            + f'<p>Documentation: <a href="{README_URL}">README</a>.</p>'
+""")
+            + _(
+                "<p>Documentation: <a href=\"{README_URL}\">README</a>.</p>"
+            ).format(README_URL=README_URL)
         )
-        self.parent.acknowledgementText = """
+        self.parent.acknowledgementText = _("""
 Implements support-set guided prompting for SAM2 (SAM2-SGP) on top of Meta's Segment Anything 2
 (Apache-2.0). Uses PyTorch through the PyTorch extension.
-"""
+""")
 
 
 @parameterNodeWrapper
@@ -148,9 +154,9 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Qt 5.15's .ui loader turns an int property given as <enum> into -1: set it here.
         self.ui.segmentsTableView.selectionMode = qt.QAbstractItemView.MultiSelection
         for name in AXIS_NAMES:
-            self.ui.axisComboBox.addItem(AXIS_DISPLAY[name], name)
-        self.ui.engineComboBox.addItem("This computer", "local")
-        self.ui.engineComboBox.addItem("Remote server", "remote")
+            self.ui.axisComboBox.addItem(axisDisplay(name), name)
+        self.ui.engineComboBox.addItem(_("This computer"), "local")
+        self.ui.engineComboBox.addItem(_("Remote server"), "remote")
 
         self.logic = SGPSegmentLogic()
         self._timer = qt.QTimer()
@@ -277,7 +283,9 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         running = self._run is not None or self._task is not None or self._connecting
         canRun, reason = self.logic.canRun(pn)
         self.ui.runButton.enabled = canRun and not running
-        self.ui.runButton.toolTip = reason or "Segment the selected structures through the volume."
+        self.ui.runButton.toolTip = reason or _(
+            "Segment the selected structures through the volume."
+        )
         # Nothing that installs, downloads or changes the engine while a run is going on.
         for widget in (
             self.ui.installDependenciesButton,
@@ -362,7 +370,9 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             lists = [(use, self.logic.supportSetChoices(chosen))]
             lists.append((saved, self.logic.supportSetChoices()[1:]))
-            self.ui.supportLibraryFolderLabel.text = f"Folder: {self.logic.supportLibrary().root}"
+            self.ui.supportLibraryFolderLabel.text = _(
+                "Folder: {root}"
+            ).format(root=self.logic.supportLibrary().root)
         except Exception as exc:  # e.g. an unreadable folder: said in the panel, not raised
             lists = [(use, [("", "None")] + ([(chosen, chosen)] if chosen else [])), (saved, [])]
             self.ui.supportLibraryFolderLabel.text = str(exc)
@@ -401,32 +411,38 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSaveSupportSet(self) -> None:
         name = qt.QInputDialog.getText(
-            self.parent, "Save support set", "Name of the support set (e.g. liver CT):"
+            self.parent, _("Save support set"), _("Name of the support set (e.g. liver CT):")
         )
         if not name:
             return
-        with self.errorsShown("The support set was not saved.", waitCursor=True):
+        with self.errorsShown(_("The support set was not saved."), waitCursor=True):
             summary = self.logic.saveSupportSetFromParameterNode(
                 self._parameterNode, name, confirm=self.confirmYesNo
             )
             if summary is not None:
                 self.updateSupportSets(show=summary.name)
-                slicer.util.showStatusMessage(f"Saved support set '{summary.name}'.", 5000)
+                slicer.util.showStatusMessage(_(
+                    "Saved support set '{name}'."
+                ).format(name=summary.name), 5000)
 
     def onRenameSupportSet(self) -> None:
         name = self.ui.supportSetComboBox.currentData
         newName = qt.QInputDialog.getText(
-            self.parent, "Rename support set", f"New name for '{name}':", qt.QLineEdit.Normal, name
+            self.parent,
+            _("Rename support set"),
+            _("New name for '{name}':").format(name=name),
+            qt.QLineEdit.Normal,
+            name,
         )
         if not name or not newName or newName == name:
             return
-        with self.errorsShown("The support set was not renamed.", waitCursor=True):
+        with self.errorsShown(_("The support set was not renamed."), waitCursor=True):
             newName = self.logic.renameSupportSet(name, newName, self._parameterNode.parameterNode)
             self.updateSupportSets(show=newName)
 
     def onDeleteSupportSet(self) -> None:
         name = self.ui.supportSetComboBox.currentData
-        with self.errorsShown("The support set was not deleted.", waitCursor=True):
+        with self.errorsShown(_("The support set was not deleted."), waitCursor=True):
             if name and self.logic.deleteSupportSet(
                 name, self._parameterNode.parameterNode, confirm=self.confirmYesNo
             ):
@@ -434,20 +450,20 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onImportSupportSet(self) -> None:
         path = qt.QFileDialog.getOpenFileName(
-            self.parent, "Import support set", "", "Support set (*.zip)"
+            self.parent, _("Import support set"), "", _("Support set (*.zip)")
         )
         if not path:
             return
         name = qt.QInputDialog.getText(
             self.parent,
-            "Import support set",
-            "Name in the library:",
+            _("Import support set"),
+            _("Name in the library:"),
             qt.QLineEdit.Normal,
             pathlib.Path(path).stem,
         )
         if not name:
             return
-        with self.errorsShown("The support set was not imported.", waitCursor=True):
+        with self.errorsShown(_("The support set was not imported."), waitCursor=True):
             summary = self.logic.importSupportSet(
                 path, name, confirm=self.confirmYesNo
             )
@@ -457,16 +473,18 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onExportSupportSet(self) -> None:
         name = self.ui.supportSetComboBox.currentData
         path = qt.QFileDialog.getSaveFileName(
-            self.parent, "Export support set", f"{name}.zip", "Zip file (*.zip)"
+            self.parent, _("Export support set"), f"{name}.zip", _("Zip file (*.zip)")
         )
         if not name or not path:
             return
         # The file dialog asked before replacing the file it returns; not one with .zip added.
         overwrite = path.lower().endswith(".zip")
         path = path if overwrite else path + ".zip"
-        with self.errorsShown("The support set was not exported.", waitCursor=True):
+        with self.errorsShown(_("The support set was not exported."), waitCursor=True):
             out = self.logic.exportSupportSet(name, path, overwrite=overwrite)
-            slicer.util.showStatusMessage(f"Exported support set '{name}' to {out}.", 5000)
+            slicer.util.showStatusMessage(_(
+                "Exported support set '{name}' to {out}."
+            ).format(name=name, out=out), 5000)
 
     # --------------------------------------------------------------------------- engine
 
@@ -498,7 +516,7 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onConnect(self) -> None:
         """Connect (a local engine is started first: the timer polls it, nothing waits)."""
-        self.ui.engineStatusLabel.text = "Connecting..."
+        self.ui.engineStatusLabel.text = _("Connecting...")
         self._connecting = True
         self.updateGUIFromParameterNode()
         self.pollConnection()
@@ -507,19 +525,19 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def pollConnection(self) -> None:
         answer = None
-        with self.errorsShown("Could not reach the engine."):
+        with self.errorsShown(_("Could not reach the engine.")):
             try:
                 answer = self.logic.pollConnection(self._parameterNode)
             except Exception:
                 self._connecting = False
                 raise
         if answer is None and self._connecting:  # the local engine is starting
-            self.showProgress("starting engine", None, self.logic.engine.lastLogLine())
+            self.showProgress(_("starting engine"), None, self.logic.engine.lastLogLine())
             return
         self._connecting = False
         self.endRun()
         if answer is None:
-            self.ui.engineStatusLabel.text = "Not connected."
+            self.ui.engineStatusLabel.text = _("Not connected.")
             return
         text, devices = answer
         self.ui.engineStatusLabel.text = text
@@ -530,13 +548,13 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onRunButton(self) -> None:
         pn = self._parameterNode
-        with self.errorsShown("Could not start SGP segmentation."):
+        with self.errorsShown(_("Could not start SGP segmentation.")):
             ready = self.logic.ensureReady(pn, confirm=self.confirmOkCancel)
             if ready is not True:
                 if ready:  # installing packages or downloading weights first, then the run
                     self.startTask(ready, then=self.onRunButton)
                 return
-            with self.errorsShown("Could not start SGP segmentation.", waitCursor=True):
+            with self.errorsShown(_("Could not start SGP segmentation."), waitCursor=True):
                 self._run = self.logic.startRunFromParameterNode(pn)
         if self._run is None:
             return
@@ -577,7 +595,9 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.poll(run)
         except Exception as exc:  # shown to the user; the segmentation was not touched
             self.endRun()
-            slicer.util.errorDisplay(f"SGP segmentation failed; nothing was written.\n\n{exc}")
+            slicer.util.errorDisplay(_(
+                "SGP segmentation failed; nothing was written.\n\n{exc}"
+            ).format(exc=exc))
             return
         self.showProgress(*self.logic.progressOf(run))
         if not run.done():
@@ -609,18 +629,20 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if self._run is not None:
             self.logic.cancel(self._run)
-            slicer.util.showStatusMessage("SGP segmentation cancelled; nothing was written.", 5000)
+            slicer.util.showStatusMessage(
+                _("SGP segmentation cancelled; nothing was written."), 5000
+            )
             self.endRun()
 
     def onUndoButton(self) -> None:
         pn = self._parameterNode
-        with self.errorsShown("Undo was not done.", waitCursor=True):
+        with self.errorsShown(_("Undo was not done."), waitCursor=True):
             self.logic.undoLastRun(pn.segmentation, pn.inputVolume)
         self.updateLabeledSlices()
         self.updateGUIFromParameterNode()
 
     def onJumpLeastConfident(self) -> None:
-        with self.errorsShown("Could not jump to the slice."):
+        with self.errorsShown(_("Could not jump to the slice.")):
             self.ui.leastConfidentLabel.text = self.logic.jumpToLeastConfident(
                 self._parameterNode, self._worstIndex
             )
@@ -633,7 +655,7 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.dependenciesLabel.text = self.logic.dependencyStatus(self._parameterNode)
 
     def onInstallDependencies(self) -> None:
-        with self.errorsShown("Installing Python packages failed."):
+        with self.errorsShown(_("Installing Python packages failed.")):
             task = self.logic.ensureDependencies(self._parameterNode, confirm=self.confirmOkCancel)
             if task not in (True, False):
                 self.startTask(task)
@@ -641,17 +663,17 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUIFromParameterNode()
 
     def onDownloadWeights(self) -> None:
-        with self.errorsShown("Downloading weights failed."):
+        with self.errorsShown(_("Downloading weights failed.")):
             self.startTask(self.logic.downloadWeights(self._parameterNode.model))
         self.updateGUIFromParameterNode()
 
     def onImportWeights(self) -> None:
         path = qt.QFileDialog.getOpenFileName(
-            self.parent, "SAM2.1 checkpoint", "", "PyTorch checkpoint (*.pt)"
+            self.parent, _("SAM2.1 checkpoint"), "", _("PyTorch checkpoint (*.pt)")
         )
         if not path:
             return
-        with self.errorsShown("The checkpoint could not be used."):
+        with self.errorsShown(_("The checkpoint could not be used.")):
             self.startTask(self.logic.importWeights(self._parameterNode.model, path))
         self.updateGUIFromParameterNode()
 
@@ -710,7 +732,9 @@ class SGPSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class SGPSegmentLogic(ScriptedLoadableModuleLogic, SGPSegmentCoreLogic):
-    """The module's Logic: SGPSegmentCoreLogic's behaviour plus the parameter node.
+    """The module's Logic: Slicer's parameter node (``ScriptedLoadableModuleLogic``) and the
+    Qt-free Logic of ``SGPSegmentLib``, which holds the role objects (``engine``, ``setup``,
+    ``drawing``, ``runs``, ``supportSets``, ``actions``) that do the work.
 
     Usable from the Python console, e.g.::
 

@@ -12,6 +12,8 @@ This file parses as Python 3.9, so an old Slicer still loads it and the effect s
 import os
 
 import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest
 
 EFFECT_NAME = "SGP"
@@ -20,18 +22,20 @@ EFFECT_NAME = "SGP"
 class SegmentEditorSGP(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "Segment Editor SGP"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("Segment Editor SGP")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = ["Segmentations", "SGPSegment"]
         self.parent.contributors = ["SlicerSGP developers"]
         self.parent.hidden = True  # only registers the effect
         self.parent.helpText = (
-            "Adds the SGP effect to the Segment Editor: fill a volume from a few drawn slices "
-            "with SAM2-SGP, as a preview that updates while you draw and takes click "
-            "corrections. Engine, model and device are set in the SGP Segment module."
+            _(
+                "Adds the SGP effect to the Segment Editor: fill a volume from a few drawn slices "
+                "with SAM2-SGP, as a preview that updates while you draw and takes click "
+                "corrections. Engine, model and device are set in the SGP Segment module."
+            )
         )
         self.parent.acknowledgementText = (
-            "Built on Meta's Segment Anything 2 (Apache-2.0) and support-set guided prompting."
+            _("Built on Meta's Segment Anything 2 (Apache-2.0) and support-set guided prompting.")
         )
         slicer.app.connect("startupCompleted()", self.registerEditorEffect)
 

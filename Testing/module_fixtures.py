@@ -10,6 +10,8 @@ rules are registered at start-up; here the :func:`mrml` fixture does that setup 
   Segmentations module logics on it,
 * publishes them where ``slicer.util`` looks them up (``slicer.mrmlScene``,
   ``slicer.modules.{colors,volumes,segmentations}.logic()``),
+* gives ``slicer.i18n`` (Slicer's pure-Python translation functions, not in the wheel) as
+  :mod:`slicer_i18n` reproduces them,
 * puts ``SGPSegment/`` (the module's own files) and the repository root (the engine) on
   ``sys.path``, the way Slicer's qt-scripted-modules folder holds them after installation.
 
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import slicer_i18n
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO_ROOT / "SGPSegment"
@@ -35,6 +38,8 @@ MODULE_DIR = REPO_ROOT / "SGPSegment"
 for _path in (str(MODULE_DIR), str(REPO_ROOT)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
+
+slicer_i18n.install()  # the Lib marks its messages with slicer.i18n, which slicer-core lacks
 
 _CONVERTERS_REGISTERED = False
 

@@ -25,7 +25,8 @@ What is reproduced exactly (from Slicer's sources):
 
 Stand-ins, minimal, only for what is compiled C++ in Slicer (``qt``, ``ctk``, ``slicer.app``,
 the effect adaptor, ``SegmentEditorEffects``' abstract base) and for Slicer's pure-Python
-``slicer.ScriptedLoadableModule``/``parameterNodeWrapper`` (not in the slicer-core wheel).
+``slicer.ScriptedLoadableModule``/``parameterNodeWrapper`` and ``slicer.i18n`` (as
+:mod:`slicer_i18n` reproduces it; not in the slicer-core wheel).
 ``slicer`` itself is the real slicer-core package (MRML, ``slicer.util``), so ``loadUI``,
 ``childWidgetVariables`` and ``getModuleLogic`` run Slicer's own code. ``loadUI`` builds its
 widget tree from the .ui file's XML, so a widget name the panel uses must exist there.
@@ -245,6 +246,9 @@ class App(QObject):
     def processEvents(self):
         pass
 
+    def translate(self, context, text):
+        return text  # QCoreApplication::translate with no translator loaded
+
 
 def loadSourceAsModule(moduleName: str, fileName: str):
     """``qSlicerScriptedUtils::loadSourceAsModule``."""
@@ -372,6 +376,9 @@ def makeParameterNodeWrapper():
 
 def installStandIns():
     import slicer  # the real slicer-core package: MRML and slicer.util
+    import slicer_i18n
+
+    slicer_i18n.install()
 
     sys.modules["qt"] = makeQt()
     sys.modules["ctk"] = types.ModuleType("ctk")

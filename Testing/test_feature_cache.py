@@ -365,12 +365,14 @@ def test_help_documents_the_options(capsys):
 def test_the_slicer_module_starts_its_engine_with_a_feature_cache(tmp_path):
     """serveArguments (Slicer's process: no torch) names a folder in the user's cache, and
     `sgp serve` accepts what it gives."""
-    code = ("import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
+    code = ("import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[2], sys.argv[3]]\n"
+            "import slicer_i18n; slicer_i18n.install()\n"
             "from SGPSegmentLib.engine_connection import ModelSettings\n"
             "print(json.dumps([ModelSettings(weights='random').serveArguments(),"
             " 'torch' in sys.modules]))\n")
     env = {**os.environ, "SGP_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-c", code, str(REPO / "SGPSegment"), str(REPO)],
+    proc = subprocess.run([sys.executable, "-c", code, str(REPO / "SGPSegment"), str(REPO),
+                           str(REPO / "Testing")],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     args, imported_torch = json.loads(proc.stdout)

@@ -348,9 +348,11 @@ def test_reference_cases_use_the_engines_numpy_intensity_mapping():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    code = ("import sys, SGPSegmentLib.reference_cases, SlicerSGP.data.intensity; "
+    code = ("import sys, slicer_i18n; slicer_i18n.install(); "  # slicer.i18n, as in Slicer
+            "import SGPSegmentLib.reference_cases, SlicerSGP.data.intensity; "
             "print(sorted(m for m in ('torch', 'sam2', 'SimpleITK') if m in sys.modules))")
-    env = {**os.environ, "PYTHONPATH": f"{root / 'SGPSegment'}{os.pathsep}{root}"}
+    paths = (root / "SGPSegment", root, root / "Testing")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in paths)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True)
     assert out.stdout.strip() == "[]"

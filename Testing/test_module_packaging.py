@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import slicer_i18n
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "SGPSegment"
@@ -248,6 +249,7 @@ def test_module_file_loads_on_old_slicer_python_to_show_the_version_message():
             assert node.module == "SGPSegmentLib.constants", (
                 f"{node.module} is imported before the version check"
             )
+    slicer_i18n.install()  # the message is translated: slicer.i18n, as in Slicer
     spec = importlib.util.spec_from_file_location(
         "sgp_constants", MODULE_DIR / "SGPSegmentLib" / "constants.py"
     )
@@ -315,7 +317,10 @@ def test_module_follows_the_scripted_module_template():
         "parameterNodeWrapper"
     ]
     source = MODULE_FILE.read_text()
-    assert 'self.parent.categories = ["Segmentation"]' in source
+    assert (
+        'self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]'
+        in source
+    )
     # Thin widget: no MRML node creation or numpy work in it.
     widget = ast.unparse(classes["SGPSegmentWidget"])
     for forbidden in ("AddNewNodeByClass", "numpy", "arrayFrom", "updateSegment"):
@@ -456,7 +461,9 @@ def test_the_module_reads_the_requirements_file_where_cmake_installs_it(lists, t
     tree = installedTree(tmp_path / "qt-scripted-modules", lists)
     (tree / "Resources" / "requirements.txt").write_text(
         "# installed copy\ntorch>=2.6\npeft>=0.12  # only for SGP checkpoints\n\nnumpy>=2\n")
-    code = ("import json, SGPSegmentLib.dependencies as d; print(json.dumps("
+    code = (f"import sys; sys.path.append({str(ROOT / 'Testing')!r}); import slicer_i18n; "
+            "slicer_i18n.install(); "  # Slicer's slicer.i18n, which slicer-core lacks
+            "import json, SGPSegmentLib.dependencies as d; print(json.dumps("
             "[str(d.REQUIREMENTS_FILE), d.requirements(True), d.requirements(False), "
             "d.torchRequirement()]))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -1,14 +1,23 @@
-"""Names and choices the module shows; no imports beyond the standard library.
+"""Names and choices the module shows; no imports beyond the standard library at import time.
 
 Kept free of the engine and of Python >= 3.10 syntax so that the module can show its
 "needs Slicer 5.10" message on an older Slicer (Python 3.9) before anything else is imported.
+Texts for people are translated when asked for (``slicer.i18n``, imported then: Slicer 5.4 on).
 """
 
 AXIS_NAMES = ("K", "J", "I")
 """Array axes of ``slicer.util.arrayFromVolume``: 0 = K (slice), 1 = J (row), 2 = I (column)."""
 
 AXIS_DISPLAY = {"K": "Axial (K)", "J": "Coronal (J)", "I": "Sagittal (I)"}
-"""What clinicians see: the view an axially acquired scan gives along each array axis."""
+"""What clinicians see: the view an axially acquired scan gives along each array axis (in
+English; :func:`axisDisplay` gives it in the user's language)."""
+
+
+def axisDisplay(name: str) -> str:
+    """``AXIS_DISPLAY[name]`` in the user's language."""
+    from slicer.i18n import tr as _
+
+    return {"K": _("Axial (K)"), "J": _("Coronal (J)"), "I": _("Sagittal (I)")}[name]
 
 MODEL_SIZES = ("tiny", "small", "base_plus", "large")
 """SAM2.1 sizes the engine knows; anything else is a trained SGP checkpoint path."""
@@ -46,10 +55,16 @@ def slicerVersionProblem(major: int, minor: int) -> str:
     """A message for a Slicer older than :data:`MINIMUM_SLICER`, or '' when it is new enough."""
     if (int(major), int(minor)) >= MINIMUM_SLICER:
         return ""
+    from slicer.i18n import tr as _
+
     return (
-        f"SGP Segment needs 3D Slicer {MINIMUM_SLICER[0]}.{MINIMUM_SLICER[1]} or later (this is "
-        f"{major}.{minor}): the segmentation engine needs Python 3.10 or later, which Slicer "
-        "ships from 5.10 on. Install a current Slicer from download.slicer.org."
+        _(
+            "SGP Segment needs 3D Slicer {neededMajor}.{neededMinor} or later (this is "
+            "{major}.{minor}): the segmentation engine needs Python 3.10 or later, which "
+            "Slicer ships from 5.10 on. Install a current Slicer from download.slicer.org."
+        ).format(
+            neededMajor=MINIMUM_SLICER[0], neededMinor=MINIMUM_SLICER[1], major=major, minor=minor
+        )
     )
 
 PROMPT_MODES = ("box", "scribble")

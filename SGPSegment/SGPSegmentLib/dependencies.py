@@ -24,6 +24,7 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.version import InvalidVersion, Version
+from slicer.i18n import tr as _
 
 from SGPSegmentLib.processes import (
     Step,
@@ -98,8 +99,10 @@ def _parseVersions(python, code: int, stdout: str, stderr: str = "") -> dict[str
     except (ValueError, IndexError):
         pass
     raise SGPError(
-        f"Could not run the engine's Python {python!r} ({(stderr or stdout).strip()[-300:]}); "
-        "choose a working Python executable or leave the setting empty for Slicer's own."
+        _(
+            "Could not run the engine's Python {python!r} ({output}); choose a working "
+            "Python executable or leave the setting empty for Slicer's own."
+        ).format(python=python, output=(stderr or stdout).strip()[-300:])
     )
 
 
@@ -110,14 +113,17 @@ def problems(reqs, versions: dict[str, str | None]) -> list[str]:
         req = Requirement(text)
         version = versions.get(req.name)
         if version is None:
-            out.append(f"{req.name}: not installed (needs {text})")
+            # The name stays first, untranslated: installSteps reads it back from the line.
+            out.append(f"{req.name}: " + _("not installed (needs {requirement})").format(
+                requirement=text))
             continue
         try:
             ok = req.specifier.contains(Version(version), prereleases=True)
         except InvalidVersion:
             ok = False
         if not ok:
-            out.append(f"{req.name}: {version} installed, needs {req.specifier}")
+            out.append(f"{req.name}: " + _("{version} installed, needs {specifier}").format(
+                version=version, specifier=req.specifier))
     return out
 
 
@@ -133,9 +139,11 @@ def verifySam2(path: Path) -> None:
     actual = file_sha256(path)
     if actual != SAM2_SHA256:
         raise SGPError(
-            f"The downloaded {path.name} has sha256 {actual}, not the pinned {SAM2_SHA256}; "
-            "it was not installed. The package index may serve a different file: report this "
-            "and do not install it by hand."
+            _(
+                "The downloaded {name} has sha256 {actual}, not the pinned {SAM2_SHA256}; it "
+                "was not installed. The package index may serve a different file: report "
+                "this and do not install it by hand."
+            ).format(name=path.name, actual=actual, SAM2_SHA256=SAM2_SHA256)
         )
 
 
@@ -153,7 +161,7 @@ def runPip(python: str, args: list[str], env: dict[str, str] | None = None) -> s
     )
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        raise SGPError(f"pip {args[0]} failed:\n{tail}")
+        raise SGPError(_("pip {command} failed:\n{tail}").format(command=args[0], tail=tail))
     return proc.stdout
 
 
@@ -186,7 +194,9 @@ def _checkedSam2(folder) -> Path:
     """The downloaded sdist in ``folder``, after its sha256 matched the pinned one."""
     sdist = Path(folder) / SAM2_SDIST
     if not sdist.is_file():
-        raise SGPError(f"pip did not download {SAM2_SDIST}; nothing was installed.")
+        raise SGPError(_(
+            "pip did not download {SAM2_SDIST}; nothing was installed."
+        ).format(SAM2_SDIST=SAM2_SDIST))
     verifySam2(sdist)
     return sdist
 
@@ -206,7 +216,7 @@ def installTorch(python: str, pip=runPip) -> None:
     )
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        raise SGPError(f"Installing PyTorch failed:\n{tail}")
+        raise SGPError(_("Installing PyTorch failed:\n{tail}").format(tail=tail))
 
 
 RAW_PROGRESS_PIP = Version("24.1")
@@ -232,25 +242,30 @@ def installSteps(
     steps = []
     if "torch" in names:
         steps.append(
-            Step("installing light-the-torch", [*pip, "install", *bar, "light-the-torch>=0.7"])
+            Step(_("installing light-the-torch"), [*pip, "install", *bar, "light-the-torch>=0.7"])
         )
         steps.append(
             Step(
-                "installing PyTorch (over 1 GB with CUDA)",
+                _("installing PyTorch (over 1 GB with CUDA)"),
                 [python, "-m", "light_the_torch", "install", torchRequirement()],
             )
         )
     others = [r for r in reqs if Requirement(r).name not in ("torch", "sam2")]
     if others:
-        steps.append(Step("installing " + ", ".join(others), [*pip, "install", *bar, *others]))
+        steps.append(
+            Step(
+                _("installing {packages}").format(packages=", ".join(others)),
+                [*pip, "install", *bar, *others],
+            )
+        )
     if "sam2" in names:
         folder = Path(tempfile.mkdtemp(prefix="sgp-sam2-"))
         sam2Env = dict(env, SAM2_BUILD_CUDA="0")
         steps += [
-            Step("downloading sam2", [*pip, *_sam2DownloadArgs(folder), *bar], env=sam2Env),
+            Step(_("downloading sam2"), [*pip, *_sam2DownloadArgs(folder), *bar], env=sam2Env),
             # A failed check ends the task here: the install step never runs.
-            Step("checking sam2's sha256", action=lambda: _checkedSam2(folder)),
-            Step("installing sam2", [*pip, *_sam2InstallArgs(folder / SAM2_SDIST)], env=sam2Env),
+            Step(_("checking sam2's sha256"), action=lambda: _checkedSam2(folder)),
+            Step(_("installing sam2"), [*pip, *_sam2InstallArgs(folder / SAM2_SDIST)], env=sam2Env),
         ]
     allNames = [Requirement(r).name for r in requirements(sgpCheckpoint)]
 
@@ -258,11 +273,15 @@ def installSteps(
         versions = _parseVersions(python, 0, output)
         still = problems(requirements(sgpCheckpoint), versions)
         if still:
-            raise SGPError("Some packages are still missing or too old: " + "; ".join(still))
+            raise SGPError(
+                _("Some packages are still missing or too old: {problems}").format(
+                    problems="; ".join(still)
+                )
+            )
 
     steps.append(
         Step(
-            "checking the installed packages",
+            _("checking the installed packages"),
             [python, "-c", _VERSIONS_SCRIPT, *allNames],
             after=stillMissing,
         )
@@ -278,11 +297,13 @@ def installTask(problemLines: list[str], python: str, sgpCheckpoint: bool = Fals
     except SGPError:
         pipVersion = None  # the first step says what is wrong with that Python
     steps = installSteps(problemLines, python, sgpCheckpoint, pipVersion)
-    return Task("Installing Python packages", steps, env=pythonEnvironment(python)).start()
+    return Task(_("Installing Python packages"), steps, env=pythonEnvironment(python)).start()
 
 
 def install(problemLines: list[str], python: str, sgpCheckpoint: bool = False) -> None:
     """Install what :func:`missing` reported, into ``python``'s environment, waiting (console)."""
     task = installTask(problemLines, python, sgpCheckpoint).wait()
     if task.state != "done":
-        raise SGPError(task.error or f"Installing Python packages: {task.state}.")
+        raise SGPError(task.error or _(
+            "Installing Python packages: {state}."
+        ).format(state=task.state))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import slicer
+from slicer.i18n import tr as _
 from vtk.util.numpy_support import vtk_to_numpy
 
 from SGPSegmentLib import mrml_io
@@ -46,24 +47,32 @@ class EditRules:
     def __post_init__(self) -> None:
         if self.overwrite not in OVERWRITE_MODES:
             raise SGPInputError(
-                f"overwrite must be one of {', '.join(OVERWRITE_MODES)}; got {self.overwrite!r}."
+                _(
+                    "overwrite must be one of {choices}; got {overwrite!r}."
+                ).format(choices=", ".join(OVERWRITE_MODES), overwrite=self.overwrite)
             )
         last = slicer.vtkMRMLSegmentationNode.EditAllowed_Last
         if not 0 <= int(self.maskMode) < last:
             raise SGPInputError(
-                f"maskMode must be a vtkMRMLSegmentationNode.EditAllowed* value (0..{last - 1}); "
-                f"got {self.maskMode!r}."
+                _(
+                    "maskMode must be a vtkMRMLSegmentationNode.EditAllowed* value "
+                    "(0..{lastMode}); got {maskMode!r}."
+                ).format(lastMode=last - 1, maskMode=self.maskMode)
             )
         if self.maskMode == slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment and (
             not self.maskSegmentId
         ):
             raise SGPInputError(
-                "The editable area is 'inside a single segment' but no segment is chosen for it; "
-                "choose one in the Segment Editor's Masking section."
+                _(
+                    "The editable area is 'inside a single segment' but no segment is chosen "
+                    "for it; choose one in the Segment Editor's Masking section."
+                )
             )
         if self.intensityRange is not None and self.intensityRange[0] > self.intensityRange[1]:
             raise SGPInputError(
-                f"The editable intensity range {tuple(self.intensityRange)} is empty (low > high)."
+                _(
+                    "The editable intensity range {intensityRange} is empty (low > high)."
+                ).format(intensityRange=tuple(self.intensityRange))
             )
 
     @property
@@ -91,13 +100,13 @@ def rulesFromEditorNode(editorNode) -> EditRules:
 def describe(rules: EditRules) -> str:
     """One line for the panel: what Apply may do to other segments."""
     other = {
-        "none": "Other segments are never changed (segments may overlap).",
-        "all": "Voxels SGP adds are removed from all other segments.",
-        "visible": "Voxels SGP adds are removed from the visible other segments.",
+        "none": _("Other segments are never changed (segments may overlap)."),
+        "all": _("Voxels SGP adds are removed from all other segments."),
+        "visible": _("Voxels SGP adds are removed from the visible other segments."),
     }[rules.overwrite]
     if rules.restrictsArea:
-        other += " Only the editable area of the Masking settings is changed."
-    return other + " (Segment Editor: Masking)"
+        other += " " + _("Only the editable area of the Masking settings is changed.")
+    return other + " " + _("(Segment Editor: Masking)")
 
 
 def editableMask(rules: EditRules, segmentationNode, segmentId: str, volumeNode):
@@ -116,11 +125,14 @@ def editableMask(rules: EditRules, segmentationNode, segmentId: str, volumeNode)
             forbidden, int(rules.maskMode), reference, segmentId, rules.maskSegmentId or ""
         ):
             raise SGPError(
-                f"Could not compute the editable area of segmentation '{segmentationNode.GetName()}'."
+                _(
+                    "Could not compute the editable area of segmentation "
+                    "'{segmentationName}'."
+                ).format(segmentationName=segmentationNode.GetName())
             )
         scalars = forbidden.GetPointData().GetScalars()
         if tuple(forbidden.GetExtent()) != tuple(reference.GetExtent()) or scalars is None:
-            raise SGPError("The editable area does not lie on the volume's grid.")
+            raise SGPError(_("The editable area does not lie on the volume's grid."))
         editable &= vtk_to_numpy(scalars).reshape(shape) == 0  # non-zero = not editable
     if rules.intensityRange is not None:
         image = mrml_io.volumeArray(volumeNode)

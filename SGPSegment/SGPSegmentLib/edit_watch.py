@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import vtk
+from slicer.i18n import tr as _
 from vtk.util.numpy_support import vtk_to_numpy
 
 from SGPSegmentLib import labeled_slices, mrml_io
@@ -377,7 +378,7 @@ class RecordStore:
         (edits made from now on are found when the record is next read, as one edit). Done
         for the least recently used segmentations beyond :data:`KEEP_SEGMENTATIONS`."""
         nodeId = segmentationNode.GetID()
-        for (owner, _), entry in list(self._entries.items()):
+        for (owner, _segmentId), entry in list(self._entries.items()):
             if owner != nodeId or entry.hashed:
                 continue
             copy = entry.copy
@@ -741,7 +742,7 @@ def labeledSegments(volumeNode, segmentationNode, segmentIds, axis, records=None
     written to the scene."""
     mrml_io.checkVolume(volumeNode)
     if segmentationNode is None:
-        raise SGPInputError("Select a segmentation.")
+        raise SGPInputError(_("Select a segmentation."))
     axis = mrml_io.checkAxis(axis)
     records = RecordStore() if records is None else records
     segmentation = segmentationNode.GetSegmentation()
@@ -750,7 +751,9 @@ def labeledSegments(volumeNode, segmentationNode, segmentIds, axis, records=None
         segment = segmentation.GetSegment(segmentId)
         if segment is None:
             raise SGPInputError(
-                f"Segment '{segmentId}' is not in segmentation '{segmentationNode.GetName()}'."
+                _(
+                    "Segment '{segmentId}' is not in segmentation '{segmentationName}'."
+                ).format(segmentId=segmentId, segmentationName=segmentationNode.GetName())
             )
         mask = mrml_io.segmentArray(segmentationNode, segmentId, volumeNode)
         record = records.refresh(segmentationNode, volumeNode, segmentId, axis)

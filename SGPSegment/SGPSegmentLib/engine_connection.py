@@ -21,6 +21,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from slicer.i18n import tr as _
+
 from SGPSegmentLib import processes
 from SlicerSGP.errors import SGPError, SGPServiceError
 from SlicerSGP.service.client import connect_engine
@@ -105,7 +107,9 @@ class EngineConnection:
     ) -> None:
         mode = (mode or "local").lower()
         if mode not in ("local", "remote"):
-            raise SGPError(f"Engine must be 'local' (this computer) or 'remote'; got {mode!r}.")
+            raise SGPError(_(
+                "Engine must be 'local' (this computer) or 'remote'; got {mode!r}."
+            ).format(mode=mode))
         if (mode, url, token, python) != (self.mode, self.url, self.token, self.python):
             self.mode, self.url, self.token, self.python = (
                 mode,
@@ -128,8 +132,10 @@ class EngineConnection:
     def _remote(self, settings: ModelSettings | None):
         if not self.url:
             raise SGPServiceError(
-                "No server URL: enter the remote engine's URL (e.g. http://gpu-host:8765) and "
-                "its token, or choose 'this computer'."
+                _(
+                    "No server URL: enter the remote engine's URL (e.g. http://gpu-host:8765) and "
+                    "its token, or choose 'this computer'."
+                )
             )
         self._client = connect_engine(
             self.url, self.token or None, settings.expected() if settings else None
@@ -144,7 +150,9 @@ class EngineConnection:
             if client is not None:
                 return client
             if time.monotonic() > deadline:  # the engine's own deadline normally comes first
-                raise SGPServiceError(f"The engine did not become ready within {timeout:g} s.")
+                raise SGPServiceError(_(
+                    "The engine did not become ready within {timeout:g} s."
+                ).format(timeout=timeout))
             time.sleep(0.05)
 
     def ready(self, settings: ModelSettings):
@@ -195,7 +203,9 @@ class EngineConnection:
         if self.mode != "local" or self._local is None or self._local.alive:
             return ""
         # LocalEngine sets exit_reason only when it restarts; describe the death now already.
-        return self._local._describe_exit(self._local._proc) if self._local._proc else "it stopped"
+        if not self._local._proc:
+            return _("it stopped")
+        return self._local._describe_exit(self._local._proc)
 
     def describeFailure(self, exc: BaseException, duringRun: bool = True) -> BaseException:
         """Turn a lost connection into a message that says what happened (``exc`` itself when
@@ -210,16 +220,27 @@ class EngineConnection:
                 time.sleep(0.05)
         reason = self.deathReason()
         if reason:
-            return SGPServiceError(
-                f"The local engine stopped {'during the run' if duringRun else 'before the run'} "
-                f"({reason}); nothing was written. "
-                "The next run restarts it. If it ran out of memory, try a smaller input size "
-                "or model, or the CPU device."
+            message = (
+                _(
+                    "The local engine stopped during the run ({reason}); nothing was written. "
+                    "The next run restarts it. If it ran out of memory, try a smaller input "
+                    "size or model, or the CPU device."
+                )
+                if duringRun
+                else _(
+                    "The local engine stopped before the run ({reason}); nothing was written. "
+                    "The next run restarts it. If it ran out of memory, try a smaller input "
+                    "size or model, or the CPU device."
+                )
             )
+            return SGPServiceError(message.format(reason=reason))
         if self.mode == "remote" and duringRun:
             return SGPServiceError(
-                f"Lost the connection to the engine at {self.url} ({exc}); nothing was written. "
-                "Check that the server still runs and is reachable, then run again."
+                _(
+                    "Lost the connection to the engine at {url} ({exc}); nothing was "
+                    "written. Check that the server still runs and is reachable, then run "
+                    "again."
+                ).format(url=self.url, exc=exc)
             )
         return exc
 
@@ -241,22 +262,28 @@ class EngineConnection:
 
 def describeServer(info: dict) -> str:
     """One line for people: SlicerSGP version and protocol, the model and its device, the GPUs."""
-    parts = [f"SlicerSGP {info.get('version', '?')} (protocol {info.get('protocol', '?')})"]
+    parts = [
+        _("SlicerSGP {version} (protocol {protocol})").format(
+            version=info.get("version", "?"), protocol=info.get("protocol", "?")
+        )
+    ]
     model = info.get("model") or {}
     if model:
         parts.append(
-            f"model {model.get('model', '?')} at {model.get('image_size', '?')} px "
-            f"on {model.get('device', '?')}"
+            _("model {model} at {imageSize} px on {device}").format(
+                model=model.get("model", "?"),
+                imageSize=model.get("image_size", "?"),
+                device=model.get("device", "?"),
+            )
         )
     gpus = [d for d in info.get("devices") or [] if str(d.get("device", "")).startswith("cuda")]
     if gpus:
         parts.append(
-            "GPU: "
-            + ", ".join(
+            _("GPU: {gpus}").format(gpus=", ".join(
                 f"{d['device']} {d.get('name', '')} ({(d.get('memory_total_mb') or 0) / 1024:.0f} GB)"
                 for d in gpus
-            )
+            ))
         )
     else:
-        parts.append("no CUDA GPU on the server (CPU only: slow)")
+        parts.append(_("no CUDA GPU on the server (CPU only: slow)"))
     return "; ".join(parts)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 
+from slicer.i18n import tr as _
+
 from SGPSegmentLib.processes import (
     Step,
     Task,
@@ -74,7 +76,9 @@ def cacheStatus(model: str, python: str | None = None) -> dict:
             return json.loads(proc.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
         pass
-    raise SGPError(f"The engine's Python could not read its weights cache: {proc.stderr[-300:]}")
+    raise SGPError(_(
+        "The engine's Python could not read its weights cache: {output}"
+    ).format(output=proc.stderr[-300:]))
 
 
 def status(model: str, python: str | None = None) -> str:
@@ -90,9 +94,9 @@ def fetchTask(model: str, python: str | None = None, file=None) -> Task:
     """A started task that downloads the official checkpoint (``file`` None) or checks and
     copies a local copy of it into the engine's cache (checksum verified either way)."""
     python = python or defaultPython()
-    label = "checking and copying the weights" if file else "downloading the weights"
+    label = _("checking and copying the weights") if file else _("downloading the weights")
     command = [python, "-c", _FETCH_SCRIPT, str(model), str(file or "")]
-    title = "Using the local weights file" if file else "Downloading weights"
+    title = _("Using the local weights file") if file else _("Downloading weights")
     return Task(title, [Step(label, command)], env=pythonEnvironment(python)).start()
 
 

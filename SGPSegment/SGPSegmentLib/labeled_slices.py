@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import vtk
+from slicer.i18n import tr as _
 
 TAG = "SGPSegment.labeledSlices"
 
@@ -51,13 +52,18 @@ class LabeledSegment:
         return int(sum(self.voxelCounts))
 
     def describe(self, axisLabel: str = "") -> str:
-        along = f" along {axisLabel}" if axisLabel else ""
         if not self.slices:
-            return f"{self.name}: no slice drawn{along}"
-        parts = ", ".join(
+            text = _("{name}: no slice drawn along {axis}") if axisLabel else _(
+                "{name}: no slice drawn"
+            )
+        elif axisLabel:
+            text = _("{name}: {count} labeled slice(s) along {axis}: {slices}")
+        else:
+            text = _("{name}: {count} labeled slice(s): {slices}")
+        slices = ", ".join(
             f"{s} ({c} vx)" for s, c in zip(self.slices, self.voxelCounts, strict=True)
         )
-        return f"{self.name}: {len(self.slices)} labeled slice(s){along}: {parts}"
+        return text.format(name=self.name, axis=axisLabel, count=len(self.slices), slices=slices)
 
 
 _TRANSPOSE8 = ((7, 0x00AA00AA00AA00AA), (14, 0x0000CCCC0000CCCC), (28, 0x00000000F0F0F0F0))

@@ -1,16 +1,23 @@
 """SGPSegment's behaviour without Qt: usable from the Python console, scripts and tests.
 
-A thin facade over the parts:
+The Logic is composed of role objects, each the one owner of its part:
 
-* :mod:`.request`: the user's nodes -> numpy (checks every input; reads MRML only),
-* :mod:`.labeled_slices`: which slices the user drew, per segment and axis,
-* :mod:`.edit_watch`: those records in memory, and what each stroke changed,
-* :mod:`.engine_connection`: the local or remote engine (``sgp serve``) and its client,
-* :mod:`.run`: start / poll / apply / cancel / undo,
-* :mod:`.outputs`: pseudo-masks, per-slice scores, least confident slices,
-* :mod:`.support_library`: drawn slices saved as named support sets, reused on new cases,
-* :mod:`.dependencies`, :mod:`.engine_weights`: the engine's packages and weights, installed
-  and downloaded by :mod:`.processes` tasks that the Widget's timer polls.
+* ``engine`` (:class:`~.engine_connection.EngineConnection`): the local or remote engine
+  (``sgp serve``) and its client,
+* ``setup`` (:class:`~.engine_setup.EngineSetup`): the engine's packages and weights, installed
+  and downloaded by :mod:`.processes` tasks that the Widget's timer polls,
+* ``drawing`` (:class:`~.drawing_watch.DrawingWatch`): the user's strokes, watched, feeding the
+  drawn-slice ``records`` (:mod:`.edit_watch`; :mod:`.labeled_slices` says what counts as drawn),
+* ``runs`` (:class:`~.runs.Runs`): poll / apply / cancel / undo of runs on the engine, the
+  last result for review (:mod:`.outputs`),
+* ``supportSets`` (:class:`~.support_library.SupportSets`): drawn slices saved as named support
+  sets, reused on new cases,
+* ``actions`` (:class:`~.parameter_actions.ParameterNodeActions`): what the panel asks, in
+  terms of the parameter node.
+
+The Logic itself coordinates what spans roles (prepare a run with the drawn-slice records and
+the support library, start it on the engine, wait for it) and keeps the console's names: each
+other public method or attribute is the one of the role named beside it (:class:`Delegated`).
 
 No threads and no torch in this process: a run is queued on the engine with quick HTTP calls,
 the Widget's timer calls :meth:`SGPSegmentCoreLogic.poll`, and the result is written when the
@@ -20,113 +27,56 @@ run is done (:meth:`run` does the same in a loop for the console).
 from __future__ import annotations
 
 import slicer
-import vtk
+from slicer.i18n import tr as _
 
-from SGPSegmentLib import (
-    dependencies,
-    engine_weights,
-    mrml_io,
-    outputs,
-    request,
-    support_library,
-)
-from SGPSegmentLib.constants import MODEL_SIZES
+from SGPSegmentLib import mrml_io, outputs, reference_cases, request
+from SGPSegmentLib.drawing_watch import DrawingWatch
 from SGPSegmentLib.edit_watch import RecordStore
-from SGPSegmentLib.engine_connection import EngineConnection, ModelSettings, defaultPython
-from SGPSegmentLib.parameter_actions import ParameterNodeActions, describeSupportSet
-from SGPSegmentLib.processes import Task
-from SGPSegmentLib.run import Run, Runs, WriteReport
-from SlicerSGP.data.support_library import SupportLibrary, SupportSetSummary
+from SGPSegmentLib.engine_connection import EngineConnection, ModelSettings
+from SGPSegmentLib.engine_setup import EngineSetup
+from SGPSegmentLib.parameter_actions import ParameterNodeActions
+from SGPSegmentLib.runs import Run, Runs, WriteReport
+from SGPSegmentLib.support_library import SupportSets
 from SlicerSGP.errors import SGPError
 
-REFERENCE_CASE_ROLE = "SGPReferenceCase"
-"""Node reference role (on the parameter node) of each reference-case segmentation."""
-SUPPORT_SET_PARAMETER = "SupportSet"
-"""Parameter (on the MRML parameter node) naming the saved support set runs and previews use."""
+
+class Delegated:
+    """A public name of the Logic that belongs to one of its roles: reading it reads the
+    role's attribute (a bound method, a value), assigning it assigns the role's, so that the
+    role's own calls see a replaced method too."""
+
+    def __init__(self, role: str, name: str) -> None:
+        self.role, self.name = role, name
+
+    def __set_name__(self, owner, attribute: str) -> None:
+        self.__doc__ = f"The ``{self.role}`` role's ``{self.name}``."
+
+    def __get__(self, logic, owner=None):
+        if logic is None:
+            return self
+        return getattr(getattr(logic, self.role), self.name)
+
+    def __set__(self, logic, value) -> None:
+        setattr(getattr(logic, self.role), self.name, value)
 
 
-class SGPSegmentCoreLogic(ParameterNodeActions):
-    """Behaviour of the SGPSegment module. The module's ``SGPSegmentLogic`` adds the parameter
-    node on top; everything here works on explicit nodes and values."""
+class SGPSegmentCoreLogic:
+    """Behaviour of the SGPSegment module, composed of its role objects. The module's
+    ``SGPSegmentLogic`` is Slicer's ``ScriptedLoadableModuleLogic`` (the parameter node) plus
+    this; everything here works on explicit nodes and values."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.engine = EngineConnection()
-        self.runs = Runs()
-        self.drawingAxis = 0
-        """Axis a drawn dot or line (planar in several orientations) is recorded on."""
+        super().__init__()  # cooperative: Slicer's ScriptedLoadableModuleLogic comes first
         self.records = RecordStore()
         """The drawn-slice records, in memory; a segment's tag gets its record when a run
-        uses it (see :mod:`.edit_watch`)."""
+        uses it (see :mod:`.edit_watch`). Shared by the roles that read or move them."""
+        self.engine = EngineConnection()
+        self.setup = EngineSetup(self.engine)
+        self.runs = Runs()
         self.runs.records = self.records
-        self._watched: dict[str, tuple] = {}
-        self.supportLibraryRoot = None
-        """Folder of the saved support sets; None: the engine's (``sgp support`` uses it too)."""
-        self._weightsStatus: dict[tuple[str, str], str] = {}
-
-    # ------------------------------------------------------------------- labeled slices
-
-    def labeledSlices(self, volumeNode, segmentationNode, segmentIds, axis=0):
-        """Per selected segment, the slices along ``axis`` the user drew, with voxel counts."""
-        pairs = request.labeledSegments(
-            volumeNode, segmentationNode, list(segmentIds), axis, self.records
-        )
-        return [item for item, _ in pairs]
-
-    def watchEdits(self, segmentationNode, volumeNode) -> None:
-        """Record the user's strokes as they happen (see :mod:`.labeled_slices`). Writes
-        nothing to the scene: the records stay in memory until a run uses them."""
-        entry = self._watched.get(segmentationNode.GetID()) if segmentationNode else None
-        if entry is not None and entry[0] is segmentationNode and entry[2] is volumeNode:
-            # Watched already: only look at the segments now (edits since count as one).
-            self.records.sync(segmentationNode, volumeNode, None, self.drawingAxis)
-            return
-        self.stopWatching()
-        if segmentationNode is None or volumeNode is None or volumeNode.GetImageData() is None:
-            return
-
-        @vtk.calldata_type(vtk.VTK_STRING)
-        def onSegmentModified(caller, event, segmentId=None):
-            self._onSegmentModified(segmentationNode, volumeNode, segmentId)
-
-        def onLabelmapModified(caller, event):
-            self._onSegmentModified(segmentationNode, volumeNode, None)
-
-        # A Paint/Draw stroke changes the shared labelmap in place: only the source
-        # representation's event fires (no segment ID). Replacing a segment's labelmap, its
-        # tags or an undo fire SegmentModified.
-        tags = (
-            segmentationNode.AddObserver(slicer.vtkSegmentation.SegmentModified, onSegmentModified),
-            segmentationNode.AddObserver(
-                slicer.vtkSegmentation.SourceRepresentationModified, onLabelmapModified
-            ),
-        )
-        self._watched[segmentationNode.GetID()] = (segmentationNode, tags, volumeNode)
-        # Baseline (or first record) of every segment now, so the next stroke is seen alone.
-        self.records.sync(segmentationNode, volumeNode, None, self.drawingAxis)
-
-    def stopWatching(self) -> None:
-        for node, tags, _ in self._watched.values():
-            for tag in tags:
-                node.RemoveObserver(tag)
-        self._watched.clear()
-
-    def ensureWatching(self, segmentationNode, volumeNode) -> None:
-        """Watch this pair unless it is watched already (the effect and the module share it)."""
-        entry = self._watched.get(segmentationNode.GetID()) if segmentationNode else None
-        if entry is None or entry[0] is not segmentationNode or entry[2] is not volumeNode:
-            self.watchEdits(segmentationNode, volumeNode)
-
-    def _onSegmentModified(self, segmentationNode, volumeNode, segmentId) -> None:
-        # Shared-labelmap updates come without a segment ID: look at every segment then. A
-        # write of the Logic itself (a run's result, its undo) only moves the baselines.
-        self.records.sync(
-            segmentationNode,
-            volumeNode,
-            [segmentId] if segmentId else None,
-            self.drawingAxis,
-            record=not self.runs.applying,
-        )
+        self.drawing = DrawingWatch(self.records, isApplying=lambda: self.runs.applying)
+        self.supportSets = SupportSets(self.records)
+        self.actions = ParameterNodeActions(self)
 
     # ------------------------------------------------------------------------------ runs
 
@@ -195,36 +145,26 @@ class SGPSegmentCoreLogic(ParameterNodeActions):
     ) -> WriteReport:
         """Prepare, run on the engine and write, waiting for the result (console, scripts).
         ``kwargs``: :func:`.request.prepareRun`'s, e.g. ``supportSet="liver CT"``."""
-        kwargs.setdefault("library", self.supportLibraryRoot)
+        kwargs.setdefault("library", self.supportSets.root)
         runRequest = self.prepareRun(volumeNode, segmentationNode, segmentIds, **kwargs)
         settings = self.modelSettings(model, weights, device, imageSize, seed)
         handle = self.startRun(runRequest, settings, keepPseudoMasks)
         self.runs.wait(handle, timeout=timeout, describeFailure=self.engine.describeFailure)
         if handle.state == "cancelled":
-            raise SGPError("The run was cancelled; nothing was written.")
+            raise SGPError(_("The run was cancelled; nothing was written."))
         return handle.report
-
-    @property
-    def lastResult(self):
-        return self.runs.lastResult
-
-    def canUndo(self, segmentationNode) -> bool:
-        return self.runs.canUndo(segmentationNode)
-
-    def undoLastRun(self, segmentationNode, volumeNode) -> None:
-        self.runs.undo(segmentationNode, volumeNode)
 
     def sceneClosing(self, run: Run | None = None) -> None:
         """The scene is closing: cancel the run, forget results, undo states and observers."""
         if run is not None:
             self.runs.cancel(run)
-        self.stopWatching()
+        self.drawing.stopWatching()
         self.runs.clear()
         self.records.clear()
 
     def shutdown(self) -> None:
         """Slicer exits: stop the local engine this module started."""
-        self.stopWatching()
+        self.drawing.stopWatching()
         self.engine.stop()
 
     # ----------------------------------------------------------------- review of results
@@ -241,169 +181,65 @@ class SGPSegmentCoreLogic(ParameterNodeActions):
         )
         return ras
 
-    # ------------------------------------------------------------------ reference cases
+    # ------------------------------------------------ the roles' names, for the console
 
-    @staticmethod
-    def setReferenceCases(parameterNode, segmentationNodes) -> None:
-        """Store the reference cases as node references on the (MRML) parameter node, so that
-        they are saved with the scene and follow node ID changes on import."""
-        parameterNode.RemoveNodeReferenceIDs(REFERENCE_CASE_ROLE)
-        for node in segmentationNodes:
-            parameterNode.AddNodeReferenceID(REFERENCE_CASE_ROLE, node.GetID())
-
-    @staticmethod
-    def referenceCaseNodes(parameterNode) -> list:
-        n = parameterNode.GetNumberOfNodeReferences(REFERENCE_CASE_ROLE)
-        nodes = [parameterNode.GetNthNodeReference(REFERENCE_CASE_ROLE, i) for i in range(n)]
-        return [node for node in nodes if node is not None]
-
-    @staticmethod
-    def referenceCases(segmentationNodes, exclude=None) -> list:
-        """``(volumeNode, segmentationNode)`` pairs for the reference segmentations."""
-        return [
-            (mrml_io.referenceVolumeForSegmentation(node), node)
-            for node in segmentationNodes
-            if node is not None and node is not exclude
-        ]
-
-    # ------------------------------------------------------------------- support library
-
-    def supportLibrary(self, root=None) -> SupportLibrary:
-        """The saved support sets: ``.list() .names() .show() .rename() .delete()
-        .export_zip() .import_zip()`` (``root`` None: :attr:`supportLibraryRoot`)."""
-        return SupportLibrary(root if root is not None else self.supportLibraryRoot)
-
-    def saveSupportSet(
-        self, name, volumeNode, segmentationNode, segmentIds=None, axis=0, **kwargs
-    ) -> SupportSetSummary:
-        """Save the segments' drawn slices as support set ``name``. ``kwargs``: drawnSlices
-        (``{segmentId: [slices]}``), intensity, description, library, overwrite."""
-        kwargs.setdefault("library", self.supportLibraryRoot)
-        kwargs.setdefault("records", self.records)
-        return support_library.saveSupportSet(
-            name, volumeNode, segmentationNode, segmentIds, axis=axis, **kwargs
-        )
-
-    @staticmethod
-    def supportSetName(parameterNode) -> str:
-        """The support set runs and previews use ('' = none), from the MRML parameter node (so
-        it is saved with the scene and shared by the module and the SGP effect)."""
-        return (parameterNode.GetParameter(SUPPORT_SET_PARAMETER) or "") if parameterNode else ""
-
-    @staticmethod
-    def setSupportSet(parameterNode, name) -> None:
-        parameterNode.SetParameter(SUPPORT_SET_PARAMETER, str(name or "").strip())
-
-    def renameSupportSet(self, name, newName, parameterNode=None) -> str:
-        """Rename a saved set; the parameter node follows if it uses it. Returns the new name."""
-        newName = self.supportLibrary().rename(name, newName).name
-        if self.supportSetName(parameterNode).lower() == str(name).strip().lower():
-            self.setSupportSet(parameterNode, newName)
-        return newName
-
-    def deleteSupportSet(self, name, parameterNode=None, confirm=None) -> bool:
-        """Delete a saved set after ``confirm(message)`` says yes; a parameter node that uses
-        it goes back to none. Returns whether it was deleted."""
-        library = self.supportLibrary()
-        path = library.path(name)  # unknown names fail before anything is asked
-        summary = next(s for s in library.list() if s.path == path)
-        if confirm is not None and not confirm(
-            f"Delete support set '{path.name}' ({describeSupportSet(summary)}) from "
-            f"{library.root}? This cannot be undone; export it first to keep a copy."
-        ):
-            return False
-        library.delete(path.name)
-        if self.supportSetName(parameterNode).lower() == path.name.lower():
-            self.setSupportSet(parameterNode, "")
-        return True
-
-    def exportSupportSet(self, name, path, overwrite=False):
-        """Write a saved set as one zip (``sgp support import`` and Import zip read it)."""
-        return self.supportLibrary().export_zip(name, path, overwrite=overwrite)
-
-    def importSupportSet(self, path, name=None, overwrite=False, confirm=None):
-        """Add the set in a zip, as ``name`` (None or '': the name it was exported under). A
-        set called ``name`` is replaced only with ``overwrite`` or after ``confirm(message)``
-        says yes (returns None when it says no). The zip is checked before anything changes."""
-        library = self.supportLibrary()
-        existing = self._existingSupportSet(name) if name else None
-        if existing is not None and not overwrite and confirm is not None:
-            if not confirm(
-                f"A support set named '{existing}' exists in {library.root}. Replace it with "
-                "the imported one? The old set is lost (export it first to keep a copy)."
-            ):
-                return None
-            overwrite = True
-        return library.import_zip(path, name or None, overwrite=overwrite)
-
-    def _existingSupportSet(self, name) -> str | None:
-        """The saved set called ``name`` (letter case ignored), or None."""
-        wanted = str(name).strip().lower()
-        return next((n for n in self.supportLibrary().names() if n.lower() == wanted), None)
-
-    def supportSetChoices(self, selected: str = "", details=True) -> list[tuple[str, str]]:
-        """``[(name, label)]`` for a combo box: None first, then each saved set (``details``:
-        with its structures and slice counts); a ``selected`` set no longer in the library is
-        kept, marked missing (a run then says so)."""
-        choices = [("", "None")]
-        if details:
-            choices += [(s.name, f"{s.name}: {describeSupportSet(s)}")
-                        for s in self.supportLibrary().list()]  # fmt: skip
-        else:
-            choices += [(n, n) for n in self.supportLibrary().names()]
-        if selected and selected.lower() not in {n.lower() for n, _ in choices}:
-            choices.append((selected, f"{selected} (not in the library)"))
-        return choices
-
-    # --------------------------------------------------------------- dependencies, weights
-
-    def dependencyProblems(self, model: str = "tiny") -> list[str]:
-        """What the engine's Python lacks for ``model`` (checked in that Python)."""
-        return dependencies.missing(model not in MODEL_SIZES, self.engine.python or None)
-
-    def installDependencies(self, model: str, problemLines: list[str]) -> Task:
-        """Start installing into the engine's Python: a :class:`Task` to poll from a timer
-        (:meth:`pollTask`), or to ``.wait()`` for in the console."""
-        python = self.engine.python or defaultPython()
-        return dependencies.installTask(problemLines, python, model not in MODEL_SIZES)
-
-    def weightsStatus(self, model: str) -> str:
-        """'cached', 'missing', 'checkpoint' (a trained SGP file) or 'unknown', as the engine's
-        Python sees its cache (remembered per Python and model until :meth:`refreshSetup`)."""
-        if model not in MODEL_SIZES:
-            return "checkpoint"
-        key = (self.engine.python or defaultPython(), model)
-        if key not in self._weightsStatus:
-            self._weightsStatus[key] = engine_weights.status(model, self.engine.python or None)
-        return self._weightsStatus[key]
-
-    def refreshSetup(self) -> None:
-        """Forget what was seen of the weights cache (after a download, on entering)."""
-        self._weightsStatus.clear()
-
-    def downloadWeights(self, model: str) -> Task:
-        """Start fetching the official SAM2.1 checkpoint into the engine's cache (checksum
-        verified), in the engine's Python: a :class:`Task` (``.wait()`` in the console)."""
-        self.refreshSetup()
-        return engine_weights.fetchTask(model, self.engine.python or None)
-
-    def importWeights(self, model: str, path) -> Task:
-        """Start checking and copying a local copy of the official checkpoint (offline
-        machines) into the engine's cache: a :class:`Task`."""
-        self.refreshSetup()
-        return engine_weights.fetchTask(model, self.engine.python or None, file=path)
-
-    def pollTask(self, task: Task) -> Task:
-        """Advance an install or download (call from a timer); never waits."""
-        task.poll()
-        if task.done():
-            self.refreshSetup()
-        return task
-
-    def cancelTask(self, task: Task) -> None:
-        """Stop an install or download: its processes are killed, nothing more runs."""
-        task.cancel()
-        self.refreshSetup()
+    # drawing: the user's strokes and the slices they drew
+    drawingAxis = Delegated("drawing", "axis")
+    labeledSlices = Delegated("drawing", "labeledSlices")
+    watchEdits = Delegated("drawing", "watchEdits")
+    stopWatching = Delegated("drawing", "stopWatching")
+    ensureWatching = Delegated("drawing", "ensureWatching")
+    # runs: results and their undo
+    lastResult = Delegated("runs", "lastResult")
+    canUndo = Delegated("runs", "canUndo")
+    undoLastRun = Delegated("runs", "undo")
+    # reference cases: node references on the parameter node
+    setReferenceCases = staticmethod(reference_cases.setReferenceCases)
+    referenceCaseNodes = staticmethod(reference_cases.referenceCaseNodes)
+    referenceCases = staticmethod(reference_cases.referenceCases)
+    # supportSets: the support library
+    supportLibraryRoot = Delegated("supportSets", "root")
+    supportLibrary = Delegated("supportSets", "library")
+    saveSupportSet = Delegated("supportSets", "save")
+    supportSetName = Delegated("supportSets", "chosen")
+    setSupportSet = Delegated("supportSets", "choose")
+    renameSupportSet = Delegated("supportSets", "rename")
+    deleteSupportSet = Delegated("supportSets", "delete")
+    exportSupportSet = Delegated("supportSets", "exportZip")
+    importSupportSet = Delegated("supportSets", "importZip")
+    supportSetChoices = Delegated("supportSets", "choices")
+    supportSetDetails = Delegated("supportSets", "details")
+    # setup: the engine's packages and weights
+    dependencyProblems = Delegated("setup", "dependencyProblems")
+    installDependencies = Delegated("setup", "installDependencies")
+    weightsStatus = Delegated("setup", "weightsStatus")
+    refreshSetup = Delegated("setup", "refreshSetup")
+    downloadWeights = Delegated("setup", "downloadWeights")
+    importWeights = Delegated("setup", "importWeights")
+    pollTask = Delegated("setup", "pollTask")
+    cancelTask = Delegated("setup", "cancelTask")
+    # actions: the panel's requests in terms of the parameter node
+    modelArgument = Delegated("actions", "modelArgument")
+    canRun = Delegated("actions", "canRun")
+    labeledSlicesSummary = Delegated("actions", "labeledSlicesSummary")
+    deviceChoices = Delegated("actions", "deviceChoices")
+    settingsFromParameterNode = Delegated("actions", "settingsFromParameterNode")
+    pollConnection = Delegated("actions", "pollConnection")
+    testConnection = Delegated("actions", "testConnection")
+    startRunFromParameterNode = Delegated("actions", "startRunFromParameterNode")
+    previewArguments = Delegated("actions", "previewArguments")
+    engineSummary = Delegated("actions", "engineSummary")
+    saveSupportSetFromParameterNode = Delegated("actions", "saveSupportSetFromParameterNode")
+    supportLibraryTitle = Delegated("actions", "supportLibraryTitle")
+    finishMessage = Delegated("actions", "finishMessage")
+    scoresTableNode = Delegated("actions", "scoresTableNode")
+    jumpToLeastConfident = Delegated("actions", "jumpToLeastConfident")
+    dependencyStatus = Delegated("actions", "dependencyStatus")
+    ensureDependencies = Delegated("actions", "ensureDependencies")
+    weightsStatusText = Delegated("actions", "weightsStatusText")
+    ensureReady = Delegated("actions", "ensureReady")
+    taskMessage = Delegated("actions", "taskMessage")
+    progressOf = Delegated("actions", "progressOf")
 
 
-__all__ = ["SGPSegmentCoreLogic", "WriteReport", "Run"]
+__all__ = ["Delegated", "SGPSegmentCoreLogic", "WriteReport", "Run"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import slicer
 import vtk
+from slicer.i18n import tr as _
 from vtk.util.numpy_support import numpy_to_vtk, vtk_to_numpy
 
 from SGPSegmentLib.constants import AXIS_NAMES
@@ -36,10 +37,14 @@ def checkAxis(axis) -> int:
     """0, 1, 2 or 'K', 'J', 'I' -> 0, 1, 2."""
     if isinstance(axis, str):
         if axis.upper() not in AXIS_NAMES:
-            raise SGPInputError(f"Slice axis must be one of K, J, I (or 0, 1, 2); got {axis!r}.")
+            raise SGPInputError(_(
+                "Slice axis must be one of K, J, I (or 0, 1, 2); got {axis!r}."
+            ).format(axis=axis))
         return AXIS_NAMES.index(axis.upper())
     if int(axis) not in (0, 1, 2):
-        raise SGPInputError(f"Slice axis must be 0, 1 or 2 (K, J, I); got {axis!r}.")
+        raise SGPInputError(_(
+            "Slice axis must be 0, 1 or 2 (K, J, I); got {axis!r}."
+        ).format(axis=axis))
     return int(axis)
 
 
@@ -59,12 +64,16 @@ def volumeGeometry(volumeNode) -> Geometry:
 
 def checkVolume(volumeNode) -> None:
     if volumeNode is None:
-        raise SGPInputError("Select an input volume.")
+        raise SGPInputError(_("Select an input volume."))
     if volumeNode.GetImageData() is None:
-        raise SGPInputError(f"Volume '{volumeNode.GetName()}' has no image data; load it first.")
+        raise SGPInputError(_(
+            "Volume '{volumeName}' has no image data; load it first."
+        ).format(volumeName=volumeNode.GetName()))
     if volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
         raise SGPInputError(
-            f"'{volumeNode.GetName()}' is a label map; select the image volume to segment."
+            _(
+                "'{volumeName}' is a label map; select the image volume to segment."
+            ).format(volumeName=volumeNode.GetName())
         )
 
 
@@ -105,9 +114,11 @@ def checkSameGrid(volumeNode, segmentationNode, segmentIds) -> None:
     """The segments must be drawn on the volume's voxel lattice (possibly a sub-extent)."""
     if volumeNode.GetParentTransformNode() is not segmentationNode.GetParentTransformNode():
         raise SGPInputError(
-            f"Volume '{volumeNode.GetName()}' and segmentation '{segmentationNode.GetName()}' "
-            "are under different transforms; harden the transforms (Data module) or move both "
-            "under the same one."
+            _(
+                "Volume '{volumeName}' and segmentation '{segmentationName}' are under "
+                "different transforms; harden the transforms (Data module) or move both "
+                "under the same one."
+            ).format(volumeName=volumeNode.GetName(), segmentationName=segmentationNode.GetName())
         )
     for segmentId in segmentIds:
         labelmap = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentId)
@@ -116,11 +127,18 @@ def checkSameGrid(volumeNode, segmentationNode, segmentIds) -> None:
         if _labelmapOffset(volumeNode, labelmap) is None:
             name = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
             raise SGPInputError(
-                f"Segment '{name}' of '{segmentationNode.GetName()}' was drawn on a different "
-                f"voxel grid than volume '{volumeNode.GetName()}' (spacing, orientation or "
-                "origin differ), so its slices do not line up with the volume's. Select the "
-                "volume the segmentation was drawn on, or set the segmentation's geometry to "
-                "this volume (Segment Editor > Specify geometry) and redraw the labeled slices."
+                _(
+                    "Segment '{name}' of '{segmentationName}' was drawn on a different voxel "
+                    "grid than volume '{volumeName}' (spacing, orientation or origin "
+                    "differ), so its slices do not line up with the volume's. Select the "
+                    "volume the segmentation was drawn on, or set the segmentation's "
+                    "geometry to this volume (Segment Editor > Specify geometry) and redraw "
+                    "the labeled slices."
+                ).format(
+                    name=name,
+                    segmentationName=segmentationNode.GetName(),
+                    volumeName=volumeNode.GetName(),
+                )
             )
 
 
@@ -190,11 +208,15 @@ def segmentArray(segmentationNode, segmentId: str, volumeNode) -> np.ndarray:
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
         labelmap, referenceImage(volumeNode), resampled, False, False
     ):
-        raise SGPError(f"Could not resample segment '{segmentId}' onto '{volumeNode.GetName()}'.")
+        raise SGPError(_(
+            "Could not resample segment '{segmentId}' onto '{volumeName}'."
+        ).format(segmentId=segmentId, volumeName=volumeNode.GetName()))
     # Not padded: the output has the volume's extent, so voxels outside the volume are cut.
     if tuple(resampled.GetExtent()) != tuple(volumeNode.GetImageData().GetExtent()):
         raise SGPError(
-            f"Segment '{segmentId}' could not be put on the grid of '{volumeNode.GetName()}'."
+            _(
+                "Segment '{segmentId}' could not be put on the grid of '{volumeName}'."
+            ).format(segmentId=segmentId, volumeName=volumeNode.GetName())
         )
     return vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(shape) > 0
 
@@ -208,7 +230,9 @@ def writeSegmentArray(mask: np.ndarray, segmentationNode, segmentId: str, volume
     if not logic.SetBinaryLabelmapToSegment(
         labelmap, segmentationNode, segmentId, logic.MODE_REPLACE
     ):
-        raise SGPError(f"Could not write segment '{segmentId}' of '{segmentationNode.GetName()}'.")
+        raise SGPError(_(
+            "Could not write segment '{segmentId}' of '{segmentationName}'."
+        ).format(segmentId=segmentId, segmentationName=segmentationNode.GetName()))
 
 
 def referenceVolumeForSegmentation(segmentationNode):

@@ -1,5 +1,6 @@
 """What the panel asks of the Logic, in terms of the parameter node (``pn``: any object with
-the fields of ``SGPSegmentParameterNode``; its MRML node is ``pn.parameterNode``).
+the fields of ``SGPSegmentParameterNode``; its MRML node is ``pn.parameterNode``): the Logic's
+``actions`` role.
 
 Kept apart from the Widget so that it is Qt-free and tested with slicer-core.
 """
@@ -9,10 +10,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from SGPSegmentLib import outputs
-from SGPSegmentLib.constants import AXIS_DISPLAY, AXIS_NAMES, MODEL_SIZES
+from slicer.i18n import tr as _
+
+from SGPSegmentLib import outputs, reference_cases
+from SGPSegmentLib.constants import AXIS_NAMES, MODEL_SIZES, axisDisplay
 from SGPSegmentLib.engine_connection import ModelSettings, describeServer
-from SlicerSGP.data.support_library import SupportSetSummary
 from SlicerSGP.errors import SGPError, SGPInputError
 
 
@@ -20,94 +22,92 @@ def _ids(text: str) -> list[str]:
     return [s for s in (text or "").split(",") if s]
 
 
-def describeSupportSet(summary: SupportSetSummary) -> str:
-    """'liver (3 slices), spleen (2 slices)' for a saved set."""
-    parts = []
-    for value, name in sorted(summary.structures.items()):
-        n = summary.slices.get(value, 0)
-        parts.append(f"{name} ({n} slice{'' if n == 1 else 's'})")
-    return ", ".join(parts)
-
-
 class ParameterNodeActions:
-    """Mixed into ``SGPSegmentCoreLogic``; uses its engine, runs and labeled-slice methods."""
+    """The panel's requests, answered with the Logic's other roles (``logic``: the
+    ``SGPSegmentCoreLogic`` that holds this one: its engine, runs, drawing, support sets and
+    set-up)."""
 
-    _dependencyCache: tuple | None = None
+    def __init__(self, logic) -> None:
+        self.logic = logic
 
     def modelArgument(self, pn) -> str:
         return str(pn.checkpointPath) if pn.model == "SGP checkpoint" else pn.model
 
     def canRun(self, pn) -> tuple[bool, str]:
         if not pn.inputVolume:
-            return False, "Select an input volume."
+            return False, _("Select an input volume.")
         if not pn.segmentation:
-            return False, "Select a segmentation."
+            return False, _("Select a segmentation.")
         if not _ids(pn.segmentIds):
-            return False, "Select at least one segment."
+            return False, _("Select at least one segment.")
         if pn.model == "SGP checkpoint" and not Path(pn.checkpointPath).is_file():
-            return False, "Choose the trained SGP checkpoint (.safetensors) file."
+            return False, _("Choose the trained SGP checkpoint (.safetensors) file.")
         return True, ""
 
     def labeledSlicesSummary(self, pn) -> list[str]:
         if not (pn.inputVolume and pn.segmentation and _ids(pn.segmentIds)):
             return []
         try:
-            found = self.labeledSlices(
+            found = self.logic.drawing.labeledSlices(
                 pn.inputVolume, pn.segmentation, _ids(pn.segmentIds), pn.axis
             )
         except Exception as exc:  # shown in the list, not raised, while the user is choosing
             return [str(exc)]
-        return [item.describe(AXIS_DISPLAY[pn.axis]) for item in found]
+        return [item.describe(axisDisplay(pn.axis)) for item in found]
 
     def deviceChoices(self, devices) -> list[tuple[str, str]]:
         """``[(device, label)]``: auto, the engine's GPUs (once connected: CUDA, Apple MPS),
         CPU."""
-        choices = [("auto", "auto (first CUDA GPU, else Apple GPU, else CPU)")]
+        choices = [("auto", _("auto (first CUDA GPU, else Apple GPU, else CPU)"))]
         for device in devices:
             name = str(device.get("device", "")) if isinstance(device, dict) else ""
             if name.startswith("cuda") or name == "mps":
                 choices.append((name, f"{name} - {device.get('name', 'GPU')}"))
-        choices.append(("cpu", "CPU (slow: minutes per volume)"))
+        choices.append(("cpu", _("CPU (slow: minutes per volume)")))
         return choices
 
     def settingsFromParameterNode(self, pn):
-        return self.modelSettings(self.modelArgument(pn), None, pn.device, pn.imageSize, 0)
+        return self.logic.modelSettings(self.modelArgument(pn), None, pn.device, pn.imageSize, 0)
 
     def pollConnection(self, pn) -> tuple[str, list] | None:
         """The Connect button, from a timer: None while the local engine starts (never
         waits), then what :meth:`testConnection` says."""
         settings = self.settingsFromParameterNode(pn) if pn is not None else None
-        if self.engine.mode == "local" and self.engine.ready(settings or ModelSettings()) is None:
+        engine = self.logic.engine
+        if engine.mode == "local" and engine.ready(settings or ModelSettings()) is None:
             return None
         return self.testConnection(pn)
 
     def testConnection(self, pn) -> tuple[str, list]:
         """(description for people, the server's devices) for the Connect button (waits for a
         local engine to start: console; the Widget uses :meth:`pollConnection`)."""
-        info = self.engine.connect(self.settingsFromParameterNode(pn) if pn is not None else None)
-        text = "Connected: " + describeServer(info)
-        if self.engine.lastRestartReason:
-            text += f"\nThe local engine had stopped ({self.engine.lastRestartReason}); it was restarted."
+        engine = self.logic.engine
+        info = engine.connect(self.settingsFromParameterNode(pn) if pn is not None else None)
+        text = _("Connected: {server}").format(server=describeServer(info))
+        if engine.lastRestartReason:
+            text += "\n" + _("The local engine had stopped ({reason}); it was restarted.").format(
+                reason=engine.lastRestartReason
+            )
         return text, list(info.get("devices") or [])
 
     # ------------------------------------------------------------------------- run
 
     def startRunFromParameterNode(self, pn):
-        request = self.prepareRun(
+        request = self.logic.prepareRun(
             pn.inputVolume,
             pn.segmentation,
             _ids(pn.segmentIds),
             axis=pn.axis,
-            referenceCases=self.referenceCases(
-                self.referenceCaseNodes(pn.parameterNode), exclude=pn.segmentation
+            referenceCases=reference_cases.referenceCases(
+                reference_cases.referenceCaseNodes(pn.parameterNode), exclude=pn.segmentation
             ),
-            supportSet=self.supportSetName(pn.parameterNode) or None,
-            library=self.supportLibraryRoot,
+            supportSet=self.logic.supportSets.chosen(pn.parameterNode) or None,
+            library=self.logic.supportSets.root,
             top_k=pn.topK,
             intensity=pn.intensity,
             interpolation_prior=str(pn.interpolationPrior),
         )
-        return self.startRun(
+        return self.logic.startRun(
             request, self.settingsFromParameterNode(pn), keepPseudoMasks=pn.keepPseudoMasks
         )
 
@@ -117,10 +117,10 @@ class ParameterNodeActions:
         arguments of ``PreviewLogic.start``."""
         return {
             "settings": self.settingsFromParameterNode(pn),
-            "referenceCases": self.referenceCases(
-                self.referenceCaseNodes(pn.parameterNode), exclude=segmentationNode
+            "referenceCases": reference_cases.referenceCases(
+                reference_cases.referenceCaseNodes(pn.parameterNode), exclude=segmentationNode
             ),
-            "supportSet": self.supportSetName(pn.parameterNode),
+            "supportSet": self.logic.supportSets.chosen(pn.parameterNode),
             "top_k": int(pn.topK),
             "intensity": str(pn.intensity),
             "interpolation_prior": str(pn.interpolationPrior),
@@ -132,9 +132,12 @@ class ParameterNodeActions:
 
     def engineSummary(self, pn) -> str:
         """One line for the effect's panel: where and with what model previews run."""
-        where = "this computer" if self.engine.mode == "local" else self.engine.url or "?"
+        engine = self.logic.engine
+        where = _("this computer") if engine.mode == "local" else engine.url or "?"
         model = self.modelArgument(pn)
-        return f"Engine: {where}; model {model} at {pn.imageSize} px on {pn.device}."
+        return _(
+            "Engine: {where}; model {model} at {imageSize} px on {device}."
+        ).format(where=where, model=model, imageSize=pn.imageSize, device=pn.device)
 
     # ------------------------------------------------------------------ support library
 
@@ -145,18 +148,20 @@ class ParameterNodeActions:
         when it says no)."""
         if not (pn.inputVolume and pn.segmentation):
             raise SGPInputError(
-                "Select the input volume and the segmentation whose drawn slices to save."
+                _("Select the input volume and the segmentation whose drawn slices to save.")
             )
-        existing = self._existingSupportSet(name)
+        existing = self.logic.supportSets.existing(name)
         overwrite = False
         if existing is not None and confirm is not None:
             if not confirm(
-                f"A support set named '{existing}' exists. Replace it with the slices drawn "
-                "here? The old set is lost (export it first to keep a copy)."
+                _(
+                    "A support set named '{existing}' exists. Replace it with the slices "
+                    "drawn here? The old set is lost (export it first to keep a copy)."
+                ).format(existing=existing)
             ):
                 return None
             overwrite = True
-        return self.saveSupportSet(
+        return self.logic.supportSets.save(
             name,
             pn.inputVolume,
             pn.segmentation,
@@ -167,38 +172,24 @@ class ParameterNodeActions:
             overwrite=overwrite,
         )
 
-    def supportSetDetails(self, name: str) -> str:
-        """A few lines about saved set ``name`` for the panel ('' for none)."""
-        if not name:
-            return "No set chosen."
-        library = self.supportLibrary()
-        found = [s for s in library.list() if s.name.lower() == name.lower()]
-        if not found:
-            return f"'{name}' is not in the support library ({library.root})."
-        s = found[0]
-        lines = [describeSupportSet(s) + "."]
-        saved = f"Saved {s.created[:16].replace('T', ' ')}" if s.created else "Saved"
-        lines.append(
-            f"{saved} from '{s.source}', {s.size / 1e6:.1f} MB." if s.source else f"{saved}."
-        )
-        if s.description:
-            lines.append(s.description)
-        return "\n".join(lines)
-
     def supportLibraryTitle(self, pn) -> str:
         """The panel section's title: says which set runs use, even when it is collapsed."""
-        name = self.supportSetName(pn.parameterNode) if pn is not None else ""
-        return f"Support library (runs use '{name}')" if name else "Support library"
+        name = self.logic.supportSets.chosen(pn.parameterNode) if pn is not None else ""
+        if not name:
+            return _("Support library")
+        return _("Support library (runs use '{name}')").format(name=name)
 
     def finishMessage(self, run) -> str:
         if run.state == "cancelled":
-            return "SGP segmentation cancelled; nothing was written."
+            return _("SGP segmentation cancelled; nothing was written.")
         seconds = run.report.timings.get("total", 0.0) if run.report else 0.0
         logging.info(
             f"SGPSegment: wrote {len(run.report.segmentIds)} segment(s) in {seconds:.1f} s"
         )
         notes = " ".join(run.report.notes)
-        return f"SGP segmentation done in {seconds:.1f} s. {notes}".strip()
+        return _("SGP segmentation done in {seconds} s. {notes}").format(
+            seconds=f"{seconds:.1f}", notes=notes
+        ).strip()
 
     def scoresTableNode(self, segmentationNode):
         return (
@@ -208,55 +199,62 @@ class ParameterNodeActions:
         )
 
     def jumpToLeastConfident(self, pn, index: int) -> str:
-        worst = self.leastConfidentSlices(count=index + 1)
+        worst = self.logic.leastConfidentSlices(count=index + 1)
         if not worst:
-            return "No predicted slice to review."
+            return _("No predicted slice to review.")
         value, name, sliceIndex, confidence = worst[min(index, len(worst) - 1)]
-        self.jumpToSlice(pn.inputVolume, self.runs.lastRequest.axis, sliceIndex)
-        axis = AXIS_NAMES[self.runs.lastRequest.axis]
-        return f"{name}: {AXIS_DISPLAY[axis]} slice {sliceIndex} (confidence {confidence:.2f})"
+        self.logic.jumpToSlice(pn.inputVolume, self.logic.runs.lastRequest.axis, sliceIndex)
+        axis = AXIS_NAMES[self.logic.runs.lastRequest.axis]
+        return _(
+            "{name}: {orientation} slice {sliceIndex} (confidence {confidence:.2f})"
+        ).format(
+            name=name, orientation=axisDisplay(axis), sliceIndex=sliceIndex, confidence=confidence
+        )
 
     # ------------------------------------------------------- dependencies and weights
 
     def dependencyStatus(self, pn) -> str:
-        if self.engine.mode == "remote":
-            return "Remote engine: its packages are the server's."
+        if self.logic.engine.mode == "remote":
+            return _("Remote engine: its packages are the server's.")
         try:
-            problems = self.dependencyProblems(self.modelArgument(pn))
+            problems = self.logic.setup.dependencyProblems(self.modelArgument(pn))
         except SGPError as exc:
             return str(exc)
         return (
-            "All Python packages installed."
+            _("All Python packages installed.")
             if not problems
-            else "Missing or too old: " + "; ".join(problems)
+            else _("Missing or too old: {problems}").format(problems="; ".join(problems))
         )
 
     def ensureDependencies(self, pn, confirm):
         """Packages of the local engine: True when all are there, False when ``confirm(message)``
         said no, else the started :class:`~SGPSegmentLib.processes.Task` installing them (poll
         it with :meth:`pollTask`; ask again once it is done)."""
-        if self.engine.mode == "remote":
+        if self.logic.engine.mode == "remote":
             return True
-        problems = self.dependencyProblems(self.modelArgument(pn))
+        problems = self.logic.setup.dependencyProblems(self.modelArgument(pn))
         if not problems:
             return True
         if not confirm(
-            "The local engine needs these Python packages:\n\n  "
-            + "\n  ".join(problems)
-            + "\n\nDownload and install them now? This can take several minutes (PyTorch with "
-            "CUDA is over 1 GB); Slicer stays usable and Cancel stops it. sam2 is checked against "
-            "its pinned sha256 before installing."
+            _(
+                "The local engine needs these Python packages:\n\n  {packages}\n\nDownload "
+                "and install them now? This can take several minutes (PyTorch with CUDA is over "
+                "1 GB); Slicer stays usable and Cancel stops it. sam2 is checked against its "
+                "pinned sha256 before installing."
+            ).format(packages="\n  ".join(problems))
         ):
             return False
-        return self.installDependencies(self.modelArgument(pn), problems)
+        return self.logic.setup.installDependencies(self.modelArgument(pn), problems)
 
     def weightsStatusText(self, pn) -> str:
-        status = self.weightsStatus(self.modelArgument(pn))
+        status = self.logic.setup.weightsStatus(self.modelArgument(pn))
         return {
-            "checkpoint": "Trained SGP checkpoint (its base SAM2.1 weights must be in the cache).",
-            "cached": "Weights: in the cache.",
-            "missing": "Weights: not downloaded yet.",
-            "unknown": "Weights: unknown until the Python packages are installed.",
+            "checkpoint": _(
+                "Trained SGP checkpoint (its base SAM2.1 weights must be in the cache)."
+            ),
+            "cached": _("Weights: in the cache."),
+            "missing": _("Weights: not downloaded yet."),
+            "unknown": _("Weights: unknown until the Python packages are installed."),
         }[status]
 
     def ensureReady(self, pn, confirm):
@@ -266,29 +264,34 @@ class ParameterNodeActions:
         ready = self.ensureDependencies(pn, confirm)
         if ready is not True:
             return ready
-        if self.engine.mode == "remote" or pn.model not in MODEL_SIZES:
+        if self.logic.engine.mode == "remote" or pn.model not in MODEL_SIZES:
             return True
-        status = self.weightsStatus(pn.model)
+        status = self.logic.setup.weightsStatus(pn.model)
         if status in ("cached", "unknown"):  # unknown: the engine says what is wrong, if any
             return True
         if not confirm(
-            f"The SAM2.1 '{pn.model}' weights are not downloaded yet. Download them now into "
-            "the cache (checksum verified)? On an offline machine use 'Use local file...' instead."
+            _(
+                "The SAM2.1 '{model}' weights are not downloaded yet. Download them now into "
+                "the cache (checksum verified)? On an offline machine use 'Use local "
+                "file...' instead."
+            ).format(model=pn.model)
         ):
             return False
-        return self.downloadWeights(pn.model)
+        return self.logic.setup.downloadWeights(pn.model)
 
     def taskMessage(self, task) -> str:
         """What became of an install or download, for people."""
         if task.state == "done":
-            return f"{task.title}: done."
+            return _("{title}: done.").format(title=task.title)
         if task.state == "cancelled":
             return (
-                f"{task.title}: cancelled. Packages or files may be partly there; the status "
-                "shown is checked again (nothing is taken as installed)."
+                _(
+                    "{title}: cancelled. Packages or files may be partly there; the status "
+                    "shown is checked again (nothing is taken as installed)."
+                ).format(title=task.title)
             )
         if task.state == "failed":
-            return f"{task.title} failed:\n{task.error}"
+            return _("{title} failed:\n{error}").format(title=task.title, error=task.error)
         return task.describe()
 
     def progressOf(self, item) -> tuple[str, float | None, str]:
@@ -297,5 +300,5 @@ class ParameterNodeActions:
         if hasattr(item, "steps"):  # a Task
             return item.stage, item.fraction, item.lastLine
         if not item.runId and not item.done():  # the local engine is starting
-            return item.stage, None, self.engine.lastLogLine()
+            return item.stage, None, self.logic.engine.lastLogLine()
         return item.stage, item.fraction, ""

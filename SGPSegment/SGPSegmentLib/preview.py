@@ -23,14 +23,15 @@ from typing import Any
 
 import numpy as np
 import slicer
+from slicer.i18n import tr as _
 
 from SGPSegmentLib import edit_rules, labeled_slices, mrml_io, outputs, prompting, refinement
 from SGPSegmentLib import slice_geometry as geometry
-from SGPSegmentLib.constants import AXIS_DISPLAY, AXIS_NAMES
+from SGPSegmentLib.constants import AXIS_NAMES, axisDisplay
 from SGPSegmentLib.edit_rules import EditRules
 from SGPSegmentLib.engine_connection import ModelSettings
 from SGPSegmentLib.request import RunRequest, drawnSlicesAllAxes
-from SGPSegmentLib.run import Run, WriteReport
+from SGPSegmentLib.runs import Run, WriteReport
 from SlicerSGP.errors import SGPError, SGPInputError
 from SlicerSGP.types import SegmentationResult
 
@@ -49,8 +50,10 @@ class SliceToCheck:
     confidence: float
 
     def describe(self, axis: int) -> str:
-        view = AXIS_DISPLAY[AXIS_NAMES[axis]]
-        return f"{self.name}: {view} slice {self.slice} (confidence {self.confidence:.2f})"
+        view = axisDisplay(AXIS_NAMES[axis])
+        return _(
+            "{name}: {view} slice {slice} (confidence {confidence:.2f})"
+        ).format(name=self.name, view=view, slice=self.slice, confidence=self.confidence)
 
 
 @dataclass
@@ -95,13 +98,13 @@ class PreviewSession:
         volumeNode = scene.GetNodeByID(self.volumeNodeID)
         segmentationNode = scene.GetNodeByID(self.segmentationNodeID)
         if volumeNode is None or segmentationNode is None:
-            raise SGPInputError("The volume or segmentation of this preview was removed.")
+            raise SGPInputError(_("The volume or segmentation of this preview was removed."))
         return volumeNode, segmentationNode
 
     def previewSlice(self, segmentId: str, k: int) -> np.ndarray:
         """The preview's mask of ``segmentId`` on slice ``k`` (the start of a click)."""
         if self.result is None or self.request is None:
-            raise SGPInputError("Compute a preview before correcting it with clicks.")
+            raise SGPInputError(_("Compute a preview before correcting it with clicks."))
         value = next(v for v, s in self.request.segmentIds.items() if s == segmentId)
         return refinement.takeSlice(np.asarray(self.result.labels) == value, self.axis, k)
 
@@ -136,10 +139,10 @@ class PreviewLogic:
         'off', 'all' or 'visible' (see :func:`notHereMode`)."""
         mrml_io.checkVolume(volumeNode)
         if segmentationNode is None:
-            raise SGPInputError("Select a segmentation.")
+            raise SGPInputError(_("Select a segmentation."))
         ids = [str(s) for s in segmentIds or []]
         if not ids:
-            raise SGPInputError("Choose at least one segment to preview.")
+            raise SGPInputError(_("Choose at least one segment to preview."))
         self.core.ensureWatching(segmentationNode, volumeNode)
         session = PreviewSession(
             volumeNode.GetID(),
@@ -188,7 +191,10 @@ class PreviewLogic:
         first, last = session.sliceRange
         if not 0 <= first <= last < n:
             raise SGPInputError(
-                f"The slice range {first}..{last} must lie within 0..{n - 1} with first <= last."
+                _(
+                    "The slice range {first}..{last} must lie within 0..{lastSlice} with first "
+                    "<= last."
+                ).format(first=first, last=last, lastSlice=n - 1)
             )
         return {v: [first, last] for v in range(1, len(session.segmentIds) + 1)}
 
@@ -247,7 +253,9 @@ class PreviewLogic:
         while session.running:
             if time.monotonic() > deadline:
                 self.stop(session)
-                raise SGPError(f"The preview did not finish within {timeout:.0f} s; stopped.")
+                raise SGPError(_(
+                    "The preview did not finish within {timeout:.0f} s; stopped."
+                ).format(timeout=timeout))
             self.poll(session)
             time.sleep(0.05)
         return self.poll(session)
@@ -282,31 +290,39 @@ class PreviewLogic:
     def canApply(self, session: PreviewSession | None) -> tuple[bool, str]:
         """Whether Apply would write now, and why not (for the button and its tooltip)."""
         if session is None or session.result is None:
-            return False, "No preview yet: press Preview."
+            return False, _("No preview yet: press Preview.")
         stale = self.changedSegments(session, session.request)
         if stale:
-            return False, f"Segment(s) {', '.join(stale)} changed since; the preview is updating."
+            return False, _(
+                "Segment(s) {segments} changed since; the preview is updating."
+            ).format(segments=", ".join(stale))
         if session.request.promptVersion != session.promptVersion:
-            return False, "Boxes, clicks or scribbles changed since; the preview is updating."
+            return False, _("Boxes, clicks or scribbles changed since; the preview is updating.")
         return True, ""
 
     def apply(self, session: PreviewSession, rules: EditRules | None = None) -> WriteReport:
         """Write the preview shown into the user's segments (as the module's run writes),
         under ``rules`` (the editor's masking settings); the preview is removed."""
         if session.result is None or session.request is None:
-            raise SGPInputError("There is no preview to apply yet: press Preview and wait for it.")
+            raise SGPInputError(
+                _("There is no preview to apply yet: press Preview and wait for it.")
+            )
         request = session.request
         stale = self.changedSegments(session, request)
         if stale:
             raise SGPInputError(
-                f"Segment(s) {', '.join(repr(n) for n in stale)} changed after the preview shown "
-                "was computed, so it would undo those edits; nothing was written. Wait for the "
-                "preview to update (or press Preview), then Apply."
+                _(
+                    "Segment(s) {segments} changed after the preview shown was computed, so it "
+                    "would undo those edits; nothing was written. Wait for the preview to "
+                    "update (or press Preview), then Apply."
+                ).format(segments=", ".join(repr(n) for n in stale))
             )
         if request.promptVersion != session.promptVersion:
             raise SGPInputError(
-                "The preview shown was computed before the last box, click or scribble; nothing "
-                "was written. Wait for the preview to update, then Apply."
+                _(
+                    "The preview shown was computed before the last box, click or scribble; "
+                    "nothing was written. Wait for the preview to update, then Apply."
+                )
             )
         self.stop(session)
         report = self.core.runs.apply(request, session.result, rules=rules or EditRules())
@@ -384,8 +400,10 @@ class PreviewLogic:
         axis = geometry.viewAxis(volumeNode, ras, inPlane)
         if previewAxis is not None and int(previewAxis) != axis:
             raise SGPInputError(
-                f"The preview runs along {geometry.axisText(int(previewAxis))} slices: draw in a "
-                "view of that orientation, or Cancel the preview first."
+                _(
+                    "The preview runs along {orientation} slices: draw in a view of that "
+                    "orientation, or Cancel the preview first."
+                ).format(orientation=geometry.axisText(int(previewAxis)))
             )
         return axis
 
@@ -403,7 +421,7 @@ class PreviewLogic:
                                  (rasStart, rasEnd), inPlane, True)  # fmt: skip
         session.prompts[key] = prompt
         session.promptsChanged()
-        return f"Box on slice {key[1]}; propagating..."
+        return _("Box on slice {slice}; propagating...").format(slice=key[1])
 
     def click(self, session: PreviewSession, segmentId, ras, positive=True, inPlane=None,
               rules=None) -> str:  # fmt: skip
@@ -418,7 +436,9 @@ class PreviewLogic:
         previous = session.prompts.get(key)
         session.prompts[key] = prompting.withClick(previous, row, col, positive, base)
         session.promptsChanged()
-        return f"Slice {k}: {session.prompts[key].describe()}; propagating..."
+        return _(
+            "Slice {k}: {prompt}; propagating..."
+        ).format(k=k, prompt=session.prompts[key].describe())
 
     def scribble(self, session: PreviewSession, segmentId, rasPoints, positive=True,
                  inPlane=None) -> str:  # fmt: skip
@@ -431,7 +451,7 @@ class PreviewLogic:
         current = self.currentSlice(session, segmentId, stroke.slice)
         self.stop(session)  # the engine would answer only after the run in flight
         client = self.core.engine.client(session.settings)
-        engineMask, _, session.volumeId = prompting.refineOnEngine(
+        engineMask, _checksum, session.volumeId = prompting.refineOnEngine(
             client, session.volumeId, volumeNode, axis,
             session.options.get("intensity", "auto"), stroke.slice, stroke.points,
             [1 if positive else 0] * len(stroke.points), current,
@@ -441,8 +461,12 @@ class PreviewLogic:
         fixed = prompting.scribbledMask(current, stroke, positive, engineMask)
         session.prompts[key] = prompting.PromptedSlice(fixed=fixed, baseChecksum=base)
         session.promptsChanged()
-        what = "added" if positive else "removed"
-        return f"Slice {stroke.slice}: scribble {what} ({len(stroke.points)} points); propagating..."
+        text = (
+            _("Slice {slice}: scribble added ({count} points); propagating...")
+            if positive
+            else _("Slice {slice}: scribble removed ({count} points); propagating...")
+        )
+        return text.format(slice=stroke.slice, count=len(stroke.points))
 
     def currentSlice(self, session: PreviewSession, segmentId, k: int) -> np.ndarray:
         """What slice ``k`` of ``segmentId`` shows now: a scribble's mask, else the preview's,
@@ -469,11 +493,13 @@ class PreviewLogic:
     @staticmethod
     def _promptTarget(session: PreviewSession, segmentId):
         if session is None:
-            raise SGPInputError("No preview: start one with a box or a click.")
+            raise SGPInputError(_("No preview: start one with a box or a click."))
         if segmentId not in session.segmentIds:
             raise SGPInputError(
-                "Boxes, clicks and scribbles work on the segments of the preview; select one of "
-                "them (or Cancel and start again with this segment selected)."
+                _(
+                    "Boxes, clicks and scribbles work on the segments of the preview; select one "
+                    "of them (or Cancel and start again with this segment selected)."
+                )
             )
         return session.nodes()
 
@@ -510,7 +536,9 @@ NOT_HERE_MODES = ("off", "all", "visible")
 def checkNotHere(mode) -> str:
     mode = str(mode or "off").lower()
     if mode not in NOT_HERE_MODES:
-        raise SGPInputError(f"'Not here' must be one of {', '.join(NOT_HERE_MODES)}; got {mode!r}.")
+        raise SGPInputError(_(
+            "'Not here' must be one of {choices}; got {mode!r}."
+        ).format(choices=", ".join(NOT_HERE_MODES), mode=mode))
     return mode
 
 
@@ -548,7 +576,7 @@ def _newPrompt(kind, volumeNode, segmentationNode, segmentId, axis, positions, i
         stroke = geometry.strokeOnSlice(volumeNode, axis, positions, inPlane)
         k = stroke.slice
     else:
-        raise SGPInputError(f"Unknown prompt {kind!r}: box, click or scribble.")
+        raise SGPInputError(_("Unknown prompt {kind!r}: box, click or scribble.").format(kind=kind))
     base = prompting.userSliceChecksum(segmentationNode, volumeNode, segmentId, axis, k)
     if kind == "box":
         prompt = prompting.boxPrompt(box, base)

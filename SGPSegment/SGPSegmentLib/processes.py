@@ -32,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slicer.i18n import tr as _
+
 from SlicerSGP.errors import SGPError
 from SlicerSGP.service.launcher import read_appended
 
@@ -135,8 +137,10 @@ def runPython(python: str | None, args: list[str], timeout: float = 60.0):
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise SGPError(
-            f"Could not run the engine's Python {python!r} ({exc}); choose a working Python "
-            "executable or leave the setting empty for Slicer's own."
+            _(
+                "Could not run the engine's Python {python!r} ({exc}); choose a working "
+                "Python executable or leave the setting empty for Slicer's own."
+            ).format(python=python, exc=exc)
         ) from None
 
 
@@ -261,7 +265,11 @@ class Task:
             self._proc = None
             step = self.steps[self._index]
             if code != 0:
-                self._fail(f"{step.label} failed (exit code {code}):\n" + "\n".join(self.tail))
+                self._fail(
+                    _("{step} failed (exit code {code}):\n{output}").format(
+                        step=step.label, code=code, output="\n".join(self.tail)
+                    )
+                )
                 return self
             try:
                 if step.after is not None:
@@ -287,7 +295,9 @@ class Task:
         while not self.poll().done():
             if time.monotonic() > deadline:
                 self.cancel()
-                raise SGPError(f"{self.title} did not finish within {timeout:.0f} s; cancelled.")
+                raise SGPError(_(
+                    "{title} did not finish within {timeout:.0f} s; cancelled."
+                ).format(title=self.title, timeout=timeout))
             time.sleep(interval)
         return self
 
@@ -322,7 +332,11 @@ class Task:
                     **popenOptions(),
                 )
             except OSError as exc:
-                self._fail(f"{step.label}: could not start {step.command[0]!r} ({exc}).")
+                self._fail(
+                    _("{step}: could not start {command!r} ({exc}).").format(
+                        step=step.label, command=step.command[0], exc=exc
+                    )
+                )
 
     def _read(self, final: bool = False) -> None:
         if self._log is None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from slicer.i18n import tr as _
 
 from SGPSegmentLib import labeled_slices, mrml_io
 from SGPSegmentLib.slice_geometry import SliceBox, SliceStroke
@@ -51,14 +52,14 @@ class PromptedSlice:
 
     def describe(self) -> str:
         if self.fixed is not None:
-            return "scribbled"
-        parts = ["box"] if self.box is not None else []
+            return _("scribbled")
+        parts = [_("box")] if self.box is not None else []
         positive = sum(1 for p in self.points if p[2])
         if positive:
-            parts.append(f"{positive} click(s) here")
+            parts.append(_("{count} click(s) here").format(count=positive))
         if len(self.points) - positive:
-            parts.append(f"{len(self.points) - positive} click(s) not here")
-        return " + ".join(parts) or "empty"
+            parts.append(_("{count} click(s) not here").format(count=len(self.points) - positive))
+        return " + ".join(parts) or _("empty")
 
     def toSlicePrompt(self, value: int, k: int) -> SlicePrompt:
         return SlicePrompt(
@@ -156,8 +157,10 @@ def checkPromptsFitGrid(volumeNode, axis: int, prompts: dict) -> None:
     for segmentId, k in prompts:
         if not 0 <= int(k) < n:
             raise SGPInputError(
-                f"A prompt of segment '{segmentId}' lies on slice {k}, outside the volume "
-                f"(0..{n - 1}); Cancel the preview and draw it again."
+                _(
+                    "A prompt of segment '{segmentId}' lies on slice {k}, outside the volume "
+                    "(0..{lastSlice}); Cancel the preview and draw it again."
+                ).format(segmentId=segmentId, k=k, lastSlice=n - 1)
             )
 
 

@@ -7,6 +7,7 @@ reference case is mapped exactly as the engine maps a volume.
 from __future__ import annotations
 
 import numpy as np
+from slicer.i18n import tr as _
 
 from SGPSegmentLib import mrml_io
 from SGPSegmentLib.constants import AXIS_NAMES
@@ -16,6 +17,31 @@ from SlicerSGP.types import SupportItem
 
 MAX_REFERENCE_SLICES_PER_STRUCTURE = 64
 """Reference-case support items kept per structure (evenly spaced beyond this)."""
+REFERENCE_CASE_ROLE = "SGPReferenceCase"
+"""Node reference role (on the parameter node) of each reference-case segmentation."""
+
+
+def setReferenceCases(parameterNode, segmentationNodes) -> None:
+    """Store the reference cases as node references on the (MRML) parameter node, so that
+    they are saved with the scene and follow node ID changes on import."""
+    parameterNode.RemoveNodeReferenceIDs(REFERENCE_CASE_ROLE)
+    for node in segmentationNodes:
+        parameterNode.AddNodeReferenceID(REFERENCE_CASE_ROLE, node.GetID())
+
+
+def referenceCaseNodes(parameterNode) -> list:
+    n = parameterNode.GetNumberOfNodeReferences(REFERENCE_CASE_ROLE)
+    nodes = [parameterNode.GetNthNodeReference(REFERENCE_CASE_ROLE, i) for i in range(n)]
+    return [node for node in nodes if node is not None]
+
+
+def referenceCases(segmentationNodes, exclude=None) -> list:
+    """``(volumeNode, segmentationNode)`` pairs for the reference segmentations."""
+    return [
+        (mrml_io.referenceVolumeForSegmentation(node), node)
+        for node in segmentationNodes
+        if node is not None and node is not exclude
+    ]
 
 def _matchSegments(refSegmentation, structures: dict[int, str]) -> dict[int, str | None]:
     refSegments = refSegmentation.GetSegmentation()
@@ -25,9 +51,13 @@ def _matchSegments(refSegmentation, structures: dict[int, str]) -> dict[int, str
     matched = {v: byName.get(n.strip().lower()) for v, n in structures.items()}
     if not any(matched.values()):
         raise SGPInputError(
-            f"Reference case '{refSegmentation.GetName()}' has no segment named "
-            f"{' or '.join(repr(n) for n in structures.values())}; rename its segments to "
-            "match, or remove it from the reference cases."
+            _(
+                "Reference case '{refSegmentationName}' has no segment named {segmentNames}; "
+                "rename its segments to match, or remove it from the reference cases."
+            ).format(
+                refSegmentationName=refSegmentation.GetName(),
+                segmentNames=" or ".join(repr(n) for n in structures.values()),
+            )
         )
     return matched
 
@@ -43,7 +73,9 @@ def supportBankFromScene(referenceCases, structures: dict[int, str], *, axis=0, 
     for refVolume, refSegmentation in referenceCases:
         mrml_io.checkVolume(refVolume)
         if refSegmentation is None:
-            raise SGPInputError(f"Reference case '{refVolume.GetName()}' has no segmentation.")
+            raise SGPInputError(_(
+                "Reference case '{refVolumeName}' has no segmentation."
+            ).format(refVolumeName=refVolume.GetName()))
         matched = _matchSegments(refSegmentation, structures)
         mrml_io.checkSameGrid(refVolume, refSegmentation, [s for s in matched.values() if s])
         image = mrml_io.volumeArray(refVolume)

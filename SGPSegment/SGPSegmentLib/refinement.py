@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from slicer.i18n import tr as _
 
 from SGPSegmentLib import edit_rules, labeled_slices, mrml_io, slice_geometry
 from SGPSegmentLib.slice_geometry import axisText, isAligned
@@ -43,11 +44,18 @@ class RefineReport:
     overwritten: list[str]
 
     def describe(self) -> str:
-        what = "added" if self.positive else "removed"
-        return (
-            f"Slice {self.slice} corrected ({what} at row {self.point[0]}, column "
-            f"{self.point[1]}); it now counts as drawn. Propagating again..."
+        text = (
+            _(
+                "Slice {slice} corrected (added at row {row}, column {column}); it now counts "
+                "as drawn. Propagating again..."
+            )
+            if self.positive
+            else _(
+                "Slice {slice} corrected (removed at row {row}, column {column}); it now "
+                "counts as drawn. Propagating again..."
+            )
         )
+        return text.format(slice=self.slice, row=self.point[0], column=self.point[1])
 
 
 def clickOnSlice(volumeNode, axis: int, ras, inPlane=None) -> tuple[int, int, int]:
@@ -69,13 +77,17 @@ def sliceIndexFromViews(volumeNode, axis: int, sliceToRASMatrices) -> int:
         k = int(np.round(mrml_io.rasToArrayIndex(volumeNode, origin)[axis]))
         if not 0 <= k < shape[axis]:
             raise SGPInputError(
-                f"The view shows {axisText(axis)} position {k}, outside the volume "
-                f"(0..{shape[axis] - 1})."
+                _(
+                    "The view shows {orientation} position {k}, outside the volume "
+                    "(0..{lastSlice})."
+                ).format(orientation=axisText(axis), k=k, lastSlice=shape[axis] - 1)
             )
         return k
     raise SGPInputError(
-        f"No slice view shows {axisText(axis)} slices of the volume; set one to that "
-        "orientation or type the slice number."
+        _(
+            "No slice view shows {orientation} slices of the volume; set one to that orientation "
+            "or type the slice number."
+        ).format(orientation=axisText(axis))
     )
 
 
@@ -101,7 +113,7 @@ def refineOnEngine(client, session, volumeNode, k: int, clicks: SliceClicks):
     args = (k, [tuple(map(float, p)) for p in clicks.points], list(clicks.labels), clicks.base)
     try:
         if not session.volumeId:
-            raise SGPInputError("Compute a preview before correcting it with clicks.")
+            raise SGPInputError(_("Compute a preview before correcting it with clicks."))
         return client.refine_slice(session.volumeId, *args, options)
     except SGPServiceError as exc:
         if getattr(exc, "error_type", None) != "volume_missing":
@@ -117,7 +129,7 @@ def refineClick(core, session, segmentId: str, ras, positive: bool, inPlane=None
     (under ``rules``), record it as drawn. The caller re-runs the propagation."""
     volumeNode, segmentationNode = session.nodes()
     if segmentId not in session.segmentIds:
-        raise SGPInputError("Click refinement works on the segments of the preview; select one.")
+        raise SGPInputError(_("Click refinement works on the segments of the preview; select one."))
     k, row, col = clickOnSlice(volumeNode, session.axis, ras, inPlane)
     axis = session.axis
     before = mrml_io.segmentArray(segmentationNode, segmentId, volumeNode)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from slicer.i18n import tr as _
 
 from SGPSegmentLib import labeled_slices, mrml_io
 from SGPSegmentLib.edit_watch import RecordStore, labeledSegments
@@ -75,15 +76,19 @@ def _segmentIds(segmentationNode, segmentIds) -> list[str]:
     ids = list(segmentation.GetSegmentIDs()) if segmentIds is None else [str(s) for s in segmentIds]
     if not ids:
         raise SGPInputError(
-            f"Segmentation '{segmentationNode.GetName()}' has no segment selected; add a "
-            "segment in the Segment Editor, draw it on a few slices, and select it."
+            _(
+                "Segmentation '{segmentationName}' has no segment selected; add a segment in "
+                "the Segment Editor, draw it on a few slices, and select it."
+            ).format(segmentationName=segmentationNode.GetName())
         )
     if len(set(ids)) != len(ids):
-        raise SGPInputError("A segment is selected twice.")
+        raise SGPInputError(_("A segment is selected twice."))
     for segmentId in ids:
         if segmentation.GetSegment(segmentId) is None:
             raise SGPInputError(
-                f"Segment '{segmentId}' is not in segmentation '{segmentationNode.GetName()}'."
+                _(
+                    "Segment '{segmentId}' is not in segmentation '{segmentationName}'."
+                ).format(segmentId=segmentId, segmentationName=segmentationNode.GetName())
             )
     return ids
 
@@ -101,7 +106,9 @@ def drawnSlicesAllAxes(
         segment = segmentation.GetSegment(segmentId)
         if segment is None:
             raise SGPInputError(
-                f"Segment '{segmentId}' is not in segmentation '{segmentationNode.GetName()}'."
+                _(
+                    "Segment '{segmentId}' is not in segmentation '{segmentationName}'."
+                ).format(segmentId=segmentId, segmentationName=segmentationNode.GetName())
             )
         found.append(
             records.recordedSlices(segmentationNode, volumeNode, segmentId, preferredAxis)
@@ -139,7 +146,7 @@ def prepareRun(
     """
     mrml_io.checkVolume(volumeNode)
     if segmentationNode is None:
-        raise SGPInputError("Select a segmentation that holds the labeled slices.")
+        raise SGPInputError(_("Select a segmentation that holds the labeled slices."))
     axis = mrml_io.checkAxis(axis)
     ids = _segmentIds(segmentationNode, segmentIds)
     mrml_io.checkSameGrid(volumeNode, segmentationNode, ids)
@@ -149,9 +156,11 @@ def prepareRun(
         if outside:
             name = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
             notes.append(
-                f"Segment '{name}' reaches outside volume '{volumeNode.GetName()}' "
-                f"({outside} voxels); only the part inside the volume is used, and the "
-                "written result covers the volume only."
+                _(
+                    "Segment '{name}' reaches outside volume '{volumeName}' ({count} voxels); "
+                    "only the part inside the volume is used, and the written result covers "
+                    "the volume only."
+                ).format(name=name, volumeName=volumeNode.GetName(), count=outside)
             )
 
     records = RecordStore() if records is None else records
@@ -191,11 +200,16 @@ def prepareRun(
     for item in items:
         if not item.slices and not prompted[item.value] and not (bank and bank.get(item.value)):
             raise SGPInputError(
-                f"Segment '{item.name}' has no slice drawn along {axis_label(axis)} and no "
-                "reference case or support set provides it. Draw it on at least one "
-                f"{axis_label(axis).split('(')[-1].rstrip(')')} slice where it is visible (or "
-                "choose the axis you drew on), add a reference case or choose a support set "
-                "that contains it, or deselect it."
+                _(
+                    "Segment '{name}' has no slice drawn along {axis} and no reference "
+                    "case or support set provides it. Draw it on at least one {axisLetter} "
+                    "slice where it is visible (or choose the axis you drew on), add a "
+                    "reference case or choose a support set that contains it, or deselect it."
+                ).format(
+                    name=item.name,
+                    axis=axis_label(axis),
+                    axisLetter=axis_label(axis).split("(")[-1].rstrip(")"),
+                )
             )
     if options is None:
         options = SegmentOptions(axis=axis, **optionValues)
@@ -241,8 +255,10 @@ def _placePrompts(labelsFirst, prompted) -> tuple[list[SlicePrompt], dict]:
             plane = labelsFirst[k]
             if prompt.fixed.shape != plane.shape:
                 raise SGPInputError(
-                    f"A scribbled slice ({prompt.fixed.shape}) does not fit the volume's slices "
-                    f"{plane.shape}; Cancel the preview and scribble again."
+                    _(
+                        "A scribbled slice ({shape}) does not fit the volume's slices "
+                        "{shape2}; Cancel the preview and scribble again."
+                    ).format(shape=prompt.fixed.shape, shape2=plane.shape)
                 )
             plane[plane == value] = 0
             plane[prompt.fixed & (plane == 0)] = value
@@ -279,22 +295,27 @@ def supportSetFolder(name, library=None):
     if path.is_absolute() and (path / MANIFEST).is_file():
         return path
     raise SGPInputError(
-        f"Support set {text!r} is not in the support library {lib.root} (sets there: "
-        f"{', '.join(repr(n) for n in known) or 'none yet'}). Choose one listed in the SGP "
-        "Segment module's Support library section (the same list as `sgp support list`), "
-        "save one there first, or choose None."
+        _(
+            "Support set {text!r} is not in the support library {root} (sets there: "
+            "{sets}). Choose one listed in the SGP Segment module's Support library "
+            "section (the same list as `sgp support list`), save one there first, or choose "
+            "None."
+        ).format(text=text, root=lib.root, sets=", ".join(repr(n) for n in known) or _("none yet"))
     )
 
 
 def _supportSetNotes(setName: str, items, extra) -> list[str]:
     """What the set gives each selected segment, and which segments it does not hold."""
-    used = [f"{item.name} ({len(extra[item.value])} slice(s))" for item in items
-            if item.value in extra]  # fmt: skip
-    notes = [f"Support set '{setName}' adds support for {', '.join(used)}."]
+    used = [_("{name} ({count} slice(s))").format(name=item.name, count=len(extra[item.value]))
+            for item in items if item.value in extra]  # fmt: skip
+    notes = [_("Support set '{name}' adds support for {used}.").format(
+        name=setName, used=", ".join(used))]
     missing = [item.name for item in items if item.value not in extra]
     if missing:
         notes.append(
-            f"Support set '{setName}' holds no structure named "
-            f"{', '.join(repr(n) for n in missing)}: only the slices drawn here are used for it."
+            _(
+                "Support set '{name}' holds no structure named {missing}: only the slices "
+                "drawn here are used for it."
+            ).format(name=setName, missing=", ".join(repr(n) for n in missing))
         )
     return notes

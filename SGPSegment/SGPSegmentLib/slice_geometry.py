@@ -15,9 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from slicer.i18n import tr as _
 
 from SGPSegmentLib import mrml_io
-from SGPSegmentLib.constants import AXIS_DISPLAY, AXIS_NAMES
+from SGPSegmentLib.constants import AXIS_NAMES, axisDisplay
 from SlicerSGP.errors import SGPInputError
 
 ALIGNED_TOLERANCE = 1e-3
@@ -31,7 +32,7 @@ MIN_BOX_VOXELS = 2
 
 
 def axisText(axis: int) -> str:
-    return AXIS_DISPLAY[AXIS_NAMES[axis]]
+    return axisDisplay(AXIS_NAMES[axis])
 
 
 def isAligned(volumeNode, axis: int, ras, inPlane) -> bool:
@@ -52,16 +53,20 @@ def viewAxis(volumeNode, ras, inPlane) -> int:
         if isAligned(volumeNode, axis, ras, inPlane):
             return axis
     raise SGPInputError(
-        "This view is oblique to the volume's grid: draw in a view that shows Axial, Coronal or "
-        "Sagittal slices of the volume (reset the view's orientation)."
+        _(
+            "This view is oblique to the volume's grid: draw in a view that shows Axial, Coronal "
+            "or Sagittal slices of the volume (reset the view's orientation)."
+        )
     )
 
 
 def _checkView(volumeNode, axis: int, ras, inPlane) -> None:
     if inPlane is not None and not isAligned(volumeNode, axis, ras, inPlane):
         raise SGPInputError(
-            f"Draw in a view that shows {axisText(axis)} slices, the orientation of the "
-            "preview (this view is another orientation or oblique)."
+            _(
+                "Draw in a view that shows {orientation} slices, the orientation of the preview "
+                "(this view is another orientation or oblique)."
+            ).format(orientation=axisText(axis))
         )
 
 
@@ -77,8 +82,10 @@ def _sliceOf(volumeNode, axis: int, ras) -> int:
     n = mrml_io.volumeShape(volumeNode)[axis]
     if not 0 <= k < n:
         raise SGPInputError(
-            f"That position is outside the volume ({axisText(axis)} slice {k}, the volume has "
-            f"0..{n - 1})."
+            _(
+                "That position is outside the volume ({orientation} slice {k}, the volume has "
+                "0..{lastSlice})."
+            ).format(orientation=axisText(axis), k=k, lastSlice=n - 1)
         )
     return k
 
@@ -98,7 +105,7 @@ def pointOnSlice(volumeNode, axis: int, ras, inPlane=None) -> tuple[int, int, in
     rows, cols = sliceSize(volumeNode, axis)
     n = mrml_io.volumeShape(volumeNode)[axis]
     if not (0 <= k < n and 0 <= row < rows and 0 <= col < cols):
-        raise SGPInputError("The click lies outside the volume.")
+        raise SGPInputError(_("The click lies outside the volume."))
     return k, row, col
 
 
@@ -119,8 +126,11 @@ class SliceBox:
 
     def describe(self) -> str:
         return (
-            f"rows {self.row0}..{self.row1}, columns {self.col0}..{self.col1} of slice "
-            f"{self.slice}"
+            _(
+                "rows {row0}..{row1}, columns {col0}..{col1} of slice {slice}"
+            ).format(
+                row0=self.row0, row1=self.row1, col0=self.col0, col1=self.col1, slice=self.slice
+            )
         )
 
 
@@ -130,25 +140,29 @@ def boxFromCorners(volumeNode, axis: int, rasStart, rasEnd, inPlane=None) -> Sli
     axis = mrml_io.checkAxis(axis)
     _checkView(volumeNode, axis, rasStart, inPlane)
     k = _sliceOf(volumeNode, axis, rasStart)
-    _, r0, c0 = sliceIndex(volumeNode, axis, rasStart)
+    _k, r0, c0 = sliceIndex(volumeNode, axis, rasStart)
     kEnd, r1, c1 = sliceIndex(volumeNode, axis, rasEnd)
     if abs(kEnd - k) > 0.5:
         raise SGPInputError(
-            f"The box's corners lie on different slices ({k} and {int(np.round(kEnd))}); drag it "
-            "within one slice view."
+            _(
+                "The box's corners lie on different slices ({k} and {endSlice}); drag it "
+                "within one slice view."
+            ).format(k=k, endSlice=int(np.round(kEnd)))
         )
     rows, cols = sliceSize(volumeNode, axis)
     top, bottom = sorted((int(np.round(r0)), int(np.round(r1))))
     left, right = sorted((int(np.round(c0)), int(np.round(c1))))
     if bottom < 0 or right < 0 or top >= rows or left >= cols:
-        raise SGPInputError("The box lies outside the volume; drag it over the structure.")
+        raise SGPInputError(_("The box lies outside the volume; drag it over the structure."))
     box = SliceBox(
         k, max(top, 0), max(left, 0), min(bottom, rows - 1), min(right, cols - 1)
     )
     if box.row1 - box.row0 + 1 < MIN_BOX_VOXELS or box.col1 - box.col0 + 1 < MIN_BOX_VOXELS:
         raise SGPInputError(
-            f"The box is too small ({box.describe()}): drag a rectangle around the structure, "
-            "or click on it instead."
+            _(
+                "The box is too small ({prompt}): drag a rectangle around the structure, or "
+                "click on it instead."
+            ).format(prompt=box.describe())
         )
     return box
 
@@ -184,7 +198,7 @@ def strokeOnSlice(
     dropped."""
     axis = mrml_io.checkAxis(axis)
     if len(rasPoints) == 0:
-        raise SGPInputError("The stroke has no points.")
+        raise SGPInputError(_("The stroke has no points."))
     _checkView(volumeNode, axis, rasPoints[0], inPlane)
     k = _sliceOf(volumeNode, axis, rasPoints[0])
     path = np.array([sliceIndex(volumeNode, axis, p)[1:] for p in rasPoints], dtype=float)
@@ -200,7 +214,7 @@ def strokeOnSlice(
         & (dense[:, 1] > -0.5) & (dense[:, 1] < cols - 0.5)
     )  # fmt: skip
     if not inside.any():
-        raise SGPInputError("The stroke lies outside the volume.")
+        raise SGPInputError(_("The stroke lies outside the volume."))
     voxels = _unique(np.round(dense[inside]).astype(int))
     # Points evenly spaced by arc length along the part inside the slice.
     kept = dense[inside]

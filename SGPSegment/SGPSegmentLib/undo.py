@@ -13,6 +13,7 @@ from typing import Any
 
 import slicer
 import vtk
+from slicer.i18n import tr as _
 
 from SGPSegmentLib import labeled_slices, mrml_io
 from SlicerSGP.errors import SGPError, SGPInputError
@@ -75,15 +76,17 @@ class RunHistory:
 
         Refuses (SGPInputError) when a segment was edited after the run, naming it."""
         if not self.canUndo(segmentationNode):
-            raise SGPInputError("There is no SGP result to undo for this segmentation.")
+            raise SGPInputError(_("There is no SGP result to undo for this segmentation."))
         edited = self.editedSinceRun(segmentationNode, volumeNode)
         if edited:
             raise SGPInputError(
-                f"Segment(s) {', '.join(repr(n) for n in edited)} were edited after the SGP run; "
-                "undoing the run would wipe those edits, so nothing was changed. Use the "
-                "Segment Editor's undo to step back through your edits first."
+                _(
+                    "Segment(s) {segments} were edited after the SGP run; undoing the run "
+                    "would wipe those edits, so nothing was changed. Use the Segment "
+                    "Editor's undo to step back through your edits first."
+                ).format(segments=", ".join(repr(n) for n in edited))
             )
         history = self._history(segmentationNode, create=False)
         if not history.RestorePreviousState():
-            raise SGPError("The segmentation's saved state could not be restored.")
+            raise SGPError(_("The segmentation's saved state could not be restored."))
         history.RemoveAllStates()  # one level: the run's own undo

@@ -28,6 +28,7 @@ import slicer
 import vtk
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 from SGPSegmentLib.constants import PROMPT_MODE_KEYS, slicerVersionProblem
+from slicer.i18n import tr as _
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DRAG_PIXELS = 4
@@ -39,6 +40,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def __init__(self, scriptedEffect):
         scriptedEffect.name = "SGP"  # not translated: modules find effects by name
+        scriptedEffect.title = _("SGP")
         scriptedEffect.perSegment = True  # the selected segment: default choice, click target
         scriptedEffect.requireSegments = True
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
@@ -59,7 +61,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return qt.QIcon(path) if os.path.exists(path) else qt.QIcon()
 
     def helpText(self):
-        return (
+        return _(
             "<html>Segment a structure through the volume with SAM2-SGP.<p><b>Fast start</b>: "
             "select a segment, drag a <b>box</b> around the structure on one slice (or click "
             "on it); the preview shows that slice and propagates the rest. Correct with clicks "

@@ -9,7 +9,8 @@ scribble) and the "not here" option. Decisions are the Logic's.
 import qt
 import slicer
 from SGPSegmentLib import edit_rules
-from SGPSegmentLib.constants import AXIS_DISPLAY, AXIS_NAMES, PROMPT_MODES
+from SGPSegmentLib.constants import AXIS_NAMES, PROMPT_MODES, axisDisplay
+from slicer.i18n import tr as _
 
 DEBOUNCE_MS = 1000
 """Wait after the last edit before re-running (a stroke sends several modified events)."""
@@ -43,9 +44,9 @@ class PreviewPanel:
         uiWidget = slicer.util.loadUI(uiPath)
         self.scriptedEffect.addOptionsWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
-        self.ui.orientationComboBox.addItem("Auto (the orientation you drew in)", "auto")
+        self.ui.orientationComboBox.addItem(_("Auto (the orientation you drew in)"), "auto")
         for name in AXIS_NAMES:
-            self.ui.orientationComboBox.addItem(AXIS_DISPLAY[name], name)
+            self.ui.orientationComboBox.addItem(axisDisplay(name), name)
         self.ui.segmentsList.connect("itemChanged(QListWidgetItem*)", self.onSegmentChecked)
         self.ui.previewButton.connect("clicked()", self.onPreview)
         self.ui.stopButton.connect("clicked()", self.onStop)
@@ -98,7 +99,7 @@ class PreviewPanel:
         if self.session is not None and not slicer.mrmlScene.GetNodeByID(
             self.session.segmentationNodeID
         ):
-            self.endSession("The preview's segmentation was removed.")  # e.g. scene closed
+            self.endSession(_("The preview's segmentation was removed."))  # e.g. scene closed
             return
         self.refreshSegmentList(editorNode)
         wasBlocked = self.ui.autoUpdateCheckBox.blockSignals(True)
@@ -123,7 +124,7 @@ class PreviewPanel:
         running = (self.session is not None and self.session.running) or bool(self.setupTask)
         canApply, reason = self.logic.canApply(self.session)
         self.ui.applyButton.enabled = canApply and not running
-        self.ui.applyButton.toolTip = reason or "Write the preview into the segments."
+        self.ui.applyButton.toolTip = reason or _("Write the preview into the segments.")
         self.ui.cancelButton.enabled = self.session is not None
         self.ui.stopButton.enabled = running
         self.ui.progressBar.setVisible(running)
@@ -170,7 +171,8 @@ class PreviewPanel:
         name = self.ui.supportSetComboBox.itemData(index) or ""
         try:
             if self.session is not None:  # the open preview first: a refused set changes nothing
-                with slicer.util.tryWithErrorDisplay("SGP preview could not use the support set."):
+                message = _("SGP preview could not use the support set.")
+                with slicer.util.tryWithErrorDisplay(message):
                     if self.logic.setSupportSet(self.session, name) is not None:
                         self.pollTimer.start()
             pn = self.moduleLogic.getParameterNode()
@@ -198,7 +200,7 @@ class PreviewPanel:
     def applyNotHere(self, editorNode, enabled):
         from SGPSegmentLib.preview import notHereMode
 
-        with slicer.util.tryWithErrorDisplay("SGP preview could not change 'not here'."):
+        with slicer.util.tryWithErrorDisplay(_("SGP preview could not change 'not here'.")):
             if self.logic.setNotHere(self.session, notHereMode(enabled, editorNode)) is not None:
                 self.pollTimer.start()
 
@@ -222,7 +224,7 @@ class PreviewPanel:
         pn = self.moduleLogic.getParameterNode()
         volumeNode, segmentationNode = self.nodes()
         editorNode = self.scriptedEffect.parameterSetNode()
-        with slicer.util.tryWithErrorDisplay("SGP preview could not start.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("SGP preview could not start."), waitCursor=True):
             ready = self.moduleLogic.ensureReady(pn, confirm=slicer.util.confirmOkCancelDisplay)
             if ready is not True:  # False: declined; else an install or download, polled below
                 self.setupTask = ready or None
@@ -239,7 +241,7 @@ class PreviewPanel:
                 self.logic.cancel(self.session)
                 self.session = None
             first, last = self.ui.firstSliceSpinBox.value, self.ui.lastSliceSpinBox.value
-            self.ui.statusLabel.text = "Starting the engine and the run..."
+            self.ui.statusLabel.text = _("Starting the engine and the run...")
             slicer.app.processEvents()
             from SGPSegmentLib.preview import notHereMode
 
@@ -283,7 +285,7 @@ class PreviewPanel:
     def onDebounce(self):
         if self.session is None:
             return
-        with slicer.util.tryWithErrorDisplay("SGP preview could not update."):
+        with slicer.util.tryWithErrorDisplay(_("SGP preview could not update.")):
             if self.logic.update(self.session, onlyIfChanged=True) is not None:
                 self.pollTimer.start()
         self.updateGUI()
@@ -308,7 +310,9 @@ class PreviewPanel:
             state = self.logic.poll(session) if session is not None else "idle"
         except Exception as exc:  # shown to the user; the segments were not touched
             self.pollTimer.stop()
-            slicer.util.errorDisplay(f"The SGP preview failed; nothing was written.\n\n{exc}")
+            slicer.util.errorDisplay(_(
+                "The SGP preview failed; nothing was written.\n\n{exc}"
+            ).format(exc=exc))
             state = "failed"
         if session is not None and session.run is not None:
             self.ui.progressBar.format = f"{session.run.stage}: %p%"
@@ -316,7 +320,7 @@ class PreviewPanel:
         if state != "running":
             self.pollTimer.stop()
             self.showSlicesToCheck()
-            messages = {"done": "Preview updated.", "cancelled": "Stopped."}
+            messages = {"done": _("Preview updated."), "cancelled": _("Stopped.")}
             self.ui.statusLabel.text = messages.get(state, "")
         self.updateGUI()
 
@@ -329,7 +333,7 @@ class PreviewPanel:
     def onSliceToCheck(self, listItem):
         row = self.ui.slicesToCheckList.row(listItem)
         if self.session is not None and 0 <= row < len(self.items):
-            with slicer.util.tryWithErrorDisplay("Could not show the slice."):
+            with slicer.util.tryWithErrorDisplay(_("Could not show the slice.")):
                 self.logic.jumpTo(self.session, self.items[row])
 
     def onStop(self):
@@ -339,18 +343,20 @@ class PreviewPanel:
         self.updateGUI()
 
     def onApply(self):
-        with slicer.util.tryWithErrorDisplay("The preview was not applied.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("The preview was not applied."), waitCursor=True):
             rules = edit_rules.rulesFromEditorNode(self.scriptedEffect.parameterSetNode())
             canApply, reason = self.logic.canApply(self.session)
             if not canApply:
                 raise ValueError(reason)
             self.scriptedEffect.saveStateForUndo()  # the editor's Undo takes the result back
             report = self.logic.apply(self.session, rules)
-            self.endSession(f"Applied to {len(report.segmentIds)} segment(s).")
+            self.endSession(
+                _("Applied to {count} segment(s).").format(count=len(report.segmentIds))
+            )
 
     def onCancel(self):
         self.logic.cancel(self.session)
-        self.endSession("Preview removed; the segments are unchanged.")
+        self.endSession(_("Preview removed; the segments are unchanged."))
 
     def endSession(self, message):
         self.debounceTimer.stop()
@@ -368,7 +374,7 @@ class PreviewPanel:
         nodes = [views.sliceWidget(name).mrmlSliceNode() for name in views.sliceViewNames()]
         matrices = [slicer.util.arrayFromVTKMatrix(n.GetSliceToRAS()) for n in nodes]
         axis = self.session.axis if self.session else self.ui.orientationComboBox.currentData
-        with slicer.util.tryWithErrorDisplay("Could not read the slice from the views."):
+        with slicer.util.tryWithErrorDisplay(_("Could not read the slice from the views.")):
             k = self.logic.sliceFromViews(
                 volumeNode, segmentationNode, self.chosenIds, axis, matrices
             )
@@ -383,9 +389,14 @@ class PreviewPanel:
         and the preview updates after the debounce."""
         editorNode = self.scriptedEffect.parameterSetNode()
         segmentId = editorNode.GetSelectedSegmentID() if editorNode else None
-        with slicer.util.tryWithErrorDisplay(f"The {kind} was not used.", waitCursor=True):
+        notUsed = {
+            "box": _("The box was not used."),
+            "click": _("The click was not used."),
+            "scribble": _("The scribble was not used."),
+        }[kind]
+        with slicer.util.tryWithErrorDisplay(notUsed, waitCursor=True):
             if not segmentId:
-                raise ValueError("Select the segment to draw (add one in the segment list).")
+                raise ValueError(_("Select the segment to draw (add one in the segment list)."))
             if self.session is None or segmentId not in self.session.segmentIds:
                 # A new preview (another segment joins it): after installing the engine if it
                 # must, with this prompt and the open preview's ones.

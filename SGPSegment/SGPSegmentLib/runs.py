@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import slicer
+from slicer.i18n import tr as _
 
 from SGPSegmentLib import edit_rules, labeled_slices, mrml_io, outputs
 from SGPSegmentLib.edit_rules import EditRules
@@ -110,7 +111,7 @@ class Runs:
         """A run that waits for the local engine to start (nothing waits: :meth:`poll` asks
         ``engineReady()`` and queues the run once it gives a client)."""
         run = Run(request, None, "", "", keepPseudoMasks=keepPseudoMasks, preview=preview)
-        run.stage, run.engineReady = "starting engine", engineReady
+        run.stage, run.engineReady = _("starting engine"), engineReady
         return run
 
     @staticmethod
@@ -133,7 +134,7 @@ class Runs:
         )
         request.release()
         run.client, run.runId, run.volumeId = client, runId, volumeId
-        run.engineReady, run.stage = None, "queued"
+        run.engineReady, run.stage = None, _("queued")
 
     def poll(self, run: Run, describeFailure=None) -> Run:
         """Update ``run`` from the engine; when it is done, write the result (main thread).
@@ -158,8 +159,9 @@ class Runs:
                 run.state = "cancelled"
             elif state in ("failed", "error"):
                 raise SGPError(
-                    f"The engine could not segment: {status.get('error') or 'unknown error'}; "
-                    "nothing was written."
+                    _(
+                        "The engine could not segment: {error}; nothing was written."
+                    ).format(error=status.get("error") or _("unknown error"))
                 )
             elif state == "done":
                 try:
@@ -202,7 +204,9 @@ class Runs:
         while not run.done():
             if time.monotonic() > deadline:
                 self.cancel(run)
-                raise SGPError(f"The run did not finish within {timeout:.0f} s; it was cancelled.")
+                raise SGPError(_(
+                    "The run did not finish within {timeout:.0f} s; it was cancelled."
+                ).format(timeout=timeout))
             self.poll(run, describeFailure)
             if not run.done():
                 time.sleep(interval)
@@ -216,7 +220,10 @@ class Runs:
         segmentationNode = scene.GetNodeByID(request.segmentationNodeID)
         if volumeNode is None or segmentationNode is None:
             raise SGPInputError(
-                "The volume or segmentation of this run was removed from the scene; nothing was written."
+                _(
+                    "The volume or segmentation of this run was removed from the scene; nothing "
+                    "was written."
+                )
             )
         return volumeNode, segmentationNode
 
@@ -228,13 +235,17 @@ class Runs:
         for value, segmentId in request.segmentIds.items():
             if segmentation.GetSegment(segmentId) is None:
                 raise SGPInputError(
-                    f"Segment '{request.structures[value]}' was removed during the run; nothing was written."
+                    _(
+                        "Segment '{segmentName}' was removed during the run; nothing was written."
+                    ).format(segmentName=request.structures[value])
                 )
             masks[value] = mrml_io.segmentArray(segmentationNode, segmentId, volumeNode)
             if labeled_slices.checksum(masks[value]) != request.beforeChecksums[value]:
                 raise SGPInputError(
-                    f"Segment '{request.structures[value]}' was edited while the run was going on; "
-                    "nothing was written. Run again to use the edits."
+                    _(
+                        "Segment '{segmentName}' was edited while the run was going on; nothing "
+                        "was written. Run again to use the edits."
+                    ).format(segmentName=request.structures[value])
                 )
         return masks
 
@@ -253,8 +264,10 @@ class Runs:
         volumeNode, segmentationNode = self._nodes(request)
         if tuple(result.labels.shape[:3]) != tuple(request.shape):
             raise SGPError(
-                f"The engine returned labels of shape {result.labels.shape}, expected "
-                f"{request.shape}; nothing was written."
+                _(
+                    "The engine returned labels of shape {shape}, expected {shape2}; nothing "
+                    "was written."
+                ).format(shape=result.labels.shape, shape2=request.shape)
             )
         before = self._currentMasks(request, volumeNode, segmentationNode)
         axis = request.axis
