@@ -12,7 +12,9 @@ from synthetic import make_objects_visible, synthetic_volume
 
 from SlicerSGP import SGPInputError, SGPWeightsError
 from SlicerSGP.data import io
+from SlicerSGP.data.preprocess import LetterboxTransform
 from SlicerSGP.data.intensity import ct_window_for, intensity_range
+from SlicerSGP.method.extent import presence_run
 from SlicerSGP.method.model import (
     build_model,
     load_sgp_checkpoint,
@@ -20,7 +22,6 @@ from SlicerSGP.method.model import (
     read_sgp_metadata,
     save_sgp_checkpoint,
 )
-from SlicerSGP.method.propagation import presence_run
 from SlicerSGP.method.segmenter import Segmenter
 from SlicerSGP.types import SegmentOptions
 
@@ -71,7 +72,8 @@ def test_sweep_stops_after_a_run_of_absent_slices(segmenter, monkeypatch):
     # Forward past slice 5: absent at 8 and 9, in between at 10 (no reset), absent at 11: the
     # third absent slice ends the structure; 12..15 are never predicted.
     seen = scripted_presence(segmenter, monkeypatch, {8: 0.1, 9: 0.1, 10: 0.3, 11: 0.1})
-    fresh = SegmentOptions(reuse_results=False)
+    # The random model's masks need not overlap the drawn one: the presence rule alone here.
+    fresh = SegmentOptions(reuse_results=False, min_continuity=0)
     res = segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"}, fresh)
     forward = [j for j in seen if j > 5]
     assert forward == [6, 7, 8, 9, 10, 11]
@@ -87,6 +89,51 @@ def test_sweep_stops_after_a_run_of_absent_slices(segmenter, monkeypatch):
     segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"},
                       SegmentOptions(stop_after_absent=0, reuse_results=False))
     assert sorted(set(seen)) == [k for k in range(16) if k != 5]
+
+
+def scripted_masks(seg: Segmenter, monkeypatch, lab: np.ndarray, off: set[int]) -> list[int]:
+    """Run the real slice predictor but make each predicted slice's final mask the true one
+    (present), or on the slices in ``off`` the true one moved half a slice over (another
+    structure); returns the slices predicted, in order."""
+    seen: list[int] = []
+    original = seg.predictor.step
+    transform = LetterboxTransform(lab.shape[1], lab.shape[2], SIZE)
+
+    def step(feats, j, *args, **kwargs):
+        out = original(feats, j, *args, **kwargs)
+        if kwargs.get("encode_memory", True):
+            seen.append(j)
+            mask = np.roll(lab[j], lab.shape[2] // 2, axis=1) if j in off else lab[j]
+            model = transform.mask_to_model(torch.from_numpy(mask[None, None].astype(np.float32)))
+            out.final_high = (model * 2 - 1) * 10.0
+            out.object_score = 0.9
+        return out
+
+    monkeypatch.setattr(seg.predictor, "step", step)
+    return seen
+
+
+def test_sweep_stops_where_the_masks_leave_the_structure(segmenter, monkeypatch):
+    vol, lab = synthetic_volume(n=16, h=64, w=64)
+    fresh = SegmentOptions(reuse_results=False)
+    # Past slice 5 the masks jump off the blob at 9, 10 and 11 (present all the while): three
+    # breaks in continuity end the sweep; none of them is written.
+    seen = scripted_masks(segmenter, monkeypatch, lab, {9, 10, 11})
+    res = segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"}, fresh)
+    assert [j for j in seen if j > 5] == [6, 7, 8, 9, 10, 11]
+    written = (res.labels == 1).any(axis=(1, 2))
+    assert written[:9].all() and not written[9:].any()
+    # One slice off the structure is dropped and the sweep goes on from the last kept mask.
+    seen = scripted_masks(segmenter, monkeypatch, lab, {9})
+    res = segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"}, fresh)
+    written = (res.labels == 1).any(axis=(1, 2))
+    assert [j for j in seen if j > 5] == list(range(6, 16))
+    assert not written[9] and written[10:].all()
+    # 0 turns the rule off: the moved masks are written.
+    seen = scripted_masks(segmenter, monkeypatch, lab, {9, 10, 11})
+    res = segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"},
+                            SegmentOptions(reuse_results=False, min_continuity=0))
+    assert (res.labels[9:12] == 1).any(axis=(1, 2)).all()
 
 
 def test_no_stop_between_labeled_slices(segmenter, monkeypatch):

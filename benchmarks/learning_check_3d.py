@@ -58,10 +58,12 @@ VARIANTS = {
     "prior prompt": {"interpolation_prior": "prompt"},
     "prior fuse": {"interpolation_prior": "fuse"},
     "prior both": {"interpolation_prior": "both"},
+    "fuse no continuity": {"interpolation_prior": "fuse", "min_continuity": 0},
 }
 LABELS = {"SGP": "SGP", "bank 1": "bank of 1", "no stop": "no stop",
           "no quality": "no quality fusion", "prior prompt": "prior: prompt",
           "prior fuse": "prior: fuse", "prior both": "prior: both",
+          "fuse no continuity": "fuse without the continuity stop",
           "interpolation": "Fill between slices", "nearest": "nearest copy"}
 
 

@@ -129,6 +129,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--stop-after-absent", type=int, default=3, metavar="N",
                    help="past the outermost drawn slice, end a structure after N slices where it "
                         "is confidently absent (0: propagate to the volume's edges; default 3)")
+    m.add_argument("--min-continuity", type=float, default=0.5, metavar="DICE",
+                   help="past the outermost drawn slice, a mask overlapping the last kept one by "
+                        "less (Dice) has left the structure: not written, counts as absent "
+                        "(0: off; default 0.5)")
     m.add_argument("--no-reverse-quality", action="store_true",
                    help="skip the reverse-propagation quality score (RevSAM2) of each slice")
     m.add_argument("--no-quality-fusion", action="store_true",
@@ -266,6 +270,7 @@ def segment_case(args: argparse.Namespace, plan: OutputPlan, engine_for: Callabl
         keep_pseudo_masks=args.pseudo_masks is not None or args.overlay is not None,
         complete_slices=args.complete_slices, multi_view=args.multi_view,
         stop_after_absent=args.stop_after_absent, slice_limits=_slice_limits(args),
+        min_continuity=args.min_continuity,
         reverse_quality=not args.no_reverse_quality,
         quality_fusion=not args.no_quality_fusion, exclude=exclude,
         interpolation_prior=args.interpolation_prior,

@@ -28,6 +28,7 @@ import torch
 from SlicerSGP.data import preprocess
 from SlicerSGP.errors import Cancelled
 from SlicerSGP.method.encoding import EncodedSlices
+from SlicerSGP.method.extent import breaks_continuity, presence_run
 from SlicerSGP.method.memory import bank_size, evict
 from SlicerSGP.method.prior import Prior, blend, fuses, prompt_source
 from SlicerSGP.method.rerun import SliceResult, StructureRun, SweepReplay
@@ -143,23 +144,6 @@ def sweep_pool(pool: list[Memory], labeled: list[int], sweep: Sweep,
     return own + pool[len(labeled):]
 
 
-PRESENT_ABOVE = 0.5
-"""Presence over which a slice resets the run of absent slices (the upper hysteresis level)."""
-
-
-def presence_run(run: int, presence: float, absent_below: float) -> int:
-    """Length of the current run of confidently absent slices after one more slice.
-
-    Hysteresis: under ``absent_below`` extends the run, over ``PRESENT_ABOVE`` resets it, and
-    in between leaves it as it is, so a flickering score neither ends nor revives a structure.
-    """
-    if presence < absent_below:
-        return run + 1
-    if presence > PRESENT_ABOVE:
-        return 0
-    return run
-
-
 NEUTRAL_QUALITY = 0.5
 """Quality assumed for a slice reverse propagation cannot score (the structure absent there)."""
 MIN_QUALITY = 0.05
@@ -247,6 +231,7 @@ class Propagator:
             reverse = sweep.reverse
             outermost = min(anchors) if reverse else max(anchors)
             absent_run = 0
+            kept: np.ndarray | None = None  # the last mask this sweep kept (image space)
             replay = rerun.replay(sweep.start, reverse) if rerun is not None else None
             pool = sweep_pool(support_pool, labeled, sweep, opts.local_support)
             for j, out in self.run_sweep(feats, sweep.order, reverse, set(labeled), pool, opts,
@@ -254,6 +239,8 @@ class Propagator:
                                          exclude_of=exclude_of, prior_of=prior_of):
                 done += 1
                 if out is None:
+                    if j in masks and masks[j].any():
+                        kept = masks[j]  # a drawn slice: what comes next continues it
                     continue
                 if isinstance(out, SliceResult):
                     acc.reused += 0 if seed is not None and j == seed[0] else 1
@@ -272,15 +259,21 @@ class Propagator:
                 if opts.reverse_quality and labeled and opts.quality_fusion:
                     weight *= quality_factor(out.quality)
                 source = "seed" if seed and j == seed[0] else ("backward" if reverse else "forward")
-                with self.rt.timed("write_back"):
-                    acc.add(j, blend(out, prior[j], opts.threshold) if fuse and j in prior
-                            else out, weight, source, transform)
-                report(done / total)
                 beyond = j < outermost if reverse else j > outermost
+                mask = out.prob >= opts.threshold
+                broken = beyond and bool(opts.stop_after_absent) and breaks_continuity(
+                    mask, kept, opts.min_continuity)
+                if not broken:  # a slice that left the structure is not written
+                    with self.rt.timed("write_back"):
+                        acc.add(j, blend(out, prior[j], opts.threshold) if fuse and j in prior
+                                else out, weight, source, transform)
+                    kept = mask if mask.any() else kept
+                report(done / total)
                 if beyond and opts.stop_after_absent:
-                    absent_run = presence_run(absent_run, out.object_score, opts.absent_below)
+                    absent_run = absent_run + 1 if broken else presence_run(
+                        absent_run, out.object_score, opts.absent_below)
                     if absent_run >= opts.stop_after_absent:
-                        break  # the structure has ended in this direction
+                        break  # the structure has ended in this direction (extent.py)
         report(1.0)
         return acc
 

@@ -1,0 +1,47 @@
+"""Where a structure ends past its outermost drawn slice: the rules that stop a sweep there.
+
+Between two drawn slices the structure is known to run on; past the outermost one a sweep must
+find its end. Two signs say the structure has ended, and both count towards one stop:
+
+* **absence**: the combined object score falls under ``SegmentOptions.absent_below``
+  (:func:`presence_run`, with hysteresis so a flickering score neither ends nor revives it);
+* **a break in continuity**: the slice's mask overlaps the last mask the sweep kept (the
+  outermost drawn slice, then each kept prediction) by a Dice under
+  ``SegmentOptions.min_continuity``. One structure's cross-sections on neighbouring slices
+  overlap, which is what Fill between slices relies on too; a mask that does not overlap its
+  neighbour is on something else (the next vertebra, a neighbouring organ). Such a slice is
+  not written and counts as absent.
+
+``stop_after_absent`` such slices in a row end the sweep. The Dice floor of 0.5 means "most of
+either mask lies in the other"; it is a fixed rule, not fitted to any evaluation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PRESENT_ABOVE = 0.5
+"""Presence over which a slice resets the run of absent slices (the upper hysteresis level)."""
+
+
+def presence_run(run: int, presence: float, absent_below: float) -> int:
+    """Length of the current run of confidently absent slices after one more slice.
+
+    Hysteresis: under ``absent_below`` extends the run, over ``PRESENT_ABOVE`` resets it, and
+    in between leaves it as it is, so a flickering score neither ends nor revives a structure.
+    """
+    if presence < absent_below:
+        return run + 1
+    if presence > PRESENT_ABOVE:
+        return 0
+    return run
+
+
+def breaks_continuity(mask: np.ndarray, kept: np.ndarray | None, min_dice: float) -> bool:
+    """Whether a non-empty ``mask`` past the drawn range overlaps ``kept`` (the last mask the
+    sweep kept, None if there is none yet) by a Dice under ``min_dice`` (0: never). An empty
+    mask is left to the presence rule."""
+    if min_dice <= 0 or kept is None or not mask.any():
+        return False
+    total = int(mask.sum()) + int(kept.sum())
+    return 2.0 * float(np.logical_and(mask, kept).sum()) < min_dice * total
