@@ -12,8 +12,8 @@ from synthetic import make_objects_visible, synthetic_volume
 
 from SlicerSGP import SGPInputError, SGPWeightsError
 from SlicerSGP.data import io
-from SlicerSGP.data.preprocess import LetterboxTransform
 from SlicerSGP.data.intensity import ct_window_for, intensity_range
+from SlicerSGP.data.preprocess import LetterboxTransform
 from SlicerSGP.method.extent import presence_run
 from SlicerSGP.method.model import (
     build_model,
