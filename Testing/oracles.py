@@ -14,7 +14,7 @@ from SlicerSGP.data import preprocess
 from SlicerSGP.method.model import build_model
 from SlicerSGP.method.propagation import fusion_weight, quality_factor
 from SlicerSGP.method.segmenter import Segmenter
-from SlicerSGP.method.step import NO_OBJECT_LOGIT
+from SlicerSGP.method.slice_predictor import NO_OBJECT_LOGIT
 from SlicerSGP.method.support import select_top_k
 from SlicerSGP.types import SegmentOptions
 

@@ -10,7 +10,7 @@ one responsibility:
 3. :mod:`~SlicerSGP.method.support`: each support item becomes a memory through SAM2's memory
    encoder, its mask given as SAM2 encodes a mask prompt on a conditioning frame; the K most
    similar are picked per slice;
-4. :mod:`~SlicerSGP.method.propagation` (with :mod:`~SlicerSGP.method.step` and
+4. :mod:`~SlicerSGP.method.propagation` (with :mod:`~SlicerSGP.method.slice_predictor` and
    :mod:`~SlicerSGP.method.memory`): sweeps restart at every labeled slice and run to the next
    one (or the structure's end); per slice, PMG pseudo-mask, PMA final mask, new memory;
 5. :mod:`~SlicerSGP.method.rerun`: a re-run reuses, exactly, every slice result of the last run
@@ -56,7 +56,7 @@ from SlicerSGP.method.prompts import apply_prompts, exclusion_lookup, window_vox
 from SlicerSGP.method.propagation import Accumulator, Propagator
 from SlicerSGP.method.rerun import RerunCache, StructureRun, drawn_memories
 from SlicerSGP.method.runtime import Runtime, resolve_device
-from SlicerSGP.method.step import SlicePredictor, StepOutput
+from SlicerSGP.method.slice_predictor import SlicePredictor, StepOutput
 from SlicerSGP.method.support import Memory, SupportMemories
 from SlicerSGP.types import (
     CancelCheck,
