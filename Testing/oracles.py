@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from synthetic import make_objects_visible, synthetic_volume
 
+from SlicerSGP.build_model import build_model
 from SlicerSGP.data import preprocess
-from SlicerSGP.method.model import build_model
 from SlicerSGP.method.propagation import fusion_weight, quality_factor
 from SlicerSGP.method.segmenter import Segmenter
 from SlicerSGP.method.slice_predictor import NO_OBJECT_LOGIT

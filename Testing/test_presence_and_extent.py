@@ -11,15 +11,15 @@ import torch
 from synthetic import make_objects_visible, synthetic_volume
 
 from SlicerSGP import SGPInputError, SGPWeightsError
-from SlicerSGP.data import io
-from SlicerSGP.data.intensity import ct_window_for, intensity_range
-from SlicerSGP.method.model import (
+from SlicerSGP.build_model import (
     build_model,
     load_sgp_checkpoint,
-    pseudo_mask_box,
     read_sgp_metadata,
     save_sgp_checkpoint,
 )
+from SlicerSGP.data import io
+from SlicerSGP.data.intensity import ct_window_for, intensity_range
+from SlicerSGP.method.pma import pseudo_mask_box
 from SlicerSGP.method.propagation import presence_run
 from SlicerSGP.method.segmenter import Segmenter
 from SlicerSGP.types import SegmentOptions

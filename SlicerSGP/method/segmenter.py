@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from SlicerSGP.build_model import build_model, load_sgp_checkpoint
 from SlicerSGP.data import preprocess
 from SlicerSGP.data.prompt_checks import check_prompts
 from SlicerSGP.method.assembly import (
@@ -49,7 +50,7 @@ from SlicerSGP.method.inputs import (
     slice_limits,
     validate_options,
 )
-from SlicerSGP.method.model import SGPModel, build_model, load_sgp_checkpoint
+from SlicerSGP.method.model import SGPModel
 from SlicerSGP.method.multiview import fuse_views
 from SlicerSGP.method.prior import PriorCache
 from SlicerSGP.method.prompts import apply_prompts, exclusion_lookup, window_voxels
@@ -97,8 +98,7 @@ class Segmenter:
             # weights None: the base SAM2 weights the checkpoint names in its metadata.
             net = load_sgp_checkpoint(model, image_size=image_size, weights=weights)
         else:
-            net = build_model(str(model), weights=weights, image_size=image_size or 1024,
-                              seed=seed)
+            net = build_model(str(model), weights=weights, image_size=image_size or 1024, seed=seed)
         self._identity = {"model": model if isinstance(model, str) else net.config.size,
                           "weights": weights, "seed": seed, "dtype": dtype,
                           "feature_dtype": feature_dtype}
