@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from synthetic import make_objects_visible, synthetic_volume
 
+from SlicerSGP.build_model import build_model
 from SlicerSGP.data import preprocess
-from SlicerSGP.method.model import build_model
 from SlicerSGP.method.propagation import fusion_weight, quality_factor
 from SlicerSGP.method.segmenter import Segmenter
-from SlicerSGP.method.step import NO_OBJECT_LOGIT
+from SlicerSGP.method.slice_predictor import NO_OBJECT_LOGIT
 from SlicerSGP.method.support import select_top_k
 from SlicerSGP.types import SegmentOptions
 

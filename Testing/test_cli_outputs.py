@@ -19,10 +19,10 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
+import SlicerSGP.build_model as checkpoints
 import SlicerSGP.cli.eval as cli_eval
 import SlicerSGP.cli.segment as cli_segment
 import SlicerSGP.cli.train as cli_train
-import SlicerSGP.training.checkpoints as checkpoints
 from SlicerSGP.cli import build_parser, main
 from SlicerSGP.cli.common import OutputPlan, Progress
 from SlicerSGP.data import io

@@ -10,8 +10,8 @@ import copy
 import pytest
 import torch
 
+from SlicerSGP.build_model import build_model
 from SlicerSGP.method import fast_paths
-from SlicerSGP.method.model import build_model
 from SlicerSGP.method.runtime import Runtime
 
 

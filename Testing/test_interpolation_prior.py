@@ -17,7 +17,7 @@ from synthetic import make_objects_visible, synthetic_volume
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.method import prior as prior_rules
 from SlicerSGP.method.interpolation import shared_worker
-from SlicerSGP.method.model import pseudo_mask_box
+from SlicerSGP.method.pma import pseudo_mask_box
 from SlicerSGP.method.propagation import Propagator
 from SlicerSGP.method.rerun import SliceResult
 from SlicerSGP.method.segmenter import Segmenter

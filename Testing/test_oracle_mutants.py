@@ -15,7 +15,8 @@ import types
 import oracles
 import pytest
 
-from SlicerSGP.method import memory, propagation, step, support
+from SlicerSGP.method import memory, propagation, support
+from SlicerSGP.method import slice_predictor as step
 
 
 def apply_mutant(monkeypatch: pytest.MonkeyPatch, module: types.ModuleType, old: str,

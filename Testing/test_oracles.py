@@ -8,7 +8,8 @@ import pytest
 import torch
 from synthetic import make_objects_visible, synthetic_volume
 
-from SlicerSGP.method.model import MaskAttention, inject_lora
+from SlicerSGP.method.model import inject_lora
+from SlicerSGP.method.pma import MaskAttention
 from SlicerSGP.method.segmenter import Segmenter
 from SlicerSGP.types import SegmentOptions
 
@@ -71,7 +72,7 @@ def test_object_score_gating_without_forced_visibility(monkeypatch):
 
 
 def test_lora_at_initialisation_changes_nothing():
-    from SlicerSGP.method.model import build_model
+    from SlicerSGP.build_model import build_model
 
     base = build_model("tiny", weights="random", image_size=IMAGE_SIZE, seed=3)
     adapted = build_model("tiny", weights="random", image_size=IMAGE_SIZE, seed=3)

@@ -11,17 +11,17 @@ import torch
 from synthetic import make_objects_visible, synthetic_volume
 
 from SlicerSGP import SGPInputError, SGPWeightsError
+from SlicerSGP.build_model import (
+    build_model,
+    load_sgp_checkpoint,
+    read_sgp_metadata,
+    save_sgp_checkpoint,
+)
 from SlicerSGP.data import io
 from SlicerSGP.data.intensity import ct_window_for, intensity_range
 from SlicerSGP.data.preprocess import LetterboxTransform
 from SlicerSGP.method.extent import presence_run
-from SlicerSGP.method.model import (
-    build_model,
-    load_sgp_checkpoint,
-    pseudo_mask_box,
-    read_sgp_metadata,
-    save_sgp_checkpoint,
-)
+from SlicerSGP.method.pma import pseudo_mask_box
 from SlicerSGP.method.segmenter import Segmenter
 from SlicerSGP.types import SegmentOptions
 

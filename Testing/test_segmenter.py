@@ -12,13 +12,9 @@ from safetensors.torch import load_file, save_file
 from synthetic import make_objects_visible, synthetic_volume
 
 from SlicerSGP import Cancelled, SGPInputError, SupportItem
+from SlicerSGP.build_model import build_model, load_sgp_checkpoint, save_sgp_checkpoint
 from SlicerSGP.errors import SGPWeightsError
-from SlicerSGP.method.model import (
-    ModelConfig,
-    build_model,
-    load_sgp_checkpoint,
-    save_sgp_checkpoint,
-)
+from SlicerSGP.method.model import ModelConfig
 from SlicerSGP.method.pma import SupportPointer, SupportPrior, support_cue
 from SlicerSGP.method.segmenter import Segmenter
 from SlicerSGP.types import SegmentOptions

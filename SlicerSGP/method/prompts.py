@@ -26,7 +26,7 @@ from scipy import ndimage
 from SlicerSGP.data.preprocess import LetterboxTransform
 from SlicerSGP.method.assembly import label_dtype
 from SlicerSGP.method.encoding import VolumeFeatures
-from SlicerSGP.method.step import SlicePredictor
+from SlicerSGP.method.slice_predictor import SlicePredictor
 from SlicerSGP.types import CancelCheck, SegmentOptions, SlicePrompt
 
 BOX_LABELS = (2, 3)

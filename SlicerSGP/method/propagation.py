@@ -33,7 +33,7 @@ from SlicerSGP.method.memory import bank_size, evict
 from SlicerSGP.method.prior import Prior, blend, fuses, prompt_source
 from SlicerSGP.method.rerun import SliceResult, StructureRun, SweepReplay
 from SlicerSGP.method.runtime import Runtime
-from SlicerSGP.method.step import SlicePredictor, StepOutput
+from SlicerSGP.method.slice_predictor import SlicePredictor, StepOutput
 from SlicerSGP.method.support import Memory, select_top_k
 from SlicerSGP.types import CancelCheck, SegmentOptions
 

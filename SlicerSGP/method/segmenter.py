@@ -10,7 +10,7 @@ one responsibility:
 3. :mod:`~SlicerSGP.method.support`: each support item becomes a memory through SAM2's memory
    encoder, its mask given as SAM2 encodes a mask prompt on a conditioning frame; the K most
    similar are picked per slice;
-4. :mod:`~SlicerSGP.method.propagation` (with :mod:`~SlicerSGP.method.step` and
+4. :mod:`~SlicerSGP.method.propagation` (with :mod:`~SlicerSGP.method.slice_predictor` and
    :mod:`~SlicerSGP.method.memory`): sweeps restart at every labeled slice and run to the next
    one (or the structure's end); per slice, PMG pseudo-mask, PMA final mask, new memory;
 5. :mod:`~SlicerSGP.method.rerun`: a re-run reuses, exactly, every slice result of the last run
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from SlicerSGP.build_model import build_model, load_sgp_checkpoint
 from SlicerSGP.data import preprocess
 from SlicerSGP.data.prompt_checks import check_prompts
 from SlicerSGP.method.assembly import (
@@ -49,14 +50,14 @@ from SlicerSGP.method.inputs import (
     slice_limits,
     validate_options,
 )
-from SlicerSGP.method.model import SGPModel, build_model, load_sgp_checkpoint
+from SlicerSGP.method.model import SGPModel
 from SlicerSGP.method.multiview import fuse_views
 from SlicerSGP.method.prior import PriorCache
 from SlicerSGP.method.prompts import apply_prompts, exclusion_lookup, window_voxels
 from SlicerSGP.method.propagation import Accumulator, Propagator
 from SlicerSGP.method.rerun import RerunCache, StructureRun, drawn_memories
 from SlicerSGP.method.runtime import Runtime, resolve_device
-from SlicerSGP.method.step import SlicePredictor, StepOutput
+from SlicerSGP.method.slice_predictor import SlicePredictor, StepOutput
 from SlicerSGP.method.support import Memory, SupportMemories
 from SlicerSGP.types import (
     CancelCheck,
@@ -97,8 +98,7 @@ class Segmenter:
             # weights None: the base SAM2 weights the checkpoint names in its metadata.
             net = load_sgp_checkpoint(model, image_size=image_size, weights=weights)
         else:
-            net = build_model(str(model), weights=weights, image_size=image_size or 1024,
-                              seed=seed)
+            net = build_model(str(model), weights=weights, image_size=image_size or 1024, seed=seed)
         self._identity = {"model": model if isinstance(model, str) else net.config.size,
                           "weights": weights, "seed": seed, "dtype": dtype,
                           "feature_dtype": feature_dtype}

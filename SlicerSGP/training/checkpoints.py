@@ -1,6 +1,7 @@
-"""What a training run writes: the SGP checkpoint (``.safetensors`` + ``.json``) with its
-training metadata, and the resume state (``NAME.state.pt``: model, optimizer, schedule,
-pooled-embedding cache, history), from which a resumed run continues exactly."""
+"""The resume state of a training run (``NAME.state.pt``: model, optimizer, schedule,
+pooled-embedding cache, history), from which a resumed run continues exactly. The SGP checkpoint
+itself is the builder's (:func:`SlicerSGP.build_model.save_sgp_checkpoint`), with what
+:mod:`~SlicerSGP.training.checkpoint_metadata` says about the run."""
 
 from __future__ import annotations
 
@@ -12,12 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from SlicerSGP.data.targets import target_name
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.filesystem import atomic_write
-from SlicerSGP.method.model import save_sgp_checkpoint
 from SlicerSGP.training.config import TrainConfig
-from SlicerSGP.weights import file_sha256, resolve_weights
 
 # Functions here take the Trainer as ``trainer: Any``: trainer.py imports this module, so
 # importing Trainer back (even for type checking) would close an import circle.
@@ -92,41 +90,6 @@ def restore_state(trainer: Any, state: dict[str, Any]) -> None:
     pool = state.get("pool")
     trainer.pool_cache = {k: pool[i] for i, k in enumerate(keys)} if keys else {}
     trainer.history = list(state.get("history", []))
-
-
-def training_metadata(trainer: Any, final: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(base, extra) metadata of the checkpoint: what it was trained from, and how."""
-    cfg = trainer.cfg
-    base: dict[str, Any] = {"weights": cfg.weights or "pretrained", "seed": cfg.seed}
-    if not cfg.is_random():
-        size, _ = cfg.resolved_model()
-        resolved = resolve_weights(size, cfg.weights)
-        if resolved.checkpoint:
-            base["sha256"] = file_sha256(resolved.checkpoint)
-            base["model"] = resolved.model
-    recent = trainer.history[-50:]
-    names = trainer.cases[0].names
-    extra = {"training": {
-        "steps": trainer.step, "final": final, "config": cfg.to_dict(),
-        "train_cases": [c.name for c in trainer.cases], "structures": trainer.values,
-        "names": {str(v): names.get(v, f"label_{v}") for v in trainer.values},
-        "targets": [target_name(t) for t in trainer.targets],
-        "recent_loss": float(np.mean([r["loss"] for r in recent])) if recent else None,
-        "options": {"top_k": cfg.top_k, "memory_size": cfg.memory_size,
-                    "memory_policy": cfg.memory_policy, "use_pmg": cfg.use_pmg,
-                    "use_pma": cfg.use_pma, "use_3d_memory": cfg.use_3d_memory},
-    }}
-    return base, extra
-
-
-def write_checkpoint(trainer: Any, path: Path, final: bool) -> Path:
-    """The SGP checkpoint at ``path`` (``.safetensors``) and its ``.json`` beside it."""
-    base, extra = training_metadata(trainer, final)
-    was_training = trainer.model.training
-    written = save_sgp_checkpoint(trainer.model, path, base=base, extra=extra,
-                                  full_state=trainer.cfg.trains_all())
-    trainer.model.train(was_training)
-    return written
 
 
 def write_state(trainer: Any, path: Path) -> Path:

@@ -1,5 +1,6 @@
-"""What a training run is: its settings (``TrainConfig``), the CPU-sized model preset, and
-where it writes (the checkpoint and the resume state beside it)."""
+"""What a training run is: its settings (``TrainConfig``; ``--model`` may name a CPU-sized preset,
+:data:`~SlicerSGP.method.model.MODEL_PRESETS`) and where it writes (the checkpoint and the
+resume state beside it)."""
 
 from __future__ import annotations
 
@@ -8,50 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-# --------------------------------------------------------------------------- small model
-
-def small_overrides(dim: int = 128, embed_dim: int = 32) -> list[str]:
-    """Hydra overrides for a small SAM2 (on top of the tiny config) that trains on CPU in
-    minutes: Hiera with 5 blocks (stages 1-1-2-1) of width 32-256, a ``dim``-wide neck, memory
-    attention with 2 layers, a 1-layer memory fuser. Use with ``image_size`` 256."""
-    d = int(dim)
-    e = int(embed_dim)
-    # Memories no wider than the model: SAM2 splits a pointer into mem_dim-wide tokens, which
-    # needs mem_dim <= dim (SAM2.1 keeps 64).
-    mem = min(64, d)
-    return [
-        f"++model.image_encoder.trunk.embed_dim={e}",
-        "++model.image_encoder.trunk.num_heads=1",
-        "++model.image_encoder.trunk.stages=[1,1,2,1]",
-        "++model.image_encoder.trunk.global_att_blocks=[3]",
-        "++model.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[4,4]",
-        f"++model.image_encoder.neck.backbone_channel_list=[{8 * e},{4 * e},{2 * e},{e}]",
-        f"++model.image_encoder.neck.d_model={d}",
-        f"++model.image_encoder.neck.position_encoding.num_pos_feats={d}",
-        f"++model.memory_attention.d_model={d}",
-        f"++model.memory_attention.layer.d_model={d}",
-        f"++model.memory_attention.layer.dim_feedforward={4 * d}",
-        f"++model.memory_attention.layer.self_attention.embedding_dim={d}",
-        f"++model.memory_attention.layer.cross_attention.embedding_dim={d}",
-        "++model.memory_attention.num_layers=2",
-        f"++model.memory_encoder.in_dim={d}",
-        f"++model.memory_encoder.mask_downsampler.embed_dim={d}",
-        f"++model.memory_encoder.fuser.layer.dim={d}",
-        "++model.memory_encoder.fuser.num_layers=1",
-        f"++model.memory_encoder.out_dim={mem}",
-        f"++model.memory_attention.layer.cross_attention.kv_in_dim={mem}",
-        f"++model.memory_encoder.position_encoding.num_pos_feats={mem}",
-    ]
-
-
-MODEL_PRESETS: dict[str, tuple[str, list[str]]] = {
-    "cpu-mini": ("tiny", small_overrides()),
-    "cpu-micro": ("tiny", small_overrides(dim=32, embed_dim=8)),
-}
-"""``--model cpu-mini``: the SAM2.1 tiny config made smaller (see :func:`small_overrides`);
-not SAM2.1 small, which keeps its name. ``cpu-micro``: narrower still (1.1M parameters), for
-checkpoints small enough to keep beside the tests."""
-
+from SlicerSGP.build_model import resolve_model
 
 # --------------------------------------------------------------------------- configuration
 
@@ -60,7 +18,7 @@ class TrainConfig:
     data: str
     out: str
     model: str = "tiny"
-    """SAM2.1 size (tiny, small, base_plus, large) or 'cpu-mini' (the CPU-sized preset)."""
+    """SAM2.1 size (tiny, small, base_plus, large) or a CPU-sized preset (MODEL_PRESETS)."""
     weights: str | None = None
     """'random', a registry name, a .pt file; None = the cached pretrained checkpoint."""
     image_size: int = 1024
@@ -131,10 +89,9 @@ class TrainConfig:
                    "intensity", "cases", "augment", "refresh_every", "seed")
 
     def resolved_model(self) -> tuple[str, list[str]]:
-        if self.model in MODEL_PRESETS:
-            size, ov = MODEL_PRESETS[self.model]
-            return size, list(ov) + list(self.sam2_overrides)
-        return self.model, list(self.sam2_overrides)
+        """The SAM2.1 size and hydra overrides: a preset's, then ``--sam2-override``'s."""
+        size, overrides = resolve_model(self.model)
+        return size, overrides + list(self.sam2_overrides)
 
     def is_random(self) -> bool:
         return str(self.weights).strip().lower() == "random"

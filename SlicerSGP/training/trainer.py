@@ -46,19 +46,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from SlicerSGP import build_model as builder
 from SlicerSGP.data.datasets import load_dataset, parse_split
 from SlicerSGP.data.targets import BankItem, build_support_bank, target_mask, target_name
 from SlicerSGP.errors import Cancelled, SGPInputError
 from SlicerSGP.method.interpolation import shared_worker
-from SlicerSGP.method.model import build_model
 from SlicerSGP.method.segmenter import Segmenter
-from SlicerSGP.training.checkpoints import (
-    read_state,
-    restore_state,
-    trainer_state,
-    write_checkpoint,
-    write_state,
-)
+from SlicerSGP.training.checkpoint_metadata import training_metadata
+from SlicerSGP.training.checkpoints import read_state, restore_state, trainer_state, write_state
 from SlicerSGP.training.config import TrainConfig, checkpoint_path, state_path
 from SlicerSGP.training.distributed import (
     Dist,
@@ -114,10 +109,10 @@ class Trainer:
         size, overrides = cfg.resolved_model()
         if model is None:
             torch.manual_seed(cfg.seed)
-            model = build_model(size, weights=cfg.weights, image_size=cfg.image_size,
-                                seed=cfg.seed, mode="trained", lora_rank=cfg.lora_rank,
-                                lora_alpha=cfg.lora_alpha, sam2_overrides=overrides,
-                                train_pmg=cfg.train_pmg)
+            model = builder.build_model(size, weights=cfg.weights, image_size=cfg.image_size,
+                                        seed=cfg.seed, mode="trained", lora_rank=cfg.lora_rank,
+                                        lora_alpha=cfg.lora_alpha, sam2_overrides=overrides,
+                                        train_pmg=cfg.train_pmg)
         self.model = model
         if cfg.trains_all():
             for p in model.parameters():
@@ -301,7 +296,7 @@ class Trainer:
         return torch.stack(losses).mean(), terms
 
     # ------------------------------------------------------------------ saving
-    # (the formats live in training/checkpoints.py)
+    # (the SGP checkpoint is the builder's; the resume state lives in training/checkpoints.py)
 
     def state(self) -> dict[str, Any]:
         return trainer_state(self)
@@ -314,7 +309,10 @@ class Trainer:
         and the resume state (rank 0 only)."""
         if not self.dist.main:
             return None
-        path = write_checkpoint(self, checkpoint or checkpoint_path(self.cfg.out), final)
+        path = checkpoint or checkpoint_path(self.cfg.out)
+        base, extra = training_metadata(self, final)
+        path = builder.save_sgp_checkpoint(self.model, path, base=base, extra=extra,
+                                           full_state=self.cfg.trains_all())
         self.save_state()
         return path
 

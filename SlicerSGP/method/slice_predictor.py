@@ -16,8 +16,7 @@ import torch
 from SlicerSGP.data.preprocess import LetterboxTransform
 from SlicerSGP.method.encoding import EncodedSlices
 from SlicerSGP.method.memory import MemoryAttention
-from SlicerSGP.method.model import pseudo_mask_box
-from SlicerSGP.method.pma import support_cue
+from SlicerSGP.method.pma import pseudo_mask_box, support_cue
 from SlicerSGP.method.prior import dense_prompt
 from SlicerSGP.method.runtime import Runtime, flat
 from SlicerSGP.method.support import MEMORY_DTYPE, Memory
