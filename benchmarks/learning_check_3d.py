@@ -118,6 +118,7 @@ def print_tables(rows: list[dict], columns: list[str], steps: int):
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
+    from SlicerSGP.build_model import read_sgp_metadata
     from SlicerSGP.data import datasets, io
     from SlicerSGP.evaluation.baselines import run_baseline
     from SlicerSGP.evaluation.metrics import dice
@@ -179,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
                       save_every=0, refresh_every=50)
     if args.checkpoint:
         cfg.out = str(args.checkpoint)
+        # The tables name the training steps: the checkpoint's own, not this run's --steps.
+        training = read_sgp_metadata(args.checkpoint).get("training") or {}
+        args.steps = int(training.get("steps", args.steps))
         print(f"evaluating {args.checkpoint} on {processor_name()}", flush=True)
     else:
         print(f"training cpu-mini from random for {args.steps} steps on {len(TRAIN_ORGANS)} "
