@@ -52,7 +52,7 @@ class SegmentEditorSGP(ScriptedLoadableModule):
 
 class SegmentEditorSGPTest(ScriptedLoadableModuleTest):
     """In Slicer: the effect is registered, can be chosen in a Segment Editor widget and
-    builds its panel. (Its behaviour is tested without Slicer in Testing/test_effect_logic.py.)"""
+    builds its panel. (Its behaviour is tested without Slicer in Testing/extension/test_effect_logic.py.)"""
 
     def setUp(self):
         slicer.mrmlScene.Clear()

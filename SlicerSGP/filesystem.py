@@ -1,7 +1,7 @@
 """Files written whole or not at all, folders swapped in at once, and file hashes.
 
 The one implementation of these helpers for the engine and for Slicer's process (standard
-library only, so the Slicer module may import it; ``Testing/test_layout.py`` fails when a second
+library only, so the Slicer module may import it; ``Testing/project/test_layout.py`` fails when a second
 copy appears elsewhere).
 
 Temporary names: a hidden sibling ``.STEM.tmp-TOKEN.SUFFIX`` in the destination's folder. The

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# The suites live in subfolders by subject; the helpers they share (synthetic, oracles,
+# module_fixtures, slicer_loader, ...) live here, beside this file.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Load the extension the way Slicer 5.10 loads it, without Slicer: run as a script.
 
 ``python slicer_loader.py QT_SCRIPTED_MODULES_DIR`` prints one JSON object describing what
-happened. It is run in a fresh process (Testing/test_slicer_loading.py) because it fills
+happened. It is run in a fresh process (Testing/extension/test_slicer_loading.py) because it fills
 ``sys.modules`` the way Slicer does, which must not leak into other tests.
 
 What is reproduced exactly (from Slicer's sources):

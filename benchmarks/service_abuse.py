@@ -17,7 +17,7 @@ half of the hardening; see CAPACITY below).
     python benchmarks/service_abuse.py --fast      # the cases the test suite runs
     python benchmarks/service_abuse.py --group junk --group web
 
-Testing/test_service_abuse.py imports this module and runs the fast cases.
+Testing/service/test_service_abuse.py imports this module and runs the fast cases.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ the weight 32 times over, because the ConvNeXt block hands its linear layer a pe
 contiguous) input. :func:`install` caches the constants (computed once per size, dtype and
 device, never while their parameters train) and hands that linear layer a contiguous input
 (the same products, one matrix multiply). Nothing of SAM2 is re-implemented: the wrapped
-functions compute what they computed, once; ``Testing/test_fast_paths.py`` checks equality.
+functions compute what they computed, once; ``Testing/engine/test_fast_paths.py`` checks equality.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ visits the same slice index and picks the same support items (the same memory ob
 redrawn slice is a new memory, an unchanged one is reused as it was); from the first slice
 where anything differs on, everything is recomputed. A new drawn slice thus changes the two
 intervals beside it and the slices whose top-K now picks it. The result is bit-identical to
-a run without this cache (Testing/test_rerun.py), and the counts say what was recomputed.
+a run without this cache (Testing/engine/test_rerun.py), and the counts say what was recomputed.
 
 Kept per (volume features, structure), for its last successful run only: each sweep (slice,
 what it depended on, its result: final probability in image space, PMG logits, scores and the

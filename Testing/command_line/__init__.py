@@ -1,0 +1,1 @@
+"""Tests of the sgp commands on real files: segment, segment-batch, eval, DICOM in and out."""

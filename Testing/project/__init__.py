@@ -1,0 +1,1 @@
+"""Tests of the repository as a whole: layout and imports, docs, one home per helper."""

@@ -1,0 +1,1 @@
+"""Tests against a real sgp serve process: results, limits, hostile clients, users."""
