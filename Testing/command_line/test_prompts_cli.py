@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from command_line.test_cli import read_back
 from service.test_service import raw, start_server
 
+from command_line.test_cli import read_back
 from SlicerSGP.cli import main
 from SlicerSGP.data import io, preprocess
 from SlicerSGP.errors import SGPInputError

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from synthetic import make_objects_visible, synthetic_volume
-from engine.test_rerun import SIZE, assert_identical, new_segmenter
 
+from engine.test_rerun import SIZE, assert_identical, new_segmenter
 from SlicerSGP.data import preprocess
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.method.segmenter import Segmenter

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from command_line.test_cli import read_back
 from safetensors.torch import load_file, save_file
 from synthetic import make_objects_visible, synthetic_volume
-from command_line.test_cli import read_back
-from engine.test_rerun import assert_identical
 
+from engine.test_rerun import assert_identical
 from SlicerSGP import filesystem
 from SlicerSGP.cli import build_parser, main
 from SlicerSGP.data import io

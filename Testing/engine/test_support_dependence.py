@@ -92,7 +92,6 @@ def test_a_model_that_ignored_the_support_masks_would_fail(segmenter, shapes, mo
     memory. Empty support then no longer gives an empty prediction, and disk and square
     support give one output: both tests above fail."""
     from engine.test_oracle_mutants import apply_mutant
-
     from SlicerSGP.method import support
 
     apply_mutant(monkeypatch, support, "mask = mask_model.to(rt.device)",

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from synthetic import make_objects_visible, synthetic_volume
 from project.test_layout import imports_torch
+from synthetic import make_objects_visible, synthetic_volume
 
 from SlicerSGP.cli import main
 from SlicerSGP.data import io

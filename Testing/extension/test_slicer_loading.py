@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from extension.test_module_packaging import cmakeSets
 
 ROOT = Path(__file__).resolve().parents[2]

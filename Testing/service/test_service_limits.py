@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 from synthetic import synthetic_volume
-from service.test_service import MODEL_ARGS, start_server
 
+from service.test_service import MODEL_ARGS, start_server
 from SlicerSGP.errors import Cancelled, SGPInputError, SGPServiceError
 from SlicerSGP.service import protocol
 from SlicerSGP.service.client import EngineClient

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from synthetic import synthetic_volume
-from service.test_service import MODEL_ARGS, start_server
 
+from service.test_service import MODEL_ARGS, start_server
 from SlicerSGP.service import protocol
 from SlicerSGP.service.client import EngineClient
 from SlicerSGP.service.token_table import table_line

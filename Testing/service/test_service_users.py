@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from synthetic import synthetic_volume
+
 from service.test_service import MODEL_ARGS, start_server
 from service.test_service_limits import long_case, request, wait_running
-
 from SlicerSGP.errors import Cancelled, SGPInputError, SGPServiceError
 from SlicerSGP.service import protocol
 from SlicerSGP.service.access import Users
