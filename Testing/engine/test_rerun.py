@@ -384,7 +384,8 @@ def test_bench_rerun_prints_both_runs_and_the_ratio():
     assert len(drawn) == 5 and a < added < b and [a, b] == [k for k in drawn if a <= k <= b]
     runs = re.findall(r"(\d+) slices encoded, +(\d+) slice predictions made, +(\d+) reused", out)
     (enc1, pred1, reused1), (enc2, pred2, reused2) = [tuple(map(int, r)) for r in runs]
-    assert (enc1, reused1, enc2) == (24, 0, 0)
+    # Slices past where a sweep stopped are never encoded; a re-run encodes nothing.
+    assert 0 < enc1 <= 24 and (reused1, enc2) == (0, 0)
     # Local support: the two intervals beside the corrected slice, from both sides.
     assert pred2 == 2 * (b - a - 2) and pred2 + reused2 == pred1 - 2
     ratio = float(re.search(r"ratio re-run / first run: ([\d.]+)", out)[1])

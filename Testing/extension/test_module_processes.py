@@ -43,7 +43,8 @@ def _gone(pid: int) -> bool:
 
 
 def _deepest(pid: int) -> int:
-    """The last process of ``pid``'s chain of children (Linux; elsewhere ``pid``)."""
+    """The last process of ``pid``'s chain of children (Linux; elsewhere ``pid``), not counting
+    the engine's own helper children (its Fill between slices worker), which hold no model."""
     proc = Path("/proc")
     while proc.is_dir():
         children = []
@@ -51,7 +52,8 @@ def _deepest(pid: int) -> int:
             try:
                 if entry.name.isdigit():
                     fields = (entry / "stat").read_text().rsplit(") ", 1)[1].split()
-                    if int(fields[1]) == pid:
+                    helper = b"SlicerSGP.method.interpolation" in (entry / "cmdline").read_bytes()
+                    if int(fields[1]) == pid and not helper:
                         children.append(int(entry.name))
             except (OSError, IndexError, ValueError):
                 continue
