@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from synthetic import make_objects_visible, synthetic_volume
+from synthetic import synthetic_volume
 
 from SlicerSGP import SGPInputError, host
 from SlicerSGP.method import runtime
@@ -19,14 +19,6 @@ from SlicerSGP.method.segmenter import Segmenter
 from SlicerSGP.types import SegmentOptions
 
 SIZE = 256
-
-
-@pytest.fixture(scope="module")
-def segmenter():
-    seg = Segmenter("tiny", weights="random", device="cpu", image_size=SIZE, seed=0,
-                    dtype="float32")
-    make_objects_visible(seg.model.sam)
-    return seg
 
 
 @pytest.mark.parametrize("value, dtype", [(1, np.uint8), (255, np.uint8), (256, np.uint16),

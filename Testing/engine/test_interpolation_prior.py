@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from synthetic import make_objects_visible, synthetic_volume
+from synthetic import synthetic_volume
 
 from SlicerSGP.errors import SGPInputError
 from SlicerSGP.method import prior as prior_rules
@@ -37,14 +37,6 @@ def case():
     drawn[DRAWN] = lab[DRAWN]
     assert all(drawn[k].any() for k in DRAWN)
     return vol, lab, drawn
-
-
-@pytest.fixture(scope="module")
-def segmenter() -> Segmenter:
-    seg = Segmenter("tiny", weights="random", device="cpu", image_size=256, seed=0,
-                    dtype="float32")
-    make_objects_visible(seg.model.sam)
-    return seg
 
 
 @pytest.fixture(scope="module")

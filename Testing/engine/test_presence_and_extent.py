@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from synthetic import make_objects_visible, synthetic_volume
+from synthetic import synthetic_volume
 
 from SlicerSGP import SGPInputError, SGPWeightsError
 from SlicerSGP.build_model import (
@@ -26,14 +26,6 @@ from SlicerSGP.method.segmenter import Segmenter
 from SlicerSGP.types import SegmentOptions
 
 SIZE = 256
-
-
-@pytest.fixture(scope="module")
-def segmenter():
-    seg = Segmenter("tiny", weights="random", device="cpu", image_size=SIZE, seed=0,
-                    dtype="float32")
-    make_objects_visible(seg.model.sam)
-    return seg
 
 
 def scripted_presence(seg: Segmenter, monkeypatch, presence: dict[int, float]) -> list[int]:
