@@ -20,6 +20,9 @@ def validate_options(opts: SegmentOptions, model: SGPModel) -> None:
         raise SGPInputError("stop_after_absent must be >= 0 (0 = no stop) and absent_below in "
                             f"[0, 0.5); got {opts.stop_after_absent} and "
                             f"{float(opts.absent_below):g}.")
+    if not 0.0 <= opts.min_continuity <= 1.0:
+        raise SGPInputError(f"min_continuity is a Dice in [0, 1] (0: no stop by continuity); "
+                            f"got {float(opts.min_continuity):g}.")
     for value, limits in (opts.slice_limits or {}).items():
         if len(limits) != 2 or int(limits[0]) > int(limits[1]):
             raise SGPInputError(f"Slice limits of structure {value} must be [first, last] with "

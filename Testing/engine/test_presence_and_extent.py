@@ -126,6 +126,8 @@ def test_sweep_stops_where_the_masks_leave_the_structure(segmenter, monkeypatch)
     res = segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"},
                             SegmentOptions(reuse_results=False, min_continuity=0))
     assert (res.labels[9:12] == 1).any(axis=(1, 2)).all()
+    with pytest.raises(SGPInputError, match="min_continuity is a Dice in"):
+        segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"}, SegmentOptions(min_continuity=2))
 
 
 def test_no_stop_between_labeled_slices(segmenter, monkeypatch):
