@@ -232,6 +232,7 @@ class Propagator:
             outermost = min(anchors) if reverse else max(anchors)
             absent_run = 0
             kept: np.ndarray | None = None  # the last mask this sweep kept (image space)
+            watch = bool(opts.stop_after_absent) and opts.min_continuity > 0
             replay = rerun.replay(sweep.start, reverse) if rerun is not None else None
             pool = sweep_pool(support_pool, labeled, sweep, opts.local_support)
             for j, out in self.run_sweep(feats, sweep.order, reverse, set(labeled), pool, opts,
@@ -260,14 +261,14 @@ class Propagator:
                     weight *= quality_factor(out.quality)
                 source = "seed" if seed and j == seed[0] else ("backward" if reverse else "forward")
                 beyond = j < outermost if reverse else j > outermost
-                mask = out.prob >= opts.threshold
-                broken = beyond and bool(opts.stop_after_absent) and breaks_continuity(
-                    mask, kept, opts.min_continuity)
+                # The mask is only needed where the continuity stop is on.
+                mask = out.prob >= opts.threshold if watch else None
+                broken = beyond and watch and breaks_continuity(mask, kept, opts.min_continuity)
                 if not broken:  # a slice that left the structure is not written
                     with self.rt.timed("write_back"):
                         acc.add(j, blend(out, prior[j], opts.threshold) if fuse and j in prior
                                 else out, weight, source, transform)
-                    kept = mask if mask.any() else kept
+                    kept = mask if watch and mask.any() else kept
                 report(done / total)
                 if beyond and opts.stop_after_absent:
                     absent_run = absent_run + 1 if broken else presence_run(
