@@ -57,8 +57,8 @@ class SupportItem:
 PRIOR_MODES = ("off", "prompt", "fuse", "both")
 """Where the interpolated contour between two drawn slices enters (SegmentOptions.interpolation_prior)."""
 PRIOR_HELP = ("between two drawn slices, use their interpolation (Fill between slices) as a "
-              "prior: 'prompt' PMA with it, 'fuse' it with each side by the side's quality and "
-              "agreement, 'both', or 'off'")
+              "prior: 'prompt' PMA with it, 'fuse' it with each side (the interpolation stands "
+              "unless the side re-predicts the drawn slice well), 'both', or 'off'")
 
 
 @dataclass
@@ -158,8 +158,8 @@ class SegmentOptions:
     reused while this is set."""
     interpolation_prior: str = "fuse"
     """Between two drawn slices, the interpolated contour (Fill between slices) as a prior:
-    'prompt' (PMA's prompt), 'fuse' (blended into each side by its quality and agreement),
-    'both', or 'off' (see SlicerSGP.method.prior)."""
+    'prompt' (PMA's prompt), 'fuse' (blended into each side by its reverse-propagation
+    quality), 'both', or 'off' (see SlicerSGP.method.prior)."""
 
 
 @dataclass

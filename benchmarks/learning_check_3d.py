@@ -103,9 +103,10 @@ def print_tables(rows: list[dict], columns: list[str], steps: int):
     means = {c: float(np.mean([r[c] for r in unseen])) for c in columns}
     print("| **mean (never trained)** | " + " | ".join(f"**{means[c]:.3f}**" for c in columns) + " |")
     print()
-    print("The same, Dice on the slices nobody drew, and how many of them SGP segmented at all "
-          "(of those that show the structure)")
-    print("| structure | " + " | ".join(LABELS[c] for c in columns) + " | SGP slices predicted |")
+    print(f"The same, Dice on the slices nobody drew, and how many of them {LABELS[columns[0]]} "
+          "segmented at all (of those that show the structure)")
+    print("| structure | " + " | ".join(LABELS[c] for c in columns)
+          + f" | {LABELS[columns[0]]}: slices predicted |")
     print("|" + "---|" * (len(columns) + 2))
     for row in rows:
         print(f"| {row['structure']} | " + " | ".join(f"{row['undrawn'][c]:.3f}" for c in columns)
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             pred = res.labels == value
             row[variant] = dice(pred, truth)
             row["undrawn"][variant] = dice(pred[undrawn], truth[undrawn])
-            if variant == "SGP":
+            if variant == next(iter(variants)):  # the first variant scored
                 row["reached"] = int(pred[undrawn].any(axis=(1, 2)).sum())
                 row["to_reach"] = int(truth[undrawn].any(axis=(1, 2)).sum())
         for baseline in ("interpolation", "nearest"):

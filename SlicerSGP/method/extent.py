@@ -10,7 +10,11 @@ find its end. Two signs say the structure has ended, and both count towards one 
   ``SegmentOptions.min_continuity``. One structure's cross-sections on neighbouring slices
   overlap, which is what Fill between slices relies on too; a mask that does not overlap its
   neighbour is on something else (the next vertebra, a neighbouring organ). Such a slice is
-  not written and counts as absent.
+  not written and counts as absent. Where the drawn slices show the structure narrowing
+  towards the end a sweep goes to (the outermost drawn cross-section smaller than the one
+  inside it, :func:`tapers`), a mask that outgrows the last kept one breaks continuity too: a
+  structure that narrows towards its end goes on narrowing, and a growing mask there has taken
+  in a neighbour (the next vertebra's body, the liver beside the gallbladder's tip).
 
 ``stop_after_absent`` such slices in a row end the sweep. The Dice floor of 0.5 means "most of
 either mask lies in the other"; it is a fixed rule, not fitted to any evaluation.
@@ -37,11 +41,26 @@ def presence_run(run: int, presence: float, absent_below: float) -> int:
     return run
 
 
-def breaks_continuity(mask: np.ndarray, kept: np.ndarray | None, min_dice: float) -> bool:
+def breaks_continuity(mask: np.ndarray, kept: np.ndarray | None, min_dice: float,
+                      tapering: bool = False) -> bool:
     """Whether a non-empty ``mask`` past the drawn range overlaps ``kept`` (the last mask the
-    sweep kept, None if there is none yet) by a Dice under ``min_dice`` (0: never). An empty
-    mask is left to the presence rule."""
+    sweep kept, None if there is none yet) by a Dice under ``min_dice`` (0: never), or, where
+    the drawn slices show the structure ``tapering`` towards this end, outgrows ``kept``. An
+    empty mask is left to the presence rule."""
     if min_dice <= 0 or kept is None or not mask.any():
         return False
+    if tapering and int(mask.sum()) > int(kept.sum()):
+        return True
     total = int(mask.sum()) + int(kept.sum())
     return 2.0 * float(np.logical_and(mask, kept).sum()) < min_dice * total
+
+
+def tapers(masks: dict[int, np.ndarray], reverse: bool) -> bool:
+    """Whether the drawn slices ``masks`` show the structure shrinking towards the end a sweep
+    past them goes to (``reverse``: towards slice 0): the outermost drawn cross-section smaller
+    than the one inside it."""
+    drawn = [k for k in sorted(masks) if masks[k].any()]
+    if len(drawn) < 2:
+        return False
+    outer, inner = (drawn[0], drawn[1]) if reverse else (drawn[-1], drawn[-2])
+    return int(masks[outer].sum()) < int(masks[inner].sum())

@@ -13,14 +13,17 @@ slice; beyond the outermost drawn slices it gives nothing, and propagation runs 
   are fused (:func:`prior_trust`, :func:`blend`).
 * ``both``: the two together. ``off``: the interpolation is not computed.
 
-The fusion rule, fixed by reasoning (never fitted on evaluation data): a side's trust ``t`` is
-the larger of its reverse-propagation quality ``q`` (RevSAM2: how well its mask re-predicts the
-drawn slice; 0 where it cannot be scored) and its agreement ``a`` with the interpolation (the
-Dice of its mask with the interpolated one), and the side's probability becomes
-``t * p_side + (1 - t) * p_interpolation``. Where the side agrees with the interpolation, it
-keeps its own (image-fitted) boundary; where it disagrees, a side that re-predicts the drawn
-slice well (q > 0.5) decides the pixels in dispute and a poor one leaves them to the
-interpolation.
+The fusion rule: a side's trust ``t`` grows with its reverse-propagation quality ``q``
+(RevSAM2: the Dice with which its mask re-predicts the drawn slice; 0 where it cannot be
+scored), ``t = clip(2 q - 1, 0, 1)``, and the side's probability becomes
+``t * p_side + (1 - t) * p_interpolation``. A side whose mask re-predicts the drawing no better
+than half right keeps nothing of its own; it decides the pixels in dispute only from q = 0.75
+on, and keeps all of its own at a perfect re-prediction. Why so strict: between two drawn
+slices Fill between slices is the proven default, so the model has to earn the right to
+overrule it; in the 3D learning check (docs/training-and-evaluation.md), even on the structures
+the model was trained on, sides with q up to 0.73 segmented those slices worse than Fill
+between slices, and a side that agrees with the interpolation can still be the worse of the
+two, so agreement grants no trust.
 """
 
 from __future__ import annotations
@@ -170,22 +173,15 @@ def dense_prompt(prior_high: torch.Tensor, low_size: tuple[int, int]) -> torch.T
     return (low * 2 - 1) * PRIOR_LOGIT
 
 
-def agreement(prob: np.ndarray, prior: np.ndarray, threshold: float) -> float:
-    """Dice of a side's mask with the interpolated one (1 when both are empty)."""
-    mask = prob >= threshold
-    total = int(mask.sum()) + int(prior.sum())
-    return 1.0 if total == 0 else 2.0 * float((mask & prior).sum()) / total
-
-
-def prior_trust(quality: float, agreement_dice: float) -> float:
+def prior_trust(quality: float) -> float:
     """How much a side keeps of its own probability against the interpolation (module
-    docstring): the larger of its quality (0 if unscored) and its agreement."""
+    docstring): ``clip(2 q - 1, 0, 1)`` of its quality, an unscored side counting 0."""
     q = float(quality) if np.isfinite(quality) else 0.0
-    return float(np.clip(max(q, float(agreement_dice)), 0.0, 1.0))
+    return float(np.clip(2.0 * q - 1.0, 0.0, 1.0))
 
 
-def blend(result, prior: np.ndarray, threshold: float):
+def blend(result, prior: np.ndarray):
     """A copy of the side's slice result with its probability blended with the prior."""
-    trust = prior_trust(result.quality, agreement(result.prob, prior, threshold))
+    trust = prior_trust(result.quality)
     prob = trust * result.prob + (1.0 - trust) * prior.astype(np.float32)
     return replace(result, prob=prob.astype(np.float32))

@@ -28,7 +28,7 @@ import torch
 from SlicerSGP.data import preprocess
 from SlicerSGP.errors import Cancelled
 from SlicerSGP.method.encoding import EncodedSlices
-from SlicerSGP.method.extent import breaks_continuity, presence_run
+from SlicerSGP.method.extent import breaks_continuity, presence_run, tapers
 from SlicerSGP.method.memory import bank_size, evict
 from SlicerSGP.method.prior import Prior, blend, fuses, prompt_source
 from SlicerSGP.method.rerun import SliceResult, StructureRun, SweepReplay
@@ -233,6 +233,7 @@ class Propagator:
             absent_run = 0
             kept: np.ndarray | None = None  # the last mask this sweep kept (image space)
             watch = bool(opts.stop_after_absent) and opts.min_continuity > 0
+            taper = watch and tapers(masks, reverse)  # only a sweep past the range uses it
             replay = rerun.replay(sweep.start, reverse) if rerun is not None else None
             pool = sweep_pool(support_pool, labeled, sweep, opts.local_support)
             for j, out in self.run_sweep(feats, sweep.order, reverse, set(labeled), pool, opts,
@@ -263,10 +264,11 @@ class Propagator:
                 beyond = j < outermost if reverse else j > outermost
                 # The mask is only needed where the continuity stop is on.
                 mask = out.prob >= opts.threshold if watch else None
-                broken = beyond and watch and breaks_continuity(mask, kept, opts.min_continuity)
+                broken = beyond and watch and breaks_continuity(mask, kept, opts.min_continuity,
+                                                                taper)
                 if not broken:  # a slice that left the structure is not written
                     with self.rt.timed("write_back"):
-                        acc.add(j, blend(out, prior[j], opts.threshold) if fuse and j in prior
+                        acc.add(j, blend(out, prior[j]) if fuse and j in prior
                                 else out, weight, source, transform)
                     kept = mask if watch and mask.any() else kept
                 report(done / total)

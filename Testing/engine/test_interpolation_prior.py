@@ -73,20 +73,22 @@ def run(seg: Segmenter, case, mode: str, quality: float, monkeypatch, prior=None
 
 
 def test_rule_itself():
-    assert prior_rules.prior_trust(0.9, 0.0) == pytest.approx(0.9)
-    assert prior_rules.prior_trust(0.1, 0.0) == pytest.approx(0.1)
-    assert prior_rules.prior_trust(float("nan"), 0.0) == 0.0  # unscored: no claim
-    assert prior_rules.prior_trust(0.1, 0.8) == pytest.approx(0.8)  # agreeing side keeps its own
+    assert prior_rules.prior_trust(0.9) == pytest.approx(0.8)
+    assert prior_rules.prior_trust(1.0) == 1.0
+    assert prior_rules.prior_trust(0.75) == pytest.approx(0.5)  # where a side starts to decide
+    assert prior_rules.prior_trust(0.5) == 0.0 and prior_rules.prior_trust(0.1) == 0.0
+    assert prior_rules.prior_trust(float("nan")) == 0.0  # unscored: no claim
     prob = np.zeros((4, 4), np.float32)
     prob[:2] = 1.0
     prior = np.zeros((4, 4), bool)
     prior[2:] = True
-    side = SliceResult(None, 0.9, 0.9, prob, torch.zeros(1, 1, 1, 1), 1.0, 0.2)
-    low = prior_rules.blend(side, prior, 0.5)
-    assert np.array_equal(low.prob >= 0.5, prior) and side.prob is prob  # copy, not in place
-    high = prior_rules.blend(SliceResult(None, 0.9, 0.9, prob, torch.zeros(1, 1, 1, 1), 1.0,
-                                         0.8), prior, 0.5)
-    assert np.array_equal(high.prob >= 0.5, prob >= 0.5)
+
+    def side(quality: float) -> SliceResult:
+        return SliceResult(None, 0.9, 0.9, prob, torch.zeros(1, 1, 1, 1), 1.0, quality)
+
+    low = prior_rules.blend(side(0.6), prior)
+    assert np.array_equal(low.prob >= 0.5, prior) and low.prob is not prob  # a copy
+    assert np.array_equal(prior_rules.blend(side(0.9), prior).prob >= 0.5, prob >= 0.5)
 
 
 def test_fusion_low_quality_follows_the_interpolation(segmenter, case, off_run, monkeypatch):
@@ -102,10 +104,10 @@ def test_fusion_high_quality_follows_the_sides(segmenter, case, off_run, monkeyp
     off = off_run
     # The most disagreeing prior there is: the complement of what the sides segment.
     prior = {j: off.probabilities[1][j] < 0.5 for j in BETWEEN}
-    fused = run(segmenter, case, "fuse", 0.9, monkeypatch, prior)
+    fused = run(segmenter, case, "fuse", 0.95, monkeypatch, prior)
     for j in BETWEEN:
         p_off = off.probabilities[1][j]
-        # Each side keeps 0.9 of its own: the fused probability is 0.9 p + 0.1 prior.
+        # Quality 0.95: each side keeps 2 * 0.95 - 1 = 0.9 of its own.
         blended = 0.9 * p_off + 0.1 * prior[j]
         differ = (fused.labels[j] == 1) != (blended >= 0.5)
         assert not differ[np.abs(blended - 0.5) > 1e-5].any(), j  # rounding at 0.5 aside
@@ -113,6 +115,19 @@ def test_fusion_high_quality_follows_the_sides(segmenter, case, off_run, monkeyp
         sure = np.abs(p_off - 0.5) > 0.06
         assert sure.any()
         assert np.array_equal((fused.labels[j] == 1)[sure], (off.labels[j] == 1)[sure])
+
+
+def test_fusion_middling_quality_leaves_the_slice_to_the_interpolation(segmenter, case,
+                                                                      off_run, monkeypatch):
+    """Quality 0.7 (a side re-predicting the drawing at Dice 0.7 is still no match for Fill
+    between slices there): the sides keep 0.4 of their own, the interpolation decides."""
+    prior = {j: off_run.probabilities[1][j] < 0.5 for j in BETWEEN}
+    fused = run(segmenter, case, "fuse", 0.7, monkeypatch, prior)
+    for j in BETWEEN:
+        blended = 0.4 * off_run.probabilities[1][j] + 0.6 * prior[j]
+        differ = (fused.labels[j] == 1) != (blended >= 0.5)
+        assert not differ[np.abs(blended - 0.5) > 1e-5].any(), j
+        assert np.array_equal(fused.labels[j] == 1, prior[j]), j
 
 
 def test_prompt_gives_pma_the_interpolation(segmenter, case, monkeypatch):

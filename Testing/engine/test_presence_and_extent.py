@@ -20,6 +20,7 @@ from SlicerSGP.build_model import (
 from SlicerSGP.data import io
 from SlicerSGP.data.intensity import ct_window_for, intensity_range
 from SlicerSGP.data.preprocess import LetterboxTransform
+from SlicerSGP.method import extent
 from SlicerSGP.method.extent import presence_run
 from SlicerSGP.method.pma import pseudo_mask_box
 from SlicerSGP.method.segmenter import Segmenter
@@ -128,6 +129,36 @@ def test_sweep_stops_where_the_masks_leave_the_structure(segmenter, monkeypatch)
     assert (res.labels[9:12] == 1).any(axis=(1, 2)).all()
     with pytest.raises(SGPInputError, match="min_continuity is a Dice in"):
         segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"}, SegmentOptions(min_continuity=2))
+
+
+def discs(radii: list[int], h: int = 64, w: int = 64) -> np.ndarray:
+    """Labels: on slice k a centred disc of radius radii[k] (0: none)."""
+    yy, xx = np.mgrid[:h, :w]
+    r2 = (yy - h / 2) ** 2 + (xx - w / 2) ** 2
+    return np.stack([(r2 < r * r) & (r > 0) for r in radii]).astype(np.uint8)
+
+
+def test_past_a_tapering_end_a_growing_mask_has_left_the_structure(segmenter, monkeypatch):
+    vol, _ = synthetic_volume(n=12, h=64, w=64)
+    fresh = SegmentOptions(reuse_results=False)
+    # Drawn at 3 (radius 14) and 6 (radius 10): the structure narrows towards the high end.
+    # Past 6 the masks grow while overlapping (Dice with the last kept >= 0.5): each outgrows
+    # it, so 7, 8 and 9 break the taper, are not written and end the sweep.
+    lab = discs([0, 0, 0, 14, 13, 12, 10, 12, 14, 15, 15, 15])
+    assert extent.tapers({3: lab[3], 6: lab[6]}, reverse=False)
+    seen = scripted_masks(segmenter, monkeypatch, lab, set())
+    res = segmenter.segment(vol, drawn_on(lab, [3, 6]), {1: "disc"}, fresh)
+    written = (res.labels == 1).any(axis=(1, 2))
+    assert [j for j in seen if j > 6] == [7, 8, 9] and not written[7:].any()
+    # Widening towards that end, growth is the structure going on.
+    lab = discs([0, 0, 0, 8, 9, 10, 12, 13, 14, 15, 15, 15])
+    assert not extent.tapers({3: lab[3], 6: lab[6]}, reverse=False)
+    scripted_masks(segmenter, monkeypatch, lab, set())
+    res = segmenter.segment(vol, drawn_on(lab, [3, 6]), {1: "disc"}, fresh)
+    assert (res.labels[7:] == 1).any(axis=(1, 2)).all()
+    # Towards slice 0 the first drawn slice (8) is the smaller: that end tapers.
+    assert extent.tapers({3: lab[3], 6: lab[6]}, reverse=True)
+    assert not extent.tapers({3: lab[3]}, reverse=True)  # one drawn slice shows no trend
 
 
 def test_no_stop_between_labeled_slices(segmenter, monkeypatch):
