@@ -63,7 +63,7 @@ VARIANTS = {
 LABELS = {"SGP": "SGP", "bank 1": "bank of 1", "no stop": "no stop",
           "no quality": "no quality fusion", "prior prompt": "prior: prompt",
           "prior fuse": "prior: fuse", "prior both": "prior: both",
-          "fuse no continuity": "fuse without the continuity stop",
+          "fuse no continuity": "fuse, min_continuity 0",
           "interpolation": "Fill between slices", "nearest": "nearest copy"}
 
 

@@ -262,10 +262,10 @@ class Propagator:
                     weight *= quality_factor(out.quality)
                 source = "seed" if seed and j == seed[0] else ("backward" if reverse else "forward")
                 beyond = j < outermost if reverse else j > outermost
-                # The mask is only needed where the continuity stop is on.
+                # The mask is only needed where the rule of leaving the structure is on.
                 mask = out.prob >= opts.threshold if watch else None
-                broken = beyond and watch and breaks_continuity(mask, kept, opts.min_continuity,
-                                                                taper)
+                broken = beyond and watch and breaks_continuity(
+                    mask, kept, opts.min_continuity, taper, out.quality)
                 if not broken:  # a slice that left the structure is not written
                     with self.rt.timed("write_back"):
                         acc.add(j, blend(out, prior[j]) if fuse and j in prior
