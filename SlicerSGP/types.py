@@ -123,9 +123,8 @@ class SegmentOptions:
     a slice over 0.5 resets the count (hysteresis)."""
     min_continuity: float = 0.5
     """Past the outermost labeled slice, a mask overlapping the last kept one by a Dice under
-    this, or re-predicting the drawn slice by less (its quality), or outgrowing the last kept
-    one towards an end the drawn slices narrow to, has left the structure: it is not written
-    and counts as absent (0: off; needs ``stop_after_absent``; see
+    this, or outgrowing it towards an end the drawn slices narrow to, has left the structure:
+    it is not written and counts as absent (0: off; needs ``stop_after_absent``; see
     :mod:`SlicerSGP.method.extent`)."""
     reverse_quality: bool = True
     """Score each predicted slice by reverse propagation (RevSAM2): its mask predicts the

@@ -131,8 +131,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                         "is confidently absent (0: propagate to the volume's edges; default 3)")
     m.add_argument("--min-continuity", type=float, default=0.5, metavar="DICE",
                    help="past the outermost drawn slice, a mask overlapping the last kept one by "
-                        "less (Dice), or re-predicting the drawn slice by less, has left the "
-                        "structure: not written, counts as absent (0: off; default 0.5)")
+                        "less (Dice), or outgrowing it towards an end the drawn slices narrow "
+                        "to, has left the structure: not written, counts as absent (0: off; "
+                        "default 0.5)")
     m.add_argument("--no-reverse-quality", action="store_true",
                    help="skip the reverse-propagation quality score (RevSAM2) of each slice")
     m.add_argument("--no-quality-fusion", action="store_true",

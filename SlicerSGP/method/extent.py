@@ -5,27 +5,23 @@ find its end. A slice there is taken to be past the end when:
 
 * **absent**: the combined object score falls under ``SegmentOptions.absent_below``
   (:func:`presence_run`, with hysteresis so a flickering score neither ends nor revives it);
-* **or its mask has left the structure** (:func:`breaks_continuity`; not written), by one of
-  three signs, each measured as a Dice against ``SegmentOptions.min_continuity``:
+* **or its mask has left the structure** (:func:`breaks_continuity`; not written), by either
+  of two signs:
 
   - *no overlap*: the mask overlaps the last mask the sweep kept (the outermost drawn slice,
-    then each kept prediction) by less. One structure's cross-sections on neighbouring slices
-    overlap, which Fill between slices relies on too; a mask that does not overlap its
-    neighbour is on something else (the next vertebra, a neighbouring organ).
-  - *no longer carrying the drawing*: re-predicted back to the outermost drawn slice (its
-    reverse-propagation quality, RevSAM2), the mask overlaps the drawing by less. Between two
-    drawn slices such a side keeps nothing of its own against Fill between slices
-    (:mod:`~SlicerSGP.method.prior`); past the range there is nothing to fall back on, so the
-    mask is dropped.
+    then each kept prediction) by a Dice under ``SegmentOptions.min_continuity``. One
+    structure's cross-sections on neighbouring slices overlap, which Fill between slices relies
+    on too; a mask that does not overlap its neighbour is on something else (the next vertebra,
+    a neighbouring organ).
   - *growing towards a narrowing end*: the drawn slices show the structure narrowing towards the
     end the sweep goes to (the outermost drawn cross-section smaller than the one inside it,
     :func:`tapers`) and the mask outgrows the last kept one. A structure narrowing to its end
     goes on narrowing; a mask growing there has taken in a neighbour.
 
 ``stop_after_absent`` such slices in a row end the sweep; ``min_continuity`` 0 turns the
-second rule off. The floor of 0.5 means "most of either mask lies in the other". These signs
-were written after the 3D learning check's per-slice scores showed where propagation past the
-drawn range went wrong (docs/training-and-evaluation.md); 0.5 is the only floor tried.
+second rule off. The floor of 0.5 means "most of either mask lies in the other"; it is the only
+value tried. The taper sign was written after the 3D learning check's per-slice scores showed
+masks growing past a structure's narrowing tip (docs/training-and-evaluation.md).
 """
 
 from __future__ import annotations
@@ -50,18 +46,12 @@ def presence_run(run: int, presence: float, absent_below: float) -> int:
 
 
 def breaks_continuity(mask: np.ndarray, kept: np.ndarray | None, min_dice: float,
-                      tapering: bool = False, quality: float = float("nan")) -> bool:
-    """Whether a non-empty ``mask`` past the drawn range has left the structure (0 for
-    ``min_dice``: never): it overlaps ``kept`` (the last mask the sweep kept, None if there is
-    none yet) by a Dice under ``min_dice``; or, re-predicted back to the drawn slice (its
-    reverse-propagation ``quality``, NaN where unscored), it overlaps the drawing by less; or,
-    where the drawn slices show the structure ``tapering`` towards this end, it outgrows
-    ``kept``. An empty mask is left to the presence rule."""
-    if min_dice <= 0 or not mask.any():
-        return False
-    if np.isfinite(quality) and quality < min_dice:
-        return True
-    if kept is None:
+                      tapering: bool = False) -> bool:
+    """Whether a non-empty ``mask`` past the drawn range has left the structure: it overlaps
+    ``kept`` (the last mask the sweep kept, None if there is none yet) by a Dice under
+    ``min_dice`` (0: never), or, where the drawn slices show the structure ``tapering`` towards
+    this end, it outgrows ``kept``. An empty mask is left to the presence rule."""
+    if min_dice <= 0 or kept is None or not mask.any():
         return False
     if tapering and int(mask.sum()) > int(kept.sum()):
         return True

@@ -264,8 +264,8 @@ class Propagator:
                 beyond = j < outermost if reverse else j > outermost
                 # The mask is only needed where the rule of leaving the structure is on.
                 mask = out.prob >= opts.threshold if watch else None
-                broken = beyond and watch and breaks_continuity(
-                    mask, kept, opts.min_continuity, taper, out.quality)
+                broken = beyond and watch and breaks_continuity(mask, kept, opts.min_continuity,
+                                                                taper)
                 if not broken:  # a slice that left the structure is not written
                     with self.rt.timed("write_back"):
                         acc.add(j, blend(out, prior[j]) if fuse and j in prior

@@ -23,7 +23,6 @@ from SlicerSGP.data.preprocess import LetterboxTransform
 from SlicerSGP.method import extent
 from SlicerSGP.method.extent import presence_run
 from SlicerSGP.method.pma import pseudo_mask_box
-from SlicerSGP.method.propagation import Propagator
 from SlicerSGP.method.segmenter import Segmenter
 from SlicerSGP.types import SegmentOptions
 
@@ -88,8 +87,7 @@ def test_sweep_stops_after_a_run_of_absent_slices(segmenter, monkeypatch):
 def scripted_masks(seg: Segmenter, monkeypatch, lab: np.ndarray, off: set[int]) -> list[int]:
     """Run the real slice predictor but make each predicted slice's final mask the true one
     (present), or on the slices in ``off`` the true one moved half a slice over (another
-    structure); returns the slices predicted, in order. Each re-predicts the drawing well
-    (quality 0.9): random weights' own reverse propagation says nothing."""
+    structure); returns the slices predicted, in order."""
     seen: list[int] = []
     original = seg.predictor.step
     transform = LetterboxTransform(lab.shape[1], lab.shape[2], SIZE)
@@ -105,7 +103,6 @@ def scripted_masks(seg: Segmenter, monkeypatch, lab: np.ndarray, off: set[int]) 
         return out
 
     monkeypatch.setattr(seg.predictor, "step", step)
-    monkeypatch.setattr(Propagator, "reverse_dice", lambda *a, **k: 0.9)
     return seen
 
 
@@ -132,29 +129,6 @@ def test_sweep_stops_where_the_masks_leave_the_structure(segmenter, monkeypatch)
     assert (res.labels[9:12] == 1).any(axis=(1, 2)).all()
     with pytest.raises(SGPInputError, match="min_continuity is a Dice in"):
         segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"}, SegmentOptions(min_continuity=2))
-
-
-def test_past_the_range_a_mask_that_no_longer_carries_the_drawing_is_dropped(segmenter,
-                                                                              monkeypatch):
-    vol, lab = synthetic_volume(n=16, h=64, w=64)
-    fresh = SegmentOptions(reuse_results=False)
-    # The true masks all along (continuous), but from slice 9 on each re-predicts the drawn
-    # slice 5 at a Dice of 0.3: three such slices end the sweep, none of them written.
-    seen = scripted_masks(segmenter, monkeypatch, lab, set())
-    monkeypatch.setattr(Propagator, "reverse_dice",
-                        lambda self, feats, j, *a, **k: 0.3 if j >= 9 else 0.9)
-    res = segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"}, fresh)
-    written = (res.labels == 1).any(axis=(1, 2))
-    assert [j for j in seen if j > 5] == [6, 7, 8, 9, 10, 11]
-    assert written[:9].all() and not written[9:].any()
-    # min_continuity 0 turns the rule off.
-    res = segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"},
-                            SegmentOptions(reuse_results=False, min_continuity=0))
-    assert (res.labels[9:] == 1).any(axis=(1, 2)).all()
-    # Unscored (reverse quality off): the other signs decide.
-    res = segmenter.segment(vol, drawn_on(lab, [5]), {1: "blob"},
-                            SegmentOptions(reuse_results=False, reverse_quality=False))
-    assert (res.labels[9:] == 1).any(axis=(1, 2)).all()
 
 
 def discs(radii: list[int], h: int = 64, w: int = 64) -> np.ndarray:
