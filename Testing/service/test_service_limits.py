@@ -425,6 +425,38 @@ def test_bodies_received_at_once_are_bounded(server, client):
     assert status == 201 and client.has_volume(vid)
 
 
+def test_the_client_says_why_an_upload_was_refused_unread(server, client, monkeypatch):
+    """An upload the server will not take is answered before it is read and the connection
+    closed; the client, still sending, may see only a reset. It then asks the server and says
+    which it was: over --max-upload-mb, or busy receiving others (not "crashed")."""
+    big = small_volume(seed=62, n=400)  # 9.4 MiB, --max-upload-mb 2
+    # Whether the answer or a reset reaches the client, it names the limit.
+    with pytest.raises(SGPInputError, match="--max-upload-mb"):
+        client.ensure_volume(big)
+
+    # The reset, on every upload: the client asks the server (answered as the real one did).
+    opened = client._opener.open
+
+    def reset(req, *args, **kwargs):
+        if req.data:
+            raise urllib.error.URLError(BrokenPipeError(32, "Broken pipe"))
+        return opened(req, *args, **kwargs)
+
+    real_info = client.info()
+    monkeypatch.setattr(client._opener, "open", reset)
+    monkeypatch.setattr(EngineClient, "info", lambda self: real_info)
+    with pytest.raises(SGPInputError, match=r"refused a 9\.4 MB upload: over its --max-upload-mb"):
+        client.ensure_volume(big)
+    # An upload the server could take: it was busy receiving others.
+    with pytest.raises(SGPServiceError, match="receiving other uploads at once.*Try again"):
+        client.ensure_volume(small_volume(seed=63, n=8))
+    # Without an answer to the question either, the reset is all there is to say.
+    monkeypatch.setattr(EngineClient, "info", lambda self: (_ for _ in ()).throw(
+        SGPServiceError("Cannot reach")))
+    with pytest.raises(SGPServiceError, match="closed the connection"):
+        client.ensure_volume(small_volume(seed=64, n=8))
+
+
 def test_limit_options_are_documented_and_checked():
     """`sgp serve --help` names every limit; a limit that is not a positive finite number is
     refused with the option's name before anything starts."""
