@@ -90,31 +90,9 @@ class EngineClient:
                 return e.code, data, e.headers.get("Content-Type", "")
             raise http_error(self.url, e.code, data) from None
         except urllib.error.URLError as e:
-            raise self._failed(e.reason, body) from None
+            raise no_answer_error(self, e.reason, body) from None
         except (OSError, http.client.HTTPException) as e:
-            raise self._failed(e, body) from None
-
-    def _failed(self, reason: object, body: bytes | None) -> SGPError:
-        """The error for a request that got no answer. A server refuses an upload it will not
-        take (over --max-upload-mb, or while it receives its limit of others) before reading
-        it and closes the connection; a client still sending sees only a reset. So after a
-        reset during an upload, ask the server what it holds to say which it was."""
-        if not body or not isinstance(reason, (ConnectionResetError, BrokenPipeError)):
-            return self._unreachable(reason)
-        try:
-            info = self.info()
-        except SGPError as e:  # a refused token is the answer; no answer at all is the reset's
-            return e if getattr(e, "error_type", None) == "auth" else self._unreachable(reason)
-        mb = len(body) / 2**20
-        if mb > float(info.get("max_upload_mb", float("inf"))):
-            return SGPInputError(
-                f"The engine server at {self.url} refused a {mb:.1f} MB upload: over its "
-                f"--max-upload-mb ({info['max_upload_mb']:g} MB). Crop the volume or send "
-                "fewer support cases, or restart the server with a larger --max-upload-mb.")
-        return SGPServiceError(
-            f"The engine server at {self.url} refused a {mb:.1f} MB upload before reading it: "
-            f"it is receiving other uploads at once (now {info.get('receiving_mb', 0):g} MB). "
-            "Try again in a few seconds.")
+            raise no_answer_error(self, e, body) from None
 
     def _unreachable(self, reason: object) -> SGPServiceError:
         if isinstance(reason, ConnectionRefusedError):
@@ -306,6 +284,29 @@ class EngineClient:
                                                           protocol.VOLUME_HEADER: vid})[1]
         out, info = protocol.unpack(data)
         return out["mask"], float(info["iou"])
+
+
+def no_answer_error(client: EngineClient, reason: object, body: bytes | None) -> SGPError:
+    """The error for a request of ``client`` that got no answer. A server refuses an upload it
+    will not take (over --max-upload-mb, or while it receives its limit of others) before
+    reading it and closes the connection; a client still sending sees only a reset. So after a
+    reset during an upload, ask the server what it holds to say which it was."""
+    if not body or not isinstance(reason, (ConnectionResetError, BrokenPipeError)):
+        return client._unreachable(reason)
+    try:
+        info = client.info()
+    except SGPError as e:  # a refused token is the answer; no answer at all is the reset's
+        return e if getattr(e, "error_type", None) == "auth" else client._unreachable(reason)
+    mb = len(body) / 2**20
+    if mb > float(info.get("max_upload_mb", float("inf"))):
+        return SGPInputError(
+            f"The engine server at {client.url} refused a {mb:.1f} MB upload: over its "
+            f"--max-upload-mb ({info['max_upload_mb']:g} MB). Crop the volume or send fewer "
+            "support cases, or restart the server with a larger --max-upload-mb.")
+    return SGPServiceError(
+        f"The engine server at {client.url} refused a {mb:.1f} MB upload before reading it: it "
+        f"is receiving other uploads at once (now {info.get('receiving_mb', 0):g} MB). Try "
+        "again in a few seconds.")
 
 
 def http_error(url: str, code: int, data: bytes) -> SGPError:
