@@ -53,9 +53,10 @@ def breaks_continuity(mask: np.ndarray, kept: np.ndarray | None, min_dice: float
     this end, it outgrows ``kept``. An empty mask is left to the presence rule."""
     if min_dice <= 0 or kept is None or not mask.any():
         return False
-    if tapering and int(mask.sum()) > int(kept.sum()):
+    area, kept_area = int(mask.sum()), int(kept.sum())
+    if tapering and area > kept_area:
         return True
-    total = int(mask.sum()) + int(kept.sum())
+    total = area + kept_area
     return 2.0 * float(np.logical_and(mask, kept).sum()) < min_dice * total
 
 

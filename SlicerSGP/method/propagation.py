@@ -225,6 +225,9 @@ class Propagator:
                               (first, last), rerun, exclude_of)
             anchors = [seed[0]]
         sweeps = plan_sweeps(anchors, n, (first, last), opts.bidirectional)
+        watch = bool(opts.stop_after_absent) and opts.min_continuity > 0
+        # Whether each end narrows (read off the drawn slices once; only sweeps past it use it).
+        taper_towards = {rev: watch and tapers(masks, rev) for rev in (False, True)}
         total = sum(len(s.order) for s in sweeps)
         done = 0
         for sweep in sweeps:
@@ -232,8 +235,6 @@ class Propagator:
             outermost = min(anchors) if reverse else max(anchors)
             absent_run = 0
             kept: np.ndarray | None = None  # the last mask this sweep kept (image space)
-            watch = bool(opts.stop_after_absent) and opts.min_continuity > 0
-            taper = watch and tapers(masks, reverse)  # only a sweep past the range uses it
             replay = rerun.replay(sweep.start, reverse) if rerun is not None else None
             pool = sweep_pool(support_pool, labeled, sweep, opts.local_support)
             for j, out in self.run_sweep(feats, sweep.order, reverse, set(labeled), pool, opts,
@@ -265,7 +266,7 @@ class Propagator:
                 # The mask is only needed where the rule of leaving the structure is on.
                 mask = out.prob >= opts.threshold if watch else None
                 broken = beyond and watch and breaks_continuity(mask, kept, opts.min_continuity,
-                                                                taper)
+                                                                taper_towards[reverse])
                 if not broken:  # a slice that left the structure is not written
                     with self.rt.timed("write_back"):
                         acc.add(j, blend(out, prior[j]) if fuse and j in prior
