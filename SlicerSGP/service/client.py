@@ -94,21 +94,6 @@ class EngineClient:
         except (OSError, http.client.HTTPException) as e:
             raise no_answer_error(self, e, body) from None
 
-    def _unreachable(self, reason: object) -> SGPServiceError:
-        if isinstance(reason, ConnectionRefusedError):
-            why = "connection refused: no server is listening there (not started, or it stopped)"
-        elif isinstance(reason, (TimeoutError, socket.timeout)):
-            why = f"no answer within {self.timeout:g} s"
-        elif isinstance(reason, (ConnectionResetError, BrokenPipeError,
-                                 http.client.RemoteDisconnected, http.client.IncompleteRead)):
-            why = "the server closed the connection (it may have crashed or been killed)"
-        elif isinstance(reason, socket.gaierror):
-            why = f"unknown host ({reason.strerror})"
-        else:
-            why = str(reason) or type(reason).__name__
-        return SGPServiceError(f"Cannot reach the engine server at {self.url}: {why}. Check the "
-                               "URL and that `sgp serve` is running there.")
-
     def _json(self, method: str, path: str, body: bytes | None = None,
               headers: dict[str, str] | None = None) -> dict[str, Any]:
         return json.loads(self._request(method, path, body, headers)[1].decode())
@@ -286,17 +271,35 @@ class EngineClient:
         return out["mask"], float(info["iou"])
 
 
+def unreachable_error(url: str, timeout: float, reason: object) -> SGPServiceError:
+    """The error for a request to the server at ``url`` that got no answer, by its ``reason``."""
+    if isinstance(reason, ConnectionRefusedError):
+        why = "connection refused: no server is listening there (not started, or it stopped)"
+    elif isinstance(reason, (TimeoutError, socket.timeout)):
+        why = f"no answer within {timeout:g} s"
+    elif isinstance(reason, (ConnectionResetError, BrokenPipeError,
+                             http.client.RemoteDisconnected, http.client.IncompleteRead)):
+        why = "the server closed the connection (it may have crashed or been killed)"
+    elif isinstance(reason, socket.gaierror):
+        why = f"unknown host ({reason.strerror})"
+    else:
+        why = str(reason) or type(reason).__name__
+    return SGPServiceError(f"Cannot reach the engine server at {url}: {why}. Check the "
+                           "URL and that `sgp serve` is running there.")
+
+
 def no_answer_error(client: EngineClient, reason: object, body: bytes | None) -> SGPError:
     """The error for a request of ``client`` that got no answer. A server refuses an upload it
     will not take (over --max-upload-mb, or while it receives its limit of others) before
     reading it and closes the connection; a client still sending sees only a reset. So after a
     reset during an upload, ask the server what it holds to say which it was."""
     if not body or not isinstance(reason, (ConnectionResetError, BrokenPipeError)):
-        return client._unreachable(reason)
+        return unreachable_error(client.url, client.timeout, reason)
     try:
         info = client.info()
     except SGPError as e:  # a refused token is the answer; no answer at all is the reset's
-        return e if getattr(e, "error_type", None) == "auth" else client._unreachable(reason)
+        return e if getattr(e, "error_type", None) == "auth" else unreachable_error(
+            client.url, client.timeout, reason)
     mb = len(body) / 2**20
     if mb > float(info.get("max_upload_mb", float("inf"))):
         return SGPInputError(

@@ -383,12 +383,19 @@ def test_bodies_received_at_once_are_bounded(server, client):
 
     _, url, _ = server
     host, port = url.removeprefix("http://").split(":")
+
+    def declare_upload(volume: str, length: int) -> socket.socket:
+        """A connection that has sent an upload's headers, declaring ``length`` body bytes."""
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        sock.sendall(f"PUT /v1/volumes/{volume} HTTP/1.1\r\nHost: {host}\r\n"
+                     f"Authorization: Bearer {TOKEN}\r\nContent-Length: {length}\r\n\r\n"
+                     .encode())
+        return sock
+
     stalled = []
     for _ in range(2):
-        sock = socket.create_connection((host, int(port)), timeout=10)
-        sock.sendall(f"PUT /v1/volumes/{'0' * 64} HTTP/1.1\r\nHost: {host}\r\n"
-                     f"Authorization: Bearer {TOKEN}\r\nContent-Length: 2000000\r\n\r\n"
-                     .encode() + bytes(1000))
+        sock = declare_upload("0" * 64, 2_000_000)
+        sock.sendall(bytes(1000))
         stalled.append(sock)
     vol = small_volume(seed=61, n=40)  # 983,040 bytes
     vid = protocol.volume_id(vol, None)
@@ -400,10 +407,7 @@ def test_bodies_received_at_once_are_bounded(server, client):
     # The third upload declares its body and waits: the answer comes without any of it (a
     # client still sending a body the server will not read may lose the answer to a reset).
     t = time.perf_counter()
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(f"PUT /v1/volumes/{vid} HTTP/1.1\r\nHost: {host}\r\n"
-                     f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n"
-                     .encode())
+    with declare_upload(vid, len(body)) as sock:
         answer = http.client.HTTPResponse(sock)
         answer.begin()
         status, payload, headers = answer.status, json.loads(answer.read()), answer.headers
